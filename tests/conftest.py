@@ -1,0 +1,116 @@
+"""Fixtures: the real services of tests/services.py, a browser, and the named people of every test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from tests.services import (
+    ARTIFACTS,
+    Stack,
+    point_at_redis,
+    service_env,
+    shared_db_path,
+    start_asgi,
+    start_redis,
+    start_worker,
+    wait_worker_ready,
+)
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A file-based SQLite test database, so the worker and ASGI subprocesses share it with the tests."""
+    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+        path = tmp_path_factory.mktemp("db") / "test.sqlite3"
+        settings.DATABASES["default"]["TEST"]["NAME"] = str(path)
+
+
+@pytest.fixture(scope="session")
+def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("media")
+    settings.MEDIA_ROOT = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(
+    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory, media_root: Path
+) -> Iterator[Stack]:
+    """The session's services: Redis, one worker on ``gpu`` and ``cpu``, and the ASGI server."""
+    workdir = tmp_path_factory.mktemp("services")
+    redis_service, url = start_redis(workdir / "redis")
+    point_at_redis(url)
+    with django_db_blocker.unblock():
+        db_path = shared_db_path()
+    env = service_env(url, db_path, media_root)
+    result = Stack(redis=redis_service, redis_url=url, env=env)
+    try:
+        result.worker = start_worker(env, workdir, "worker")
+        result.asgi, result.base_url = start_asgi(env, workdir)
+        wait_worker_ready(result.worker, url)
+        yield result
+    finally:
+        result.stop()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
+    from playwright.sync_api import sync_playwright
+
+    executable = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not Path(executable).exists():
+        pytest.fail(f"{executable} is missing: install Debian's chromium (apt-get install -y chromium)")
+    # Playwright's sync API runs an event loop in this thread; the ORM calls the tests make between
+    # browser steps are plain blocking calls, which Django would otherwise refuse.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as pw:
+        instance = pw.chromium.launch(
+            executable_path=executable,
+            headless=True,
+            args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+            ],
+        )  # fmt: skip
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    tab = context.new_page()
+    tab.set_default_timeout(15000)
+    yield tab
+    context.close()
+
+
+@pytest.fixture
+def alice(django_user_model: Any) -> Any:
+    """Alice owns things in tests; her password is per-run, never fixed in the repository."""
+    password = os.urandom(9).hex()
+    user = django_user_model.objects.create_user(username="alice", password=password)
+    user.raw_password = password
+    return user
+
+
+@pytest.fixture
+def charlie(django_user_model: Any) -> Any:
+    """Charlie is the outsider: signed in, but owns nothing of alice's."""
+    password = os.urandom(9).hex()
+    user = django_user_model.objects.create_user(username="charlie", password=password)
+    user.raw_password = password
+    return user

@@ -1,0 +1,367 @@
+"""THE configuration schema: the only definition of what a model/training/data configuration is.
+
+The wizard produces a ``Spec``, the JSON editor edits one (its JSON Schema is ``Spec.model_json_schema()``),
+the API validates with it and the engine consumes it. Every field carries a description; bounds are enforced
+per field and cross-field rules in ``Spec``'s validator. Unknown keys are rejected at every level.
+
+Errors name the field path: ``spec_errors(exc)`` turns a ``ValidationError`` into ``[{"path", "message"}]`` where
+``path`` is dotted (``"model.moe.top_k"``), including for cross-field rules, which carry their path in the
+error context.
+
+``SPEC_VERSION`` is stored in every spec; ``migrate(raw)`` upgrades an older dict before validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+SPEC_VERSION = 1
+
+# Byte-level tokenizer: ids 0..255 are bytes, then these specials. Kept here because the spec's
+# vocab-size rule depends on it and data.py builds the tokenizer from the same constants.
+BYTE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIAL_TOKENS)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+
+
+class MoESpec(_Strict):
+    """The DeepSeekMoE feed-forward: shared experts always on, fine-grained routed experts chosen top-k."""
+
+    num_routed_experts: int = Field(8, ge=1, le=512, description="Routed experts per MoE layer.")
+    num_shared_experts: int = Field(
+        1, ge=0, le=16, description="Shared experts per MoE layer, applied to every token (0 for none)."
+    )
+    top_k: int = Field(2, ge=1, le=32, description="Routed experts each token is sent to.")
+    expert_hidden_size: int = Field(
+        512,
+        ge=4,
+        le=65536,
+        description="Hidden size of one expert's feed-forward (fine-grained experts are small).",
+    )
+    first_dense_layers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Layers at the bottom that use a dense feed-forward instead of MoE (DeepSeek uses 1-3).",
+    )
+    dense_hidden_size: int | None = Field(
+        None,
+        ge=4,
+        le=262144,
+        description="Hidden size of the dense feed-forward layers; default: expert_hidden_size × (top_k + shared).",
+    )
+    scoring: Literal["softmax", "sigmoid"] = Field(
+        "softmax",
+        description="Gate scoring function: softmax over experts, or per-expert sigmoid (DeepSeek-V3).",
+    )
+    router_temperature: float = Field(
+        1.0, gt=0.0, le=10.0, description="Router logits are divided by this before scoring."
+    )
+    balancing: Literal["aux_loss", "aux_free", "none"] = Field(
+        "aux_free",
+        description="Load balancing: an auxiliary loss, DeepSeek-V3's auxiliary-loss-free bias update, or none.",
+    )
+    aux_loss_coef: float = Field(0.01, ge=0.0, le=1.0, description="Coefficient of the auxiliary balance loss.")
+    bias_update_speed: float = Field(
+        1e-3,
+        ge=0.0,
+        le=0.1,
+        description="aux_free: each step, bias += speed × sign(mean load − expert load).",
+    )
+    router_z_loss_coef: float = Field(
+        0.0, ge=0.0, le=1.0, description="Coefficient of the router z-loss (penalises large router logits)."
+    )
+    capacity_factor: float | None = Field(
+        None,
+        gt=0.0,
+        le=64.0,
+        description="Token dropping: an expert takes at most capacity_factor × tokens × top_k / experts "
+        "assignments per batch; null means no dropping.",
+    )
+
+    @property
+    def resolved_dense_hidden_size(self) -> int:
+        """The dense FFN width actually used (the default matches the MoE layer's active width)."""
+        if self.dense_hidden_size is not None:
+            return self.dense_hidden_size
+        return self.expert_hidden_size * (self.top_k + self.num_shared_experts)
+
+
+class ModelSpec(_Strict):
+    """The decoder-only transformer."""
+
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm", description="Next-token generation, or sequence classification with a label head."
+    )
+    num_labels: int | None = Field(
+        None, ge=2, le=10000, description="Number of classes; required for classification, null otherwise."
+    )
+    vocab_size: int = Field(8192, ge=BYTE_VOCAB_SIZE, le=262144, description="Token vocabulary size.")
+    num_layers: int = Field(4, ge=1, le=256, description="Transformer blocks.")
+    hidden_size: int = Field(256, ge=8, le=32768, description="Residual stream width (d_model).")
+    num_heads: int = Field(4, ge=1, le=256, description="Attention (query) heads; must divide hidden_size.")
+    num_kv_heads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Key/value heads for grouped-query attention; must divide num_heads. Null: same as num_heads.",
+    )
+    max_seq_len: int = Field(256, ge=8, le=131072, description="Longest sequence the position encoding supports.")
+    activation: Literal["swiglu", "gelu", "relu"] = Field(
+        "swiglu", description="Feed-forward activation (SwiGLU uses a gated pair of input projections)."
+    )
+    norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="Normalisation layer.")
+    norm_eps: float = Field(1e-6, gt=0.0, le=1e-2, description="Epsilon of the normalisation layers.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on residual branches and embeddings.")
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention probabilities.")
+    tie_embeddings: bool = Field(True, description="Share the input embedding and the output projection.")
+    rope_theta: float = Field(10000.0, gt=1.0, le=1e8, description="Base of the rotary position encoding.")
+    init_std: float = Field(0.02, gt=0.0, le=1.0, description="Standard deviation of the weight initialisation.")
+    moe: MoESpec = Field(default_factory=MoESpec, description="Mixture-of-experts feed-forward settings.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_moe_layers(self) -> int:
+        return max(0, self.num_layers - self.moe.first_dense_layers)
+
+
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class OptimizerSpec(_Strict):
+    """AdamW with decoupled weight decay."""
+
+    name: Literal["adamw"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas (each in [0, 1)).")
+    eps: float = Field(1e-8, gt=0.0, le=1e-2, description="AdamW epsilon.")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="Decoupled weight decay (not on norms/biases).")
+
+
+class ScheduleSpec(_Strict):
+    """Learning rate as a pure function of the step: linear warmup, then decay to a floor."""
+
+    kind: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    warmup_steps: int = Field(100, ge=0, le=10_000_000, description="Linear warmup from 0 to the peak LR.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Floor of the decay, as a fraction of the peak LR.")
+
+
+class PlateauSpec(_Strict):
+    """Automatic interventions when validation loss stops improving."""
+
+    enabled: bool = Field(True, description="Watch validation loss and intervene on a plateau.")
+    patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement that count as a plateau.")
+    min_delta: float = Field(1e-3, ge=0.0, le=10.0, description="Smallest decrease of val loss that counts.")
+    reduce_lr: bool = Field(True, description="On a plateau, multiply the learning rate by lr_factor.")
+    lr_factor: float = Field(0.3, gt=0.0, lt=1.0, description="LR multiplier applied at each plateau.")
+    raise_dropout: bool = Field(True, description="On a plateau, raise dropout to dropout_to (if lower).")
+    dropout_to: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout set by the intervention.")
+    tighten_clip: bool = Field(True, description="On a plateau, clip gradients at clip_to (if looser).")
+    clip_to: float = Field(1.0, gt=0.0, le=1000.0, description="Gradient-clipping norm set by the intervention.")
+    max_interventions: int = Field(3, ge=0, le=100, description="Stop intervening after this many plateaus.")
+
+
+class AnomalySpec(_Strict):
+    """Loss spike / non-finite detection against a rolling window."""
+
+    enabled: bool = Field(True, description="Detect non-finite or spiking losses.")
+    window: int = Field(20, ge=3, le=10000, description="Steps in the rolling window of recent losses.")
+    threshold: float = Field(
+        6.0, gt=0.0, le=1000.0, description="A loss above mean + threshold × std of the window is an anomaly."
+    )
+    action: Literal["rollback", "stop"] = Field(
+        "rollback", description="Roll back to the last checkpoint and skip the batch, or stop the run."
+    )
+    max_rollbacks: int = Field(3, ge=0, le=100, description="After this many rollbacks, stop instead.")
+
+
+class TrainingSpec(_Strict):
+    """The training loop: batching, optimisation, precision, evaluation, checkpoints and safeguards."""
+
+    batch_size: int = Field(8, ge=1, le=65536, description="Micro-batch size (sequences per forward pass).")
+    grad_accum_steps: int = Field(1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step.")
+    max_steps: int = Field(1000, ge=1, le=100_000_000, description="Optimizer steps to train.")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer settings.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
+    grad_clip: float | None = Field(1.0, gt=0.0, le=1000.0, description="Clip the global gradient norm; null: off.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision; fp16 uses a gradient scaler and needs CUDA."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy.")
+    loss: Literal["cross_entropy", "focal"] = Field(
+        "cross_entropy", description="Loss; focal is for classification only."
+    )
+    focal_gamma: float = Field(2.0, ge=0.0, le=10.0, description="Focusing parameter of the focal loss.")
+    log_interval: int = Field(1, ge=1, le=100000, description="Emit training metrics every this many steps.")
+    eval_interval: int = Field(100, ge=1, le=10_000_000, description="Evaluate on validation data every N steps.")
+    eval_batches: int = Field(8, ge=1, le=10000, description="Validation micro-batches per evaluation.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=10000, description="Stop after this many evaluations without improvement; null: never."
+    )
+    checkpoint_interval: int = Field(100, ge=1, le=10_000_000, description="Write a checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=2, le=1000, description="Checkpoints kept on disk (the latest k, k ≥ 2).")
+    seed: int = Field(1234, ge=0, le=2**32 - 1, description="Seed of every random number generator.")
+    plateau: PlateauSpec = Field(default_factory=PlateauSpec, description="Plateau interventions.")
+    anomaly: AnomalySpec = Field(default_factory=AnomalySpec, description="Anomaly detection.")
+
+
+class DataSpec(_Strict):
+    """How the dataset is read, tokenized and split."""
+
+    tokenizer: Literal["bytes", "bpe"] = Field(
+        "bpe", description="Byte-level tokens (259 ids), or byte-level BPE trained on the data."
+    )
+    bpe_vocab_size: int | None = Field(
+        None,
+        ge=BYTE_VOCAB_SIZE,
+        le=262144,
+        description="BPE vocabulary to train; null: model.vocab_size. Must not exceed model.vocab_size.",
+    )
+    seq_len: int = Field(256, ge=8, le=131072, description="Tokens per training sequence.")
+    val_fraction: float = Field(0.05, gt=0.0, le=0.5, description="Fraction of the data held out for validation.")
+    text_field: str = Field("text", min_length=1, max_length=200, description="Field/column holding the text.")
+    label_field: str = Field("label", min_length=1, max_length=200, description="Field/column holding the label.")
+
+
+class Spec(_Strict):
+    """A complete configuration: what model to build, how to train it, how to read the data."""
+
+    version: Literal[1] = Field(1, strict=True, description="Schema version, for migrations.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Model architecture.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training loop settings.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Data and tokenizer settings.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Spec:
+        problems = cross_field_problems(self)
+        if problems:
+            path, message = problems[0]
+            raise PydanticCustomError(
+                "cross_field",
+                "{message}",
+                {
+                    "path": path,
+                    "message": message,
+                    "problems": [{"path": p, "message": m} for p, m in problems],
+                },
+            )
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.training.batch_size * self.training.grad_accum_steps * self.data.seq_len
+
+
+def cross_field_problems(spec: Spec) -> list[tuple[str, str]]:
+    """Every rule that spans fields, as ``(dotted path of the field to change, message)``."""
+    m, t, d = spec.model, spec.training, spec.data
+    out: list[tuple[str, str]] = []
+    if m.hidden_size % m.num_heads:
+        out.append(("model.num_heads", f"num_heads ({m.num_heads}) must divide hidden_size ({m.hidden_size})"))
+    elif m.head_dim % 2:
+        out.append(("model.num_heads", f"head dimension {m.head_dim} must be even for rotary embeddings"))
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+        out.append(("model.num_kv_heads", f"num_kv_heads ({m.num_kv_heads}) must divide num_heads ({m.num_heads})"))
+    if m.moe.top_k > m.moe.num_routed_experts:
+        out.append(
+            (
+                "model.moe.top_k",
+                f"top_k ({m.moe.top_k}) cannot exceed num_routed_experts ({m.moe.num_routed_experts})",
+            )
+        )
+    if m.moe.first_dense_layers > m.num_layers:
+        out.append(
+            (
+                "model.moe.first_dense_layers",
+                f"first_dense_layers ({m.moe.first_dense_layers}) cannot exceed num_layers ({m.num_layers})",
+            )
+        )
+    if m.task == "classification" and m.num_labels is None:
+        out.append(("model.num_labels", "num_labels is required when task is classification"))
+    if m.task == "causal_lm" and m.num_labels is not None:
+        out.append(("model.num_labels", "num_labels must be null when task is causal_lm"))
+    if t.loss == "focal" and m.task != "classification":
+        out.append(("training.loss", "the focal loss is for classification; use cross_entropy for causal_lm"))
+    if t.schedule.warmup_steps > t.max_steps:
+        out.append(
+            (
+                "training.schedule.warmup_steps",
+                f"warmup_steps ({t.schedule.warmup_steps}) cannot exceed max_steps ({t.max_steps})",
+            )
+        )
+    if d.seq_len > m.max_seq_len:
+        out.append(("data.seq_len", f"seq_len ({d.seq_len}) cannot exceed model.max_seq_len ({m.max_seq_len})"))
+    if d.bpe_vocab_size is not None and d.bpe_vocab_size > m.vocab_size:
+        out.append(
+            (
+                "data.bpe_vocab_size",
+                f"bpe_vocab_size ({d.bpe_vocab_size}) cannot exceed model.vocab_size ({m.vocab_size})",
+            )
+        )
+    if d.tokenizer == "bytes" and d.bpe_vocab_size is not None:
+        out.append(("data.bpe_vocab_size", "bpe_vocab_size must be null with the bytes tokenizer"))
+    return out
+
+
+def _cross(path: str, message: str) -> PydanticCustomError:
+    """A cross-field error inside a nested section; ``path`` is relative to that section."""
+    return PydanticCustomError("cross_field", "{message}", {"path": path, "message": message, "relative": True})
+
+
+def spec_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Flatten a ``ValidationError`` into ``[{"path": "model.moe.top_k", "message": ...}]``."""
+    out: list[dict[str, str]] = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        ctx = err.get("ctx") or {}
+        if err["type"] == "cross_field" and "problems" in ctx:
+            out.extend({"path": p["path"], "message": p["message"]} for p in ctx["problems"])
+        elif err["type"] == "cross_field":
+            path = f"{loc}.{ctx['path']}" if loc and ctx.get("relative") else ctx["path"]
+            out.append({"path": path, "message": ctx["message"]})
+        else:
+            out.append({"path": loc, "message": err["msg"]})
+    return out
+
+
+# Migrations: MIGRATIONS[v] turns a version-v dict into a version-(v+1) dict. Empty while only v1 exists;
+# the mechanism is here so that a stored spec never becomes unreadable when the schema changes.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Upgrade a raw spec dict to ``SPEC_VERSION`` (a dict without ``version`` is taken as current)."""
+    data = dict(raw)
+    version = data.get("version", SPEC_VERSION)
+    if not isinstance(version, int) or version < 1 or version > SPEC_VERSION:
+        return data  # let validation report the bad version with its path
+    while version < SPEC_VERSION:
+        data = MIGRATIONS[version](data)
+        version += 1
+        data["version"] = version
+    return data
+
+
+def load_spec(raw: dict[str, Any]) -> Spec:
+    """Migrate, then validate. Raises ``ValidationError`` (use ``spec_errors`` for field paths)."""
+    return Spec.model_validate(migrate(raw))
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of ``Spec`` that the browser editor validates against."""
+    return Spec.model_json_schema()
