@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 SPEC_VERSION = 1
@@ -241,10 +241,18 @@ class DataSpec(_Strict):
 class Spec(_Strict):
     """A complete configuration: what model to build, how to train it, how to read the data."""
 
-    version: Literal[1] = Field(1, strict=True, description="Schema version, for migrations.")
+    version: Literal[1] = Field(1, description="Schema version, for migrations.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Model architecture.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training loop settings.")
     data: DataSpec = Field(default_factory=DataSpec, description="Data and tokenizer settings.")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: Any) -> Any:
+        # Lax mode would read true or 1.0 as version 1; a stored spec's version must be exact.
+        if type(value) is not int:
+            raise ValueError(f"version must be an integer, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Spec:
@@ -318,22 +326,14 @@ def cross_field_problems(spec: Spec) -> list[tuple[str, str]]:
     return out
 
 
-def _cross(path: str, message: str) -> PydanticCustomError:
-    """A cross-field error inside a nested section; ``path`` is relative to that section."""
-    return PydanticCustomError("cross_field", "{message}", {"path": path, "message": message, "relative": True})
-
-
 def spec_errors(exc: ValidationError) -> list[dict[str, str]]:
     """Flatten a ``ValidationError`` into ``[{"path": "model.moe.top_k", "message": ...}]``."""
     out: list[dict[str, str]] = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"])
         ctx = err.get("ctx") or {}
-        if err["type"] == "cross_field" and "problems" in ctx:
+        if err["type"] == "cross_field":
             out.extend({"path": p["path"], "message": p["message"]} for p in ctx["problems"])
-        elif err["type"] == "cross_field":
-            path = f"{loc}.{ctx['path']}" if loc and ctx.get("relative") else ctx["path"]
-            out.append({"path": path, "message": ctx["message"]})
         else:
             out.append({"path": loc, "message": err["msg"]})
     return out
