@@ -75,6 +75,7 @@ def browser() -> Iterator[Any]:
         pytest.fail(f"{executable} is missing: install Debian's chromium (apt-get install -y chromium)")
     # Playwright's sync API runs an event loop in this thread; the ORM calls the tests make between
     # browser steps are plain blocking calls, which Django would otherwise refuse.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     with sync_playwright() as pw:
         instance = pw.chromium.launch(
@@ -87,6 +88,10 @@ def browser() -> Iterator[Any]:
         )  # fmt: skip
         yield instance
         instance.close()
+    if previous is None:
+        del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
+    else:
+        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ def check_redis() -> CheckResult:
     return _timed(run)
 
 
-def check_celery(timeout: float = 0.5) -> CheckResult:
+def check_celery(timeout: float = 1.0) -> CheckResult:
     """Workers that answer a broadcast within ``timeout``, and the queues they consume."""
 
     def run() -> dict[str, Any]:

@@ -29,7 +29,8 @@ def test_sign_in_and_see_home_and_live_status(stack: Stack, page: Any, alice: An
 
     page.click("text=Status")
     page.wait_for_selector("#health-updated:has-text('Live')", timeout=20000)
-    assert page.locator("#overall").inner_text().lower() == "ok"
+    table = page.locator("[data-testid=health-table]").inner_text()
+    assert page.locator("#overall").inner_text().lower() == "ok", table
     assert page.locator("tr[data-service=celery] .pill").inner_text().lower() == "ok"
     page.screenshot(path=str(artifacts / "status.png"), full_page=True)
 
