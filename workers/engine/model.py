@@ -1,0 +1,802 @@
+"""The DeepSeek-style Mixture-of-Experts decoder-only transformer, built from a ``Spec``.
+
+Layout per block (pre-norm): ``x + drop(attn(norm(x)))``, then ``x + drop(ffn(norm(x)))`` where ``ffn`` is a
+dense feed-forward for the first ``moe.first_dense_layers`` blocks and a DeepSeekMoE layer after that.
+
+DeepSeekMoE layer = shared experts (always on, one fused wider feed-forward) + fine-grained routed experts
+chosen top-k by a router. Routing contract:
+
+- ``logits = x @ W_gate.T / router_temperature`` in fp32 (also under autocast);
+- ``scores = softmax(logits)`` or ``sigmoid(logits)``;
+- the experts are chosen by ``topk(scores + bias)``; ``bias`` is a persistent fp32 buffer that only the
+  ``aux_free`` balancing changes (it stays zero otherwise, so selection is plain ``topk(scores)``);
+- outputs are weighted by the *unbiased* scores of the chosen experts. With sigmoid scores the chosen top-k
+  weights are normalised to sum to 1 (DeepSeek-V3); with softmax they are kept as they are (DeepSeek-V2 with
+  ``norm_topk_prob=False``): the kept probabilities then carry the router's confidence into the output.
+
+Dispatch has no Python loop over tokens or experts: one stable sort of the (token, expert) assignments by
+expert, one gather of the token rows, one ``torch.nn.functional.grouped_mm`` per projection on stacked
+``(E, in, out)`` weights, one weighted ``index_add`` back. When ``grouped_mm`` cannot be used (older torch,
+or a width whose row stride is not a multiple of 16 bytes, which the kernel requires) a custom autograd
+function runs the same per-expert matmuls into preallocated outputs, so its backward still allocates each
+weight gradient once instead of once per expert.
+
+Capacity (``moe.capacity_factor``, training mode only): each expert keeps at most
+``ceil(capacity_factor * tokens * top_k / E)`` assignments per forward. Within an expert, assignments are
+kept in order of decreasing routing weight; ties keep the lower flattened ``token * top_k + slot`` index
+(a stable sort), so dropping is deterministic. A dropped assignment contributes nothing (the token keeps
+its other experts, the shared experts and the residual path). Evaluation and generation never drop:
+capacity exists to bound training cost, and dropping at inference would make outputs depend on batch-mates.
+(So in training mode with capacity, a token's output can depend on other tokens, future ones included.)
+
+Balancing: ``aux_loss`` adds ``aux_loss_coef * E * sum_i f_i * P_i`` per MoE layer (``f_i``: fraction of the
+assignments routed to expert i before capacity; ``P_i``: mean score of expert i, sigmoid scores normalised
+per token), which is ``aux_loss_coef`` when balanced. ``aux_free`` moves the bias outside autograd in
+``update_router_biases``: ``bias += speed * sign(mean load - load)``, then centred, from the router's choices
+(before capacity) summed over the training forwards since the last call. The router z-loss
+``router_z_loss_coef * mean(logsumexp(logits)^2)`` (on the temperature-scaled logits) applies in any mode.
+Every token is routed, padding included; the trainer masks padding out of the task loss only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from workers.engine.spec import ModelSpec, MoESpec, Spec
+
+IGNORE_INDEX = -100
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+@dataclass
+class ModelOutput:
+    """What ``MoETransformer.forward`` returns.
+
+    ``expert_load`` rows are fractions of this forward's ``tokens * top_k`` assignments that each expert
+    processed after capacity dropping, so a row sums to ``1 - dropped fraction of that layer`` (exactly 1
+    without dropping). ``dropped_fraction`` is over all MoE layers together.
+    """
+
+    loss: Tensor | None  # task_loss + aux_loss: what backward uses; None without labels
+    logits: Tensor  # (B, T, V) for causal_lm, (B, num_labels) for classification
+    task_loss: Tensor | None
+    aux_loss: Tensor  # scalar: balance loss + router z-loss summed over MoE layers
+    expert_load: Tensor  # (num_moe_layers, num_routed_experts), detached
+    dropped_fraction: Tensor  # scalar
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small building blocks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _make_norm(spec: ModelSpec) -> nn.Module:
+    if spec.norm == "rmsnorm":
+        return nn.RMSNorm(spec.hidden_size, eps=spec.norm_eps)
+    return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
+
+
+def ffn_in_width(activation: str, hidden: int) -> int:
+    """Output width of a feed-forward's input projection: SwiGLU fuses its gate and up projections."""
+    return 2 * hidden if activation == "swiglu" else hidden
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(h[..., :H]) * h[..., H:]`` with a backward that writes both halves of one gradient.
+
+    Autograd's own backward of the two slices materialises two zero-filled full-width gradients and adds
+    them; this one makes four elementwise passes and no zero fill.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, hidden: int) -> Tensor:
+        ctx.save_for_backward(h)
+        ctx.hidden = hidden
+        return F.silu(h[..., :hidden]) * h[..., hidden:]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (h,) = ctx.saved_tensors
+        gate, up = h[..., : ctx.hidden], h[..., ctx.hidden :]
+        grad_h = torch.empty_like(h)
+        torch.mul(grad, F.silu(gate), out=grad_h[..., ctx.hidden :])
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_h[..., : ctx.hidden])
+        return grad_h, None
+
+
+def _activate(h: Tensor, activation: str, hidden: int) -> Tensor:
+    """Apply the feed-forward nonlinearity to the input projection's output ``(..., in_width)``."""
+    if activation == "swiglu":
+        out: Tensor = _SwiGLU.apply(h, hidden)
+        return out
+    if activation == "gelu":
+        return F.gelu(h)
+    return F.relu(h)
+
+
+class FeedForward(nn.Module):
+    """A dense feed-forward (also the fused shared experts: ``hidden = num_shared * expert_hidden``)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.activation = activation
+        self.w_in = nn.Linear(d_model, ffn_in_width(activation, hidden), bias=False)
+        self.w_out = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., C) -> (..., C)
+        return self.w_out(_activate(self.w_in(x), self.activation, self.hidden))
+
+
+def _rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``(max_len, head_dim // 2)`` for the rotate-half rotary encoding."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half rotary map of ``x`` ``(B, T, H, D)`` by angles with ``cos``/``sin`` ``(T, 1, D/2)``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)  # x2 cos + x1 sin
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """Rotary encoding; a rotation's transpose is the rotation by the opposite angle, so the backward is
+    the same kernel with ``-sin``: no saved activations and no autograd graph of slices and cats."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``(B, T, H, D)`` by position; ``cos``/``sin`` are ``(T, D/2)`` for those positions."""
+    out: Tensor = _Rope.apply(x, cos[:, None, :], sin[:, None, :])  # tables broadcast over heads
+    return out
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for one block during generation."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None  # (B, KV, T_past, D)
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None or self.v is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat((self.k, k), dim=2)
+            self.v = torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary positions and grouped-query key/value heads."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.kv_heads
+        self.head_dim = spec.head_dim
+        self.dropout = spec.attention_dropout
+        # One fused projection for q, k and v: one matmul instead of three.
+        qkv_width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(spec.hidden_size, qkv_width, bias=False)
+        self.out = nn.Linear(self.num_heads * self.head_dim, spec.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.qkv(x).split([(H + KV) * D, KV * D], dim=-1)  # (B, T, (H+KV)*D), (B, T, KV*D)
+        qk = apply_rope(qk.view(B, T, H + KV, D), cos, sin)  # one rotation for queries and keys
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        if cache is not None:
+            if cache.length and T > 1:
+                # SDPA's is_causal mask is top-left aligned, wrong for several new queries after a prefix.
+                raise ValueError("a KV cache with a prefix accepts one new token at a time")
+            k, v = cache.append(k, v)  # (B, KV, T_total, D)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=T > 1,  # a single new query may see every cached position
+            enable_gqa=KV != H,
+        )  # (B, H, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grouped expert matmul
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    grouped_mm's CPU backward rejects stride-0 gradients (e.g. the expanded gradient of ``y.sum()``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+class _LoopGroupedMM(torch.autograd.Function):
+    """``out[rows of e] = x[rows of e] @ w[e]`` with a hand-written backward (fallback for grouped_mm).
+
+    Indexing ``w[e]`` happens outside autograd, so the backward writes one ``(E, K, N)`` weight gradient
+    instead of a full-size gradient per expert (which would cost O(E^2) memory traffic).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
+        out = x.new_empty(x.shape[0], w.shape[2])
+        for e, (xs, os) in enumerate(zip(x.split(sizes), out.split(sizes), strict=True)):
+            if xs.shape[0]:
+                torch.mm(xs, w[e], out=os)
+        ctx.save_for_backward(x, w)
+        ctx.sizes = sizes
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(w)  # an expert with no rows gets a zero gradient
+        for e, (xs, gs, gxs) in enumerate(
+            zip(x.split(ctx.sizes), grad.split(ctx.sizes), grad_x.split(ctx.sizes), strict=True)
+        ):
+            if xs.shape[0]:
+                torch.mm(gs, w[e].t(), out=gxs)
+                torch.mm(xs.t(), gs, out=grad_w[e])
+        return grad_x, grad_w, None
+
+
+def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
+    """grouped_mm needs every row stride to be a multiple of 16 bytes."""
+    size = x.element_size()
+    return _HAS_GROUPED_MM and (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
+
+
+def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Rows of ``x`` ``(M, K)`` sorted by group, ``counts[e]`` rows for group ``e``; ``w`` is ``(E, K, N)``.
+
+    Returns ``(M, N)`` with ``out[rows of e] = x[rows of e] @ w[e]``. ``counts`` must sum to ``M``.
+    """
+    if _grouped_mm_ok(x, w):
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end of each group
+        return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
+    out: Tensor = _LoopGroupedMM.apply(x, w, counts.tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The DeepSeekMoE layer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Scores experts per token. Holds the aux-free selection bias and the load accumulated for it."""
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # (E, C)
+        # Persistent: the bias is training state that a resumed run must continue from.
+        self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
+        # Assignments per expert since the last bias update (summed over micro-batches); not state_dict
+        # material because an update always follows the optimizer step that a checkpoint comes after.
+        self.register_buffer("load_accum", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        self.bias: Tensor
+        self.load_accum: Tensor
+
+    def forward(self, x: Tensor, temperature: float) -> Tensor:  # (N, C) -> (N, E) fp32 logits
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.float(), self.weight.float())
+        else:
+            logits = F.linear(x.float(), self.weight.float())
+        return logits / temperature if temperature != 1.0 else logits
+
+    @torch.no_grad()
+    def update_bias(self, speed: float) -> None:
+        """DeepSeek-V3 aux-free step: raise the bias of under-loaded experts, lower over-loaded ones."""
+        load = self.load_accum.float()
+        if load.sum() > 0:
+            self.bias += speed * torch.sign(load.mean() - load)
+            self.bias -= self.bias.mean()  # only differences matter; centring keeps the bias bounded
+        self.load_accum.zero_()
+
+
+@dataclass
+class MoEStats:
+    """Per-forward routing figures of one MoE layer (all detached except ``aux``)."""
+
+    aux: Tensor  # scalar: balance loss + z-loss, differentiable
+    routed: Tensor  # (E,) int64 assignments chosen by the router, before capacity
+    kept: Tensor  # (E,) int64 assignments processed, after capacity
+
+
+class MoEFeedForward(nn.Module):
+    """DeepSeekMoE: shared experts + top-k of fine-grained routed experts (see the module docstring)."""
+
+    def __init__(self, d_model: int, moe: MoESpec, activation: str) -> None:
+        super().__init__()
+        self.moe = moe
+        self.activation = activation
+        self.num_experts = moe.num_routed_experts
+        self.top_k = moe.top_k
+        self.hidden = moe.expert_hidden_size
+        self.router = Router(d_model, self.num_experts)
+        # Stacked expert weights in (in, out) layout so that grouped_mm multiplies without a transpose.
+        in_width = ffn_in_width(activation, self.hidden)
+        self.w_in = nn.Parameter(torch.empty(self.num_experts, d_model, in_width))  # (E, C, 2H or H)
+        self.w_out = nn.Parameter(torch.empty(self.num_experts, self.hidden, d_model))  # (E, H, C)
+        self.shared: FeedForward | None = None
+        if moe.num_shared_experts > 0:
+            self.shared = FeedForward(d_model, moe.num_shared_experts * self.hidden, activation)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Choose experts for ``x`` ``(N, C)``.
+
+        Returns ``(logits (N, E), scores (N, E), chosen (N, k) int64, weights (N, k) fp32)``.
+        """
+        moe = self.moe
+        logits = self.router(x, moe.router_temperature)  # (N, E) fp32
+        scores = logits.softmax(dim=-1) if moe.scoring == "softmax" else logits.sigmoid()
+        if moe.balancing == "aux_free":
+            # The bias steers selection only; the weights stay the unbiased scores.
+            chosen = torch.topk(scores.detach() + self.router.bias, self.top_k, dim=-1).indices  # (N, k)
+            weights = scores.gather(1, chosen)  # (N, k)
+        else:
+            weights, chosen = torch.topk(scores, self.top_k, dim=-1)  # (N, k) each
+        if moe.scoring == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, scores, chosen, weights
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:  # (B, T, C) -> (B, T, C)
+        B, T, C = x.shape
+        N, E, k, moe = B * T, self.num_experts, self.top_k, self.moe
+        flat = x.reshape(N, C)  # (N, C)
+        logits, scores, chosen, weights = self.route(flat)
+
+        expert_of = chosen.reshape(-1)  # (N*k,) expert of assignment a = token * k + slot
+        routed = torch.bincount(expert_of, minlength=E)  # (E,)
+        capacity = None
+        if self.training and moe.capacity_factor is not None:
+            capacity = math.ceil(moe.capacity_factor * N * k / E)
+        if capacity is None or capacity >= N * k:
+            # One stable sort: within an expert, assignments stay in token order.
+            order = torch.argsort(expert_of, stable=True)  # (N*k,)
+            kept = routed
+        else:
+            # Priority inside an expert: larger routing weight first, ties by assignment index.
+            by_weight = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)
+            order = by_weight[torch.argsort(expert_of[by_weight], stable=True)]  # sorted by expert
+            starts = torch.cumsum(routed, 0) - routed  # (E,) first sorted position of each expert
+            rank = torch.arange(N * k, device=x.device) - starts[expert_of[order]]
+            order = order[rank < capacity]  # (M,) kept assignments, still grouped by expert
+            kept = routed.clamp(max=capacity)
+
+        token_of = torch.div(order, k, rounding_mode="floor")  # (M,)
+        xs = flat.index_select(0, token_of)  # (M, C) gathered token rows, grouped by expert
+        w_in: Tensor = self.w_in
+        w_out: Tensor = self.w_out
+        if torch.is_autocast_enabled(x.device.type):
+            # grouped_mm is not autocast-aware: cast to the autocast dtype ourselves.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            xs, w_in, w_out = xs.to(dtype), w_in.to(dtype), w_out.to(dtype)
+        h = _activate(grouped_matmul(xs, w_in, kept), self.activation, self.hidden)  # (M, H)
+        ys = grouped_matmul(h, w_out, kept)  # (M, C)
+        gate = weights.reshape(-1).index_select(0, order)  # (M,) routing weight of each kept assignment
+        ys = ys * gate.unsqueeze(1).to(ys.dtype)
+        out = torch.zeros(N, C, dtype=ys.dtype, device=x.device).index_add_(0, token_of, ys)  # (N, C)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        out = out.view(B, T, C).to(x.dtype)
+
+        aux = logits.new_zeros(())
+        if moe.balancing == "aux_loss" and moe.aux_loss_coef > 0:
+            # Switch/DeepSeek: E * sum_i f_i * P_i with f_i the fraction of assignments routed to expert i
+            # (before capacity: the router's intent) and P_i its mean probability. 1.0 when balanced.
+            probs = scores if moe.scoring == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+            f = routed.to(probs.dtype) / (N * k)
+            aux = aux + moe.aux_loss_coef * E * torch.dot(f, probs.mean(dim=0))
+        if moe.router_z_loss_coef > 0:
+            aux = aux + moe.router_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        return out, MoEStats(aux=aux, routed=routed, kept=kept)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-entropy over a large vocabulary
+# ----------------------------------------------------------------------------------------------------------
+
+# Elements per chunk of the (N, V) logits: temporaries stay ~2 MB, so they are reused from the allocator's
+# heap and stay in cache instead of being fresh page-faulted (N, V) buffers.
+_CE_CHUNK_ELEMENTS = 1 << 19
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean token cross-entropy with label smoothing and ignored targets, for fp32 logits ``(N, V)``.
+
+    Same value as ``F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=s)`` (but 0.0
+    rather than NaN when every target is ignored). The built-in one materialises log-probabilities, a
+    zero-filled NLL gradient and the log-softmax gradient (three (N, V) buffers); this one computes the
+    log-probabilities chunk by chunk into one small reused buffer, and its backward writes the logits'
+    gradient (softmax minus targets) once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, smoothing: float) -> Tensor:
+        N, V = logits.shape
+        rows = max(1, _CE_CHUNK_ELEMENTS // V)
+        valid = targets != IGNORE_INDEX  # (N,)
+        safe = torch.where(valid, targets, 0)  # (N,) in-range index for the ignored rows too
+        buf = logits.new_empty(min(rows, N), V)  # log-probabilities of one chunk
+        per_row = []
+        for lg, tg in zip(logits.split(rows), safe.split(rows), strict=True):
+            logp = buf[: lg.shape[0]]
+            torch._log_softmax(lg, -1, False, out=logp)
+            nll = -logp.gather(1, tg.unsqueeze(1)).squeeze(1)  # (rows,)
+            if smoothing > 0:
+                nll = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=-1)
+            per_row.append(nll)
+        count = valid.sum().clamp(min=1).to(logits.dtype)
+        ctx.save_for_backward(logits, safe, valid, count)
+        ctx.smoothing = smoothing
+        return torch.where(valid, torch.cat(per_row), 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
+        logits, safe, valid, count = ctx.saved_tensors
+        V = logits.shape[1]
+        rows = max(1, _CE_CHUNK_ELEMENTS // V)
+        smoothing: float = ctx.smoothing
+        row_scale = (grad_loss / count) * valid.to(logits.dtype)  # (N,) d loss / d per-row loss
+        grad = torch.empty_like(logits)  # (N, V)
+        for lg, gr, sc in zip(logits.split(rows), grad.split(rows), row_scale.split(rows), strict=True):
+            torch._softmax(lg, -1, False, out=gr)
+            gr.mul_(sc.unsqueeze(1))
+            if smoothing > 0:
+                gr.sub_((sc * (smoothing / V)).unsqueeze(1))
+        grad.scatter_add_(1, safe.unsqueeze(1), (-(1.0 - smoothing) * row_scale).unsqueeze(1))
+        return grad, None, None
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of ``logits`` ``(N, V)`` against ``targets`` ``(N,)``, ignoring ``IGNORE_INDEX``."""
+    out: Tensor = _CrossEntropy.apply(logits.float(), targets, label_smoothing)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks and the model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; its feed-forward is dense or a DeepSeekMoE layer."""
+
+    def __init__(self, spec: ModelSpec, use_moe: bool) -> None:
+        super().__init__()
+        self.attn_norm = _make_norm(spec)
+        self.attn = Attention(spec)
+        self.ffn_norm = _make_norm(spec)
+        self.ffn: MoEFeedForward | FeedForward
+        if use_moe:
+            self.ffn = MoEFeedForward(spec.hidden_size, spec.moe, spec.activation)
+        else:
+            self.ffn = FeedForward(spec.hidden_size, spec.moe.resolved_dense_hidden_size, spec.activation)
+        self.drop = nn.Dropout(spec.dropout)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None
+    ) -> tuple[Tensor, MoEStats | None]:  # (B, T, C) -> (B, T, C)
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache))
+        stats = None
+        if isinstance(self.ffn, MoEFeedForward):
+            y, stats = self.ffn(self.ffn_norm(x))
+        else:
+            y = self.ffn(self.ffn_norm(x))
+        return x + self.drop(y), stats
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE transformer for ``causal_lm`` or sequence ``classification`` (see ``forward``)."""
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        m = spec.model
+        self.spec = spec
+        self.task = m.task
+        self.embed = nn.Embedding(m.vocab_size, m.hidden_size)
+        self.drop = nn.Dropout(m.dropout)
+        self.layers = nn.ModuleList(Block(m, use_moe=i >= m.moe.first_dense_layers) for i in range(m.num_layers))
+        self.norm = _make_norm(m)
+        self.lm_head: nn.Linear | None = None
+        self.classifier: nn.Linear | None = None
+        if m.task == "classification":
+            assert m.num_labels is not None  # the spec's cross-field rules guarantee it
+            self.classifier = nn.Linear(m.hidden_size, m.num_labels)
+        elif not m.tie_embeddings:
+            self.lm_head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
+        cos, sin = _rope_tables(m.head_dim, m.max_seq_len, m.rope_theta)
+        # Not persistent: derived from the spec, so checkpoints need not carry them.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_cos: Tensor
+        self.rope_sin: Tensor
+        self.gradient_checkpointing: bool = spec.training.gradient_checkpointing
+        self._init_weights(m)
+
+    def _init_weights(self, m: ModelSpec) -> None:
+        std = m.init_std
+        # GPT-2 / DeepSeek: projections that write into the residual stream are scaled down by depth so
+        # the stream's variance does not grow with the number of blocks.
+        residual_std = std / math.sqrt(2 * m.num_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding | Router):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, MoEFeedForward):
+                nn.init.normal_(module.w_in, 0.0, std)
+                nn.init.normal_(module.w_out, 0.0, residual_std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, 0.0, residual_std)
+            if isinstance(block.ffn, FeedForward):
+                nn.init.normal_(block.ffn.w_out.weight, 0.0, residual_std)
+            elif block.ffn.shared is not None:
+                nn.init.normal_(block.ffn.shared.w_out.weight, 0.0, residual_std)
+
+    # -- public helpers -----------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> list[Block]:
+        """``layers`` with their type (a property, so it follows any later replacement of a block)."""
+        return [cast(Block, b) for b in self.layers]
+
+    @property
+    def moe_layers(self) -> list[MoEFeedForward]:
+        """The MoE feed-forwards, bottom to top."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
+
+    def router_biases(self) -> dict[str, Tensor]:
+        """``state_dict`` name -> router bias buffer (the live tensor), one per MoE layer."""
+        return {name: buf for name, buf in self.named_buffers() if name.endswith("router.bias")}
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Apply the aux-free bias update from the loads accumulated since the last call, then reset them.
+
+        Loads are accumulated by training-mode forwards only (evaluation does not steer routing) and count
+        the router's choices before capacity dropping. A no-op (besides the reset) unless ``aux_free``.
+        """
+        moe = self.spec.model.moe
+        for layer in self.moe_layers:
+            if moe.balancing == "aux_free":
+                layer.router.update_bias(moe.bias_update_speed)
+            else:
+                layer.router.load_accum.zero_()
+
+    def set_dropout(self, p: float) -> None:
+        """Set the residual and embedding dropout everywhere (attention dropout is unchanged)."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def hidden_states(
+        self, input_ids: Tensor, caches: list[KVCache] | None = None
+    ) -> tuple[Tensor, Tensor, list[MoEStats]]:
+        """Run the blocks: ``(B, T)`` ids -> final-normed ``(B, T, C)``, summed aux loss, per-layer stats.
+
+        With ``caches`` (generation), positions continue after the cached ones.
+        """
+        T = input_ids.shape[1]
+        start = caches[0].length if caches else 0
+        if start + T > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D/2)
+        x = self.drop(self.embed(input_ids))  # (B, T, C)
+        aux = x.new_zeros((), dtype=torch.float32)
+        stats: list[MoEStats] = []
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                x, layer_stats = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, layer_stats = block(x, cos, sin, cache)
+            if layer_stats is not None:
+                # Accumulated here rather than inside the layer: checkpointing re-runs the layer's forward
+                # during backward, which must not count the same tokens twice.
+                if self.training and isinstance(block.ffn, MoEFeedForward):
+                    block.ffn.router.load_accum += layer_stats.routed
+                aux = aux + layer_stats.aux
+                stats.append(layer_stats)
+        return self.norm(x), aux, stats
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> ModelOutput:
+        """Run the model and, given labels, the loss.
+
+        causal_lm: ``labels`` ``(B, T)`` aligned with ``input_ids`` (shifted here: position t predicts
+        label t+1); ``IGNORE_INDEX`` (-100) is ignored. ``attention_mask`` is not needed (pads sit on the
+        right, and causal attention never lets a real token see them); give pad labels -100.
+        classification: ``labels`` ``(B,)`` int64; ``attention_mask`` ``(B, T)`` with 1 for real tokens
+        (pads on the right) picks the last real token, whose hidden state is pooled; None: the last token.
+        """
+        x, aux, stats = self.hidden_states(input_ids)  # (B, T, C)
+        B, T, _ = x.shape
+        if self.classifier is not None:
+            if attention_mask is None:
+                last = torch.full((B,), T - 1, dtype=torch.long, device=x.device)
+            else:
+                last = (attention_mask.long().sum(dim=1) - 1).clamp(min=0)  # (B,)
+            pooled = x[torch.arange(B, device=x.device), last]  # (B, C)
+            logits = self.classifier(pooled)  # (B, num_labels)
+        else:
+            weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(x, weight)  # (B, T, V)
+
+        task_loss = None if labels is None else self._task_loss(logits, labels)
+        loss = None if task_loss is None else task_loss + aux
+        return ModelOutput(
+            loss=loss,
+            logits=logits,
+            task_loss=task_loss,
+            aux_loss=aux,
+            expert_load=self._expert_load(stats),
+            dropped_fraction=self._dropped_fraction(stats),
+        )
+
+    def _task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        training = self.spec.training
+        if self.task == "causal_lm":
+            # Shift the labels, not the logits: no copy of the (B, T, V) logits.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+            return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), training.label_smoothing)
+        logits = logits.float()
+        if training.loss == "focal":
+            # Focal loss (Lin et al.): down-weights confident examples; label smoothing does not apply.
+            valid = labels != IGNORE_INDEX
+            logp = F.log_softmax(logits[valid], dim=-1).gather(1, labels[valid].unsqueeze(1)).squeeze(1)
+            return -((1.0 - logp.exp()).pow(training.focal_gamma) * logp).mean()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=training.label_smoothing)
+
+    def _expert_load(self, stats: list[MoEStats]) -> Tensor:
+        E = self.spec.model.moe.num_routed_experts
+        if not stats:
+            return torch.zeros(0, E, device=self.embed.weight.device)
+        kept = torch.stack([s.kept for s in stats]).float()  # (L_moe, E)
+        total = torch.stack([s.routed.sum() for s in stats]).float().unsqueeze(1)  # (L_moe, 1)
+        return kept / total
+
+    def _dropped_fraction(self, stats: list[MoEStats]) -> Tensor:
+        if not stats:
+            return torch.zeros((), device=self.embed.weight.device)
+        routed = torch.stack([s.routed.sum() for s in stats]).sum()
+        kept = torch.stack([s.kept.sum() for s in stats]).sum()
+        return 1.0 - kept.float() / routed.float()
+
+
+def build_model(spec: Spec) -> MoETransformer:
+    """The model described by ``spec.model``, randomly initialised with ``spec.model.init_std``."""
+    return MoETransformer(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Next token ids ``(B,)`` from last-position logits ``(B, V)``. ``temperature <= 0`` is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the best token always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate(
+    model: MoETransformer,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Extend ``input_ids`` ``(B, T)`` (unpadded prompts of one length) by up to ``max_new_tokens``.
+
+    Uses a KV cache. Once the sequence would exceed ``max_seq_len``, each step re-reads the last
+    ``max_seq_len`` tokens without a cache (a sliding window). A sequence that produced ``eos_id``
+    keeps emitting ``eos_id``; generation stops early when all have. Runs in eval mode and restores the
+    model's mode afterwards. Returns ``(B, T + generated)``.
+    """
+    if model.task != "causal_lm":
+        raise ValueError("generate needs a causal_lm model")
+    was_training = model.training
+    model.eval()
+    try:
+        max_len = model.spec.model.max_seq_len
+        weight = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        tokens = input_ids
+        caches: list[KVCache] | None = [KVCache() for _ in model.layers]
+        pending = input_ids[:, -max_len:]  # tokens not yet in the cache
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            if caches is not None and caches[0].length + pending.shape[1] > max_len:
+                caches = None  # past the position table: fall back to a sliding window
+            if caches is None:
+                pending = tokens[:, -max_len:]
+            x, _, _ = model.hidden_states(pending, caches)
+            logits = F.linear(x[:, -1], weight)  # (B, V)
+            nxt = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+                finished |= nxt == eos_id
+            tokens = torch.cat((tokens, nxt.unsqueeze(1)), dim=1)
+            pending = nxt.unsqueeze(1)
+            if eos_id is not None and bool(finished.all()):
+                break
+        return tokens
+    finally:
+        model.train(was_training)

@@ -1,0 +1,768 @@
+"""The training loop: one function, ``train(spec, data, out_dir, sink)``, readable top to bottom.
+
+Per optimizer step: set the LR from the pure schedule ``lr_at(step, spec)`` (times the plateau scale), run
+``grad_accum_steps`` micro-batches under autocast, check the loss for anomalies, unscale/clip the global
+gradient norm, step AdamW, update the aux-free router biases, log, evaluate every ``eval_interval``,
+react to plateaus, and checkpoint every ``checkpoint_interval``.
+
+Run directory ``out_dir``::
+
+    spec.json           the spec of the latest start
+    data/               the prepared data (when ``data`` is a source file)
+    checkpoints/        step-000000/ (written at a fresh start: the first rollback target), then every
+                        checkpoint_interval and at the end; the newest keep_checkpoints are kept
+
+Metrics (``sink.emit(step, ...)``), every ``log_interval`` steps:
+
+- ``loss``: the task loss of this step (mean over micro-batches; what ``val_loss`` compares with);
+  ``aux_loss``: balance loss + router z-loss (``loss + aux_loss`` is what backward minimises);
+- ``lr``, ``grad_norm`` (global, before clipping), ``tokens_per_s``, ``step_time_s`` (means over the
+  steps since the previous log, counting training steps only, not evaluations or checkpoints),
+  ``memory_bytes`` (CUDA max allocated, or process RSS on CPU), ``dropped_fraction``,
+  ``tokens_seen``, ``epoch`` (fractional);
+- ``expert_load/L{block}/E{expert}``: fraction of the step's routed assignments processed by routed expert
+  ``expert`` of transformer block ``block`` (absolute block index, dense blocks have none), after
+  capacity dropping. A heatmap parses tags with ``^expert_load/L(\\d+)/E(\\d+)$``.
+
+At each evaluation (every ``eval_interval`` steps and at the end): ``val_loss`` (token-weighted mean task
+loss over up to ``eval_batches`` validation batches), ``val_ppl`` (causal_lm, ``exp(val_loss)``),
+``val_accuracy`` (classification).
+
+Events (``sink.event(kind, data)``, ``data["step"]`` always set): ``checkpoint``, ``resume``,
+``intervention`` (``changes: {name: {before, after}}``), ``anomaly``, ``rollback``, ``early_stop``.
+After ``resume``/``rollback`` the steps after ``data["step"]`` are emitted again (see ``sinks``).
+
+Determinism: with the same spec, data and device, a run resumed from a checkpoint takes exactly the steps
+of an uninterrupted run (bitwise on CPU): the checkpoint holds parameters, optimizer, RNGs, data cursor
+and every piece of loop state, including what interventions changed. On CUDA, kernels with atomic
+accumulation make runs close but not bitwise equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+
+from workers.engine.checkpoint import (
+    LoadedCheckpoint,
+    checkpoint_spec,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from workers.engine.data import (
+    IGNORE_INDEX,
+    Batch,
+    Batches,
+    PreparedData,
+    eval_batches,
+    preparation_settings,
+    prepare,
+)
+from workers.engine.model import build_model
+from workers.engine.sinks import MetricsSink
+from workers.engine.spec import Spec
+
+TrainStatus = Literal["completed", "early_stopped", "stopped", "preempted", "failed"]
+
+# Share of |mean| below which the window's standard deviation is not trusted for spike detection: a
+# nearly flat window would otherwise turn ordinary batch-to-batch noise into "anomalies".
+_MIN_RELATIVE_STD = 0.01
+
+
+class EngineConfigError(ValueError):
+    """A spec, data or directory that cannot be trained as asked (raised before any step runs)."""
+
+
+@dataclass
+class TrainResult:
+    """How ``train`` ended. ``step`` is the last completed optimizer step."""
+
+    status: TrainStatus
+    step: int
+    best_val_loss: float | None
+    checkpoint: Path | None
+    reason: str
+
+
+@dataclass
+class FaultInjection:
+    """Test hooks independent of the spec (the CLI's hidden ``--inject-faults``).
+
+    The loss of each listed step is made NaN (or multiplied by ``spike_factor``) on the step's first
+    attempt only, so a rollback's replay of that step proceeds normally. ``sleep_per_step_s`` slows every
+    step (to land a signal mid-run).
+    """
+
+    nan_at_steps: frozenset[int] = frozenset()
+    spike_at_steps: frozenset[int] = frozenset()
+    spike_factor: float = 1000.0
+    sleep_per_step_s: float = 0.0
+    _fired: set[int] = field(default_factory=set, init=False, repr=False)
+
+    def apply(self, step: int, loss: torch.Tensor, micro_batch: int) -> torch.Tensor:
+        """The loss of micro-batch ``micro_batch`` (0-based within the step) of step ``step``."""
+        if step in self._fired:
+            return loss
+        if micro_batch == 0 and step in self.nan_at_steps:
+            return loss * float("nan")
+        if micro_batch == 0 and step in self.spike_at_steps:
+            return loss * self.spike_factor
+        return loss
+
+    def attempt_done(self, step: int) -> None:
+        """Called after every attempt of a step, successful or not."""
+        if step in self.nan_at_steps or step in self.spike_at_steps:
+            self._fired.add(step)
+        if self.sleep_per_step_s:
+            time.sleep(self.sleep_per_step_s)
+
+
+@dataclass
+class LoopState:
+    """Everything besides model/optimizer/RNG/data cursor that the next step depends on (JSON-able)."""
+
+    step: int = 0  # completed optimizer steps
+    tokens_seen: int = 0
+    best_val_loss: float | None = None  # the lowest validation loss seen
+    reference_val_loss: float | None = None  # the last *significant* improvement (by plateau.min_delta)
+    evals_since_improvement: int = 0  # for early stopping
+    plateau_wait: int = 0  # evaluations without improvement since the last intervention
+    interventions: int = 0
+    lr_scale: float = 1.0  # product of the plateau LR factors applied so far
+    dropout: float = 0.0
+    grad_clip: float | None = None
+    loss_window: list[float] = field(default_factory=list)  # recent accepted losses, oldest first
+    rollbacks: int = 0
+    skip_batches: list[int] = field(default_factory=list)  # micro-batch numbers never to train on
+
+    @classmethod
+    def initial(cls, spec: Spec) -> LoopState:
+        return cls(dropout=spec.model.dropout, grad_clip=spec.training.grad_clip)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, spec: Spec) -> float:
+    """Learning rate of optimizer step ``step`` (1-based, the number its metrics are logged under).
+
+    Linear warmup to the peak over ``warmup_steps`` (step ``warmup_steps`` is at the peak), then
+    ``cosine`` or ``linear`` decay reaching ``peak * min_lr_ratio`` at ``max_steps``, or ``constant``.
+    """
+    peak = spec.training.optimizer.lr
+    schedule = spec.training.schedule
+    warmup = schedule.warmup_steps
+    if step <= warmup:
+        return peak * step / warmup
+    if schedule.kind == "constant":
+        return peak
+    floor = peak * schedule.min_lr_ratio
+    progress = min(1.0, (step - warmup) / max(1, spec.training.max_steps - warmup))
+    if schedule.kind == "cosine":
+        return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+    return peak - (peak - floor) * progress
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` or, when None, CUDA if available else CPU. Refuses an unavailable CUDA clearly."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EngineConfigError("device 'cuda' was requested but no CUDA device is available")
+    if resolved.type not in ("cpu", "cuda"):
+        raise EngineConfigError(f"unsupported device {device!r}: use cpu or cuda")
+    return resolved
+
+
+def autocast_context(spec: Spec, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """A factory of the autocast context for ``training.precision`` on ``device``."""
+    precision = spec.training.precision
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "fp16" and device.type != "cuda":
+        # CPU autocast has no loss scaler (GradScaler is CUDA-only here) and fp16 without scaling
+        # underflows gradients: refuse rather than train badly.
+        raise EngineConfigError("training.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EngineConfigError("this GPU does not support bf16; use fp16 or fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, spec: Spec, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: not on norms, biases or embeddings.
+
+    ``fused=True`` (one kernel for all parameters; on CPU it takes ~1/7 of the default's time at 64
+    experts, see STACK.md) whenever torch supports it on the device.
+    """
+    o = spec.training.optimizer
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and id(param) not in embedding_params else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs: dict[str, Any] = {"lr": o.lr, "betas": o.betas, "eps": o.eps}
+    try:
+        return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **kwargs)
+    except (RuntimeError, ValueError):
+        # Older torch or an unusual dtype: the multi-tensor path is correct, only slower.
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated on ``device``, or this process's resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(psutil.Process().memory_info().rss)
+
+
+class _StopSignals:
+    """Turns SIGTERM into a cooperative "preempt" request for the duration of training.
+
+    Only the main thread may install signal handlers; elsewhere (a Celery thread pool) the caller's
+    ``should_stop`` is the only way in. The previous handler is restored when training returns.
+    """
+
+    def __init__(self) -> None:
+        self.preempt = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.preempt = True  # acted on between steps: the loop checkpoints and returns "preempted"
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------------------
+
+
+def train(
+    spec: Spec,
+    data: PreparedData | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    sink: MetricsSink,
+    *,
+    resume: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    device: str | None = None,
+    stop_after_step: int | None = None,
+    faults: FaultInjection | None = None,
+) -> TrainResult:
+    """Train ``spec`` on ``data`` (a prepared dataset or a source file to prepare) into ``out_dir``.
+
+    - ``resume``: continue from the newest valid checkpoint in ``out_dir/checkpoints`` if there is one.
+      With ``resume=False`` a directory that already holds checkpoints is refused (``EngineConfigError``)
+      rather than silently overwritten.
+    - ``should_stop``: polled before every step; when it returns True the loop checkpoints and returns
+      ``"stopped"``. SIGTERM (when called from the main thread) does the same and returns ``"preempted"``.
+    - ``stop_after_step``: checkpoint and return ``"stopped"`` once this step is done; the LR schedule still
+      follows ``training.max_steps`` (how a run is split into resumable pieces).
+    - ``faults``: test-only fault injection.
+
+    Returns ``"completed"`` (reached ``max_steps``), ``"early_stopped"``, ``"stopped"``, ``"preempted"``
+    or ``"failed"`` (an anomaly with action ``stop``, or rollbacks exhausted). Raises ``EngineConfigError``
+    for a configuration that cannot run, ``DataFormatError`` for bad data. The caller owns ``sink``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    autocast = autocast_context(spec, dev)
+    with _StopSignals() as signals:
+        prepared = data if isinstance(data, PreparedData) else prepare(spec, data, out / "data")
+        _check_data_fits(spec, prepared)
+        (out / "spec.json").write_text(spec.model_dump_json(indent=2))
+        trainer = _Trainer(spec, prepared, out, sink, dev, autocast, faults or FaultInjection())
+        trainer.start(resume)
+        return trainer.run(lambda: signals.preempt, should_stop, stop_after_step)
+
+
+def _check_data_fits(spec: Spec, prepared: PreparedData) -> None:
+    """A preparation handed in by the caller must be the one ``prepare(spec, ...)`` would have made."""
+    expected = preparation_settings(spec, prepared.meta["format"])
+    differing = sorted(k for k in expected if prepared.meta["settings"].get(k) != expected[k])
+    if differing:
+        names = ", ".join(differing)
+        raise EngineConfigError(f"the data was prepared with other settings ({names}) than the spec's")
+    if prepared.vocab_size > spec.model.vocab_size:
+        raise EngineConfigError(
+            f"the tokenizer has {prepared.vocab_size} ids, more than model.vocab_size {spec.model.vocab_size}"
+        )
+    labels = prepared.labels
+    if labels is not None and len(labels) > (spec.model.num_labels or 0):
+        raise EngineConfigError(f"the data has {len(labels)} labels, model.num_labels is {spec.model.num_labels}")
+
+
+@dataclass
+class _StepOutcome:
+    step: int  # the step attempted
+    loss: float  # total loss (task + aux), the anomaly detector's input
+    task_loss: float
+    aux_loss: float
+    grad_norm: float
+    dropped_fraction: float
+    expert_load: list[list[float]]  # (num_moe_layers, E)
+    micro_batches: list[int]  # the micro-batch numbers this step trained on
+    anomaly: dict[str, Any] | None = None
+
+
+class _Trainer:
+    """The state of one run; ``run`` is the loop."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        prepared: PreparedData,
+        out: Path,
+        sink: MetricsSink,
+        device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+        faults: FaultInjection,
+    ) -> None:
+        t = spec.training
+        self.spec = spec
+        self.prepared = prepared
+        self.sink = sink
+        self.device = device
+        self.autocast = autocast
+        self.faults = faults
+        self.ckpt_root = out / "checkpoints"
+        self.classification = spec.model.task == "classification"
+        seed_everything(t.seed)
+        self.model = build_model(spec).to(device)
+        self.model.gradient_checkpointing = t.gradient_checkpointing
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, spec, device)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.batches = Batches(prepared, "train", t.batch_size, spec.data.seq_len, t.seed)
+        self.state = LoopState.initial(spec)
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step = -1
+        first_moe = spec.model.moe.first_dense_layers
+        E = spec.model.moe.num_routed_experts
+        self.load_keys = [
+            [f"expert_load/L{first_moe + i}/E{e}" for e in range(E)] for i in range(spec.model.num_moe_layers)
+        ]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    # -- start: fresh or resumed ---------------------------------------------------------------------------
+
+    def start(self, resume: bool) -> None:
+        latest = latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            # The step-0 checkpoint makes "roll back to the last checkpoint" always possible.
+            self._save()
+            return
+        if not resume:
+            raise EngineConfigError(
+                f"{self.ckpt_root} already holds checkpoints: resume the run, or train into a new directory"
+            )
+        loaded = self._restore(latest)
+        self.last_checkpoint, self.last_checkpoint_step = latest, loaded.step
+        self.sink.event("resume", {"step": loaded.step, "checkpoint": str(latest)})
+
+    def _restore(self, path: Path) -> LoadedCheckpoint:
+        # A previous run may have saved a different architecture or data settings; its weights, cursor
+        # and token ids would then be meaningless here. Training settings may change (e.g. max_steps).
+        saved = checkpoint_spec(path)
+        for section in ("model", "data"):
+            if saved.get(section) != getattr(self.spec, section).model_dump(mode="json"):
+                raise EngineConfigError(
+                    f"checkpoint {path.name} was trained with a different '{section}' section; "
+                    "train into a new directory"
+                )
+        loaded = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scaler=self.scaler)
+        self.state = LoopState(**loaded.loop_state)
+        self.batches.load_state_dict(loaded.data_state)
+        self.model.set_dropout(self.state.dropout)  # an intervention may have raised it
+        return loaded
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        preempted: Callable[[], bool],
+        should_stop: Callable[[], bool] | None,
+        stop_after_step: int | None,
+    ) -> TrainResult:
+        t = self.spec.training
+        st = self.state
+        steps_since_log, seconds_since_log = 0, 0.0  # step time only: evaluations and checkpoints excluded
+        while True:
+            # Stop requests are honoured between steps: the state is consistent there, so the
+            # checkpoint taken on the way out resumes exactly.
+            if preempted():
+                return self._finish("preempted", "SIGTERM received")
+            if should_stop is not None and should_stop():
+                return self._finish("stopped", "stop requested")
+            if st.step >= t.max_steps:
+                return self._finish("completed", f"reached max_steps {t.max_steps}")
+            if stop_after_step is not None and st.step >= stop_after_step:
+                return self._finish("stopped", f"reached stop_after_step {stop_after_step}")
+
+            began = time.perf_counter()
+            outcome = self._train_step()  # ends with .item() calls, so on CUDA the time is the real one
+            elapsed = time.perf_counter() - began
+            self.faults.attempt_done(outcome.step)
+            if outcome.anomaly is not None:
+                failure = self._handle_anomaly(outcome)
+                if failure is not None:
+                    return failure
+                st = self.state  # the rollback replaced the loop state
+                steps_since_log, seconds_since_log = 0, 0.0
+                continue
+            steps_since_log, seconds_since_log = steps_since_log + 1, seconds_since_log + elapsed
+
+            if st.step % t.log_interval == 0 or st.step == t.max_steps:
+                self._log(outcome, seconds_since_log / steps_since_log)
+                steps_since_log, seconds_since_log = 0, 0.0
+            if st.step % t.eval_interval == 0 or st.step == t.max_steps:
+                early_stop = self._evaluate_and_react()
+                if early_stop:
+                    return self._finish("early_stopped", early_stop)
+            if st.step % t.checkpoint_interval == 0:
+                self._save()
+
+    def _next_batch(self) -> tuple[int, Batch]:
+        """The next micro-batch not on the skip list (batches that caused an anomaly), with its number."""
+        skip = self.state.skip_batches
+        while True:
+            number = self.batches.batches_drawn
+            batch = next(self.batches)
+            if number not in skip:
+                return number, batch
+
+    def _train_step(self) -> _StepOutcome:
+        t = self.spec.training
+        step = self.state.step + 1
+        lr = lr_at(step, self.spec) * self.state.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        accum = t.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        task_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        dropped_sum = torch.zeros((), device=self.device)
+        load_sum: torch.Tensor | None = None
+        numbers = []
+        for micro in range(accum):
+            number, batch = self._next_batch()
+            numbers.append(number)
+            input_ids = batch.input_ids.to(self.device, non_blocking=True)  # (B, T)
+            labels = batch.labels.to(self.device, non_blocking=True)  # (B, T) or (B,)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
+            with self.autocast():
+                out = self.model(input_ids, labels=labels, attention_mask=mask)
+            assert out.loss is not None and out.task_loss is not None  # labels were given
+            loss = self.faults.apply(step, out.loss, micro)
+            scaled = loss / accum
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+            loss_sum += loss.detach().float()
+            task_sum += out.task_loss.detach().float()
+            aux_sum += out.aux_loss.detach().float()
+            dropped_sum += out.dropped_fraction.detach().float()
+            load = out.expert_load.detach().float()
+            load_sum = load if load_sum is None else load_sum + load
+
+        loss_value = loss_sum.item() / accum
+        outcome = _StepOutcome(
+            step=step,
+            loss=loss_value,
+            task_loss=task_sum.item() / accum,
+            aux_loss=aux_sum.item() / accum,
+            grad_norm=float("nan"),
+            dropped_fraction=dropped_sum.item() / accum,
+            expert_load=[] if load_sum is None else (load_sum / accum).tolist(),
+            micro_batches=numbers,
+        )
+        # Checked before the optimizer step: a bad loss must not reach the weights.
+        outcome.anomaly = self._detect_anomaly(step, loss_value)
+        if outcome.anomaly is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return outcome
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm
+        clip = self.state.grad_clip
+        # max_norm=inf measures without clipping (the scale factor is clamped to exactly 1).
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf)
+        outcome.grad_norm = float(grad_norm)
+        if self.spec.training.anomaly.enabled and self.scaler is None and not math.isfinite(outcome.grad_norm):
+            # With fp16 the scaler owns non-finite gradients (it skips the step and lowers the scale).
+            outcome.anomaly = self._anomaly_record(step, "non_finite_grad_norm", loss_value)
+            self.optimizer.zero_grad(set_to_none=True)
+            return outcome
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_router_biases()
+
+        st = self.state
+        st.step = step
+        st.tokens_seen += accum * t.batch_size * self.spec.data.seq_len
+        st.loss_window = [*st.loss_window, loss_value][-t.anomaly.window :]
+        return outcome
+
+    # -- anomalies -----------------------------------------------------------------------------------------
+
+    def _anomaly_record(self, step: int, kind: str, loss: float, **extra: Any) -> dict[str, Any]:
+        a = self.spec.training.anomaly
+        can_roll_back = a.action == "rollback" and self.state.rollbacks < a.max_rollbacks
+        return {
+            "step": step,
+            "kind": kind,
+            "loss": loss,
+            "action": "rollback" if can_roll_back else "stop",
+            **extra,
+        }
+
+    def _detect_anomaly(self, step: int, loss: float) -> dict[str, Any] | None:
+        a = self.spec.training.anomaly
+        if not a.enabled:
+            return None
+        if not math.isfinite(loss):
+            return self._anomaly_record(step, "non_finite_loss", loss)
+        window = self.state.loss_window
+        if len(window) < a.window:
+            return None  # too little history to call anything a spike
+        mean, std = float(np.mean(window)), float(np.std(window))
+        limit = mean + a.threshold * max(std, _MIN_RELATIVE_STD * abs(mean))
+        if loss > limit:
+            return self._anomaly_record(step, "loss_spike", loss, window_mean=mean, window_std=std, limit=limit)
+        return None
+
+    def _handle_anomaly(self, outcome: _StepOutcome) -> TrainResult | None:
+        """Emit the anomaly; roll back and return None, or return the failed result."""
+        anomaly = dict(outcome.anomaly or {})
+        anomaly["micro_batches"] = outcome.micro_batches
+        self.sink.event("anomaly", anomaly)
+        description = f"{anomaly['kind']} at step {anomaly['step']} (loss {anomaly['loss']})"
+        if anomaly["action"] == "stop":
+            a = self.spec.training.anomaly
+            why = "anomaly.action is stop" if a.action == "stop" else f"max_rollbacks ({a.max_rollbacks}) reached"
+            # No checkpoint on the way out: the model may already be damaged, the last good one stays newest.
+            return self._result("failed", f"{description}; {why}")
+        target = latest_checkpoint(self.ckpt_root)
+        if target is None:
+            return self._result("failed", f"{description}; no valid checkpoint to roll back to")
+        # Survive the restore: how many rollbacks happened, and which batches must never be used again.
+        rollbacks = self.state.rollbacks + 1
+        skip = sorted({*self.state.skip_batches, *outcome.micro_batches})
+        # Reset the router-load accumulators filled by the failed step (the bias change this would make
+        # is overwritten by the checkpoint's biases just below).
+        self.model.update_router_biases()
+        loaded = self._restore(target)
+        self.state.rollbacks, self.state.skip_batches = rollbacks, skip
+        self.last_checkpoint, self.last_checkpoint_step = target, loaded.step
+        self.sink.event(
+            "rollback",
+            {
+                "step": loaded.step,
+                "from_step": anomaly["step"],
+                "checkpoint": str(target),
+                "skipped_micro_batches": outcome.micro_batches,
+                "rollbacks": rollbacks,
+            },
+        )
+        return None
+
+    # -- logging and evaluation ----------------------------------------------------------------------------
+
+    def _log(self, outcome: _StepOutcome, step_time: float) -> None:
+        t = self.spec.training
+        tokens_per_step = t.grad_accum_steps * t.batch_size * self.spec.data.seq_len
+        metrics: dict[str, float] = {
+            "loss": outcome.task_loss,
+            "aux_loss": outcome.aux_loss,
+            "lr": lr_at(self.state.step, self.spec) * self.state.lr_scale,
+            "grad_norm": outcome.grad_norm,
+            "tokens_per_s": tokens_per_step / step_time if step_time > 0 else 0.0,
+            "step_time_s": step_time,
+            "memory_bytes": float(memory_bytes(self.device)),
+            "dropped_fraction": outcome.dropped_fraction,
+            "tokens_seen": float(self.state.tokens_seen),
+            "epoch": self.batches.epoch_progress,
+        }
+        for keys, row in zip(self.load_keys, outcome.expert_load, strict=True):
+            metrics.update(zip(keys, row, strict=True))
+        self.sink.emit(self.state.step, metrics)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics over up to ``eval_batches`` batches (the same ones every time)."""
+        t = self.spec.training
+        self.model.eval()
+        total, weight, correct, examples = 0.0, 0, 0, 0
+        try:
+            batches: Iterator[Batch] = eval_batches(
+                self.prepared, "val", t.batch_size, self.spec.data.seq_len, t.eval_batches
+            )
+            for batch in batches:
+                input_ids = batch.input_ids.to(self.device)
+                labels = batch.labels.to(self.device)
+                mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
+                with self.autocast():
+                    out = self.model(input_ids, labels=labels, attention_mask=mask)
+                assert out.task_loss is not None
+                if self.classification:
+                    n = int(labels.numel())
+                    correct += int((out.logits.argmax(dim=-1) == labels).sum())
+                    examples += n
+                else:
+                    n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # predicted positions (the model shifts)
+                total += float(out.task_loss.float()) * n
+                weight += n
+        finally:
+            self.model.train()
+        val_loss = total / max(weight, 1)
+        metrics = {"val_loss": val_loss}
+        if self.classification:
+            metrics["val_accuracy"] = correct / max(examples, 1)
+        else:
+            metrics["val_ppl"] = math.exp(val_loss) if val_loss < 700 else math.inf
+        return metrics
+
+    def _evaluate_and_react(self) -> str | None:
+        """Evaluate, emit, update plateau/early-stopping state; returns the early-stop reason, if any."""
+        st = self.state
+        metrics = self.evaluate()
+        self.sink.emit(st.step, metrics)
+        val = metrics["val_loss"]
+        p = self.spec.training.plateau
+        if st.best_val_loss is None or val < st.best_val_loss:
+            st.best_val_loss = val
+        # Keras semantics: only a drop of more than min_delta below the reference counts, and only such a
+        # drop moves the reference, so a slow but steady improvement still registers over several evals.
+        if st.reference_val_loss is None or val < st.reference_val_loss - p.min_delta:
+            st.reference_val_loss = val
+            st.evals_since_improvement = 0
+            st.plateau_wait = 0
+        else:
+            st.evals_since_improvement += 1
+            st.plateau_wait += 1
+            if p.enabled and st.plateau_wait >= p.patience and st.interventions < p.max_interventions:
+                self._intervene(val)
+        patience = self.spec.training.early_stopping_patience
+        if patience is not None and st.evals_since_improvement >= patience:
+            reason = f"val_loss did not improve by {p.min_delta} for {patience} evaluations"
+            self.sink.event(
+                "early_stop",
+                {"step": st.step, "best_val_loss": st.best_val_loss, "patience": patience, "reason": reason},
+            )
+            return reason
+        return None
+
+    def _intervene(self, val_loss: float) -> None:
+        """Apply the enabled plateau interventions that change something, and report them."""
+        st, p = self.state, self.spec.training.plateau
+        changes: dict[str, dict[str, float | None]] = {}
+        if p.reduce_lr:
+            before = lr_at(st.step, self.spec) * st.lr_scale
+            st.lr_scale *= p.lr_factor
+            changes["lr"] = {"before": before, "after": lr_at(st.step, self.spec) * st.lr_scale}
+            changes["lr_scale"] = {"before": st.lr_scale / p.lr_factor, "after": st.lr_scale}
+        if p.raise_dropout and st.dropout < p.dropout_to:
+            changes["dropout"] = {"before": st.dropout, "after": p.dropout_to}
+            st.dropout = p.dropout_to
+            self.model.set_dropout(st.dropout)
+        if p.tighten_clip and (st.grad_clip is None or st.grad_clip > p.clip_to):
+            changes["grad_clip"] = {"before": st.grad_clip, "after": p.clip_to}
+            st.grad_clip = p.clip_to
+        st.plateau_wait = 0  # give the change `patience` evaluations to work before the next one
+        if not changes:
+            return  # everything enabled is already at its target: nothing happened, nothing to report
+        st.interventions += 1
+        self.sink.event(
+            "intervention",
+            {
+                "step": st.step,
+                "reason": f"val_loss did not improve by {p.min_delta} for {p.patience} evaluations",
+                "val_loss": val_loss,
+                "best_val_loss": st.best_val_loss,
+                "intervention": st.interventions,
+                "changes": changes,
+            },
+        )
+
+    # -- checkpoints and the way out -----------------------------------------------------------------------
+
+    def _save(self) -> Path:
+        st = self.state
+        began = time.perf_counter()
+        path = save_checkpoint(
+            self.ckpt_root,
+            st.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            spec=self.spec,
+            loop_state=asdict(st),
+            data_state=self.batches.state_dict(),
+            scaler=self.scaler,
+            keep=self.spec.training.keep_checkpoints,
+        )
+        self.last_checkpoint, self.last_checkpoint_step = path, st.step
+        self.sink.event("checkpoint", {"step": st.step, "path": str(path), "seconds": time.perf_counter() - began})
+        return path
+
+    def _finish(self, status: TrainStatus, reason: str) -> TrainResult:
+        if self.last_checkpoint_step != self.state.step:
+            self._save()
+        return self._result(status, reason)
+
+    def _result(self, status: TrainStatus, reason: str) -> TrainResult:
+        return TrainResult(
+            status=status,
+            step=self.state.step,
+            best_val_loss=self.state.best_val_loss,
+            checkpoint=self.last_checkpoint,
+            reason=reason,
+        )
