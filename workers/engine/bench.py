@@ -137,6 +137,9 @@ def _hf_models(shape: Shape, experts: int) -> dict[str, Callable[[], nn.Module]]
     return {"mixtral": mixtral, "qwen3_moe": qwen3_moe, "deepseek_v3": deepseek_v3}
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
 @dataclass
 class Runner:
     """One model with its optimizer, ready to time training steps."""
@@ -269,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_size = 256 if args.quick else 1024
     peaks: list[float] = []
     started = time.perf_counter()
+    load_start = round(os.getloadavg()[0], 2)
     for r in range(warmup + rounds):
         timed = r >= warmup
         peak = measure_matmul_peak(peak_size, 5)
@@ -296,43 +300,46 @@ def main(argv: list[str] | None = None) -> int:
             "step_ms_max": round(max(totals) * 1000, 1),
             "step_ms_all": [round(t * 1000) for t in totals],
             "phase_ms_median": {
-                phase: round(statistics.median(t[i] for t in runner.times) * 1000, 1)
-                for i, phase in enumerate(("forward", "backward", "optimizer"))
+                phase: round(statistics.median(t[i] for t in runner.times) * 1000, 1) for i, phase in enumerate(PHASES)
             },
+            "phase_ms_min": {phase: round(min(t[i] for t in runner.times) * 1000, 1) for i, phase in enumerate(PHASES)},
             "parameters": sum(p.numel() for p in runner.model.parameters()),
             "mfu": round(flops / step_s / (peak_gflops * 1e9), 3),
         }
 
     # The issue's targets: ours >= best HF at the fewest experts, >= 1.5x best HF at the most, and our step
-    # at the most experts <= 1.3x our step at the fewest.
+    # at the most experts <= 1.3x our step at the fewest. Judged on medians (the headline) and on minima
+    # (the least disturbed step of each model: robust to bursts of load from other processes).
     lo, hi = min(expert_counts), max(expert_counts)
     comparison: dict[str, Any] = {}
-    for experts in expert_counts:
-        group = results[str(experts)]
-        hf = {k: v["tokens_per_s"] for k, v in group.items() if not k.startswith("ours")}
-        if hf:
-            best = max(hf, key=lambda k: hf[k])
-            ratio = group["ours"]["tokens_per_s"] / hf[best]
+    scaling: dict[str, Any] = {"target_max": 1.3} if hi != lo else {}
+    for stat in ("median", "min"):
+        for experts in expert_counts:
+            group = results[str(experts)]
+            step = {name: entry[f"step_ms_{stat}"] for name, entry in group.items()}
+            hf = {name: ms for name, ms in step.items() if not name.startswith("ours")}
+            if not hf:
+                continue
+            best = min(hf, key=lambda name: hf[name])
+            ratio = hf[best] / step["ours"]  # a throughput ratio: same tokens per step
             target = 1.5 if experts == hi and hi != lo else 1.0
-            comparison[str(experts)] = {
+            entry = comparison.setdefault(str(experts), {"target": target})
+            entry[stat] = {
                 "best_hf": best,
                 "ours_over_best_hf": round(ratio, 3),
-                "ours_default_adamw_over_best_hf": round(group["ours_default_adamw"]["tokens_per_s"] / hf[best], 3),
-                "target": target,
+                "ours_default_adamw_over_best_hf": round(hf[best] / step["ours_default_adamw"], 3),
                 "met": ratio >= target,
             }
-    scaling: dict[str, Any] = {}
-    if hi != lo:
-        ratio = results[str(hi)]["ours"]["step_ms_median"] / results[str(lo)]["ours"]["step_ms_median"]
-        phases_hi = results[str(hi)]["ours"]["phase_ms_median"]
-        phases_lo = results[str(lo)]["ours"]["phase_ms_median"]
-        model_only = (phases_hi["forward"] + phases_hi["backward"]) / (phases_lo["forward"] + phases_lo["backward"])
-        scaling = {
-            f"ours_step_{hi}_over_{lo}": round(ratio, 3),
-            "target_max": 1.3,
-            "met": ratio <= 1.3,
-            f"ours_forward_backward_{hi}_over_{lo}": round(model_only, 3),
-        }
+        if hi != lo:
+            ours_hi, ours_lo = results[str(hi)]["ours"], results[str(lo)]["ours"]
+            ratio = ours_hi[f"step_ms_{stat}"] / ours_lo[f"step_ms_{stat}"]
+            ph_hi, ph_lo = ours_hi[f"phase_ms_{stat}"], ours_lo[f"phase_ms_{stat}"]
+            model_only = (ph_hi["forward"] + ph_hi["backward"]) / (ph_lo["forward"] + ph_lo["backward"])
+            scaling[stat] = {
+                f"ours_step_{hi}_over_{lo}": round(ratio, 3),
+                "met": ratio <= 1.3,
+                f"ours_forward_backward_{hi}_over_{lo}": round(model_only, 3),
+            }
 
     notes += [
         "forward + backward + AdamW step on one random batch (labels = inputs), fp32, train mode; "
@@ -346,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         "qk_rope=qk_nope=head_dim/2, v_head_dim=head_dim; n_group=topk_group=1, no MTP layers",
         "mfu = nominal model FLOPs of the shared shape (6 x active matmul params + causal attention) per "
         "second over the median fp32 matmul peak measured in the same rounds",
-        "this machine is shared with other work: run-to-run noise is 15-20%; compare within one run",
+        "this machine is shared with other work (see load_average_1min; 2 cores): steps hit by a burst of "
+        "load are slower by up to 10x, so minima are given beside medians; compare within one run",
     ]
     report = {
         "bench": "engine_training_step",
@@ -358,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "warmup": warmup,
         "seconds": round(time.perf_counter() - started, 1),
+        "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
         "allocator": {
             "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
             "anon_huge_pages_mib_after_build": None if huge_kib is None else round(huge_kib / 1024),

@@ -94,11 +94,17 @@ def active_parameters(spec: Spec) -> int:
 # Cost prediction: FLOPs, memory, step time and out-of-memory risk on a hardware profile
 # ==========================================================================================================
 #
-# The memory model mirrors what ``workers.engine.model`` saves for backward (a test walks the autograd graph
-# of built models and compares), under the training loop's contract: parameters and AdamW state in fp32,
-# autocast for bf16/fp16 (the low-precision weight copies live from forward to backward), gradients set to
-# None after each optimizer step (PyTorch's default), so with one micro-batch per step they are not resident
-# while the forward runs, but with accumulation they are.
+# Pure Python like the rest of this module (the web tier calls it on every keystroke). ``estimate(spec,
+# hardware)`` gathers everything; its parts (``flops_per_token``, ``activation_bytes_per_token``,
+# ``estimate_memory``, ``estimate_time``, ``suggest_memory_fixes``) are public for tests and callers.
+#
+# The memory model mirrors what ``workers.engine.model`` saves for backward (a test walks the autograd graph of
+# built models and compares) under the training loop's contract (``workers.engine.train``): parameters, gradients
+# and AdamW state in fp32; autocast for bf16/fp16, whose low-precision weight copies are cached through the
+# forward and saved for backward (with checkpointing, re-made one block at a time). The peak is weights +
+# gradients + optimizer state + activations (+ the allocator's overhead on them) + the runtime: a real CPU run's
+# peak resident set matches that sum within a few percent (tests/engine/test_estimate_costs.py), because
+# the allocator does not hand memory freed by backward back in time for the gradients.
 
 _FP32 = 4
 _INT64 = 8
@@ -106,9 +112,9 @@ _ADAMW_STATE_BYTES = 2 * _FP32  # exp_avg and exp_avg_sq per parameter
 # Memory traffic of one optimizer step per parameter: AdamW reads p, g, m, v and writes p, m, v (28 B), plus
 # gradient clipping (a norm read and a scale) and zeroing: ~48 B, all fp32.
 _OPTIMIZER_TRAFFIC_BYTES = 48
-# Each saved activation byte is written in forward, read in backward, and its gradient written and read:
-# elementwise work (norms, activations, rotary, routing gathers) that is bandwidth-bound, not FLOP-bound.
-_ACTIVATION_TRAFFIC_FACTOR = 4
+# Elementwise work (norms, activations, rotary, routing gathers) is bandwidth-bound, not FLOP-bound: each
+# saved activation byte costs about two bytes of traffic over the step (fitted on the reference CPU).
+_ACTIVATION_TRAFFIC_FACTOR = 2
 FITS_BELOW = 0.85  # fraction of a device's memory under which a run "fits"; up to 1.0 it is "tight"
 
 Parallelism = Literal["ddp", "expert"]
@@ -215,7 +221,7 @@ class FlopsPerToken:
 
     forward: float
     backward: float
-    recompute: float  # one more forward of the blocks with gradient checkpointing
+    recompute: float  # the blocks' forward again with gradient checkpointing, but for each block's last matmul
     attention_forward: float
     training: float  # forward + backward + recompute
 
@@ -239,7 +245,15 @@ def flops_per_token(spec: Spec, checkpointing: bool | None = None) -> FlopsPerTo
     blocks_forward = 2 * blocks_matmul + attention
     forward = blocks_forward + head
     backward = 2 * forward
-    recompute = blocks_forward if ckpt else 0.0
+    recompute = 0.0
+    if ckpt:
+        # PyTorch's non-reentrant checkpoint stops recomputing once backward has every tensor it needs: the
+        # block's last matmul (the dense or shared experts' output projection, whose output nothing saves)
+        # is not run again.
+        moe = m.moe
+        trailing = (m.num_layers - m.num_moe_layers) * moe.resolved_dense_hidden_size * m.hidden_size
+        trailing += m.num_moe_layers * moe.num_shared_experts * moe.expert_hidden_size * m.hidden_size
+        recompute = blocks_forward - 2 * trailing
     return FlopsPerToken(
         forward=float(forward),
         backward=float(backward),
@@ -284,7 +298,7 @@ class TimeEstimate:
 
     step_seconds: float
     compute_seconds: float  # matmul time per step, before calibration
-    memory_seconds: float  # bandwidth-bound time per step (optimizer, elementwise work), before calibration
+    memory_seconds: float  # bandwidth-bound and dispatch time per step (optimizer, elementwise), uncalibrated
     worst_case_step_seconds: float  # the busiest device under expert imbalance sets the pace
     tokens_per_step: int
     tokens_per_second: float
@@ -389,41 +403,60 @@ def estimate_memory(
     params, matmul_params = _device_parameters(spec, g, parallelism)
     low = _act_bytes(p)
 
-    weights = params * _FP32 + (matmul_params * low if low != _FP32 else 0)
     gradients = params * _FP32
     optimizer = params * _ADAMW_STATE_BYTES
+    m = spec.model
+    a = activation_bytes_per_token(spec, p)
+    N = t.batch_size * spec.data.seq_len
+    overhead = hardware.activation_overhead
+    # Autocast's low-precision copies of the matmul weights: cached through the forward and saved for
+    # backward. With checkpointing they are not saved: backward re-casts one block at a time (and the head).
+    copies = matmul_params * low if low != _FP32 else 0
+    b = parameter_breakdown(spec)
+    layers = max(1, m.num_layers)
+    head_matmul = b["head"] or b["embedding"]  # the output projection (the embedding when tied)
+    block_copies = (matmul_params - head_matmul) // layers * low if copies else 0
+    head_copies = head_matmul * low if copies else 0
 
-    def activations(imbalance: float) -> int:
-        m = spec.model
-        a = activation_bytes_per_token(spec, p)
-        N = t.batch_size * spec.data.seq_len
+    def phases(imbalance: float) -> tuple[int, int]:
+        """(activations at the peak of backward, the larger forward-end total with checkpointing or 0)."""
         moe_block = a.moe + a.expert_rows * (imbalance - 1.0)
         dense_layers = m.num_layers - m.num_moe_layers
-        if ckpt:
-            largest_block = a.attention + (moe_block if m.num_moe_layers else a.dense)
-            saved = m.num_layers * a.checkpoint_input + largest_block + a.head
-        else:
+        if not ckpt:
             saved = m.num_layers * a.attention + m.num_moe_layers * moe_block + dense_layers * a.dense + a.head
-        return int(N * (saved + a.top) * hardware.activation_overhead)
+            return int(N * (saved + a.top) * overhead), 0
+        block = a.attention + (moe_block if m.num_moe_layers else a.dense)
+        kept = m.num_layers * a.checkpoint_input + a.head
+        backward = int(N * (kept + block + a.top) * overhead)
+        # At the end of the forward every block's weight copy is still cached, but no block is recomputed yet.
+        forward_end = params * _FP32 + copies + int(N * kept * overhead)
+        return backward, forward_end
 
-    def peak(act: int) -> int:
+    live_copies = copies if not ckpt else block_copies + head_copies
+    weights = params * _FP32 + live_copies
+
+    def peak(act: int, forward_end: int) -> int:
         # Gradients are counted with the activations even when a step has one micro-batch (they are None
         # during its forward): the allocator does not hand back what backward freed in time for them, and
         # a real CPU run's peak matches W + O + G + A, not the max of its phases.
-        return hardware.reserved_bytes + weights + optimizer + gradients + act
+        return hardware.reserved_bytes + optimizer + gradients + max(weights + act, forward_end)
 
     imbalance = _imbalance_factor(spec, g, parallelism)
-    act = activations(1.0)
+    act, forward_end = phases(1.0)
+    worst_act, worst_forward_end = phases(imbalance)
+    total = peak(act, forward_end)
+    # Shown components add up to the peak: a forward-end peak shows as activations.
+    shown_act = total - hardware.reserved_bytes - optimizer - gradients - weights
     return MemoryEstimate(
         precision=p,
         checkpointing=ckpt,
         weights=weights,
         gradients=gradients,
         optimizer=optimizer,
-        activations=act,
+        activations=shown_act,
         runtime=hardware.reserved_bytes,
-        peak=peak(act),
-        worst_case_peak=peak(activations(imbalance)),
+        peak=total,
+        worst_case_peak=peak(worst_act, worst_forward_end),
         capacity=hardware.memory_bytes,
         imbalance_factor=imbalance,
     )
@@ -472,14 +505,17 @@ def estimate_time(
         expert_flops = 6 * m.num_moe_layers * m.moe.top_k * one_expert  # forward + backward, per token
         flops = (fl.training + expert_flops * (imbalance - 1.0)) * N * t.grad_accum_steps
         traffic = _ACTIVATION_TRAFFIC_FACTOR * saved * N * t.grad_accum_steps + _OPTIMIZER_TRAFFIC_BYTES * params
-        return flops / rate, traffic / bandwidth
+        dispatch = hardware.layer_overhead_seconds * m.num_layers * t.grad_accum_steps
+        return flops / rate, traffic / bandwidth + dispatch
 
     compute, memory = step(1.0)
     worst_compute, worst_memory = step(_imbalance_factor(spec, g, parallelism))
     step_seconds = (compute + memory) * calibration
     tokens_per_step = spec.tokens_per_step * g
     # An evaluation micro-batch is a forward only: a third of the FLOPs, activations written once.
-    eval_batch_seconds = (fl.forward * N / rate + saved * N / bandwidth) * calibration
+    eval_batch_seconds = (
+        fl.forward * N / rate + saved * N / bandwidth + hardware.layer_overhead_seconds * m.num_layers / 3
+    ) * calibration
     eval_seconds = (t.max_steps // t.eval_interval) * t.eval_batches * eval_batch_seconds
     return TimeEstimate(
         step_seconds=step_seconds,
@@ -531,17 +567,24 @@ def suggest_memory_fixes(
     changes: dict[str, Any] = {}
     candidate = spec
 
+    current = estimate_memory(spec, hardware, num_gpus=num_gpus, parallelism=parallelism)
+    best_peak = current.peak
+
     def attempt(new: dict[str, Any], description: str) -> bool:
-        nonlocal candidate
+        """Add ``new`` to the changes if it lowers the peak (a low precision can raise it once checkpointing
+        has shrunk the activations: its weight copies then outweigh what it saves); True once it fits."""
+        nonlocal candidate, best_peak
+        trial = _with_changes(spec, {**changes, **new})
+        mem = estimate_memory(trial, hardware, num_gpus=num_gpus, parallelism=parallelism)
+        if mem.peak >= best_peak:
+            return False
         changes.update(new)
-        candidate = _with_changes(spec, changes)
-        mem = estimate_memory(candidate, hardware, num_gpus=num_gpus, parallelism=parallelism)
-        step = estimate_time(candidate, hardware, num_gpus=num_gpus, parallelism=parallelism, calibration=calibration)
+        candidate, best_peak = trial, mem.peak
+        step = estimate_time(trial, hardware, num_gpus=num_gpus, parallelism=parallelism, calibration=calibration)
         level = _risk_level(mem.peak, mem.capacity)
         fixes.append(Fix(dict(changes), description, mem.peak, level, step.step_seconds))
         return level == "fits"
 
-    current = estimate_memory(spec, hardware, num_gpus=num_gpus, parallelism=parallelism)
     if _risk_level(current.peak, current.capacity) == "fits":
         return []
     if not t.gradient_checkpointing and attempt(

@@ -3,7 +3,7 @@
 Pure Python (no torch, no Django): the web tier imports it to estimate, the worker to say which profile its
 device is. Figures are vendor peaks for dense math (no sparsity), except ``cpu``, which was measured on this
 platform's reference machine (2 cores of an Intel Xeon with AMX, Debian 12, torch 2.13: a 1024² fp32 matmul
-reaches 135–212 GFLOP/s, bf16 through AMX about 1 TFLOP/s, a large ``numpy.copyto`` 18 GB/s). A profile's
+reaches 135–220 GFLOP/s, bf16 through AMX about 1 TFLOP/s, a large ``numpy.copyto`` 18 GB/s). A profile's
 ``efficiency`` is the fraction of peak that a whole training step of a small-to-medium transformer reaches
 (model FLOPs utilisation); a measured step time on a worker replaces guesses through a calibration factor
 (see ``workers.engine.estimate.estimate``).
@@ -24,6 +24,9 @@ GB = 10**9  # vendors state memory and bandwidth in decimal units
 # PyTorch's CUDA caching allocator rounds blocks and keeps freed ones cached by size; 10% over the live
 # activations is the usual fragmentation of a training step (not measured here: no GPU on this machine).
 GPU_ALLOCATOR_OVERHEAD = 1.10
+# Eager PyTorch issues roughly a hundred kernels per layer for forward and backward, ~10 µs each from Python:
+# about 1 ms per layer per micro-batch that a tiny model cannot hide (not measured here either).
+GPU_LAYER_OVERHEAD_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class HardwareProfile:
     # Memory an allocator holds per byte of activations: freed blocks that later requests of other sizes
     # cannot reuse, and backward's working set of activation gradients.
     activation_overhead: float
+    # Seconds per layer per micro-batch (forward and backward) spent dispatching operations whatever their
+    # size: what dominates a tiny model's step.
+    layer_overhead_seconds: float
     max_devices: int  # how many of them one job may use
     device_names: tuple[str, ...] = field(default=())  # lower-case substrings of torch's device name
     notes: str = ""
@@ -72,8 +78,11 @@ def _cpu_profile() -> HardwareProfile:
         kind="cpu",
         memory_bytes=_physical_memory_bytes(),
         bandwidth_bytes_per_s=9 * GB * min(cores, 8),
-        peak_flops={"fp32": 90e9 * cores, "bf16": 450e9 * cores, "fp16": None},
-        efficiency=0.35,
+        peak_flops={"fp32": 110e9 * cores, "bf16": 500e9 * cores, "fp16": None},
+        # Fitted to the step times of seven MoE shapes (0.9M-17M parameters, 1k-16k tokens per step) on the
+        # reference machine: predictions within ±20% of each other's measured/predicted ratio.
+        efficiency=0.7,
+        layer_overhead_seconds=0.0005,
         # The process itself: Python with torch imported (~230 MiB resident) and the ~95 MiB that its kernels
         # allocate on first use (thread pools, oneDNN), measured as a run's peak RSS with a negligible model.
         reserved_bytes=int(0.34 * GB),
@@ -102,6 +111,7 @@ PROFILES: dict[str, HardwareProfile] = {
             efficiency=0.35,
             reserved_bytes=int(0.6 * GB),
             activation_overhead=GPU_ALLOCATOR_OVERHEAD,
+            layer_overhead_seconds=GPU_LAYER_OVERHEAD_SECONDS,
             max_devices=8,
             device_names=("t4",),
             notes="No bf16: train in fp16 (with a gradient scaler) or fp32.",
@@ -116,6 +126,7 @@ PROFILES: dict[str, HardwareProfile] = {
             efficiency=0.4,
             reserved_bytes=int(0.7 * GB),
             activation_overhead=GPU_ALLOCATOR_OVERHEAD,
+            layer_overhead_seconds=GPU_LAYER_OVERHEAD_SECONDS,
             max_devices=8,
             device_names=("a10",),
         ),
@@ -129,6 +140,7 @@ PROFILES: dict[str, HardwareProfile] = {
             efficiency=0.4,
             reserved_bytes=int(0.8 * GB),
             activation_overhead=GPU_ALLOCATOR_OVERHEAD,
+            layer_overhead_seconds=GPU_LAYER_OVERHEAD_SECONDS,
             max_devices=8,
             device_names=("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb"),
         ),
@@ -142,6 +154,7 @@ PROFILES: dict[str, HardwareProfile] = {
             efficiency=0.4,
             reserved_bytes=int(0.8 * GB),
             activation_overhead=GPU_ALLOCATOR_OVERHEAD,
+            layer_overhead_seconds=GPU_LAYER_OVERHEAD_SECONDS,
             max_devices=8,
             device_names=("a100-sxm4-80gb", "a100 80gb", "a100-pcie-80gb"),
         ),
@@ -155,6 +168,7 @@ PROFILES: dict[str, HardwareProfile] = {
             efficiency=0.35,
             reserved_bytes=int(1.0 * GB),
             activation_overhead=GPU_ALLOCATOR_OVERHEAD,
+            layer_overhead_seconds=GPU_LAYER_OVERHEAD_SECONDS,
             max_devices=8,
             device_names=("h100",),
             notes="SXM figures; a PCIe H100 is about 20% slower.",
