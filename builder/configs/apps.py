@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class ConfigsConfig(AppConfig):
+    """Model configurations: saved specs with versions, presets, the wizard, the JSON editor, comparison."""
+
+    name = "builder.configs"
+    label = "configs"

@@ -1,0 +1,193 @@
+"""What the configs API accepts and returns. Specs are validated by ``workers.engine.spec`` (the one schema)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from builder.configs.models import Config, ConfigVersion, HardwareCalibration, VersionSource
+from builder.configs.services import SpecInvalid, parse_spec
+from workers.engine.hardware import PROFILES
+from workers.engine.spec import Spec
+
+
+class SpecField(serializers.JSONField):
+    """A spec as JSON, validated into a ``Spec``. Errors are keyed by the field path inside the spec, so the
+    API reports ``spec.model.moe.top_k``."""
+
+    def to_internal_value(self, data: Any) -> Any:  # a Spec
+        raw = super().to_internal_value(data)
+        try:
+            return parse_spec(raw)
+        except SpecInvalid as exc:
+            detail: dict[str, list[str]] = {}
+            for error in exc.errors:
+                detail.setdefault(error["path"] or "non_field_errors", []).append(error["message"])
+            raise serializers.ValidationError(detail) from None
+
+    def to_representation(self, value: Any) -> Any:
+        return value.model_dump(mode="json") if isinstance(value, Spec) else value
+
+
+class VersionSerializer(serializers.ModelSerializer[ConfigVersion]):
+    class Meta:
+        model = ConfigVersion
+        fields = ["id", "number", "spec", "note", "source", "created_at"]
+        read_only_fields = fields
+
+
+class VersionSummarySerializer(serializers.ModelSerializer[ConfigVersion]):
+    class Meta:
+        model = ConfigVersion
+        fields = ["id", "number", "note", "source", "created_at"]
+        read_only_fields = fields
+
+
+class ConfigSerializer(serializers.ModelSerializer[Config]):
+    latest_version = serializers.SerializerMethodField(help_text="Number of the newest version.")
+    versions = serializers.SerializerMethodField(help_text="How many versions exist.")
+    spec = serializers.SerializerMethodField(help_text="The newest version's spec.")
+
+    class Meta:
+        model = Config
+        fields = ["id", "name", "description", "created_at", "updated_at", "latest_version", "versions", "spec"]
+        read_only_fields = fields
+
+    def get_latest_version(self, config: Config) -> int:
+        return config.latest.number
+
+    def get_versions(self, config: Config) -> int:
+        return config.versions.count()
+
+    def get_spec(self, config: Config) -> dict[str, Any]:
+        spec: dict[str, Any] = config.latest.spec
+        return spec
+
+
+SOURCE = serializers.ChoiceField(
+    choices=VersionSource.choices,
+    default=VersionSource.API,
+    help_text="Where the version was made (shown in its history).",
+)
+
+
+class ConfigCreateSerializer(serializers.Serializer[dict[str, Any]]):
+    name = serializers.CharField(max_length=200)
+    description = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
+    spec = SpecField(help_text="A spec (see GET /api/specs/schema); omitted fields take their defaults.")
+    note = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
+    source = SOURCE  # type: ignore[assignment]  # a declared field: DRF pops it from the class
+
+
+class ConfigUpdateSerializer(serializers.Serializer[dict[str, Any]]):
+    """Metadata changes keep the versions; a ``spec`` makes a new version (every save is a version)."""
+
+    name = serializers.CharField(max_length=200, required=False)
+    description = serializers.CharField(max_length=5000, required=False, allow_blank=True)
+    spec = SpecField(required=False)
+    note = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
+
+
+class VersionCreateSerializer(serializers.Serializer[dict[str, Any]]):
+    spec = SpecField()
+    note = serializers.CharField(max_length=300, required=False, allow_blank=True, default="")
+    source = SOURCE  # type: ignore[assignment]  # a declared field: DRF pops it from the class
+
+
+class FieldChangeSerializer(serializers.Serializer[dict[str, Any]]):
+    path = serializers.CharField()
+    before = serializers.JSONField(allow_null=True)
+    after = serializers.JSONField(allow_null=True)
+
+
+class DiffSerializer(serializers.Serializer[dict[str, Any]]):
+    a = serializers.IntegerField()
+    b = serializers.IntegerField()
+    changes = FieldChangeSerializer(many=True)
+
+
+class SpecRequestSerializer(serializers.Serializer[dict[str, Any]]):
+    spec = serializers.JSONField(help_text="The spec to check (any JSON: errors are reported, not raised).")
+    hardware = serializers.ChoiceField(choices=list(PROFILES), required=False, help_text="Profile for advice.")
+    num_gpus = serializers.IntegerField(min_value=1, max_value=64, default=1)
+
+
+class PathErrorSerializer(serializers.Serializer[dict[str, Any]]):
+    path = serializers.CharField(help_text="Dotted field path, e.g. model.moe.top_k ('' for the whole spec).")
+    message = serializers.CharField()
+
+
+class AdviceSerializer(serializers.Serializer[dict[str, Any]]):
+    code = serializers.CharField()
+    severity = serializers.ChoiceField(choices=["warning", "info"])
+    path = serializers.CharField()
+    message = serializers.CharField(help_text="What is wrong and why.")
+    fix = serializers.CharField(help_text="What to change.")
+    patch = serializers.DictField(help_text="Dotted path -> suggested value, when one value fixes it.")
+
+
+class EstimateRequestSerializer(serializers.Serializer[dict[str, Any]]):
+    spec = SpecField()
+    hardware = serializers.ChoiceField(choices=list(PROFILES), default="cpu")
+    num_gpus = serializers.IntegerField(min_value=1, max_value=64, default=1)
+    parallelism = serializers.ChoiceField(
+        choices=["ddp", "expert"],
+        default="ddp",
+        help_text="ddp: every GPU holds every expert; expert: routed experts sharded over the GPUs.",
+    )
+    dataset_tokens = serializers.IntegerField(
+        min_value=1, required=False, allow_null=True, help_text="Tokens in the training data, for data advice."
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        profile = PROFILES[attrs["hardware"]]
+        if attrs["num_gpus"] > profile.max_devices:
+            raise serializers.ValidationError({"num_gpus": [f"{profile.name} allows at most {profile.max_devices}"]})
+        return attrs
+
+
+class EstimateResponseSerializer(serializers.Serializer[dict[str, Any]]):
+    estimate = serializers.DictField(
+        help_text="parameters, flops, memory (bytes by component, peak, worst case), memory_table, time, risk "
+        "(level fits/tight/will_not_fit, fixes), data"
+    )
+    warnings = AdviceSerializer(many=True)
+
+
+class TemplateSerializer(serializers.Serializer[dict[str, Any]]):
+    name = serializers.CharField()
+    title = serializers.CharField()
+    description = serializers.CharField()
+    task = serializers.ChoiceField(choices=["generation", "classification"])
+    hardware = serializers.CharField()
+    num_gpus = serializers.IntegerField()
+    dataset = serializers.CharField(allow_null=True)
+    spec = serializers.JSONField()
+
+
+class HardwareSerializer(serializers.Serializer[dict[str, Any]]):
+    key = serializers.CharField()
+    name = serializers.CharField()
+    kind = serializers.CharField()
+    memory_bytes = serializers.IntegerField()
+    bandwidth_bytes_per_s = serializers.FloatField()
+    peak_flops = serializers.DictField()
+    efficiency = serializers.FloatField()
+    max_devices = serializers.IntegerField()
+    calibration_factor = serializers.FloatField(help_text="Measured / predicted step time (1.0: uncalibrated).")
+
+
+class CalibrationSerializer(serializers.ModelSerializer[HardwareCalibration]):
+    class Meta:
+        model = HardwareCalibration
+        fields = [
+            "id", "state", "steps", "hardware", "device_name", "measured_step_seconds", "predicted_step_seconds",
+            "factor", "error", "created_at", "finished_at", "spec",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class CalibrationCreateSerializer(serializers.Serializer[dict[str, Any]]):
+    spec = SpecField(required=False, help_text="The spec to time; default: the tiny CPU demo template.")
+    steps = serializers.IntegerField(min_value=1, max_value=50, default=5)

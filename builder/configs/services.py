@@ -1,0 +1,128 @@
+"""What the configs API and pages share: validation with field paths, saving versions, estimates with advice.
+
+Every spec that is stored went through ``workers.engine.spec.load_spec`` and is stored complete (defaults
+filled in). Every lookup of a config goes through ``visible_configs(user)``: a config is its owner's alone, and
+anything else is answered as if it did not exist (404, never 403).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
+from pydantic import ValidationError
+
+from builder.configs.models import CalibrationState, Config, ConfigVersion, HardwareCalibration
+from workers.engine.estimate import estimate
+from workers.engine.hardware import PROFILES, HardwareProfile
+from workers.engine.lint import lint, lint_raw
+from workers.engine.spec import Spec, load_spec, spec_errors
+
+# How many recent calibrations of a profile the applied factor is the median of.
+CALIBRATION_WINDOW = 5
+
+
+class SpecInvalid(Exception):
+    """A spec failed validation; ``errors`` are ``[{"path": "model.moe.top_k", "message": ...}]``."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{e['path']}: {e['message']}" for e in errors))
+        self.errors = errors
+
+
+class NameTaken(Exception):
+    pass
+
+
+def parse_spec(raw: Any) -> Spec:
+    """Validate ``raw`` (a JSON object) into a ``Spec`` or raise ``SpecInvalid`` naming each field."""
+    if not isinstance(raw, dict):
+        raise SpecInvalid([{"path": "", "message": "a spec must be a JSON object"}])
+    try:
+        return load_spec(raw)
+    except ValidationError as exc:
+        raise SpecInvalid(spec_errors(exc)) from None
+
+
+def stored_spec(spec: Spec) -> dict[str, Any]:
+    """The form a spec is stored and compared in: complete, JSON types."""
+    return spec.model_dump(mode="json")
+
+
+def visible_configs(user: Any) -> QuerySet[Config]:
+    """The configs ``user`` (a request's user, maybe anonymous) may see and change: their own."""
+    if not user.is_authenticated:
+        return Config.objects.none()
+    return Config.objects.filter(owner=user)
+
+
+def create_config(owner: Any, name: str, description: str, spec: Spec, *, source: str, note: str = "") -> Config:
+    """A new config with ``spec`` as version 1. ``NameTaken`` when the owner already has that name."""
+    try:
+        with transaction.atomic():
+            config = Config.objects.create(owner=owner, name=name, description=description)
+            ConfigVersion.objects.create(config=config, number=1, spec=stored_spec(spec), source=source, note=note)
+    except IntegrityError:
+        raise NameTaken(name) from None
+    return config
+
+
+def save_version(config: Config, spec: Spec, *, source: str, note: str = "") -> ConfigVersion:
+    """Append a version (number = last + 1). The config row is locked so concurrent saves queue up
+    (PostgreSQL); SQLite serialises writers anyway, and the unique (config, number) guards both."""
+    with transaction.atomic():
+        Config.objects.select_for_update().filter(pk=config.pk).first()
+        last = config.versions.order_by("-number").values_list("number", flat=True).first() or 0
+        version = ConfigVersion.objects.create(
+            config=config, number=last + 1, spec=stored_spec(spec), source=source, note=note
+        )
+        Config.objects.filter(pk=config.pk).update(updated_at=version.created_at)
+    return version
+
+
+def calibration_factor(hardware: str) -> float:
+    """Median measured/predicted step-time factor of the profile's last ``CALIBRATION_WINDOW`` successful
+    calibrations (everyone's: it describes the hardware), 1.0 when none."""
+    rows = (
+        HardwareCalibration.objects.filter(hardware=hardware, state=CalibrationState.SUCCEEDED, factor__isnull=False)
+        .order_by("-finished_at", "-id")
+        .values_list("factor", flat=True)[:CALIBRATION_WINDOW]
+    )
+    factors = [f for f in rows if f is not None]
+    return float(statistics.median(factors)) if factors else 1.0
+
+
+def calibration_factors() -> dict[str, float]:
+    return {key: calibration_factor(key) for key in PROFILES}
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    hardware: HardwareProfile
+    num_gpus: int = 1
+    parallelism: str = "ddp"
+    dataset_tokens: int | None = None
+
+
+def estimate_with_advice(spec: Spec, request: EstimateRequest) -> dict[str, Any]:
+    """The estimate (calibrated for the hardware) and the lint advice, as one JSON-able dict."""
+    result = estimate(
+        spec,
+        request.hardware,
+        num_gpus=request.num_gpus,
+        parallelism="expert" if request.parallelism == "expert" else "ddp",
+        calibration=calibration_factor(request.hardware.key),
+        dataset_tokens=request.dataset_tokens,
+    )
+    advice = lint(spec, hardware=request.hardware, num_gpus=request.num_gpus, dataset_tokens=request.dataset_tokens)
+    return {"estimate": result.as_dict(), "warnings": [a.as_dict() for a in advice]}
+
+
+def advice_for_raw(raw: Any, hardware: HardwareProfile | None = None, num_gpus: int = 1) -> list[dict[str, Any]]:
+    """Lint advice for a spec that may not validate (cross-field mistakes still get their fix)."""
+    if not isinstance(raw, dict):
+        return []
+    return [a.as_dict() for a in lint_raw(raw, hardware=hardware, num_gpus=num_gpus)]

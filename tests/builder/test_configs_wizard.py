@@ -1,0 +1,221 @@
+"""The wizard: a valid spec for every combination of answers, reasons for every choice, and its pages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from builder.configs.forms import TWEAKS
+from builder.configs.models import Config
+from builder.configs.wizard import DATA_SIZES, GPU_COUNTS, HOURS_CHOICES, Answers, estimate_proposal, propose
+from workers.engine.hardware import PROFILES
+from workers.engine.lint import lint
+from workers.engine.spec import load_spec
+
+# Fields the wizard decides; each must carry a reason on every proposal.
+DECIDED = (
+    "model.task", "model.num_layers", "model.hidden_size", "model.num_heads", "model.activation",
+    "model.moe.num_routed_experts", "model.moe.top_k", "model.moe.num_shared_experts", "model.moe.expert_hidden_size",
+    "model.moe.balancing", "model.vocab_size", "model.dropout", "data.seq_len", "training.batch_size",
+    "training.grad_accum_steps", "training.precision", "training.gradient_checkpointing", "training.max_steps",
+    "training.optimizer.lr", "training.optimizer.weight_decay", "training.schedule.warmup_steps",
+    "training.schedule.kind", "training.grad_clip",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("task", "data_size", "hardware", "priority"),
+    list(itertools.product(("generation", "classification"), DATA_SIZES, PROFILES, ("speed", "quality"))),
+)
+def test_every_combination_of_answers_gives_a_valid_spec(
+    task: str, data_size: str, hardware: str, priority: str
+) -> None:
+    """For each task × data × hardware × priority, every GPU count the hardware allows and every budget."""
+    profile = PROFILES[hardware]
+    for gpus, hours in itertools.product(GPU_COUNTS, HOURS_CHOICES):
+        if gpus > profile.max_devices:
+            continue
+        answers = Answers(task, data_size, hardware, gpus, hours, priority, num_labels=7)  # type: ignore[arg-type]
+        proposal = propose(answers)
+        spec = load_spec(proposal.spec.model_dump(mode="json"))  # valid, and stable through JSON
+        where = f"{answers}"
+        assert spec.model.task == ("classification" if task == "classification" else "causal_lm"), where
+        assert spec.model.num_labels == (7 if task == "classification" else None), where
+        for path in DECIDED:
+            assert proposal.reasons.get(path), f"{where}: no reason for {path}"
+        if task == "classification":
+            assert spec.training.label_smoothing == 0.1 and proposal.reasons["training.label_smoothing"], where
+        # Rules of thumb the wizard promises.
+        assert spec.model.hidden_size % spec.model.num_heads == 0 and spec.model.head_dim % 8 == 0, where
+        assert spec.model.activation == "swiglu" and spec.training.schedule.kind == "cosine", where
+        assert 0 < spec.training.schedule.warmup_steps <= max(10, spec.training.max_steps // 10), where
+        assert spec.model.moe.num_routed_experts % gpus == 0, where
+        assert profile.supports(spec.training.precision), where
+        if profile.kind == "gpu":
+            assert spec.training.precision in ("bf16", "fp16"), where
+        # It fits the hardware, and lint has nothing to warn about unless a note says why.
+        est = estimate_proposal(proposal)
+        assert est.risk.level == "fits", f"{where}: {est.risk.message}"
+        warnings = [
+            a.code
+            for a in lint(spec, hardware=profile, num_gpus=gpus, dataset_tokens=answers.dataset_tokens)
+            if a.severity == "warning"
+        ]
+        explained = {"overfit_risk"} if any("overfitting" in n for n in proposal.notes) else set()
+        assert set(warnings) <= explained, f"{where}: {warnings}"
+
+
+def test_depth_follows_the_amount_of_data_when_the_budget_allows() -> None:
+    def layers(data_size: str, priority: str) -> int:
+        answers = Answers("generation", data_size, "h100-80gb", 8, 168, priority)  # type: ignore[arg-type]
+        return propose(answers).spec.model.num_layers
+
+    assert 6 <= layers("small", "speed") <= 12 and 6 <= layers("small", "quality") <= 12
+    assert 12 <= layers("medium", "quality") <= 24
+    assert 24 <= layers("large", "speed") <= 36 and 24 <= layers("huge", "quality") <= 36
+    # A small budget on a CPU cuts the model below the data's range, and says so.
+    tight = propose(Answers("generation", "small", "cpu", 1, 0.25, "quality"))
+    assert tight.spec.model.num_layers < 6
+    assert any("6–12 layers" in n for n in tight.notes)
+
+
+def test_memory_pressure_turns_on_checkpointing_with_its_reason() -> None:
+    proposal = propose(Answers("generation", "huge", "h100-80gb", 8, 72, "quality"))
+    assert proposal.spec.training.gradient_checkpointing
+    assert "Memory is tight" in proposal.reasons["training.batch_size"]
+    assert proposal.reasons["training.gradient_checkpointing"].startswith("On:")
+
+
+def test_answers_are_checked() -> None:
+    with pytest.raises(ValueError, match="num_gpus"):
+        Answers("generation", "tiny", "cpu", 2, 1, "speed")
+    with pytest.raises(ValueError, match="data_size"):
+        Answers("generation", "enormous", "cpu", 1, 1, "speed")
+
+
+# -- pages ---------------------------------------------------------------------------------------------------
+
+ANSWERS = {
+    "task": "generation",
+    "num_labels": "2",
+    "data_size": "tiny",
+    "hardware": "cpu",
+    "num_gpus": "1",
+    "hours": "0.25",
+    "priority": "quality",
+}
+
+
+def signed_in(user: Any) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.mark.django_db
+def test_wizard_steps_propose_tweak_and_save(alice: Any) -> None:
+    client = signed_in(alice)
+    assert b'data-testid="wizard-step-1"' in client.get("/configure/wizard/").content
+    # A step without its answer stays on that step, naming the field.
+    response = client.post("/configure/wizard/", {"step": "1"})
+    assert response.status_code == 400 and b'data-testid="error-task"' in response.content
+    # Classification needs the number of classes.
+    response = client.post("/configure/wizard/", {"step": "1", "task": "classification", "num_labels": ""})
+    assert response.status_code == 400 and b"num_labels: give the number of classes" in response.content
+    data: dict[str, str] = {}
+    for step, fields in enumerate((("task", "num_labels"), ("data_size",), ("hardware", "num_gpus", "hours"))):
+        data.update({k: ANSWERS[k] for k in fields})
+        response = client.post("/configure/wizard/", {**data, "step": str(step + 1)}, HTTP_HX_REQUEST="true")
+        assert response.status_code == 200, response.content[:500]
+        assert f'data-testid="wizard-step-{step + 2}"'.encode() in response.content
+    data["priority"] = ANSWERS["priority"]
+    response = client.post("/configure/wizard/", {**data, "step": "4"})
+    html = response.content.decode()
+    assert 'data-testid="proposal"' in html and 'data-testid="estimate"' in html
+    assert html.count('data-testid="reason"') == len(TWEAKS)
+    # Going back keeps the answers.
+    back = client.post("/configure/wizard/", {**data, "step": "5", "back": "1"}).content.decode()
+    assert 'data-testid="wizard-step-4"' in back and 'value="tiny"' in back
+
+    # Tweaks: a bad value is named with its path; a good one updates the estimate.
+    tweaks = {"tweaks": "1", "tweak:model.num_heads": "3", "tweak:model.num_layers": "2"}
+    bad = client.post("/configure/wizard/estimate/", {**data, **tweaks}).content.decode()
+    assert "model.num_heads" in bad and "must divide hidden_size" in bad and 'data-testid="proposal-invalid"' in bad
+    unreadable = {**data, **tweaks, "tweak:model.num_heads": "4", "tweak:training.batch_size": "x"}
+    good = client.post("/configure/wizard/estimate/", unreadable).content.decode()
+    assert "training.batch_size: a whole number" in good
+    ok = client.post("/configure/wizard/estimate/", {**data, **tweaks, "tweak:model.num_heads": "8"}).content.decode()
+    assert 'data-testid="estimate"' in ok
+
+    # Save: the tweaked spec becomes version 1 of a new config.
+    saved = client.post(
+        "/configure/wizard/save/",
+        {**data, **tweaks, "tweak:model.num_heads": "8", "name": "from the wizard", "description": "d"},
+    )
+    assert saved.status_code == 302
+    config = Config.objects.get(owner=alice, name="from the wizard")
+    version = config.latest
+    assert version.source == "wizard" and version.spec["model"]["num_heads"] == 8
+    assert load_spec(version.spec).model.num_layers == 2
+    assert saved["Location"] == f"/configure/{config.pk}/"
+    # The same name again is refused on the name field.
+    again = client.post("/configure/wizard/save/", {**data, "name": "from the wizard"})
+    assert again.status_code == 400 and b'data-testid="error-name"' in again.content
+
+
+@pytest.mark.django_db
+def test_config_pages_diff_compare_and_the_outsider(alice: Any, charlie: Any) -> None:
+    client = signed_in(alice)
+    client.post("/configure/wizard/save/", {**ANSWERS, "name": "mine"})
+    config = Config.objects.get(owner=alice, name="mine")
+    spec = dict(config.latest.spec)
+    from builder.configs.services import parse_spec, save_version
+
+    changed = json.loads(json.dumps(spec))
+    changed["training"]["max_steps"] += 10
+    save_version(config, parse_spec(changed), source="editor", note="longer")
+    page = client.get(f"/configure/{config.pk}/?a=1&b=2&hw=t4").content.decode()
+    assert 'data-testid="diff"' in page and "training.max_steps" in page and "NVIDIA T4" in page
+    assert client.get(f"/configure/{config.pk}/?a=1&b=7").status_code == 400
+    sharded = client.get(f"/configure/{config.pk}/?hw=a100-80gb&gpus=4&par=expert").content.decode()
+    assert "Worst case under expert imbalance" in sharded
+    assert client.get(f"/configure/{config.pk}/?hw=cpu&gpus=4").status_code == 400  # one CPU
+    assert client.get(f"/configure/{config.pk}/edit/").status_code == 200
+    editor = client.get("/configure/editor/?template=moe-1b").content.decode()
+    assert 'id="editor-boot"' in editor and "50265" in editor
+    assert client.get("/configure/editor/?template=nope").status_code == 404
+
+    compare = client.get(f"/configure/compare/?c=config:{config.pk}&c=template:small-moe&hw=cpu")
+    html = compare.content.decode()
+    assert compare.status_code == 200
+    assert html.count('data-testid="memory-bar"') == 2 and 'class="differs"' in html
+    inline = json.dumps({**spec, "training": {**spec["training"], "batch_size": 1}})
+    edited = client.post(
+        "/configure/compare/",
+        {"c": [f"config:{config.pk}", "template:tiny-cpu-demo"], "hw": "cpu", "gpus": "1", "inline_0": inline},
+    ).content.decode()
+    assert "(edited)" in edited
+    broken = client.post(
+        "/configure/compare/", {"c": [f"config:{config.pk}", "template:tiny-cpu-demo"], "inline_1": "{"}
+    )
+    assert broken.status_code == 400 and b"inline_1" in broken.content
+    assert client.get("/configure/compare/?c=template:small-moe").status_code == 400  # one is not a comparison
+
+    panel = client.post("/configure/estimate/", {"spec": json.dumps(spec), "hw": "a10", "gpus": "1"})
+    assert panel.status_code == 200 and b'data-testid="memory-bar"' in panel.content
+    bad_panel = client.post("/configure/estimate/", {"spec": '{"model": {"num_layers": 0}}', "hw": "a10"})
+    assert bad_panel.status_code == 400 and b"model.num_layers" in bad_panel.content
+
+    outsider = signed_in(charlie)
+    for url in (f"/configure/{config.pk}/", f"/configure/{config.pk}/edit/"):
+        assert outsider.get(url).status_code == 404
+    assert outsider.get(f"/configure/compare/?c=config:{config.pk}&c=template:small-moe").status_code == 404
+    assert outsider.post(f"/configure/{config.pk}/delete/").status_code == 404
+    assert b"mine" not in outsider.get("/configure/").content
+    assert Config.objects.filter(pk=config.pk).exists()
+    assert client.post(f"/configure/{config.pk}/delete/").status_code == 302
+    assert not Config.objects.filter(pk=config.pk).exists()

@@ -1,0 +1,209 @@
+"""Configure in Chromium through the real ASGI server: the wizard end to end, the JSON editor marking a bad
+value and saving a good one, and the comparison with its differences and memory bars (screenshots saved)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder.configs.models import Config
+from builder.configs.presets import PRESETS
+from builder.configs.services import create_config
+from tests.services import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def sign_in(page: Any, stack: Stack, user: Any) -> None:
+    page.goto(f"{stack.base_url}/accounts/login/")
+    page.fill("#id_username", user.username)
+    page.fill("#id_password", user.raw_password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{stack.base_url}/")
+
+
+def test_wizard_end_to_end(stack: Stack, page: Any, alice: Any, artifacts: Path) -> None:
+    sign_in(page, stack, alice)
+    page.click("nav.nav >> text=Configure")
+    page.click("[data-testid=start-wizard]")
+    page.check("input[name=task][value=generation]")
+    page.click("[data-testid=next]")
+    page.wait_for_selector("[data-testid=wizard-step-2]")
+    page.check("input[name=data_size][value=tiny]")
+    page.click("[data-testid=next]")
+    page.wait_for_selector("[data-testid=wizard-step-3]")
+    page.select_option("select[name=hardware]", "cpu")
+    page.select_option("select[name=hours]", "0.25")
+    page.click("[data-testid=next]")
+    page.wait_for_selector("[data-testid=wizard-step-4]")
+    page.check("input[name=priority][value=quality]")
+    page.click("[data-testid=next]")
+    page.wait_for_selector("[data-testid=proposal]")
+    reasons = page.locator("[data-testid=reason]").all_inner_texts()
+    assert all(reasons) and any("layers" in r for r in reasons)
+    assert page.locator("[data-testid=oom-risk]").first.inner_text().lower() == "fits"
+    page.screenshot(path=str(artifacts / "configure-wizard-proposal.png"), full_page=True)
+
+    # Tweak: one more layer; the estimate follows (htmx swaps the panel).
+    before = page.locator("[data-testid=params-total]").inner_text()
+    layers = page.locator("[data-path='model.num_layers'] input")
+    layers.fill(str(int(layers.input_value()) + 2))
+    layers.dispatch_event("change")
+    page.wait_for_function(
+        "b => document.querySelector('[data-testid=params-total]').textContent !== b", arg=before, timeout=15000
+    )
+    # A bad tweak is named at its field; fixing it brings the estimate back.
+    heads = page.locator("[data-path='model.num_heads'] input")
+    proposed_heads = heads.input_value()
+    heads.fill("3")
+    heads.dispatch_event("change")
+    page.wait_for_selector("[data-testid=proposal-invalid]")
+    error = page.locator("[data-path='model.num_heads'] .error")
+    assert error.is_visible() and error.inner_text().startswith("model.num_heads: num_heads (3) must divide")
+    page.screenshot(path=str(artifacts / "configure-wizard-bad-tweak.png"), full_page=False)
+    heads.fill(proposed_heads)
+    heads.dispatch_event("change")
+    page.wait_for_selector("#proposal-estimate [data-testid=estimate]")
+
+    page.fill("#id_name", "wizard e2e")
+    page.click("[data-testid=save-proposal]")
+    page.wait_for_selector("[data-testid=config-name]")
+    assert page.locator("[data-testid=config-name]").inner_text() == "wizard e2e"
+    page.screenshot(path=str(artifacts / "configure-saved.png"), full_page=True)
+    config = Config.objects.get(owner=alice, name="wizard e2e")
+    assert config.latest.source == "wizard"
+
+
+def _set_doc(page: Any, text: str) -> None:
+    page.evaluate(
+        "t => window.specEditor.dispatch({changes: {from: 0, to: window.specEditor.state.doc.length, insert: t}})",
+        text,
+    )
+
+
+def test_json_editor_marks_a_bad_value_and_saves_a_good_one(
+    stack: Stack, page: Any, alice: Any, artifacts: Path, tmp_path: Path
+) -> None:
+    sign_in(page, stack, alice)
+    page.goto(f"{stack.base_url}/configure/editor/?template=tiny-cpu-demo")
+    page.wait_for_selector("[data-testid=editor-status][data-valid=true]", timeout=20000)
+    page.wait_for_selector("#editor-estimate [data-testid=estimate]", timeout=20000)
+
+    spec = PRESETS["tiny-cpu-demo"].as_dict()["spec"]
+    # A value outside the schema's bounds: marked at its line, listed with its field.
+    bad = json.loads(json.dumps(spec))
+    bad["model"]["num_layers"] = 0
+    text = json.dumps(bad, indent=2)
+    _set_doc(page, text)
+    page.wait_for_selector("[data-testid=editor-status][data-valid=false]")
+    problem = page.locator("[data-testid=editor-problems] li").first
+    expected_line = next(i for i, line in enumerate(text.splitlines(), 1) if '"num_layers"' in line)
+    assert problem.get_attribute("data-line") == str(expected_line)
+    assert "num_layers" in problem.inner_text()
+    assert page.locator(".cm-lint-marker-error").count() >= 1
+    page.screenshot(path=str(artifacts / "configure-editor-bad-value.png"), full_page=True)
+
+    # A cross-field mistake the JSON Schema cannot see: the server's rule, at the line of top_k.
+    cross = json.loads(json.dumps(spec))
+    cross["model"]["moe"]["top_k"] = 6  # more than the 4 routed experts
+    text = json.dumps(cross, indent=2)
+    _set_doc(page, text)
+    page.wait_for_selector("[data-testid=editor-problems] li:has-text('model.moe.top_k')", timeout=15000)
+    top_k_line = next(i for i, line in enumerate(text.splitlines(), 1) if '"top_k"' in line)
+    assert page.locator("[data-testid=editor-problems] li").first.get_attribute("data-line") == str(top_k_line)
+    # The advice says what to change.
+    assert "top_k" in page.locator("[data-testid=editor-advice]").inner_text()
+
+    # Completion of keys and enum values, description on hover.
+    _set_doc(page, json.dumps({"training": {"precision": ""}}, indent=2))
+    page.locator(".cm-content").click()
+    page.evaluate(
+        "() => { const v = window.specEditor; const at = v.state.doc.toString().indexOf('\"\"') + 1;"
+        " v.dispatch({selection: {anchor: at}}); v.focus(); }"
+    )
+    page.keyboard.press("Control+Space")
+    page.wait_for_selector(".cm-tooltip-autocomplete li", timeout=10000)
+    options = page.locator(".cm-tooltip-autocomplete li").all_inner_texts()
+    assert any("bf16" in o for o in options), options
+    page.keyboard.press("Escape")
+    at = page.evaluate(
+        "() => { const v = window.specEditor; const c = v.coordsAtPos(v.state.doc.toString().indexOf('precision') + 3);"
+        " return {x: c.left, y: (c.top + c.bottom) / 2}; }"
+    )
+    for dx in (0, 3, 6):  # a few real mouse moves: CodeMirror's hover waits for the pointer to rest
+        page.mouse.move(at["x"] + dx, at["y"])
+        page.wait_for_timeout(150)
+    page.wait_for_selector(".cm-tooltip-hover", timeout=10000)
+    page.screenshot(path=str(artifacts / "configure-editor-hover.png"))
+    assert "Autocast precision" in page.locator(".cm-tooltip-hover").inner_text()
+
+    # Upload a file, format it, download it back.
+    good = json.loads(json.dumps(spec))
+    good["training"]["max_steps"] = 123
+    upload = tmp_path / "good.json"
+    upload.write_text(json.dumps(good))  # one line: Format spreads it out
+    page.set_input_files("[data-testid=editor-upload]", str(upload))
+    page.click("[data-testid=editor-format]")
+    assert page.evaluate("() => window.specEditor.state.doc.lines") > 20
+    page.wait_for_selector("[data-testid=editor-status][data-valid=true]", timeout=15000)
+    with page.expect_download() as download:
+        page.click("[data-testid=editor-download]")
+    assert json.loads(Path(download.value.path()).read_text()) == good
+
+    page.fill("[data-testid=editor-name]", "edited in json")
+    page.screenshot(path=str(artifacts / "configure-editor-valid.png"), full_page=True)
+    page.click("[data-testid=editor-save]")
+    page.wait_for_selector("[data-testid=config-name]")
+    config = Config.objects.get(owner=alice, name="edited in json")
+    assert config.latest.spec["training"]["max_steps"] == 123 and config.latest.source == "editor"
+
+    # A new version through the editor; the server's own check refuses a bad one and names the field.
+    page.click("[data-testid=edit-json]")
+    page.wait_for_selector("[data-testid=editor-status][data-valid=true]", timeout=20000)
+    page.evaluate("() => document.querySelector('[data-testid=editor-save]').click()")
+    page.wait_for_selector("[data-testid=config-name]")
+    assert config.versions.count() == 2
+
+
+def test_comparison_shows_differences_and_memory_bars(stack: Stack, page: Any, alice: Any, artifacts: Path) -> None:
+    config = create_config(alice, "my small MoE", "", PRESETS["tiny-cpu-demo"].spec, source="template")
+    sign_in(page, stack, alice)
+    page.goto(
+        f"{stack.base_url}/configure/compare/?c=config:{config.pk}&c=template:small-moe&c=template:moe-1b&hw=a100-80gb"
+    )
+    titles = page.locator("[data-testid=column-title]").all_text_contents()
+    assert titles == ["my small MoE v1", "Template: Small MoE generator", "Template: 1B-class MoE"]
+    bars = page.locator("[data-testid=compare-table] [data-testid=memory-bar]")
+    assert bars.count() == 3
+    # Bars share one scale: the 1B model's weights segment is the widest.
+    widths = [bars.nth(i).locator(".seg.weights").evaluate("e => e.getBoundingClientRect().width") for i in range(3)]
+    assert widths[2] > widths[1] > widths[0] >= 0
+    differing = page.locator("[data-testid=fields-table] tr.differs")
+    assert differing.count() > 10
+    assert page.locator("[data-testid=fields-table] tr.differs[data-path='model.num_layers']").count() == 1
+    assert page.locator("[data-testid=fields-table] tr.same").count() > 0
+    risks = page.locator("[data-testid=compare-table] [data-testid=oom-risk]").all_inner_texts()
+    assert len(risks) == 3
+    launch = page.locator("[data-testid=compare-table] [data-testid=launch]")
+    assert launch.count() == 3
+    # The saved configuration launches through the jobs app's form; templates must be saved first.
+    assert launch.nth(0).get_attribute("href") == f"/jobs/new/?config_version={config.latest.pk}"
+    assert launch.nth(1).is_disabled() and "Save it" in (launch.nth(1).get_attribute("title") or "")
+    page.screenshot(path=str(artifacts / "configure-compare.png"), full_page=True)
+    # Only the differences.
+    page.check("#only-diff")
+    assert page.locator("[data-testid=fields-table] tr.same").first.is_hidden()
+
+    # Edit a column inline and compare again: the change shows up as that column's.
+    page.locator("details:has([data-testid=inline-0]) summary").click()
+    inline = page.locator("[data-testid=inline-0]")
+    edited = json.loads(inline.input_value())
+    edited["model"]["num_layers"] = 3
+    inline.fill(json.dumps(edited, indent=2))
+    page.click("[data-testid=compare-submit]")
+    page.wait_for_selector("[data-testid=column-title]:has-text('(edited)')")
+    row = page.locator("[data-testid=fields-table] tr[data-path='model.num_layers'] td")
+    assert row.nth(1).inner_text() == "3"
