@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class DatasetsConfig(AppConfig):
+    """Datasets: chunked uploads, validation, cleaning into new versions, statistics, built-in demo corpora."""
+
+    name = "builder.datasets"
+    label = "datasets"
