@@ -1,0 +1,108 @@
+"""``/ws/jobs/<id>/``: the live view of a job.
+
+On connect (signed-in owner, or a user the job is shared with; the origin is checked in asgi.py) the consumer joins
+the job's group first, then sends the stored history up to sequence number H (with every stored event and the
+job's summary), then relays live messages, dropping any point with seq ≤ H and any event already sent. Channels
+handles one message at a time per consumer, so no live batch is handled while the history is being read: nothing
+is lost between the two and nothing is sent twice.
+
+Server messages: ``history`` (``seq``, ``series``, ``events``, ``job``), ``metrics`` (``seq_from``, ``seq_to``,
+``points``: ``[seq, step, name, value]``), ``event``, ``state``, ``truncate`` (``after_step``: drop later points),
+``resync`` (the answer below), ``error``. Every live message carries ``sent_at`` (Unix seconds at publication).
+
+Client messages: ``{"type": "resync", "after": <seq>}`` returns the exact points after ``seq`` (used when the
+client sees a gap). Anything else gets an ``error`` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from builder.jobs import history, lifecycle
+from builder.jobs.access import visible_jobs
+from builder.jobs.models import Job, JobEvent
+from builder.jobs.serializers import job_summary
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+RESYNC_LIMIT = 20000
+
+
+class JobConsumer(AsyncWebsocketConsumer):
+    job_id: int
+    seen_seq: int = 0
+    seen_event_seq: int = 0
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.job_id = int(self.scope["url_route"]["kwargs"]["job_id"])
+        job = await database_sync_to_async(lambda: visible_jobs(user).filter(pk=self.job_id).first())()
+        if job is None:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        assert self.channel_layer is not None
+        await self.channel_layer.group_add(lifecycle.group_name(self.job_id), self.channel_name)
+        await self.accept()
+        snapshot = await database_sync_to_async(self._snapshot)(job)
+        self.seen_seq = snapshot["seq"]
+        self.seen_event_seq = snapshot["events"][-1]["seq"] if snapshot["events"] else 0
+        await self._send({"type": "history", **snapshot})
+
+    def _snapshot(self, job: Job) -> dict[str, Any]:
+        data = history.history(job)
+        events = [lifecycle.event_payload(e) for e in JobEvent.objects.filter(job=job).order_by("seq")]
+        job.refresh_from_db()  # after the points: the summary is at least as new as the history
+        return {**data, "events": events, "job": job_summary(job)}
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "job_id") and self.channel_layer is not None:
+            await self.channel_layer.group_discard(lifecycle.group_name(self.job_id), self.channel_name)
+
+    async def job_message(self, event: dict[str, Any]) -> None:
+        message = event["message"]
+        if message["type"] == "metrics":
+            if message["seq_to"] <= self.seen_seq:
+                return  # already part of the history this client got
+            if message["seq_from"] <= self.seen_seq:
+                points = [p for p in message["points"] if p[0] > self.seen_seq]
+                message = {**message, "seq_from": points[0][0], "points": points}
+            self.seen_seq = message["seq_to"]
+        elif message["type"] == "event":
+            # An event stored between joining the group and reading the history is in both: send it once.
+            if message["event"]["seq"] <= self.seen_event_seq:
+                return
+            self.seen_event_seq = message["event"]["seq"]
+        await self._send(message)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        try:
+            message = json.loads(text_data or "")
+        except ValueError:
+            await self._error("", "messages must be JSON objects")
+            return
+        if not isinstance(message, dict):
+            await self._error("", "messages must be JSON objects")
+            return
+        if message.get("type") != "resync":
+            await self._error("type", "unknown message type; expected 'resync'")
+            return
+        after = message.get("after")
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            await self._error("after", "after must be a non-negative integer sequence number")
+            return
+        job = await database_sync_to_async(Job.objects.get)(pk=self.job_id)
+        points = await database_sync_to_async(history.points_after)(job, after, RESYNC_LIMIT)
+        await self._send({"type": "resync", "after": after, "points": points})
+
+    async def _error(self, field: str, text: str) -> None:
+        await self._send({"type": "error", "field": field, "message": text})
+
+    async def _send(self, content: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(content))

@@ -1,0 +1,86 @@
+"""The launch form: which saved configuration to train, on which dataset, on which queue."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from django import forms
+
+from builder.jobs.submit import (
+    QUEUES,
+    Submission,
+    SubmitRefused,
+    default_dataset,
+    visible_config_versions,
+    visible_ready_datasets,
+)
+
+
+class _VersionChoice(forms.ModelChoiceField):
+    def label_from_instance(self, obj: Any) -> str:
+        return _version_label(obj)
+
+
+class _DatasetChoice(forms.ModelChoiceField):
+    def label_from_instance(self, obj: Any) -> str:
+        origin = "built-in" if obj.is_builtin else "yours"
+        return f"{obj.name} ({origin}, {obj.format})"
+
+
+class LaunchForm(forms.Form):
+    """Built for one user: the choices are that user's saved configuration versions and the datasets they may
+    train on (their own and the built-in ones, ready). An id outside those is refused as an invalid choice."""
+
+    config_version = _VersionChoice(queryset=None, label="Configuration", empty_label=None)
+    dataset = _DatasetChoice(queryset=None, label="Dataset", empty_label=None)
+    queue = forms.ChoiceField(
+        choices=[("gpu", "gpu: a training worker (CUDA when present, else CPU)"), ("cpu", "cpu: the light-work queue")],
+        initial="gpu",
+    )
+    name = forms.CharField(max_length=200, required=False, help_text="Default: the configuration's name.")
+
+    def __init__(self, user: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+        config_field = self.fields["config_version"]
+        assert isinstance(config_field, forms.ModelChoiceField)
+        config_field.queryset = visible_config_versions(user)
+        dataset_field = self.fields["dataset"]
+        assert isinstance(dataset_field, forms.ModelChoiceField)
+        dataset_field.queryset = visible_ready_datasets(user).order_by("owner", "name")
+
+    @staticmethod
+    def initial_for(user: Any, query: Mapping[str, str]) -> dict[str, Any]:
+        """Initial values: the configuration named in the query (when it is the user's), the demo corpus."""
+        initial: dict[str, Any] = {"queue": "gpu"}
+        dataset = default_dataset(user)
+        if dataset is not None:
+            initial["dataset"] = dataset.pk
+        raw = query.get("config_version", "")
+        if raw.isdigit() and visible_config_versions(user).filter(pk=int(raw)).exists():
+            initial["config_version"] = int(raw)
+        return initial
+
+    def clean_queue(self) -> str:
+        queue = str(self.cleaned_data["queue"])
+        if queue not in QUEUES:
+            raise forms.ValidationError(f"choose one of {', '.join(QUEUES)}")
+        return queue
+
+    def submission(self) -> Submission:
+        data = self.cleaned_data
+        version = data["config_version"]
+        name = data["name"] or _version_label(version)
+        return Submission(name=name[:200], dataset=data["dataset"], queue=data["queue"], config_version=version)
+
+    def add_refusal(self, refusal: SubmitRefused) -> None:
+        """Show each of the service's errors next to its field (spec problems belong to the configuration)."""
+        for field, messages in refusal.errors.items():
+            target = {"spec": "config_version", "non_field_errors": None}.get(field, field)
+            for message in messages:
+                self.add_error(target if target in self.fields else None, message)
+
+
+def _version_label(version: Any) -> str:
+    return str(version)

@@ -1,0 +1,153 @@
+"""The jobs pages: the list, the live dashboard of one job, the overlay of several runs, and the launch form.
+
+Every page shows only jobs the signed-in user may see (``access.visible_jobs``); any other id is a 404. The
+dashboard is server-rendered around the job's summary; its charts are filled by ``frontend/src/jobs.js`` from the
+websocket (history, then live batches). Cancel and resume are the API's endpoints, POSTed by the page.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.db.models import OuterRef, Subquery
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods
+
+from builder.jobs import history
+from builder.jobs.access import can_control, get_visible_job, visible_jobs
+from builder.jobs.forms import LaunchForm
+from builder.jobs.models import ACTIVE_STATES, MetricPoint
+from builder.jobs.serializers import job_summary
+from builder.jobs.submit import SubmitRefused, submit_job
+
+LIST_LIMIT = 200
+# Metrics an overlay can plot (the ones that mean the same thing across runs), in menu order.
+OVERLAY_METRICS = (
+    ("loss", "Training loss"),
+    ("val_loss", "Validation loss"),
+    ("grad_norm", "Gradient norm"),
+    ("lr", "Learning rate"),
+    ("tokens_per_s", "Tokens/s"),
+    ("memory_bytes", "Memory"),
+    ("aux_loss", "Auxiliary loss"),
+    ("dropped_fraction", "Dropped tokens"),
+    ("val_accuracy", "Validation accuracy"),
+)
+MAX_OVERLAY_JOBS = 8
+
+
+@login_required
+def job_list(request: HttpRequest) -> HttpResponse:
+    latest_loss = MetricPoint.objects.filter(job=OuterRef("pk"), name="loss").order_by("-step").values("value")[:1]
+    latest_val = MetricPoint.objects.filter(job=OuterRef("pk"), name="val_loss").order_by("-step").values("value")[:1]
+    jobs = list(
+        visible_jobs(request.user)
+        .select_related("owner", "dataset")
+        .annotate(last_loss=Subquery(latest_loss), last_val_loss=Subquery(latest_val))[:LIST_LIMIT]
+    )
+    rows = [{"job": job, **job_summary(job)} for job in jobs]
+    active = sum(1 for job in jobs if job.owner_id == request.user.pk and job.state in ACTIVE_STATES)
+    limit = settings.JOBS_MAX_ACTIVE_PER_USER
+    return render(request, "jobs/list.html", {"rows": rows, "active": active, "limit": limit})
+
+
+@login_required
+def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = get_visible_job(request.user, job_id)
+    summary = job_summary(job)
+    dataset = job.dataset
+    # People the job is shared with may not see its owner's dataset: link it only where the link works.
+    dataset_visible = dataset is not None and (dataset.is_builtin or dataset.owner_id == request.user.pk)
+    return render(
+        request,
+        "jobs/detail.html",
+        {
+            "job": job,
+            "summary": summary,
+            "can_control": can_control(request.user, job),
+            "dataset_visible": dataset_visible,
+            "spec_json": json.dumps(job.spec, indent=2),
+            "dashboard": {
+                "job": summary,
+                "ws": f"/ws/jobs/{job.pk}/",
+                "api": f"/api/jobs/{job.pk}",
+                "can_control": can_control(request.user, job),
+            },
+        },
+    )
+
+
+@login_required
+def job_compare(request: HttpRequest) -> HttpResponse:
+    """``?ids=1&ids=2[&metric=loss]``: the same metric of 2 or more runs on one chart."""
+    raw_ids = request.GET.getlist("ids")
+    ids: list[int] = []
+    for raw in raw_ids:
+        try:
+            ids.append(int(raw))
+        except ValueError:
+            raise Http404("no such job") from None
+    ids = list(dict.fromkeys(ids))[:MAX_OVERLAY_JOBS]
+    jobs = {job.pk: job for job in visible_jobs(request.user).filter(pk__in=ids)}
+    if len(jobs) != len(ids):
+        raise Http404("no such job")  # one of them is not the user's: reveal nothing about which
+    ordered = [jobs[i] for i in ids]
+    metric = request.GET.get("metric") or "loss"
+    known = dict(OVERLAY_METRICS)
+    error = ""
+    if metric not in known:
+        error = f"metric: choose one of {', '.join(known)}"
+        metric = "loss"
+    if len(ordered) < 2:
+        error = error or "ids: select at least two jobs to overlay"
+    available = set(MetricPoint.objects.filter(job__in=ordered).values_list("name", flat=True).distinct())
+    runs = [
+        {
+            "id": job.pk,
+            "name": job.name,
+            "state": job.state,
+            "series": history.history(job, names=[metric])["series"].get(metric),
+        }
+        for job in ordered
+    ]
+    return render(
+        request,
+        "jobs/compare.html",
+        {
+            "jobs": ordered,
+            "metric": metric,
+            "metric_label": known[metric],
+            "metrics": [(name, label) for name, label in OVERLAY_METRICS if name in available or name == metric],
+            "runs": runs,
+            "overlay": {"metric": metric, "label": known[metric], "runs": runs},
+            "error": error,
+        },
+        status=200 if not error else 400,
+    )
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def job_launch(request: HttpRequest) -> HttpResponse:
+    """The launch form: a saved configuration version, a dataset (the built-in corpus by default) and a queue.
+
+    GET shows it (``?config_version=<id>`` preselects one); POST creates the job and redirects to its dashboard,
+    or shows the form again with each error next to its field.
+    """
+    if request.method == "POST":
+        form = LaunchForm(request.user, request.POST)
+        if form.is_valid():
+            try:
+                job = submit_job(request.user, form.submission())
+            except SubmitRefused as exc:
+                form.add_refusal(exc)
+            else:
+                return redirect("jobs:detail", job_id=job.pk)
+        status = 400
+    else:
+        form = LaunchForm(request.user, initial=LaunchForm.initial_for(request.user, request.GET))
+        status = 200
+    return render(request, "jobs/launch.html", {"form": form}, status=status)
