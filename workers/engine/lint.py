@@ -1,0 +1,531 @@
+"""Advice on a spec: MoE mistakes and the rules of thumb people rely on, each with its reason and the fix.
+
+Pure Python (the web tier calls it on every keystroke of the editor). ``lint(spec, ...)`` returns ``Advice``
+items: ``path`` names the field to change, ``message`` says what is wrong and why, ``fix`` says what to set,
+and ``patch`` (when one value fixes it) maps dotted paths to the suggested values so a page can apply it.
+
+A spec that breaks a cross-field rule of ``workers.engine.spec`` cannot be validated, yet people still need
+advice on it: ``lint_raw(raw)`` builds the spec from its separately validated sections (skipping only the
+cross-field rules) and lints that. The validation error still blocks saving; the advice says what to choose.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from workers.engine.estimate import parameter_breakdown
+from workers.engine.hardware import HardwareProfile
+from workers.engine.spec import DataSpec, ModelSpec, Spec, TrainingSpec, migrate
+
+Severity = Literal["warning", "info"]
+
+# Tokens of data per parameter below which a model memorises its data rather than generalising: "far too
+# few" (Chinchilla's compute-optimal figure is ~20; nanoGPT's 10M-parameter model on 1M characters of
+# Shakespeare, 0.1 per parameter, overfits within minutes).
+OVERFIT_TOKENS_PER_PARAMETER = 0.5
+# More passes than this over the same data and validation loss usually turns up (Muennighoff et al. 2023:
+# repeated data is nearly as good as new for ~4 epochs, then its value falls off quickly).
+MAX_USEFUL_EPOCHS = 16.0
+
+# Peak learning rates that worked for AdamW-trained transformers by non-embedding size (GPT-3 paper,
+# table 2.1; Chinchilla and Pythia sit on the same curve): (parameters, learning rate).
+_LR_BY_SIZE = (
+    (1.25e8, 6e-4),
+    (3.5e8, 3e-4),
+    (7.6e8, 2.5e-4),
+    (1.3e9, 2e-4),
+    (2.7e9, 1.6e-4),
+    (6.7e9, 1.2e-4),
+    (1.3e10, 1e-4),
+    (1.75e11, 6e-5),
+)
+# Small models tolerate larger rates, but 1e-2 is about the edge of stable AdamW training at any size.
+_LR_SMALL_MODEL_CAP = 3e-3
+
+
+@dataclass(frozen=True)
+class Advice:
+    code: str
+    severity: Severity
+    path: str
+    message: str
+    fix: str
+    patch: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def typical_learning_rate(non_embedding_parameters: int) -> float:
+    """The peak AdamW learning rate that models of this size were trained with (log-linear between the
+    table's sizes; capped for small models)."""
+    n = max(1, non_embedding_parameters)
+    if n <= _LR_BY_SIZE[0][0]:
+        # Below 125M the GPT-3 trend continues upward; cap it where small models stay stable.
+        slope = math.log(_LR_BY_SIZE[1][1] / _LR_BY_SIZE[0][1]) / math.log(_LR_BY_SIZE[1][0] / _LR_BY_SIZE[0][0])
+        return min(_LR_SMALL_MODEL_CAP, _LR_BY_SIZE[0][1] * (n / _LR_BY_SIZE[0][0]) ** slope)
+    for (n0, lr0), (n1, lr1) in itertools.pairwise(_LR_BY_SIZE):
+        if n <= n1:
+            frac = math.log(n / n0) / math.log(n1 / n0)
+            return math.exp(math.log(lr0) + frac * (math.log(lr1) - math.log(lr0)))
+    return _LR_BY_SIZE[-1][1]
+
+
+def _head_choices(hidden: int, current: int) -> list[int]:
+    """Head counts that divide ``hidden`` with a head dimension that is even and a multiple of 8, nearest to
+    ``current`` first."""
+    good = [h for h in range(1, min(hidden, 256) + 1) if hidden % h == 0 and (hidden // h) % 8 == 0]
+    return sorted(good, key=lambda h: (abs(h - current), h))[:3]
+
+
+def _heads_phrase(hidden: int, choices: list[int]) -> str:
+    """``"4 heads (head dimension 32), or 2 (64)"``: the counts to choose from with what each gives."""
+    first, *rest = choices
+    text = f"{first} heads (head dimension {hidden // first})"
+    return text + "".join(f", or {h} ({hidden // h})" for h in rest)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return ((value + multiple - 1) // multiple) * multiple
+
+
+def lint(
+    spec: Spec,
+    *,
+    hardware: HardwareProfile | None = None,
+    num_gpus: int = 1,
+    dataset_tokens: int | None = None,
+) -> list[Advice]:
+    """All advice for ``spec`` (warnings first). ``hardware``/``num_gpus`` enable the device checks and
+    ``dataset_tokens`` (tokens in the training data) the data-budget checks."""
+    m, moe, t, d = spec.model, spec.model.moe, spec.training, spec.data
+    out: list[Advice] = []
+
+    def add(
+        code: str, severity: Severity, path: str, message: str, fix: str, patch: dict[str, Any] | None = None
+    ) -> None:
+        out.append(Advice(code, severity, path, message, fix, patch or {}))
+
+    # -- shape ---------------------------------------------------------------------------------------------
+    choices = _head_choices(m.hidden_size, m.num_heads)
+    if m.hidden_size % m.num_heads:
+        add(
+            "heads_divide_hidden",
+            "warning",
+            "model.num_heads",
+            f"{m.num_heads} heads do not divide the hidden size {m.hidden_size}: every head must get the same "
+            "slice of the residual stream.",
+            f"Use {_heads_phrase(m.hidden_size, choices)}"
+            if choices
+            else f"Use a hidden size that is a multiple of 64, e.g. {_round_up(m.hidden_size, 64)}, "
+            f"with {max(1, _round_up(m.hidden_size, 64) // 64)} heads of 64.",
+            {"model.num_heads": choices[0]}
+            if choices
+            else {
+                "model.hidden_size": _round_up(m.hidden_size, 64),
+                "model.num_heads": max(1, _round_up(m.hidden_size, 64) // 64),
+            },
+        )
+    elif m.head_dim % 8:
+        add(
+            "head_dim_multiple_of_8",
+            "warning",
+            "model.num_heads",
+            f"The head dimension is {m.head_dim} ({m.hidden_size} / {m.num_heads}), not a multiple of 8: "
+            "attention kernels and tensor cores work on blocks of 8 (16 bytes in half precision) and fall back "
+            "to slower paths.",
+            f"Use {_heads_phrase(m.hidden_size, choices)}" if choices else "Use a hidden size divisible by 8.",
+            {"model.num_heads": choices[0]} if choices else None,
+        )
+    elif m.head_dim < 32 and m.hidden_size >= 256:
+        add(
+            "head_dim_small",
+            "info",
+            "model.num_heads",
+            f"Heads of dimension {m.head_dim} are small: below 32 each head's attention pattern gets noisy, and "
+            "attention time grows with the number of heads.",
+            "Use fewer, wider heads (64 or 128 dimensions is usual).",
+            {"model.num_heads": max(1, m.hidden_size // 64)} if m.hidden_size % 64 == 0 else None,
+        )
+    if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+        divisors = [h for h in range(1, m.num_heads + 1) if m.num_heads % h == 0]
+        nearest = min(divisors, key=lambda h: abs(h - m.num_kv_heads))  # type: ignore[operator]
+        add(
+            "kv_heads_divide_heads",
+            "warning",
+            "model.num_kv_heads",
+            f"{m.num_kv_heads} key/value heads do not divide {m.num_heads} query heads: grouped-query "
+            "attention shares each key/value head among the same number of query heads.",
+            f"Use {nearest} key/value heads (a divisor of num_heads), or null for one per query head.",
+            {"model.num_kv_heads": nearest},
+        )
+    if m.hidden_size % 64 and m.hidden_size >= 256:
+        add(
+            "hidden_multiple_of_64",
+            "info",
+            "model.hidden_size",
+            f"Hidden size {m.hidden_size} is not a multiple of 64: matrix kernels tile by 64 and waste the rest.",
+            f"Use {_round_up(m.hidden_size, 64)}.",
+            {"model.hidden_size": _round_up(m.hidden_size, 64)},
+        )
+    if m.task == "causal_lm" and m.vocab_size % 64 and m.vocab_size > 4096:
+        padded = _round_up(m.vocab_size, 64)
+        add(
+            "vocab_multiple_of_64",
+            "info",
+            "model.vocab_size",
+            f"A vocabulary of {m.vocab_size} is not a multiple of 64: the output projection, the largest matmul "
+            "of a small model, runs on ragged tiles (GPT-2's 50257 → 50304 was worth ~25% speed in nanoGPT).",
+            f"Pad it to {padded}; the extra ids are simply never produced by the tokenizer.",
+            {"model.vocab_size": padded},
+        )
+    if m.activation != "swiglu":
+        add(
+            "prefer_swiglu",
+            "info",
+            "model.activation",
+            f"{m.activation.upper()} feed-forwards train to a worse loss than SwiGLU at the same compute "
+            "(Shazeer 2020; used by LLaMA and DeepSeek).",
+            "Use swiglu (the expert width stays the same; SwiGLU adds a gate projection).",
+            {"model.activation": "swiglu"},
+        )
+
+    # -- mixture of experts --------------------------------------------------------------------------------
+    E, k = moe.num_routed_experts, moe.top_k
+    if k > E:
+        add(
+            "top_k_above_experts",
+            "warning",
+            "model.moe.top_k",
+            f"top_k ({k}) is larger than the number of routed experts ({E}): a token cannot go to more experts "
+            "than exist.",
+            f"Set top_k to at most {E} (2 is usual for 8 experts, 6-8 for 64).",
+            {"model.moe.top_k": min(E, 2)},
+        )
+    if moe.balancing == "none" and E >= 8:
+        add(
+            "balancing_off",
+            "warning",
+            "model.moe.balancing",
+            f"Load balancing is off with {E} experts: routers collapse onto a few experts early in training, "
+            "the others stop learning and the model behaves like a much smaller one.",
+            "Use aux_free (DeepSeek-V3's bias update: balances without a loss term) or aux_loss.",
+            {"model.moe.balancing": "aux_free"},
+        )
+    if moe.balancing == "aux_loss" and moe.aux_loss_coef == 0:
+        add(
+            "aux_loss_zero",
+            "warning",
+            "model.moe.aux_loss_coef",
+            "Balancing is aux_loss but its coefficient is 0: nothing balances the experts.",
+            "Set aux_loss_coef to 0.001-0.01, or use aux_free.",
+            {"model.moe.aux_loss_coef": 0.01},
+        )
+    if moe.balancing == "aux_loss" and moe.aux_loss_coef > 0.05:
+        add(
+            "aux_loss_high",
+            "warning",
+            "model.moe.aux_loss_coef",
+            f"An auxiliary loss coefficient of {moe.aux_loss_coef} makes balance compete with the language loss "
+            "and hurts quality (Switch uses 0.01, DeepSeek 0.001-0.003).",
+            "Lower it to 0.01, or switch to aux_free balancing.",
+            {"model.moe.aux_loss_coef": 0.01},
+        )
+    if moe.balancing == "aux_free" and moe.bias_update_speed == 0:
+        add(
+            "aux_free_frozen",
+            "warning",
+            "model.moe.bias_update_speed",
+            "aux_free balancing with a bias update speed of 0 never moves the bias: nothing balances.",
+            "Set bias_update_speed to 0.001 (DeepSeek-V3).",
+            {"model.moe.bias_update_speed": 0.001},
+        )
+    if E > 1 and k == E:
+        add(
+            "top_k_all_experts",
+            "info",
+            "model.moe.top_k",
+            f"Every token goes to all {E} experts: this is a dense model with a router's overhead.",
+            "Use a top_k well below the number of experts (e.g. 2 of 8), or a dense feed-forward.",
+            {"model.moe.top_k": max(1, E // 4)},
+        )
+    if moe.capacity_factor is not None and moe.capacity_factor < 1.0:
+        add(
+            "capacity_below_one",
+            "warning",
+            "model.moe.capacity_factor",
+            f"A capacity factor of {moe.capacity_factor} drops tokens even when routing is perfectly balanced.",
+            "Use 1.25-2.0, or null for no dropping.",
+            {"model.moe.capacity_factor": 1.25},
+        )
+    if E > 1 and m.num_moe_layers > 0:
+        tokens_per_expert = t.batch_size * d.seq_len * k / E
+        if tokens_per_expert < 16:
+            add(
+                "few_tokens_per_expert",
+                "info",
+                "training.batch_size",
+                f"Each expert sees about {tokens_per_expert:.1f} tokens per micro-batch: expert matmuls are tiny "
+                "and load statistics noisy.",
+                "Use a larger micro-batch or fewer experts.",
+            )
+    if num_gpus > 1 and E % num_gpus:
+        nearest = max(num_gpus, round(E / num_gpus) * num_gpus)
+        add(
+            "experts_not_divisible",
+            "warning",
+            "model.moe.num_routed_experts",
+            f"{E} routed experts cannot be spread evenly over {num_gpus} GPUs: with expert parallelism some GPUs "
+            "hold an extra expert and become the bottleneck of every step.",
+            f"Use a multiple of {num_gpus} experts, e.g. {nearest}.",
+            {"model.moe.num_routed_experts": nearest},
+        )
+    if m.num_moe_layers == 0:
+        add(
+            "no_moe_layers",
+            "info",
+            "model.moe.first_dense_layers",
+            "Every layer is dense (first_dense_layers = num_layers): the experts are never used.",
+            "Lower first_dense_layers (DeepSeek keeps 1-3 dense layers at the bottom).",
+            {"model.moe.first_dense_layers": min(1, m.num_layers - 1)},
+        )
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+    b = parameter_breakdown(spec) if k <= E else None
+    if b is not None:
+        non_embedding = b["active"] - b["embedding"]
+        typical = typical_learning_rate(non_embedding)
+        if t.optimizer.lr > 2.5 * typical:
+            add(
+                "lr_high_for_size",
+                "warning",
+                "training.optimizer.lr",
+                f"A peak learning rate of {t.optimizer.lr:g} is high for {non_embedding / 1e6:.1f}M active "
+                f"non-embedding parameters: models of this size train at about {typical:.1e}; much higher "
+                "and loss spikes or diverges.",
+                f"Use about {typical:.1e}.",
+                {"training.optimizer.lr": float(f"{typical:.1e}")},
+            )
+    warmup = t.schedule.warmup_steps
+    if warmup == 0:
+        suggested = max(1, min(2000, t.max_steps // 20))
+        add(
+            "no_warmup",
+            "warning",
+            "training.schedule.warmup_steps",
+            "No warmup: AdamW's second-moment estimates are unreliable in the first steps, and a full learning "
+            "rate then can blow up the loss (and the router) at the start.",
+            f"Warm up for {suggested} steps (about 5% of the run, 1-2k at most).",
+            {"training.schedule.warmup_steps": suggested},
+        )
+    elif warmup > 0.3 * t.max_steps and t.max_steps >= 20:
+        suggested = max(1, t.max_steps // 20)
+        add(
+            "warmup_long",
+            "info",
+            "training.schedule.warmup_steps",
+            f"Warmup takes {warmup / t.max_steps:.0%} of the run: most steps happen before the peak rate.",
+            f"Use about {suggested} steps (5%).",
+            {"training.schedule.warmup_steps": suggested},
+        )
+    if t.schedule.kind == "constant" and t.max_steps >= 1000:
+        add(
+            "no_decay",
+            "info",
+            "training.schedule.kind",
+            "A constant learning rate leaves loss on the table: decaying to ~10% at the end is worth a clear "
+            "improvement for the same steps.",
+            "Use cosine (with min_lr_ratio 0.1).",
+            {"training.schedule.kind": "cosine"},
+        )
+    if t.grad_clip is None:
+        add(
+            "no_grad_clip",
+            "warning",
+            "training.grad_clip",
+            "Gradients are not clipped: MoE routers produce occasional gradient spikes that clipping absorbs.",
+            "Clip the global norm at 1.0.",
+            {"training.grad_clip": 1.0},
+        )
+    if t.optimizer.weight_decay == 0:
+        add(
+            "no_weight_decay",
+            "info",
+            "training.optimizer.weight_decay",
+            "No weight decay: AdamW's decoupled decay regularises and keeps weights from growing.",
+            "Use 0.01-0.1.",
+            {"training.optimizer.weight_decay": 0.01},
+        )
+    beta2 = t.optimizer.betas[1]
+    if beta2 > 0.999 and m.num_moe_layers:
+        add(
+            "beta2_high",
+            "info",
+            "training.optimizer.betas",
+            f"beta2 = {beta2} adapts slowly to the gradient spikes MoE routing causes.",
+            "Use 0.95 (LLaMA, DeepSeek).",
+            {"training.optimizer.betas": [t.optimizer.betas[0], 0.95]},
+        )
+    if m.task == "classification" and t.label_smoothing == 0 and t.loss == "cross_entropy":
+        add(
+            "classification_smoothing",
+            "info",
+            "training.label_smoothing",
+            "Classifiers trained with hard labels become over-confident; label smoothing improves calibration.",
+            "Use label_smoothing 0.1.",
+            {"training.label_smoothing": 0.1},
+        )
+    if m.task == "causal_lm" and t.label_smoothing > 0:
+        add(
+            "lm_smoothing",
+            "info",
+            "training.label_smoothing",
+            "Label smoothing on next-token prediction inflates perplexity without a quality gain.",
+            "Use 0 for generation.",
+            {"training.label_smoothing": 0.0},
+        )
+    if t.eval_interval > t.max_steps:
+        add(
+            "never_evaluates",
+            "warning",
+            "training.eval_interval",
+            f"eval_interval ({t.eval_interval}) is beyond max_steps ({t.max_steps}): the run never measures "
+            "validation loss, so plateaus, overfitting and early stopping go unseen.",
+            f"Evaluate every {max(1, t.max_steps // 10)} steps.",
+            {"training.eval_interval": max(1, t.max_steps // 10)},
+        )
+    if t.checkpoint_interval > t.max_steps:
+        add(
+            "never_checkpoints",
+            "info",
+            "training.checkpoint_interval",
+            "No checkpoint is written before the end: an interrupted run restarts from scratch.",
+            f"Checkpoint every {max(1, t.max_steps // 5)} steps.",
+            {"training.checkpoint_interval": max(1, t.max_steps // 5)},
+        )
+    if d.seq_len > m.max_seq_len:
+        add(
+            "seq_len_above_max",
+            "warning",
+            "data.seq_len",
+            f"Training sequences of {d.seq_len} tokens exceed the {m.max_seq_len} positions the model encodes.",
+            f"Raise model.max_seq_len to {d.seq_len} or shorten data.seq_len.",
+            {"model.max_seq_len": d.seq_len},
+        )
+    if t.schedule.warmup_steps > t.max_steps:
+        add(
+            "warmup_beyond_run",
+            "warning",
+            "training.schedule.warmup_steps",
+            "Warmup is longer than the run: the learning rate never reaches its peak.",
+            f"Use {max(1, t.max_steps // 20)} steps.",
+            {"training.schedule.warmup_steps": max(1, t.max_steps // 20)},
+        )
+
+    # -- hardware ----------------------------------------------------------------------------------------
+    if hardware is not None:
+        if not hardware.supports(t.precision):
+            alternative = next((p for p in ("bf16", "fp16") if hardware.supports(p)), "fp32")
+            add(
+                "precision_unsupported",
+                "warning",
+                "training.precision",
+                f"{hardware.name} does not train in {t.precision}.",
+                f"Use {alternative}.",
+                {"training.precision": alternative},
+            )
+        elif t.precision == "fp32" and hardware.kind == "gpu" and _low_precision(hardware):
+            low = _low_precision(hardware)
+            add(
+                "fp32_on_gpu",
+                "info",
+                "training.precision",
+                f"fp32 leaves {hardware.name}'s tensor cores idle: {low} is several times faster and shrinks "
+                "activation memory (master weights stay fp32).",
+                f"Use {low}.",
+                {"training.precision": low},
+            )
+        if t.precision == "fp16":
+            add(
+                "fp16_scaler",
+                "info",
+                "training.precision",
+                "fp16 has a narrow range: the loss is scaled to keep gradients from underflowing, and a few "
+                "steps are skipped when they overflow.",
+                "Prefer bf16 where the hardware has it.",
+            )
+
+    # -- data budget -------------------------------------------------------------------------------------
+    if dataset_tokens is not None and dataset_tokens > 0 and b is not None:
+        per_param = dataset_tokens / b["total"]
+        if per_param < OVERFIT_TOKENS_PER_PARAMETER:
+            add(
+                "overfit_risk",
+                "warning",
+                "model.num_layers",
+                f"The data has {per_param:.2f} tokens per parameter ({dataset_tokens:,} tokens, "
+                f"{b['total'] / 1e6:.1f}M parameters): a model this large can memorise it instead of "
+                "generalising.",
+                "Use a smaller model (fewer layers or a narrower hidden size), more data, or dropout 0.1 with "
+                "weight decay.",
+            )
+        epochs = spec.tokens_per_step * t.max_steps / dataset_tokens
+        if epochs > MAX_USEFUL_EPOCHS:
+            useful = max(1, int(MAX_USEFUL_EPOCHS * dataset_tokens / spec.tokens_per_step))
+            add(
+                "too_many_epochs",
+                "warning",
+                "training.max_steps",
+                f"The run reads the data {epochs:.0f} times: after a few passes validation loss turns up.",
+                f"Train for about {useful} steps, or use early stopping.",
+                {"training.max_steps": useful},
+            )
+        if per_param < 20 and m.dropout == 0 and per_param >= OVERFIT_TOKENS_PER_PARAMETER:
+            add(
+                "small_data_no_dropout",
+                "info",
+                "model.dropout",
+                f"With {per_param:.1f} tokens per parameter (under Chinchilla's ~20) regularisation helps.",
+                "Use dropout 0.1.",
+                {"model.dropout": 0.1},
+            )
+
+    out.sort(key=lambda a: 0 if a.severity == "warning" else 1)
+    return out
+
+
+def _low_precision(hardware: HardwareProfile) -> str | None:
+    return next((p for p in ("bf16", "fp16") if hardware.supports(p)), None)
+
+
+def spec_ignoring_cross_field_rules(raw: dict[str, Any]) -> Spec:
+    """A ``Spec`` whose sections are validated field by field but whose cross-field rules are not checked.
+
+    Raises ``ValidationError`` when a field itself is invalid. Only for advice: never train on it.
+    """
+    data = migrate(raw)
+    model = ModelSpec.model_validate(data.get("model", {}))
+    training = TrainingSpec.model_validate(data.get("training", {}))
+    sections = DataSpec.model_validate(data.get("data", {}))
+    return Spec.model_construct(version=data.get("version", 1), model=model, training=training, data=sections)
+
+
+def lint_raw(
+    raw: dict[str, Any],
+    *,
+    hardware: HardwareProfile | None = None,
+    num_gpus: int = 1,
+    dataset_tokens: int | None = None,
+) -> list[Advice]:
+    """``lint`` for a raw spec dict that may break cross-field rules; [] when a field itself is invalid
+    (validation errors say more than advice then)."""
+    try:
+        spec = spec_ignoring_cross_field_rules(raw)
+    except (ValidationError, TypeError, AttributeError):
+        return []
+    return lint(spec, hardware=hardware, num_gpus=num_gpus, dataset_tokens=dataset_tokens)
