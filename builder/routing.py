@@ -1,5 +1,6 @@
 """Every app's websocket routes, in one list for asgi.py."""
 
 from builder.core.routing import websocket_urlpatterns as core_routes
+from builder.jobs.routing import websocket_urlpatterns as job_routes
 
-websocket_urlpatterns = [*core_routes]
+websocket_urlpatterns = [*core_routes, *job_routes]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -60,6 +61,9 @@ INSTALLED_APPS = [
     "channels",
     "builder.core",
     "builder.accounts",
+    "builder.jobs",
+    "builder.datasets",
+    "builder.configs",
 ]
 
 MIDDLEWARE = [
@@ -147,8 +151,35 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.train_job": {"queue": "gpu"},
 }
 CELERY_RESULT_EXPIRES = 3600
+# Celery beat runs the reaper that re-queues jobs whose worker stopped heartbeating.
+CELERY_BEAT_SCHEDULE = {
+    "reap-expired-job-leases": {
+        "task": "workers.tasks.reap_jobs",
+        "schedule": float(env_int("JOB_REAPER_INTERVAL_SECONDS", 15, minimum=1)),
+        "options": {"queue": "cpu", "expires": 60},
+    },
+    "fail-stale-calibrations": {
+        "task": "workers.tasks.reap_calibrations",
+        "schedule": 60.0,
+        "options": {"queue": "cpu", "expires": 60},
+    },
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# --- Training jobs ----------------------------------------------------------------------------------------------
+# A worker heartbeats every JOB_HEARTBEAT_SECONDS; a job whose heartbeat is older than JOB_LEASE_SECONDS is
+# taken to have lost its worker and is re-queued (up to its max attempts).
+JOB_HEARTBEAT_SECONDS = env_int("JOB_HEARTBEAT_SECONDS", 5, minimum=1)
+JOB_LEASE_SECONDS = env_int("JOB_LEASE_SECONDS", 45, minimum=2)
+if JOB_LEASE_SECONDS <= 2 * JOB_HEARTBEAT_SECONDS:
+    raise ImproperlyConfigured("JOB_LEASE_SECONDS must be more than twice JOB_HEARTBEAT_SECONDS")
+JOBS_MAX_ACTIVE_PER_USER = env_int("JOBS_MAX_ACTIVE_PER_USER", 3, minimum=1)
+# Where workers keep job folders (checkpoints, TensorBoard logs, tokenized data) while they train.
+JOBS_WORK_DIR = Path(env_str("JOBS_WORK_DIR", str(VAR_DIR / "jobs"))).resolve()
+# A hardware calibration (a few timed training steps) still "running" after this long lost its worker.
+CALIBRATION_TIMEOUT_SECONDS = env_int("CALIBRATION_TIMEOUT_SECONDS", 900, minimum=10)
 
 # --- Storage ---------------------------------------------------------------------------------------------------
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
@@ -157,7 +188,7 @@ STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
 # The bundle that the Makefile builds from frontend/ with esbuild (never committed).
 STATICFILES_DIRS = [BASE_DIR / "frontend" / "dist"]
-STORAGES = {
+STORAGES: dict[str, dict[str, Any]] = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
         "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
@@ -169,6 +200,41 @@ WHITENOISE_USE_FINDERS = DEBUG
 if DEBUG:
     # WhiteNoise warns at every start-up when STATIC_ROOT is missing; in development nothing is collected there.
     STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+
+# S3 (or any S3-compatible service) when S3_BUCKET is set, for web and workers alike; credentials come from the
+# standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the instance's role, never from here.
+S3_BUCKET = env_str("S3_BUCKET")
+# Downloads of S3 objects are redirects to presigned URLs that expire after this many seconds.
+S3_PRESIGNED_URL_SECONDS = env_int("S3_PRESIGNED_URL_SECONDS", 300, minimum=10, maximum=7 * 24 * 3600)
+if S3_BUCKET:
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": S3_BUCKET,
+            "endpoint_url": env_url("S3_ENDPOINT_URL", "", ("http", "https")) if env_str("S3_ENDPOINT_URL") else None,
+            "region_name": env_str("S3_REGION", "us-east-1"),
+            "addressing_style": env_choice("S3_ADDRESSING_STYLE", "auto", ("auto", "path", "virtual")),
+            "location": env_str("S3_PREFIX"),
+            "querystring_auth": True,
+            "querystring_expire": S3_PRESIGNED_URL_SECONDS,
+            "signature_version": "s3v4",
+            # A second save under an existing name gets a new name instead of replacing someone's data.
+            "file_overwrite": False,
+            "default_acl": None,
+        },
+    }
+
+# --- Datasets --------------------------------------------------------------------------------------------------
+DATASET_MAX_UPLOAD_BYTES = env_int("DATASET_MAX_UPLOAD_BYTES", 2 * 1024**3, minimum=1)
+DATASET_QUOTA_BYTES = env_int("DATASET_QUOTA_BYTES", 10 * 1024**3, minimum=0)
+# Browsers upload in chunks of at most this size, one request each, so that no request body is ever large
+# (daphne queues a whole request body in memory before Django reads it).
+DATASET_UPLOAD_CHUNK_BYTES = env_int("DATASET_UPLOAD_CHUNK_BYTES", 8 * 1024**2, minimum=64 * 1024, maximum=64 * 1024**2)
+# A single multipart POST (curl -F file=@data.jsonl) is accepted up to this size; larger files use chunks.
+DATASET_SIMPLE_UPLOAD_MAX_BYTES = env_int("DATASET_SIMPLE_UPLOAD_MAX_BYTES", 32 * 1024**2, minimum=1)
+# Where chunked uploads are assembled on the web host before they go to storage (empty: MEDIA_ROOT/.uploads,
+# on the same disk as local storage so that the final move is a rename).
+DATASET_UPLOAD_DIR = env_str("DATASET_UPLOAD_DIR")
 
 # --- Accounts and API ------------------------------------------------------------------------------------------
 SIGNUP_ENABLED = env_bool("SIGNUP_ENABLED", True)
@@ -198,6 +264,14 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Configure, train, watch and evaluate DeepSeek-style Mixture-of-Experts language models.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Several apps have a choice field called "state": name each set after its model.
+    "ENUM_NAME_OVERRIDES": {
+        "CalibrationStateEnum": "builder.configs.models.CalibrationState",
+        "JobStateEnum": "builder.jobs.models.JobState",
+        "DatasetStateEnum": "builder.datasets.models.DatasetState",
+        "DataFormatEnum": "builder.datasets.models.DataFormat",
+        "UploadFormatEnum": "builder.datasets.serializers.UPLOAD_FORMAT_CHOICES",
+    },
 }
 
 LANGUAGE_CODE = "en-us"

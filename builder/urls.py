@@ -9,7 +9,13 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("builder.accounts.urls")),
     path("api/", include("builder.accounts.api")),
+    path("api/", include("builder.jobs.api")),
+    path("api/", include("builder.datasets.api")),
+    path("api/", include("builder.configs.api")),
     path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("datasets/", include("builder.datasets.urls")),
+    path("jobs/", include("builder.jobs.urls")),
+    path("configure/", include("builder.configs.urls")),
     path("", include("builder.core.urls")),
 ]

@@ -17,6 +17,7 @@ from tests.services import (
     service_env,
     shared_db_path,
     start_asgi,
+    start_moto,
     start_redis,
     start_worker,
     wait_worker_ready,
@@ -33,8 +34,14 @@ def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> No
 
 @pytest.fixture(scope="session")
 def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from django.test.signals import setting_changed
+
     path = tmp_path_factory.mktemp("media")
     settings.MEDIA_ROOT = path
+    settings.JOBS_WORK_DIR = tmp_path_factory.mktemp("jobs")
+    # Storage objects cache their location on first use; Django's own signal (what override_settings sends)
+    # makes them re-read it.
+    setting_changed.send(sender=type(settings), setting="MEDIA_ROOT", value=path, enter=True)
     return path
 
 
@@ -57,6 +64,16 @@ def stack(
         yield result
     finally:
         result.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3 endpoint (moto's server on loopback, stopped by PID at the end); yields its URL."""
+    service, endpoint = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield endpoint
+    finally:
+        service.stop()
 
 
 @pytest.fixture(scope="session")

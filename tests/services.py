@@ -123,7 +123,7 @@ def start_redis(workdir: Path) -> tuple[Service, str]:
     return service, url
 
 
-def service_env(redis_url: str, db_path: str, media_root: Path) -> dict[str, str]:
+def service_env(redis_url: str, db_path: str, media_root: Path, **extra: str) -> dict[str, str]:
     """The environment of a subprocess that must see the same database, Redis, storage and secret key."""
     env = dict(os.environ)
     env.update(
@@ -134,7 +134,9 @@ def service_env(redis_url: str, db_path: str, media_root: Path) -> dict[str, str
             "REDIS_URL": redis_url,
             "DATABASE_URL": f"sqlite:///{db_path}",
             "MEDIA_ROOT": str(media_root),
+            "JOBS_WORK_DIR": str(settings.JOBS_WORK_DIR),
             "PYTHONUNBUFFERED": "1",
+            **extra,
         }
     )
     return env
@@ -143,10 +145,19 @@ def service_env(redis_url: str, db_path: str, media_root: Path) -> dict[str, str
 def start_worker(env: dict[str, str], logdir: Path, name: str) -> Service:
     argv = [
         str(VENV_BIN / "celery"), "-A", "workers.celery", "worker",
-        "--queues", "gpu,cpu", "--concurrency", "1", "--hostname", f"{name}@%h",
+        "--queues", "gpu,cpu", "--concurrency", "2", "--hostname", f"{name}@%h",
         "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     return Service("worker", argv, env, logdir / f"{name}.log").start()
+
+
+def start_beat(env: dict[str, str], logdir: Path) -> Service:
+    """Celery beat (it schedules the lease reaper), with its schedule file in ``logdir``."""
+    argv = [
+        str(VENV_BIN / "celery"), "-A", "workers.celery", "beat", "--loglevel", "INFO",
+        "--schedule", str(logdir / "celerybeat-schedule"),
+    ]  # fmt: skip
+    return Service("beat", argv, env, logdir / "beat.log").start()
 
 
 def wait_worker_ready(service: Service, broker_url: str, timeout: float = 60) -> None:
@@ -180,6 +191,22 @@ def start_asgi(env: dict[str, str], logdir: Path) -> tuple[Service, str]:
 
     wait_for(up, 30, "the ASGI server")
     return service, base
+
+
+def start_moto(workdir: Path) -> tuple[Service, str]:
+    """moto's S3 server (``moto_server``) on a free loopback port; returns it and its endpoint URL."""
+    port = free_port()
+    argv = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    service = Service("moto", argv, dict(os.environ), workdir / "moto.log").start()
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert service.alive(), f"moto_server exited:\n{service.log_tail()}"
+        with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2) as resp:
+            return resp.status == 200
+
+    wait_for(up, 30, "moto_server")
+    return service, endpoint
 
 
 @dataclass

@@ -42,7 +42,7 @@ def test_wrong_password_is_refused(client: Client, alice: Any) -> None:
 
 def test_sections_without_content_say_so(client: Client, alice: Any) -> None:
     client.force_login(alice)
-    for name in ("configure", "datasets", "jobs", "reports"):
+    for name in ("reports",):  # configure, datasets and jobs have their own pages (builder/configs, ...)
         page = client.get(f"/{name}/")
         assert page.status_code == 200
         assert b"Nothing here yet." in page.content
