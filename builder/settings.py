@@ -270,7 +270,6 @@ SPECTACULAR_SETTINGS = {
         "JobStateEnum": "builder.jobs.models.JobState",
         "DatasetStateEnum": "builder.datasets.models.DatasetState",
         "DataFormatEnum": "builder.datasets.models.DataFormat",
-        "UploadFormatEnum": "builder.datasets.serializers.UPLOAD_FORMAT_CHOICES",
     },
 }
 

@@ -14,7 +14,7 @@ from typing import Any
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.urls import NoReverseMatch, reverse
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from builder.configs.forms import STEPS, TWEAKS, SaveForm, WizardForm, apply_tweaks, read_tweaks
@@ -61,13 +61,10 @@ def _hardware_choice(request: HttpRequest, default: str = "cpu") -> tuple[str, i
 
 
 def _launch_url(version_id: int | None) -> str | None:
-    """The job launch form for a saved version, when the jobs app is installed (None otherwise)."""
+    """The job launch form for a saved version (None for a spec that is not saved: jobs launch saved versions)."""
     if version_id is None:
         return None
-    try:
-        return f"{reverse('jobs:launch')}?config_version={version_id}"
-    except NoReverseMatch:
-        return None
+    return f"{reverse('jobs:launch')}?config_version={version_id}"
 
 
 def _parallelism(request: HttpRequest) -> str:

@@ -10,8 +10,7 @@ from pydantic import ValidationError as PydanticValidationError
 from rest_framework import serializers
 
 from builder.datasets.cleaning import CleaningOptions
-from builder.datasets.models import Dataset, UploadSession
-from workers.engine.data import FORMATS
+from builder.datasets.models import DataFormat, Dataset, UploadSession
 
 
 class DatasetSerializer(serializers.ModelSerializer[Dataset]):
@@ -61,9 +60,9 @@ class _FieldsMixin(serializers.Serializer[Any]):
     label_field = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
 
 
-# The upload's declared format; blank means "tell from the file name's extension". Named for the OpenAPI schema
-# (settings.SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]).
-UPLOAD_FORMAT_CHOICES = [("", "from the extension"), *((f, f) for f in FORMATS)]
+# The upload's declared format; blank means "tell from the file name's extension". The same choice set as the
+# model's (blank aside), so the OpenAPI schema names both DataFormatEnum.
+UPLOAD_FORMAT_CHOICES = [("", "from the extension"), *DataFormat.choices]
 
 
 class UploadStartSerializer(_FieldsMixin):

@@ -190,7 +190,11 @@ def test_comparison_shows_differences_and_memory_bars(stack: Stack, page: Any, a
     launch = page.locator("[data-testid=compare-table] [data-testid=launch]")
     assert launch.count() == 3
     # The saved configuration launches through the jobs app's form; templates must be saved first.
-    assert launch.nth(0).get_attribute("href") == f"/jobs/new/?config_version={config.latest.pk}"
+    # The saved one has the jobs app's one-click form for its latest version (and a link to the full form).
+    form = page.locator("[data-testid=compare-table] form.job-quick-launch")
+    assert form.count() == 1
+    assert form.locator("input[name=config_version]").get_attribute("value") == str(config.latest.pk)
+    assert form.locator("a").get_attribute("href") == f"/jobs/new/?config_version={config.latest.pk}"
     assert launch.nth(1).is_disabled() and "Save it" in (launch.nth(1).get_attribute("title") or "")
     page.screenshot(path=str(artifacts / "configure-compare.png"), full_page=True)
     # Only the differences.
