@@ -248,7 +248,7 @@ def test_step_time_is_within_30_percent_after_calibration() -> None:
     for run in runs.values():
         run.step()  # warm up: first-use allocations and kernel selection
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(8):
+    for _ in range(16):  # enough rounds that each shape has some steps undisturbed by other processes
         for name, run in runs.items():
             times[name].append(run.step())
     factor = min(times["calibration"]) / estimate_time(calibration_spec, cpu).step_seconds
