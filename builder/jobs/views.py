@@ -8,6 +8,7 @@ websocket (history, then live batches). Cancel and resume are the API's endpoint
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -15,6 +16,7 @@ from django.db.models import OuterRef, Subquery
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
+from pydantic import ValidationError
 
 from builder.jobs import history
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
@@ -22,6 +24,7 @@ from builder.jobs.forms import LaunchForm
 from builder.jobs.models import ACTIVE_STATES, MetricPoint
 from builder.jobs.serializers import job_summary
 from builder.jobs.submit import SubmitRefused, submit_job
+from workers.engine.spec import load_spec
 
 LIST_LIMIT = 200
 # Metrics an overlay can plot (the ones that mean the same thing across runs), in menu order.
@@ -75,9 +78,20 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
                 "ws": f"/ws/jobs/{job.pk}/",
                 "api": f"/api/jobs/{job.pk}",
                 "can_control": can_control(request.user, job),
+                # The routing settings, so that a dead-expert alert says which knob this run has to turn.
+                "moe": _moe_settings(job.spec),
             },
         },
     )
+
+
+def _moe_settings(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """``model.moe`` of a stored spec with its defaults filled in; None if the spec no longer validates (a spec
+    stored by an older schema version the current one refuses: the page still opens, without the advice)."""
+    try:
+        return load_spec(spec).model.moe.model_dump(mode="json")
+    except ValidationError:
+        return None
 
 
 @login_required

@@ -334,7 +334,20 @@ export function expertMatrix(store) {
 }
 
 // Dead experts and imbalanced layers in a matrix, as sentences for people.
-export function expertAlerts({ cells, layers, experts }) {
+// What to change about dead experts, given the run's balancing (model.moe.* of its spec, when the page knows it).
+function deadExpertAdvice(moe) {
+  const balancing = moe && moe.balancing;
+  if (balancing === "aux_free") {
+    return `Balancing is aux-free: raise model.moe.bias_update_speed (now ${moe.bias_update_speed}) or the router temperature; early in a run the bias often evens this out by itself.`;
+  }
+  if (balancing === "aux_loss") {
+    return `Balancing is an auxiliary loss: raise model.moe.aux_loss_coef (now ${moe.aux_loss_coef}) or switch to aux-free balancing.`;
+  }
+  if (balancing === "none") return "Balancing is off: turn it on (model.moe.balancing: aux_free).";
+  return "Consider aux-free balancing, a higher bias update speed or a higher router temperature.";
+}
+
+export function expertAlerts({ cells, layers, experts }, moe = null) {
   if (!experts) return [];
   const uniform = 1 / experts;
   const dead = cells.filter((c) => c.load < DEAD_SHARE * uniform);
@@ -344,7 +357,7 @@ export function expertAlerts({ cells, layers, experts }) {
     alerts.push({
       level: "fail",
       kind: "dead",
-      text: `${dead.length} dead expert${dead.length > 1 ? "s" : ""} (under ${DEAD_SHARE * 100}% of the uniform share over the last ${WINDOW} logged steps): ${list}${dead.length > 8 ? ", …" : ""}. Consider aux-free balancing, a higher bias update speed or a lower router temperature.`,
+      text: `${dead.length} dead expert${dead.length > 1 ? "s" : ""} (under ${DEAD_SHARE * 100}% of the uniform share over the last ${WINDOW} logged steps): ${list}${dead.length > 8 ? ", …" : ""}. ${deadExpertAdvice(moe)}`,
     });
   }
   const worst = [];

@@ -68,6 +68,7 @@ class Dashboard {
     this.root = root;
     this.config = JSON.parse(document.getElementById("job-dashboard-config").textContent);
     this.job = this.config.job;
+    this.moe = this.config.moe || null;
     this.store = new MetricStore();
     this.events = new Map(); // seq -> event
     this.log = []; // {step, order, text}
@@ -360,7 +361,7 @@ class Dashboard {
     const matrix = expertMatrix(this.store);
     this.heatmap.draw(matrix);
     this.field("heatmap-step").textContent = matrix.experts ? `step ${matrix.step} · mean of the last 10 logged steps` : "";
-    this._renderAlerts(expertAlerts(matrix));
+    this._renderAlerts(expertAlerts(matrix, this.moe));
     this._renderEvents();
     this._renderLog();
     this.root.dataset.lossPoints = String(this.store.count("loss"));

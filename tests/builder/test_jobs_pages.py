@@ -77,6 +77,8 @@ def test_the_dashboard_is_the_owners_and_the_shared_users_only(alice: Any, charl
     html = page.content.decode()
     config = json_script(html, "job-dashboard-config")
     assert config["ws"] == f"/ws/jobs/{job.pk}/" and config["can_control"] is True
+    # The routing settings with their defaults, for the dead-expert alert's advice.
+    assert config["moe"]["balancing"] == "aux_free" and config["moe"]["bias_update_speed"] > 0
     assert config["job"]["state"] == "succeeded"
     assert 'data-action="cancel"' in html and f"/api/jobs/{job.pk}/metrics.csv" in html
     assert client_for(charlie).get(f"/jobs/{job.pk}/").status_code == 404
