@@ -190,6 +190,20 @@ def dispatch(job: Job) -> None:
     transaction.on_commit(lambda: train_job.apply_async(args=(job_id,), queue=queue))
 
 
+def redeliver_queued(queues: list[str]) -> list[int]:
+    """Send the task of every queued job on ``queues`` again (at worker start); returns their ids, oldest first."""
+    from workers.tasks import train_job
+
+    ids = list(
+        Job.objects.filter(state=JobState.QUEUED, queue__in=queues)
+        .order_by("created_at", "id")
+        .values_list("pk", "queue")
+    )
+    for job_id, queue in ids:
+        train_job.apply_async(args=(job_id,), queue=queue)
+    return [job_id for job_id, _ in ids]
+
+
 def request_cancel(job: Job) -> None:
     """Cancel a job: at once if it is not running; otherwise the worker stops within a step and checkpoints."""
     if job.state in (JobState.QUEUED, JobState.PREEMPTED) and transition(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections import Counter
@@ -273,6 +274,55 @@ def test_a_killed_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
         counts = Counter(MetricPoint.objects.filter(job=done).values_list("step", "name"))
         assert set(counts.values()) == {1}
         assert sorted(s for s, n in counts if n == "loss") == list(range(1, 201))
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+def test_a_stopping_worker_preempts_its_job_and_the_next_worker_continues_it(
+    stack: Stack, client: Client, alice: Any, corpus: str, tmp_path: Path
+) -> None:
+    """SIGTERM to the worker's main process only (as `docker stop` sends it): the worker asks its pool process to
+    stop, the job checkpoints at the step it reached, is recorded preempted and queued again, and a new worker
+    continues it. A job queued while no message could be sent (the broker was down) is delivered when a worker
+    starts."""
+    redis_service, url = start_redis(tmp_path / "redis")
+    env = service_env(url, shared_db_path(), Path(stack.env["MEDIA_ROOT"]))
+    services = [redis_service]
+    try:
+        first = start_worker(env, tmp_path, "stopping")
+        services.append(first)
+        wait_worker_ready(first, url)
+        from workers.tasks import train_job
+
+        job = Job.objects.create(
+            owner=alice, name="preempt", spec=tiny_spec(150), data_source=corpus, queue="gpu", total_steps=150
+        )
+        train_job.apply_async(args=(job.pk,), queue="gpu", connection=_connection(url))  # type: ignore[call-arg]
+        wait_for(lambda: _last_logged_step(job.pk) >= 15, 120, "some steps")
+        assert first.proc is not None
+        os.kill(first.proc.pid, signal.SIGTERM)  # the main process alone, not its process group
+        first.proc.wait(timeout=60)
+        stopped = Job.objects.get(pk=job.pk)
+        assert stopped.state == "queued", stopped.error
+        states = {e.data.get("reason"): e.step for e in JobEvent.objects.filter(job=job, kind="state")}
+        assert "re-queued after preemption" in states
+        # The checkpoint was written at the step the run had reached when it was told to stop.
+        assert stopped.last_checkpoint_step is not None and stopped.last_checkpoint_step >= 15
+        assert states["worker shutting down"] == stopped.last_checkpoint_step == _last_logged_step(job.pk)
+
+        stranded = Job.objects.create(  # queued in the database, never sent to the broker
+            owner=alice, name="stranded", spec=tiny_spec(20), data_source=corpus, queue="gpu", total_steps=20
+        )
+        second = start_worker(env, tmp_path, "next")
+        services.append(second)
+        done = wait_state(job.pk, {"succeeded", "failed"}, timeout=180)
+        assert done.state == "succeeded", done.error
+        assert JobEvent.objects.filter(job=done, kind="resume").get().step == stopped.last_checkpoint_step
+        counts = Counter(MetricPoint.objects.filter(job=done).values_list("step", "name"))
+        assert set(counts.values()) == {1}
+        assert sorted(s for s, n in counts if n == "loss") == list(range(1, 151))
+        assert wait_state(stranded.pk, {"succeeded", "failed"}, timeout=120).state == "succeeded"
     finally:
         for service in reversed(services):
             service.stop()
