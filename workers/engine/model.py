@@ -41,6 +41,7 @@ Every token is routed, padding included; the trainer masks padding out of the ta
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -229,7 +230,9 @@ class Attention(nn.Module):
             k,
             v,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=T > 1,  # a single new query may see every cached position
+            # A single new query may see every cached position. Without a cache, causality is stated as a
+            # constant (for one token it is the same): exporters trace T as a symbol, which SDPA refuses.
+            is_causal=cache is None or T > 1,
             enable_gqa=KV != H,
         )  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
@@ -754,7 +757,7 @@ def _sample(
 
 
 @torch.no_grad()
-def generate(
+def generate_tokens(
     model: MoETransformer,
     input_ids: Tensor,
     max_new_tokens: int,
@@ -763,13 +766,15 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    """Extend ``input_ids`` ``(B, T)`` (unpadded prompts of one length) by up to ``max_new_tokens``.
+) -> Generator[Tensor, None, None]:
+    """Yield the next token ids ``(B,)`` of ``input_ids`` ``(B, T)`` (unpadded prompts of one length), one
+    step at a time, up to ``max_new_tokens`` steps: what ``generate`` concatenates, and what a playground
+    streams.
 
     Uses a KV cache. Once the sequence would exceed ``max_seq_len``, each step re-reads the last
     ``max_seq_len`` tokens without a cache (a sliding window). A sequence that produced ``eos_id``
-    keeps emitting ``eos_id``; generation stops early when all have. Runs in eval mode and restores the
-    model's mode afterwards. Returns ``(B, T + generated)``.
+    keeps emitting ``eos_id``; the iteration stops early once all have (after yielding that step). Runs in
+    eval mode and restores the model's mode when the iteration ends or the iterator is closed.
     """
     if model.task != "causal_lm":
         raise ValueError("generate needs a causal_lm model")
@@ -795,8 +800,27 @@ def generate(
                 finished |= nxt == eos_id
             tokens = torch.cat((tokens, nxt.unsqueeze(1)), dim=1)
             pending = nxt.unsqueeze(1)
+            yield nxt
             if eos_id is not None and bool(finished.all()):
                 break
-        return tokens
     finally:
         model.train(was_training)
+
+
+def generate(
+    model: MoETransformer,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Extend ``input_ids`` ``(B, T)`` (unpadded prompts of one length) by up to ``max_new_tokens``.
+
+    The steps of ``generate_tokens`` (KV cache, sliding window past ``max_seq_len``, ``eos_id`` handling,
+    eval mode restored afterwards), concatenated. Returns ``(B, T + generated)``.
+    """
+    steps = generate_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
+    return torch.cat((input_ids, *(nxt.unsqueeze(1) for nxt in steps)), dim=1)

@@ -74,7 +74,7 @@ from workers.engine.data import (
     preparation_settings,
     prepare,
 )
-from workers.engine.model import build_model
+from workers.engine.model import ModelOutput, MoETransformer, build_model
 from workers.engine.sinks import MetricsSink
 from workers.engine.spec import Spec
 
@@ -271,6 +271,63 @@ class _StopSignals:
     def __exit__(self, *exc: object) -> None:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+@torch.no_grad()
+def validation_metrics(
+    model: MoETransformer,
+    prepared: PreparedData,
+    spec: Spec,
+    device: torch.device,
+    *,
+    max_batches: int,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    on_batch: Callable[[Batch, ModelOutput], None] | None = None,
+) -> dict[str, float]:
+    """``val_loss`` and ``val_ppl`` (causal_lm) or ``val_accuracy`` (classification) of ``model`` over the
+    first ``max_batches`` validation batches of ``training.batch_size`` (``eval_batches``: the same examples
+    every time, each at most once).
+
+    ``val_loss`` is the token-weighted (causal_lm: predicted positions; classification: examples) mean task
+    loss; ``val_ppl`` is ``exp(val_loss)`` (``inf`` when that overflows). The model runs in eval mode under
+    ``autocast()``; its mode is restored afterwards. ``on_batch(batch, output)`` (the batch on the CPU as
+    drawn, the output of the model) sees every batch: how ``evaluate.py`` collects predictions and routing
+    over the very batches the trainer evaluates.
+    """
+    was_training = model.training
+    model.eval()
+    classification = spec.model.task == "classification"
+    total, weight, correct, examples = 0.0, 0, 0, 0
+    try:
+        batches: Iterator[Batch] = eval_batches(
+            prepared, "val", spec.training.batch_size, spec.data.seq_len, max_batches
+        )
+        for batch in batches:
+            input_ids = batch.input_ids.to(device)
+            labels = batch.labels.to(device)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+            with autocast():
+                out = model(input_ids, labels=labels, attention_mask=mask)
+            assert out.task_loss is not None
+            if classification:
+                n = int(labels.numel())
+                correct += int((out.logits.argmax(dim=-1) == labels).sum())
+                examples += n
+            else:
+                n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # predicted positions (the model shifts)
+            total += float(out.task_loss.float()) * n
+            weight += n
+            if on_batch is not None:
+                on_batch(batch, out)
+    finally:
+        model.train(was_training)
+    val_loss = total / max(weight, 1)
+    metrics = {"val_loss": val_loss}
+    if classification:
+        metrics["val_accuracy"] = correct / max(examples, 1)
+    else:
+        metrics["val_ppl"] = math.exp(val_loss) if val_loss < 700 else math.inf
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -636,40 +693,12 @@ class _Trainer:
             metrics.update(zip(keys, row, strict=True))
         self.sink.emit(self.state.step, metrics)
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over up to ``eval_batches`` batches (the same ones every time)."""
         t = self.spec.training
-        self.model.eval()
-        total, weight, correct, examples = 0.0, 0, 0, 0
-        try:
-            batches: Iterator[Batch] = eval_batches(
-                self.prepared, "val", t.batch_size, self.spec.data.seq_len, t.eval_batches
-            )
-            for batch in batches:
-                input_ids = batch.input_ids.to(self.device)
-                labels = batch.labels.to(self.device)
-                mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
-                with self.autocast():
-                    out = self.model(input_ids, labels=labels, attention_mask=mask)
-                assert out.task_loss is not None
-                if self.classification:
-                    n = int(labels.numel())
-                    correct += int((out.logits.argmax(dim=-1) == labels).sum())
-                    examples += n
-                else:
-                    n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # predicted positions (the model shifts)
-                total += float(out.task_loss.float()) * n
-                weight += n
-        finally:
-            self.model.train()
-        val_loss = total / max(weight, 1)
-        metrics = {"val_loss": val_loss}
-        if self.classification:
-            metrics["val_accuracy"] = correct / max(examples, 1)
-        else:
-            metrics["val_ppl"] = math.exp(val_loss) if val_loss < 700 else math.inf
-        return metrics
+        return validation_metrics(
+            self.model, self.prepared, self.spec, self.device, max_batches=t.eval_batches, autocast=self.autocast
+        )
 
     def _evaluate_and_react(self) -> str | None:
         """Evaluate, emit, update plateau/early-stopping state; returns the early-stop reason, if any."""
