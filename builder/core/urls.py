@@ -6,5 +6,4 @@ app_name = "core"
 urlpatterns = [
     path("", views.home, name="home"),
     path("status/", views.status, name="status"),
-    path("<slug:name>/", views.section, name="section"),
 ]

@@ -1,40 +1,34 @@
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from builder.core.health import check_all
 
-# The navigation's sections. Each says plainly what it will hold until its app exists: no fake data.
-SECTIONS = {
-    "configure": (
+# The home page's steps, in the order a person takes them: (title, what it does, the page's URL name).
+SECTIONS = (
+    (
         "Configure",
         "Build a model configuration with the wizard, edit it as JSON against the schema, "
         "or compare 2–4 configurations by predicted parameters, memory and time.",
+        "configs:index",
     ),
-    "datasets": ("Datasets", "Upload, validate, clean and inspect training data; built-in demo corpora."),
-    "jobs": ("Jobs", "Launch training on Celery workers and watch loss, gradients and expert load live."),
-    "reports": (
+    ("Datasets", "Upload, validate, clean and inspect training data; built-in demo corpora.", "datasets:list"),
+    ("Jobs", "Launch training on Celery workers and watch loss, gradients and expert load live.", "jobs:list"),
+    (
         "Reports",
-        "Evaluation reports (perplexity, BLEU, ROUGE, latency) with PDF and weight downloads.",
+        "Evaluation reports (perplexity, BLEU, ROUGE, latency) with PDF and weight downloads, and a playground.",
+        "reports:list",
     ),
-}
+)
 
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
     return render(request, "core/home.html", {"sections": SECTIONS})
-
-
-@login_required
-def section(request: HttpRequest, name: str) -> HttpResponse:
-    if name not in SECTIONS:
-        raise Http404("no such section")
-    title, purpose = SECTIONS[name]
-    return render(request, "core/section.html", {"name": name, "title": title, "purpose": purpose})
 
 
 @require_GET
