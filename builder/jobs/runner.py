@@ -8,7 +8,9 @@ resumes from the last checkpoint with a manifest in the job's folder, so the tas
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import threading
 import time
 import traceback
@@ -29,6 +31,30 @@ log = logging.getLogger(__name__)
 def job_dir(job_id: int) -> Path:
     """The job's working folder on this worker: checkpoints, TensorBoard logs, tokenized data."""
     return Path(settings.JOBS_WORK_DIR) / f"job-{job_id}"
+
+
+def claim_folder(job: Job) -> Path:
+    """The job's folder, made ready for this job row: emptied first when another row with the same id left it.
+
+    The engine resumes from whatever checkpoint the folder holds, so a folder must never outlive its row and be
+    found by a new one: SQLite gives a new row the id of a deleted last one, and a test database is flushed
+    between tests. ``owner.json`` records whose folder it is (id and creation time).
+    """
+    folder = job_dir(job.pk)
+    owner = folder / "owner.json"
+    key = {"job": job.pk, "created_at": job.created_at.isoformat()}
+    if folder.exists():
+        try:
+            current = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            current = None
+        if current != key:
+            log.warning("job %s: removing a folder left by an earlier job with the same id (%s)", job.pk, current)
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not owner.exists():
+        owner.write_text(json.dumps(key))
+    return folder
 
 
 class Heartbeat(threading.Thread):
@@ -79,8 +105,7 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         return {"job": job_id, "outcome": "not claimable"}
     job = Job.objects.select_related("dataset").get(pk=job_id)
     spec = load_spec(job.spec)
-    folder = job_dir(job_id)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = claim_folder(job)
     Job.objects.filter(pk=job_id, lease_token=lease.token).update(total_steps=spec.training.max_steps)
 
     stream = DatabaseStreamSink(lease)

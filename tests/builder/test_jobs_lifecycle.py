@@ -357,3 +357,25 @@ def test_history_leaves_out_points_newer_than_its_sequence_number(alice: Any) ->
     )  # seq 3: a batch committing while the history is read; the live stream delivers it
     data = history.history(job)
     assert data["seq"] == 2 and data["series"]["loss"]["step"] == [1, 2]
+
+
+def test_a_new_job_never_finds_the_folder_of_a_deleted_one_with_the_same_id(alice: Any, settings: Any) -> None:
+    from builder.jobs.runner import claim_folder, job_dir
+
+    job = make_job(alice)
+    folder = claim_folder(job)
+    (folder / "run" / "checkpoints" / "step-000020").mkdir(parents=True)
+    assert claim_folder(job) == folder and (folder / "run" / "checkpoints" / "step-000020").exists()  # its own
+    job_id = job.pk
+    job.delete()
+    # SQLite hands the id of the deleted last row to the next one: its folder must start empty.
+    reused = Job.objects.create(
+        pk=job_id, owner=alice, name="j2", spec=SPEC, data_source="datasets/x/d.txt", queue="gpu"
+    )
+    assert claim_folder(reused) == job_dir(job_id)
+    assert not (folder / "run").exists()
+    # A folder with no owner file (written by an older version, or by hand) is not trusted either.
+    (folder / "owner.json").unlink()
+    (folder / "stale").mkdir()
+    claim_folder(reused)
+    assert not (folder / "stale").exists() and (folder / "owner.json").exists()
