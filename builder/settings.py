@@ -64,6 +64,7 @@ INSTALLED_APPS = [
     "builder.jobs",
     "builder.datasets",
     "builder.configs",
+    "builder.reports",
 ]
 
 MIDDLEWARE = [
@@ -149,6 +150,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_ROUTES = {
     "workers.tasks.train_job": {"queue": "gpu"},
+    # Sent to the job's own queue (see builder.reports.services); gpu when sent without one.
+    "workers.tasks.evaluate_report": {"queue": "gpu"},
 }
 CELERY_RESULT_EXPIRES = 3600
 # Celery beat runs the reaper that re-queues jobs whose worker stopped heartbeating.
@@ -180,6 +183,23 @@ JOBS_MAX_ACTIVE_PER_USER = env_int("JOBS_MAX_ACTIVE_PER_USER", 3, minimum=1)
 JOBS_WORK_DIR = Path(env_str("JOBS_WORK_DIR", str(VAR_DIR / "jobs"))).resolve()
 # A hardware calibration (a few timed training steps) still "running" after this long lost its worker.
 CALIBRATION_TIMEOUT_SECONDS = env_int("CALIBRATION_TIMEOUT_SECONDS", 900, minimum=10)
+
+# --- Evaluation reports and the playground ------------------------------------------------------------------
+# Evaluate a job's final checkpoint automatically when it succeeds (reports can always be requested by hand).
+REPORTS_AUTO_EVALUATE = env_bool("REPORTS_AUTO_EVALUATE", True)
+# A report "running" with no result after this long lost its worker: it may be claimed (or requested) again.
+REPORT_TIMEOUT_SECONDS = env_int("REPORT_TIMEOUT_SECONDS", 1800, minimum=30)
+# Held-out examples scored, and prompts continued for BLEU/ROUGE and the samples, per report.
+REPORT_MAX_EXAMPLES = env_int("REPORT_MAX_EXAMPLES", 200, minimum=1, maximum=100000)
+REPORT_PROMPTS = env_int("REPORT_PROMPTS", 32, minimum=1, maximum=10000)
+REPORT_MAX_NEW_TOKENS = env_int("REPORT_MAX_NEW_TOKENS", 32, minimum=1, maximum=1024)
+# CPU threads of the evaluation, the latency measurements and the playground (0: torch's default, one per core).
+# One thread gives steady figures on a shared machine: several threads of a small model spin-wait for each other
+# while other processes hold the cores (measured here: 1.5 ms a forward on one thread, 300 ms on two).
+INFERENCE_CPU_THREADS = env_int("INFERENCE_CPU_THREADS", 1, minimum=0, maximum=1024)
+# The playground's bounds: tokens one request may generate, characters of a prompt.
+PLAYGROUND_MAX_NEW_TOKENS = env_int("PLAYGROUND_MAX_NEW_TOKENS", 256, minimum=1, maximum=4096)
+PLAYGROUND_MAX_PROMPT_CHARS = env_int("PLAYGROUND_MAX_PROMPT_CHARS", 4000, minimum=1, maximum=1_000_000)
 
 # --- Storage ---------------------------------------------------------------------------------------------------
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
@@ -266,10 +286,12 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     # Several apps have a choice field called "state": name each set after its model.
     "ENUM_NAME_OVERRIDES": {
-        "CalibrationStateEnum": "builder.configs.models.CalibrationState",
+        # Calibrations and reports share one set of states (queued → running → succeeded | failed).
+        "WorkStateEnum": "builder.configs.models.CalibrationState",
         "JobStateEnum": "builder.jobs.models.JobState",
         "DatasetStateEnum": "builder.datasets.models.DatasetState",
         "DataFormatEnum": "builder.datasets.models.DataFormat",
+        "ReportTriggerEnum": "builder.reports.models.ReportTrigger",
     },
 }
 

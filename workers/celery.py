@@ -49,7 +49,7 @@ def preempt_training(**_: Any) -> None:
 
 @worker_ready.connect
 def redeliver_queued_jobs(sender: Any = None, **_: Any) -> None:
-    """Send the task again for every job that is queued on one of this worker's queues.
+    """Send the task again for every job (and evaluation report) queued on one of this worker's queues.
 
     The database is the record and the broker only delivers: a job re-queued while the broker was down (a
     preemption at shutdown, with Redis stopping first) has no message. A duplicate is harmless: the claim is a
@@ -58,9 +58,10 @@ def redeliver_queued_jobs(sender: Any = None, **_: Any) -> None:
     try:
         queues = [q.name for q in sender.task_consumer.queues] if sender is not None else []
         from builder.jobs.lifecycle import redeliver_queued
+        from builder.reports.services import redeliver_queued as redeliver_reports
 
-        sent = redeliver_queued(queues)
-        if sent:
-            log.info("redelivered queued jobs %s", sent)
+        jobs, reports = redeliver_queued(queues), redeliver_reports(queues)
+        if jobs or reports:
+            log.info("redelivered queued jobs %s and reports %s", jobs, reports)
     except Exception:  # the worker must start even if the database is not there yet
         log.exception("could not redeliver queued jobs")

@@ -34,6 +34,19 @@ def train_job(self: Any, job_id: int) -> dict[str, Any]:
     return run_job(job_id, worker)
 
 
+@app.task(name="workers.tasks.evaluate_report", bind=True, acks_late=True)
+def evaluate_report(self: Any, report_id: int) -> dict[str, Any]:
+    """Claim report ``report_id``, evaluate, export and time its checkpoint, and store every format.
+
+    Idempotent: a duplicate delivery finds the report no longer claimable and returns at once; a rerun of a
+    report whose worker died replaces its files.
+    """
+    from builder.reports.runner import run_report
+
+    worker = f"{self.request.hostname or socket.gethostname()}:{os.getpid()}"
+    return run_report(report_id, worker)
+
+
 @app.task(name="workers.tasks.reap_jobs")
 def reap_jobs() -> list[int]:
     """Re-queue jobs whose worker stopped heartbeating (run by Celery beat)."""

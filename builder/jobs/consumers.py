@@ -32,21 +32,32 @@ CLOSE_NOT_FOUND = 4404
 RESYNC_LIMIT = 20000
 
 
+async def visible_job_or_close(consumer: AsyncWebsocketConsumer) -> Job | None:
+    """The job of the socket's ``job_id`` URL kwarg if the signed-in user may see it; otherwise close the socket
+    (4401 anonymous, 4404 not found or not theirs: the outsider cannot tell the two apart) and return None.
+
+    The Origin was already checked by ``AllowedHostsOriginValidator`` in ``builder/asgi.py``."""
+    user = consumer.scope.get("user")
+    if user is None or not user.is_authenticated:
+        await consumer.close(code=CLOSE_UNAUTHENTICATED)
+        return None
+    job_id = int(consumer.scope["url_route"]["kwargs"]["job_id"])
+    job: Job | None = await database_sync_to_async(lambda: visible_jobs(user).filter(pk=job_id).first())()
+    if job is None:
+        await consumer.close(code=CLOSE_NOT_FOUND)
+    return job
+
+
 class JobConsumer(AsyncWebsocketConsumer):
     job_id: int
     seen_seq: int = 0
     seen_event_seq: int = 0
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
-            return
-        self.job_id = int(self.scope["url_route"]["kwargs"]["job_id"])
-        job = await database_sync_to_async(lambda: visible_jobs(user).filter(pk=self.job_id).first())()
+        job = await visible_job_or_close(self)
         if job is None:
-            await self.close(code=CLOSE_NOT_FOUND)
             return
+        self.job_id = job.pk
         assert self.channel_layer is not None
         await self.channel_layer.group_add(lifecycle.group_name(self.job_id), self.channel_name)
         await self.accept()

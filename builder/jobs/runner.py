@@ -192,7 +192,12 @@ def record_outcome(
         return {"job": job_id, "outcome": "lease lost", **summary}
     fields = {"result": summary, "step": result.step}
     if status in ("completed", "early_stopped"):
-        lifecycle.transition(job_id, JobState.SUCCEEDED, token=lease.token, reason=result.reason or status, **fields)
+        reason = result.reason or status
+        if lifecycle.transition(job_id, JobState.SUCCEEDED, token=lease.token, reason=reason, **fields):
+            # The success is committed: queue the evaluation report of the final checkpoint (never raises).
+            from builder.reports.services import after_job_succeeded
+
+            after_job_succeeded(job_id)
     elif status == "stopped":
         lifecycle.transition(job_id, JobState.CANCELLED, token=lease.token, reason="cancelled by its owner", **fields)
     elif status == "preempted":

@@ -5,6 +5,7 @@ import "./configs.css";
 import { startLiveHealth } from "./health.js";
 import { startDatasetUpload } from "./datasets.js";
 import { startJobs } from "./jobs.js";
+import { startReports } from "./reports.js";
 
 window.htmx = htmx;
 
@@ -14,4 +15,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const upload = document.querySelector("[data-dataset-upload]");
   if (upload) startDatasetUpload(upload);
   startJobs();
+  startReports();
 });

@@ -239,6 +239,7 @@ def test_a_killed_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
         JOB_HEARTBEAT_SECONDS="1",
         JOB_LEASE_SECONDS="4",
         JOB_REAPER_INTERVAL_SECONDS="1",
+        REPORTS_AUTO_EVALUATE="false",  # this stack's workers are stopped at the end: no report to wait for
     )
     services = [redis_service]
     try:
@@ -287,7 +288,7 @@ def test_a_stopping_worker_preempts_its_job_and_the_next_worker_continues_it(
     continues it. A job queued while no message could be sent (the broker was down) is delivered when a worker
     starts."""
     redis_service, url = start_redis(tmp_path / "redis")
-    env = service_env(url, shared_db_path(), Path(stack.env["MEDIA_ROOT"]))
+    env = service_env(url, shared_db_path(), Path(stack.env["MEDIA_ROOT"]), REPORTS_AUTO_EVALUATE="false")
     services = [redis_service]
     try:
         first = start_worker(env, tmp_path, "stopping")
