@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             str(settings.DATABASES["default"]["NAME"]),
             Path(settings.MEDIA_ROOT),
             OMP_NUM_THREADS=str(args.threads),
+            # An evaluation report after each job would run beside the next timed run and slow it down.
+            REPORTS_AUTO_EVALUATE="false",
         )
         stack = Stack(redis=redis_service, redis_url=url, env=env)
         report: dict[str, Any] = {
