@@ -369,3 +369,21 @@ def test_a_timed_run_reports_its_device_and_steps() -> None:
     assert len(result.step_times) == 2 and result.min_step_seconds <= result.step_seconds
     assert result.tokens_per_step == 4 * 64 and result.peak_bytes >= 0
     assert statistics.median(result.step_times) == result.step_seconds
+
+
+def test_the_measured_peak_is_the_run_s_own_not_its_parent_s() -> None:
+    """ru_maxrss survives exec: a child of a large process (pytest after many tests) would report the parent's
+    size. The measurement reads the child's own high-water mark."""
+    parent = bytearray(1536 * 2**20)
+    for i in range(0, len(parent), 4096):
+        parent[i] = 1  # touched: resident in this process, so ru_maxrss of a fork would be at least this
+    done = subprocess.run(
+        [sys.executable, "-c", "from workers.engine.calibrate import _rss_peak_bytes; print(_rss_peak_bytes())"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    del parent
+    assert int(done.stdout) < 1024 * 2**20, int(done.stdout) / 2**20

@@ -60,6 +60,18 @@ class Measurement:
 
 
 def _rss_peak_bytes() -> int:
+    """This process's peak resident set size, from its own start.
+
+    On Linux, VmHWM of /proc/self/status: ru_maxrss survives execve, so a process started by a large parent
+    (fork, then exec) would report the parent's size at the fork (seen: an 830 MiB pytest process made a
+    660 MiB run read 826 MiB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
