@@ -32,6 +32,15 @@ CLOSE_NOT_FOUND = 4404
 RESYNC_LIMIT = 20000
 
 
+def json_object(text: str | None) -> dict[str, Any] | None:
+    """A websocket text frame as a JSON object, or None when it is not one (bad JSON, a list, a number...)."""
+    try:
+        message = json.loads(text or "")
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
 async def visible_job_or_close(consumer: AsyncWebsocketConsumer) -> Job | None:
     """The job of the socket's ``job_id`` URL kwarg if the signed-in user may see it; otherwise close the socket
     (4401 anonymous, 4404 not found or not theirs: the outsider cannot tell the two apart) and return None.
@@ -93,12 +102,8 @@ class JobConsumer(AsyncWebsocketConsumer):
         await self._send(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        try:
-            message = json.loads(text_data or "")
-        except ValueError:
-            await self._error("", "messages must be JSON objects")
-            return
-        if not isinstance(message, dict):
+        message = json_object(text_data)
+        if message is None:
             await self._error("", "messages must be JSON objects")
             return
         if message.get("type") != "resync":

@@ -33,7 +33,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from builder.jobs.consumers import visible_job_or_close
+from builder.jobs.consumers import json_object, visible_job_or_close
 from builder.reports import playground
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,8 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
             self._stop.set()  # the generating thread ends after its current token
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        try:
-            message = json.loads(text_data or "")
-        except ValueError:
-            await self._error("", "messages must be JSON objects")
-            return
-        if not isinstance(message, dict):
+        message = json_object(text_data)
+        if message is None:
             await self._error("", "messages must be JSON objects")
             return
         kind = message.get("type", "generate" if self.task != "classification" else "classify")
