@@ -166,6 +166,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 60.0,
         "options": {"queue": "cpu", "expires": 60},
     },
+    "reap-stale-reports": {
+        "task": "workers.tasks.reap_reports",
+        "schedule": 60.0,
+        "options": {"queue": "cpu", "expires": 60},
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -63,6 +63,14 @@ def reap_calibrations() -> list[int]:
     return fail_stale_calibrations()
 
 
+@app.task(name="workers.tasks.reap_reports")
+def reap_reports() -> list[int]:
+    """Send again, or fail after their attempts, evaluation reports whose worker died (run by Celery beat)."""
+    from builder.reports.services import reap_stale_reports
+
+    return reap_stale_reports()
+
+
 @app.task(name="workers.tasks.analyze_dataset", acks_late=True)
 def analyze_dataset(dataset_id: int) -> dict[str, Any]:
     """Validate dataset ``dataset_id`` and compute its statistics (idempotent: a rerun recomputes the same)."""

@@ -142,6 +142,34 @@ def _dispatch(report: Report) -> None:
     transaction.on_commit(lambda: evaluate_report.apply_async(args=(report_id,), queue=queue))
 
 
+# A report whose worker died is sent again this many times in all before it is failed with the reason.
+MAX_ATTEMPTS = 3
+
+
+def reap_stale_reports() -> list[int]:
+    """Reports left ``running`` by a worker that went silent (past ``REPORT_TIMEOUT_SECONDS``; run by beat).
+
+    One with attempts left is sent again: a stale running report is claimable, so the next worker takes it over.
+    One that used its attempts is failed with the reason (conditional on its state and attempts, so a worker
+    finishing at that moment keeps its result). Returns the ids handled.
+    """
+    from workers.tasks import evaluate_report
+
+    handled = []
+    for report in Report.objects.filter(state=ReportState.RUNNING, started_at__lt=stale_before()).select_related("job"):
+        if report.attempts >= MAX_ATTEMPTS:
+            Report.objects.filter(pk=report.pk, state=ReportState.RUNNING, attempts=report.attempts).update(
+                state=ReportState.FAILED,
+                error=f"its worker stopped answering {report.attempts} times (no result within "
+                f"{settings.REPORT_TIMEOUT_SECONDS} s); request it again",
+                finished_at=timezone.now(),
+            )
+        else:
+            evaluate_report.apply_async(args=(report.pk,), queue=report.job.queue)
+        handled.append(report.pk)
+    return handled
+
+
 def redeliver_queued(queues: list[str]) -> list[int]:
     """Send the evaluation of every queued report whose job trained on one of ``queues`` again (at worker start:
     a report queued while the broker was down has no message). Duplicates are harmless: the claim is conditional.

@@ -200,3 +200,36 @@ def test_artifacts_on_s3_download_through_presigned_urls(
         assert outsider.get(f"/api/reports/{report.pk}/artifacts/model.safetensors").status_code == 404
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == [first["storage"]]  # the second store replaced the first object, under the same name
+
+
+def test_a_report_whose_worker_died_is_taken_over_then_failed_after_its_attempts(stack: Stack, alice: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from builder.jobs.models import Job
+    from builder.reports.services import MAX_ATTEMPTS, reap_stale_reports
+
+    job = Job.objects.create(
+        owner=alice,
+        name="gone",
+        spec={},
+        data_source="gone.txt",
+        queue="gpu",
+        state="succeeded",
+        last_checkpoint_step=20,
+    )
+    long_ago = timezone.now() - timedelta(hours=2)  # stale for this process and for the worker (30 min default)
+    running = {"job": job, "state": "running", "worker": "dead@host:1", "started_at": long_ago}
+    orphan = Report.objects.create(checkpoint_step=20, attempts=1, **running)
+    spent = Report.objects.create(checkpoint_step=10, attempts=MAX_ATTEMPTS, **running)
+    assert sorted(reap_stale_reports()) == sorted([orphan.pk, spent.pk])
+    spent.refresh_from_db()
+    assert spent.state == "failed" and "stopped answering" in spent.error and spent.finished_at is not None
+    # The orphan was sent again: the real worker takes it over (a second attempt, by another worker) and ends it
+    # (failed here: its job's folder, with the checkpoint, does not exist).
+    taken: Report = wait_for(
+        lambda: (r := Report.objects.get(pk=orphan.pk)).state in ("succeeded", "failed") and r, 120, "the takeover"
+    )
+    assert taken.attempts == 2 and taken.worker != "dead@host:1"
+    assert reap_stale_reports() == []
