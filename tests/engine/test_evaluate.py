@@ -7,19 +7,18 @@ once for causal_lm and once for classification (label: does the document start i
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.engine.specs import merged_spec
 from workers.engine.checkpoint import CheckpointError
 from workers.engine.data import PreparedData, build_byte_tokenizer, eval_batches
 from workers.engine.evaluate import (
@@ -65,18 +64,10 @@ BASE: dict[str, Any] = {
 
 
 def make_spec(**sections: dict[str, Any]) -> Spec:
-    raw = copy.deepcopy(BASE)
-    for name, values in sections.items():
-        raw[name] = {**raw[name], **values}
-    return Spec.model_validate(raw)
+    return merged_spec(BASE, **sections)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared 2-core machine
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
 def letters_corpus(path: Path, labelled: bool) -> Path:

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
+from tests.engine.specs import merged_spec
 from workers.engine.checkpoint import save_checkpoint, verify_checkpoint
 from workers.engine.data import load_tokenizer
 from workers.engine.evaluate import load_for_inference
@@ -71,17 +71,10 @@ BASE: dict[str, Any] = {
 
 
 def make_spec(**model: Any) -> Spec:
-    raw = copy.deepcopy(BASE)
-    raw["model"].update(model)
-    return Spec.model_validate(raw)
+    return merged_spec(BASE, model=model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared 2-core machine
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.engine.specs import merged_spec
 from workers.engine.checkpoint import latest_checkpoint, verify_checkpoint
 from workers.engine.data import PreparedData, prepare
 from workers.engine.sinks import MemorySink, latest_points, read_jsonl
@@ -60,27 +60,10 @@ BASE: dict[str, Any] = {
 
 def make_spec(**sections: dict[str, Any]) -> Spec:
     """``BASE`` with nested overrides, e.g. ``make_spec(training={"plateau": {"patience": 2}})``."""
-
-    def merge(into: dict[str, Any], values: dict[str, Any]) -> None:
-        for key, value in values.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
-    raw = copy.deepcopy(BASE)
-    merge(raw, sections)
-    return Spec.model_validate(raw)
+    return merged_spec(BASE, **sections)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; on a shared 2-core machine two threads were measured ~6x
-    slower (they spin waiting for each other). Restored afterwards for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")
