@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from workers.engine.allocator import keep_freed_memory
 from workers.engine.hardware import profile_for_device
 from workers.engine.model import build_model
 from workers.engine.spec import Spec, load_spec
@@ -165,8 +166,9 @@ def measure_training(
         base = torch.cuda.memory_allocated(dev)
     else:
         base = _current_rss_bytes()
-    run = TrainingSteps(spec, dev, seed)
-    times = [run.step() for _ in range(warmup + steps)][warmup:]
+    with keep_freed_memory():  # as workers.engine.train.train runs: the time is the training run's
+        run = TrainingSteps(spec, dev, seed)
+        times = [run.step() for _ in range(warmup + steps)][warmup:]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
         process_peak = torch.cuda.max_memory_reserved(dev)

@@ -58,6 +58,7 @@ import psutil
 import torch
 from torch import nn
 
+from workers.engine.allocator import keep_freed_memory
 from workers.engine.checkpoint import (
     LoadedCheckpoint,
     checkpoint_spec,
@@ -366,7 +367,9 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     autocast = autocast_context(spec, dev)
-    with _StopSignals() as signals:
+    # Freed memory stays in the process for the run: each step re-allocates the same large buffers, and
+    # glibc would otherwise unmap and fault them in again every step (see workers.engine.allocator).
+    with _StopSignals() as signals, keep_freed_memory():
         prepared = data if isinstance(data, PreparedData) else prepare(spec, data, out / "data")
         _check_data_fits(spec, prepared)
         (out / "spec.json").write_text(spec.model_dump_json(indent=2))
