@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workers.engine import bench
+from workers.engine import model as model_module
 from workers.engine.model import (
     MoEFeedForward,
     MoETransformer,
     build_model,
-    cross_entropy,
     generate,
     grouped_matmul,
+    linear_cross_entropy,
 )
 from workers.engine.spec import Spec
 
@@ -327,15 +328,90 @@ def test_causal_lm_loss_is_shifted_cross_entropy() -> None:
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_chunked_cross_entropy_matches_torch(smoothing: float) -> None:
-    torch.manual_seed(3)
-    logits = torch.randn(700, 1500, requires_grad=True)  # several chunks
+@pytest.mark.parametrize("logits_used", [False, True])
+def test_linear_cross_entropy_matches_matmul_then_torch_cross_entropy(
+    smoothing: float, logits_used: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_module, "_HEAD_CHUNK_ELEMENTS", 64 * 1500)  # 64 rows a chunk: 11 chunks, one short
+    torch.manual_seed(4)
+    x = torch.randn(700, 48, requires_grad=True)
+    w = torch.randn(1500, 48, requires_grad=True)
     targets = torch.randint(0, 1500, (700,))
     targets[::5] = -100
-    got = cross_entropy(logits, targets, smoothing)
-    want = F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=smoothing)
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])
+
+    def total(loss: Tensor, logits: Tensor) -> Tensor:
+        # A second use of the logits (as a distillation term would be) must reach x and w through them.
+        return loss + (logits.square().mean() * 0.01 if logits_used else 0.0)
+
+    loss, logits = linear_cross_entropy(x, w, targets, smoothing)
+    got = torch.autograd.grad(total(loss, logits), (x, w))
+    ref_logits = x @ w.t()
+    ref_loss = F.cross_entropy(ref_logits, targets, ignore_index=-100, label_smoothing=smoothing)
+    want = torch.autograd.grad(total(ref_loss, ref_logits), (x, w))
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_linear_cross_entropy_with_a_frozen_head_gives_only_the_input_gradient() -> None:
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(30, 8)
+    targets = torch.randint(0, 30, (10,))
+    loss, _ = linear_cross_entropy(x, w, targets)
+    loss.backward()
+    assert x.grad is not None and w.grad is None
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x @ w.t(), targets), x)[0])
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_linear_then_fp32_loss() -> None:
+    """In a lower precision the head runs in autocast's dtype and the loss in fp32, as autocast's own path."""
+    torch.manual_seed(6)
+    x = torch.randn(300, 64, requires_grad=True)
+    w = torch.randn(700, 64, requires_grad=True)
+    targets = torch.randint(0, 700, (300,))
+    targets[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = linear_cross_entropy(x, w, targets, 0.1)
+        ref_logits = F.linear(x, w)
+    ref_loss = F.cross_entropy(ref_logits.float(), targets, ignore_index=-100, label_smoothing=0.1)
+    assert logits.dtype == ref_logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(loss, ref_loss)
+    got = torch.autograd.grad(loss, (x, w))
+    want = torch.autograd.grad(ref_loss, (x, w))
+    assert got[0].dtype == got[1].dtype == torch.float32
+    # bf16 products: the reference rounds the weight gradient to bf16 once, this sums fp32 chunks.
+    torch.testing.assert_close(got[0], want[0], atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(got[1], want[1], atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_training_forward_gives_the_gradients_of_the_plain_head_and_loss(tied: bool) -> None:
+    """With labels the model takes the fused head + loss; its gradients equal logits-then-cross-entropy."""
+    torch.manual_seed(5)
+    spec = make_spec({"tie_embeddings": tied}, label_smoothing=0.1)
+    fused = build_model(spec).train()
+    plain = build_model(spec).train()
+    plain.load_state_dict(fused.state_dict())
+    ids = torch.randint(0, 300, (2, 16))
+    labels = ids.clone()
+    labels[1, 10:] = -100
+    with torch.random.fork_rng():
+        out = fused(ids, labels=labels)
+    with torch.random.fork_rng():
+        ref = plain(ids)  # no labels: the plain head; the loss computed here as the model documents it
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    ref_task = F.cross_entropy(ref.logits.reshape(-1, 300), targets.reshape(-1), ignore_index=-100, label_smoothing=0.1)
+    assert out.loss is not None and out.task_loss is not None
+    torch.testing.assert_close(out.task_loss, ref_task)
+    torch.testing.assert_close(out.logits, ref.logits)
+    out.loss.backward()
+    (ref_task + ref.aux_loss).backward()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def test_classification_pools_the_last_real_token() -> None:

@@ -146,14 +146,13 @@ def _ffn_saved(activation: str, hidden: int) -> int:
 @dataclass(frozen=True)
 class ActivationBytes:
     """Bytes saved for backward per token: one attention sub-block, one MoE or dense feed-forward sub-block,
-    the head and loss (``head``), and the working set at the top of backward (``top``: logits' gradient).
+    and the head and loss (``head``).
     ``checkpoint_input`` is what gradient checkpointing keeps per token per layer (the block input)."""
 
     attention: float
     moe: float
     dense: float
     head: float
-    top: float
     checkpoint_input: float
     expert_rows: float  # of ``moe``: the part proportional to routed rows (top_k of them per token)
 
@@ -199,16 +198,14 @@ def activation_bytes_per_token(spec: Spec, precision: str | None = None) -> Acti
     head: float = _norm_saved(m) * _FP32 + cast_copy * C + 2 * _INT64 + mask * C  # + ids and targets
     if m.task == "causal_lm":
         V = m.vocab_size
-        head += V * low + (V * _FP32 if cast_copy else 0)  # logits (and their fp32 copy for the loss)
-        top: float = V * (_FP32 + cast_copy)  # the logits' gradient (and its low-precision copy)
-    else:
-        top = 0.0
+        # The logits. The fused head + loss (workers.engine.model.linear_cross_entropy) upcasts them for the
+        # loss and computes their gradient a chunk of ~8 MB at a time: no (N, V) fp32 copy or gradient.
+        head += V * low
     return ActivationBytes(
         attention=float(attention),
         moe=float(moe_bytes),
         dense=float(dense),
         head=float(head),
-        top=float(top),
         checkpoint_input=float(C * _FP32),
         expert_rows=float(rows),
     )
@@ -424,10 +421,10 @@ def estimate_memory(
         dense_layers = m.num_layers - m.num_moe_layers
         if not ckpt:
             saved = m.num_layers * a.attention + m.num_moe_layers * moe_block + dense_layers * a.dense + a.head
-            return int(N * (saved + a.top) * overhead), 0
+            return int(N * saved * overhead), 0
         block = a.attention + (moe_block if m.num_moe_layers else a.dense)
         kept = m.num_layers * a.checkpoint_input + a.head
-        backward = int(N * (kept + block + a.top) * overhead)
+        backward = int(N * (kept + block) * overhead)
         # At the end of the forward every block's weight copy is still cached, but no block is recomputed yet.
         forward_end = params * _FP32 + copies + int(N * kept * overhead)
         return backward, forward_end
@@ -497,7 +494,7 @@ def estimate_time(
     b = parameter_breakdown(spec)
     one_expert = b["routed_experts"] // max(1, m.num_moe_layers * m.moe.num_routed_experts)
     saved = m.num_layers * act.attention + m.num_moe_layers * act.moe
-    saved += (m.num_layers - m.num_moe_layers) * act.dense + act.head + act.top  # bytes per token
+    saved += (m.num_layers - m.num_moe_layers) * act.dense + act.head  # bytes per token
     bandwidth = hardware.bandwidth_bytes_per_s
 
     def step(imbalance: float) -> tuple[float, float]:

@@ -448,62 +448,135 @@ class MoEFeedForward(nn.Module):
 # Cross-entropy over a large vocabulary
 # ----------------------------------------------------------------------------------------------------------
 
-# Elements per chunk of the (N, V) logits: temporaries stay ~2 MB, so they are reused from the allocator's
-# heap and stay in cache instead of being fresh page-faulted (N, V) buffers.
+# Elements per chunk of the (N, V) logits in the loss: temporaries stay ~2 MB, so they are reused from the
+# allocator's heap and stay in cache instead of being fresh (N, V) buffers.
 _CE_CHUNK_ELEMENTS = 1 << 19
+# Rows per chunk of the output head's backward: ~8 MB of the logits' gradient at a time, enough rows for
+# efficient matmuls, few enough that the chunk and the head's weight gradient stay in cache between chunks.
+_HEAD_CHUNK_ELEMENTS = 1 << 21
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Mean token cross-entropy with label smoothing and ignored targets, for fp32 logits ``(N, V)``.
+def _mean_nll(logits: Tensor, targets: Tensor, smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean (label-smoothed) NLL of ``logits`` ``(N, V)``, in fp32 chunk by chunk (fp32 logits: into one small
+    reused buffer; lower-precision ones are upcast a chunk at a time).
 
-    Same value as ``F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=s)`` (but 0.0
-    rather than NaN when every target is ignored). The built-in one materialises log-probabilities, a
-    zero-filled NLL gradient and the log-softmax gradient (three (N, V) buffers); this one computes the
-    log-probabilities chunk by chunk into one small reused buffer, and its backward writes the logits'
-    gradient (softmax minus targets) once.
+    Returns ``(loss, safe targets (N,), valid (N,) bool, count of valid rows)``.
+    """
+    N, V = logits.shape
+    rows = max(1, _CE_CHUNK_ELEMENTS // V)
+    valid = targets != IGNORE_INDEX  # (N,)
+    safe = torch.where(valid, targets, 0)  # (N,) in-range index for the ignored rows too
+    buf = logits.new_empty(min(rows, N), V, dtype=torch.float32)  # log-probabilities of one chunk
+    per_row = []
+    for lg, tg in zip(logits.split(rows), safe.split(rows), strict=True):
+        logp = buf[: lg.shape[0]]
+        if lg.dtype == torch.float32:
+            torch._log_softmax(lg, -1, False, out=logp)
+        else:
+            logp = torch.log_softmax(lg, -1, dtype=torch.float32)
+        nll = -logp.gather(1, tg.unsqueeze(1)).squeeze(1)  # (rows,)
+        if smoothing > 0:
+            nll = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=-1)
+        per_row.append(nll)
+    count = valid.sum().clamp(min=1).to(torch.float32)
+    return torch.where(valid, torch.cat(per_row), 0.0).sum() / count, safe, valid, count
+
+
+def _loss_grad(buf: Tensor, logits: Tensor, safe: Tensor, scale: Tensor, smoothing: float) -> Tensor:
+    """d loss / d logits of one chunk ``(n, V)`` in fp32: (softmax - smoothed one-hot) * row scale.
+
+    Written into ``buf`` (fp32, at least n rows) when the logits are fp32.
+    """
+    n, V = logits.shape
+    if logits.dtype == torch.float32:
+        g = buf[:n]
+        torch._softmax(logits, -1, False, out=g)
+    else:
+        g = torch.softmax(logits, -1, dtype=torch.float32)
+    g.mul_(scale.unsqueeze(1))
+    if smoothing > 0:
+        g.sub_((scale * (smoothing / V)).unsqueeze(1))
+    g.scatter_add_(1, safe.unsqueeze(1), (-(1.0 - smoothing) * scale).unsqueeze(1))
+    return g
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``logits = x @ weight.T`` in ``dtype`` and their mean cross-entropy (computed in fp32), in one function.
+
+    Same values and gradients as ``F.linear`` then ``F.cross_entropy(..., ignore_index=-100,
+    label_smoothing=s)`` (but a loss of 0.0 rather than NaN when every target is ignored); in a lower
+    precision, as autocast would compute them. The backward never holds the ``(N, V)`` gradient of the logits:
+    chunk by chunk it computes the gradient of a few hundred rows and multiplies it straight into ``grad_x``
+    and ``grad_weight``. Measured in the ``make bench`` step (2,048 × 8,192 fp32 logits): writing that 64 MB
+    gradient afresh each step and reading it back for the two matmuls cost more than the matmuls; in bf16 or
+    fp16 it also drops the logits' fp32 copy and fp32 gradient that autocast's path keeps. The logits are
+    returned too and stay differentiable: a gradient that reaches them from elsewhere is added chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, targets: Tensor, smoothing: float) -> Tensor:
-        N, V = logits.shape
-        rows = max(1, _CE_CHUNK_ELEMENTS // V)
-        valid = targets != IGNORE_INDEX  # (N,)
-        safe = torch.where(valid, targets, 0)  # (N,) in-range index for the ignored rows too
-        buf = logits.new_empty(min(rows, N), V)  # log-probabilities of one chunk
-        per_row = []
-        for lg, tg in zip(logits.split(rows), safe.split(rows), strict=True):
-            logp = buf[: lg.shape[0]]
-            torch._log_softmax(lg, -1, False, out=logp)
-            nll = -logp.gather(1, tg.unsqueeze(1)).squeeze(1)  # (rows,)
-            if smoothing > 0:
-                nll = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=-1)
-            per_row.append(nll)
-        count = valid.sum().clamp(min=1).to(logits.dtype)
-        ctx.save_for_backward(logits, safe, valid, count)
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, targets: Tensor, smoothing: float, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)  # no copies in fp32
+            logits = torch.mm(xc, wc.t())  # (N, V)
+            loss, safe, valid, count = _mean_nll(logits, targets, smoothing)
+        ctx.save_for_backward(xc, wc, logits, safe, valid, count)
         ctx.smoothing = smoothing
-        return torch.where(valid, torch.cat(per_row), 0.0).sum() / count
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.set_materialize_grads(False)  # an unused logits output gives None, not an (N, V) zero tensor
+        return loss, logits
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
-        logits, safe, valid, count = ctx.saved_tensors
-        V = logits.shape[1]
-        rows = max(1, _CE_CHUNK_ELEMENTS // V)
-        smoothing: float = ctx.smoothing
-        row_scale = (grad_loss / count) * valid.to(logits.dtype)  # (N,) d loss / d per-row loss
-        grad = torch.empty_like(logits)  # (N, V)
-        for lg, gr, sc in zip(logits.split(rows), grad.split(rows), row_scale.split(rows), strict=True):
-            torch._softmax(lg, -1, False, out=gr)
-            gr.mul_(sc.unsqueeze(1))
-            if smoothing > 0:
-                gr.sub_((sc * (smoothing / V)).unsqueeze(1))
-        grad.scatter_add_(1, safe.unsqueeze(1), (-(1.0 - smoothing) * row_scale).unsqueeze(1))
-        return grad, None, None
+    def backward(
+        ctx: Any, grad_loss: Tensor | None, grad_logits: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        xc, wc, logits, safe, valid, count = ctx.saved_tensors
+        N, V = logits.shape
+        rows = max(1, _HEAD_CHUNK_ELEMENTS // V)
+        if grad_loss is None:
+            grad_loss = count.new_zeros(())
+        row_scale = (grad_loss.float() / count) * valid.float()  # (N,) d loss / d per-row loss
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = xc.new_empty(N, xc.shape[1], dtype=ctx.x_dtype) if want_x else None  # (N, C)
+        grad_w = wc.new_empty(wc.shape, dtype=ctx.w_dtype) if want_w else None  # (V, C), the first chunk writes
+        buf = logits.new_empty(min(rows, N), V, dtype=torch.float32)
+        for start in range(0, N, rows):
+            end = min(start + rows, N)
+            g = _loss_grad(buf, logits[start:end], safe[start:end], row_scale[start:end], ctx.smoothing)
+            if grad_logits is not None:
+                g.add_(grad_logits[start:end])
+            g = g.to(wc.dtype)  # (n, V): the matmuls run in the forward's precision
+            if grad_x is not None:
+                if grad_x.dtype == g.dtype:
+                    torch.mm(g, wc, out=grad_x[start:end])  # (n, V) @ (V, C)
+                else:
+                    grad_x[start:end] = torch.mm(g, wc)
+            if grad_w is not None:
+                xs = xc[start:end]
+                if grad_w.dtype == g.dtype and start == 0:
+                    torch.mm(g.t(), xs, out=grad_w)  # (V, n) @ (n, C)
+                elif grad_w.dtype == g.dtype:
+                    grad_w.addmm_(g.t(), xs)
+                elif start == 0:
+                    grad_w.copy_(torch.mm(g.t(), xs))  # summed in fp32 across chunks
+                else:
+                    grad_w.add_(torch.mm(g.t(), xs))
+        return grad_x, grad_w, None, None, None
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean cross-entropy of ``logits`` ``(N, V)`` against ``targets`` ``(N,)``, ignoring ``IGNORE_INDEX``."""
-    out: Tensor = _CrossEntropy.apply(logits.float(), targets, label_smoothing)
-    return out
+def linear_cross_entropy(
+    x: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """``(loss, logits)`` of the output head ``weight`` ``(V, C)`` on ``x`` ``(N, C)`` against ``targets`` ``(N,)``.
+
+    The matmul runs in autocast's dtype when autocast is on (logits in that dtype, as ``F.linear`` gives), in
+    ``x``'s otherwise; the loss is fp32. ``IGNORE_INDEX`` targets are ignored.
+    """
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    loss, logits = _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, dtype)
+    return loss, logits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -669,6 +742,7 @@ class MoETransformer(nn.Module):
         """
         x, aux, stats = self.hidden_states(input_ids)  # (B, T, C)
         B, T, _ = x.shape
+        task_loss: Tensor | None = None
         if self.classifier is not None:
             if attention_mask is None:
                 last = torch.full((B,), T - 1, dtype=torch.long, device=x.device)
@@ -676,11 +750,22 @@ class MoETransformer(nn.Module):
                 last = (attention_mask.long().sum(dim=1) - 1).clamp(min=0)  # (B,)
             pooled = x[torch.arange(B, device=x.device), last]  # (B, C)
             logits = self.classifier(pooled)  # (B, num_labels)
+            if labels is not None:
+                task_loss = self._classification_loss(logits, labels)
         else:
             weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-            logits = F.linear(x, weight)  # (B, T, V)
+            if labels is not None:
+                # Head and loss in one function: its backward never holds the (N, V) logits' gradient.
+                task_loss, flat = linear_cross_entropy(
+                    x.reshape(B * T, -1),
+                    weight,
+                    self._lm_targets(labels).reshape(-1),
+                    self.spec.training.label_smoothing,
+                )
+                logits = flat.view(B, T, -1)  # (B, T, V)
+            else:
+                logits = F.linear(x, weight)  # (B, T, V)
 
-        task_loss = None if labels is None else self._task_loss(logits, labels)
         loss = None if task_loss is None else task_loss + aux
         return ModelOutput(
             loss=loss,
@@ -691,12 +776,13 @@ class MoETransformer(nn.Module):
             dropped_fraction=self._dropped_fraction(stats),
         )
 
-    def _task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+    @staticmethod
+    def _lm_targets(labels: Tensor) -> Tensor:
+        """Position t predicts label t+1: shift the labels, not the logits (no copy of the (B, T, V) logits)."""
+        return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+
+    def _classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         training = self.spec.training
-        if self.task == "causal_lm":
-            # Shift the labels, not the logits: no copy of the (B, T, V) logits.
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-            return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), training.label_smoothing)
         logits = logits.float()
         if training.loss == "focal":
             # Focal loss (Lin et al.): down-weights confident examples; label smoothing does not apply.
