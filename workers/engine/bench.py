@@ -8,7 +8,10 @@ this engine runs and the JSON says so.
 
 Comparability: every model has the same vocabulary, width, depth, heads, expert width, top-k and expert
 count, untied embeddings, no shared experts, and all layers MoE, so the active parameters per token match
-(DeepSeek-V3 differs only by its multi-head latent attention, configured as below).
+(DeepSeek-V3 differs only by its multi-head latent attention, configured as below). Every model trains with
+fused AdamW (what Hugging Face's Trainer uses by default) in one process with the same allocator settings
+(freed memory kept, transparent huge pages), and transformers picks its own default kernels (recorded in
+``hugging_face_setup``: grouped_mm experts and SDPA attention in transformers 5.24).
 """
 
 from __future__ import annotations
