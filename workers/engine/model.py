@@ -539,7 +539,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         row_scale = (grad_loss.float() / count) * valid.float()  # (N,) d loss / d per-row loss
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = xc.new_empty(N, xc.shape[1], dtype=ctx.x_dtype) if want_x else None  # (N, C)
-        grad_w = wc.new_empty(wc.shape, dtype=ctx.w_dtype) if want_w else None  # (V, C), the first chunk writes
+        grad_w = None  # (V, C)
+        if want_w:  # fp32: the first chunk writes it; a lower precision sums every chunk into zeros
+            grad_w = wc.new_empty(wc.shape) if ctx.w_dtype == wc.dtype else wc.new_zeros(wc.shape, dtype=ctx.w_dtype)
         buf = logits.new_empty(min(rows, N), V, dtype=torch.float32)
         for start in range(0, N, rows):
             end = min(start + rows, N)
@@ -552,16 +554,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     torch.mm(g, wc, out=grad_x[start:end])  # (n, V) @ (V, C)
                 else:
                     grad_x[start:end] = torch.mm(g, wc)
-            if grad_w is not None:
-                xs = xc[start:end]
-                if grad_w.dtype == g.dtype and start == 0:
-                    torch.mm(g.t(), xs, out=grad_w)  # (V, n) @ (n, C)
-                elif grad_w.dtype == g.dtype:
-                    grad_w.addmm_(g.t(), xs)
-                elif start == 0:
-                    grad_w.copy_(torch.mm(g.t(), xs))  # summed in fp32 across chunks
-                else:
-                    grad_w.add_(torch.mm(g.t(), xs))
+            if grad_w is not None and grad_w.dtype == g.dtype:
+                # (V, n) @ (n, C), accumulated in place; beta 0 makes the first chunk ignore the empty buffer.
+                grad_w.addmm_(g.t(), xc[start:end], beta=float(start > 0))
+            elif grad_w is not None:
+                grad_w.add_(torch.mm(g.t(), xc[start:end]))  # lower precision: the chunks summed in fp32
         return grad_x, grad_w, None, None, None
 
 
