@@ -86,6 +86,10 @@ def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = N
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def _addmm_flops(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # (M, K) @ (K, N) added into (M, N)
+
+
 def _causal_attention_flops(q_shape: Any, k_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     B, H, T, D = q_shape
     return 2 * 2 * B * H * D * T * (T + 1) // 2  # QK^T and AV over the (T+1)/2 keys a query sees on average
@@ -114,6 +118,8 @@ def test_flops_match_the_operations_the_model_runs(name: str, checkpointing: boo
         aten._grouped_mm: _grouped_mm_flops,
         aten._scaled_dot_product_flash_attention_for_cpu: _causal_attention_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _causal_attention_backward_flops,
+        # The fused head's backward accumulates the weight gradient in place; torch counts only out-of-place addmm.
+        aten.addmm_: _addmm_flops,
     }
     with FlopCounterMode(display=False, custom_mapping=mapping) as forward_counter:
         out = model(ids, labels=ids)
