@@ -34,7 +34,7 @@ from workers.engine.evaluate import (
     routing_statistics,
     stream_generate,
 )
-from workers.engine.model import generate
+from workers.engine.generation import generate
 from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec
 from workers.engine.train import TrainResult, train

@@ -38,7 +38,8 @@ from workers.engine.export import (
     safetensors_size_bytes,
     state_dict_size_bytes,
 )
-from workers.engine.model import MoETransformer, build_model, generate
+from workers.engine.generation import generate
+from workers.engine.model import MoETransformer, build_model
 from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec, load_spec
 from workers.engine.train import train

@@ -11,16 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workers.engine import bench
-from workers.engine import model as model_module
-from workers.engine.model import (
-    MoEFeedForward,
-    MoETransformer,
-    build_model,
-    generate,
-    grouped_matmul,
-    linear_cross_entropy,
-)
+from workers.engine import bench, kernels
+from workers.engine.generation import generate
+from workers.engine.kernels import grouped_matmul, linear_cross_entropy
+from workers.engine.model import MoEFeedForward, MoETransformer, build_model
 from workers.engine.spec import Spec
 
 
@@ -332,7 +326,7 @@ def test_causal_lm_loss_is_shifted_cross_entropy() -> None:
 def test_linear_cross_entropy_matches_matmul_then_torch_cross_entropy(
     smoothing: float, logits_used: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(model_module, "_HEAD_CHUNK_ELEMENTS", 64 * 1500)  # 64 rows a chunk: 11 chunks, one short
+    monkeypatch.setattr(kernels, "_HEAD_CHUNK_ELEMENTS", 64 * 1500)  # 64 rows a chunk: 11 chunks, one short
     torch.manual_seed(4)
     x = torch.randn(700, 48, requires_grad=True)
     w = torch.randn(1500, 48, requires_grad=True)

@@ -198,7 +198,7 @@ def activation_bytes_per_token(spec: Spec, precision: str | None = None) -> Acti
     head: float = _norm_saved(m) * _FP32 + cast_copy * C + 2 * _INT64 + mask * C  # + ids and targets
     if m.task == "causal_lm":
         V = m.vocab_size
-        # The logits. The fused head + loss (workers.engine.model.linear_cross_entropy) upcasts them for the
+        # The logits. The fused head + loss (workers.engine.kernels.linear_cross_entropy) upcasts them for the
         # loss and computes their gradient a chunk of ~8 MB at a time: no (N, V) fp32 copy or gradient.
         head += V * low
     return ActivationBytes(

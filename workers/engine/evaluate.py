@@ -50,7 +50,8 @@ from workers.engine.data import (
     preparation_settings,
     prepare,
 )
-from workers.engine.model import ModelOutput, MoEFeedForward, MoETransformer, build_model, generate_tokens
+from workers.engine.generation import generate_tokens
+from workers.engine.model import ModelOutput, MoEFeedForward, MoETransformer, build_model
 from workers.engine.spec import Spec, load_spec
 from workers.engine.train import (
     EngineConfigError,

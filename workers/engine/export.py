@@ -41,7 +41,8 @@ from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from workers.engine.evaluate import load_for_inference
-from workers.engine.model import MoEFeedForward, MoEStats, MoETransformer, _activate
+from workers.engine.kernels import activate
+from workers.engine.model import MoEFeedForward, MoEStats, MoETransformer
 
 VARIANTS: dict[str, str] = {
     "pytorch_fp32": "PyTorch fp32",
@@ -84,7 +85,7 @@ class ExpertLoopMoE(MoEFeedForward):
         out = torch.zeros_like(flat)
         for e, (w_in, w_out) in enumerate(zip(self.experts_in, self.experts_out, strict=True)):
             tokens = hit[:, e].nonzero().squeeze(1)  # (M_e,) the tokens routed to expert e: a dynamic shape
-            h = _activate(w_in(flat.index_select(0, tokens)), self.activation, self.hidden)  # (M_e, H)
+            h = activate(w_in(flat.index_select(0, tokens)), self.activation, self.hidden)  # (M_e, H)
             y = w_out(h) * gates[:, e].index_select(0, tokens).unsqueeze(1).to(h.dtype)  # (M_e, C)
             out = out.index_add(0, tokens, y.to(out.dtype))
         if self.shared is not None:

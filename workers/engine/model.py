@@ -16,10 +16,13 @@ chosen top-k by a router. Routing contract:
 
 Dispatch has no Python loop over tokens or experts: one stable sort of the (token, expert) assignments by
 expert, one gather of the token rows, one ``torch.nn.functional.grouped_mm`` per projection on stacked
-``(E, in, out)`` weights, one weighted ``index_add`` back. When ``grouped_mm`` cannot be used (older torch,
-or a width whose row stride is not a multiple of 16 bytes, which the kernel requires) a custom autograd
-function runs the same per-expert matmuls into preallocated outputs, so its backward still allocates each
-weight gradient once instead of once per expert.
+``(E, in, out)`` weights, one weighted ``index_add`` back (``workers.engine.kernels.grouped_matmul``). When
+``grouped_mm`` cannot be used (older torch, or a width whose row stride is not a multiple of 16 bytes, which
+the kernel requires) a custom autograd function runs the same per-expert matmuls into preallocated outputs, so
+its backward still allocates each weight gradient once instead of once per expert.
+
+The autograd kernels (SwiGLU, rotary encoding, grouped matmul, the fused output head + cross-entropy) live in
+``workers.engine.kernels``; sampling and generation in ``workers.engine.generation``.
 
 Capacity (``moe.capacity_factor``, training mode only): each expert keeps at most
 ``ceil(capacity_factor * tokens * top_k / E)`` assignments per forward. Within an expert, assignments are
@@ -41,20 +44,23 @@ Every token is routed, padding included; the trainer masks padding out of the ta
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from workers.engine.kernels import (
+    IGNORE_INDEX,
+    activate,
+    apply_rope,
+    grouped_matmul,
+    linear_cross_entropy,
+    rope_tables,
+)
 from workers.engine.spec import ModelSpec, MoESpec, Spec
-
-IGNORE_INDEX = -100
-
-_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 @dataclass
@@ -90,39 +96,6 @@ def ffn_in_width(activation: str, hidden: int) -> int:
     return 2 * hidden if activation == "swiglu" else hidden
 
 
-class _SwiGLU(torch.autograd.Function):
-    """``silu(h[..., :H]) * h[..., H:]`` with a backward that writes both halves of one gradient.
-
-    Autograd's own backward of the two slices materialises two zero-filled full-width gradients and adds
-    them; this one makes four elementwise passes and no zero fill.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, hidden: int) -> Tensor:
-        ctx.save_for_backward(h)
-        ctx.hidden = hidden
-        return F.silu(h[..., :hidden]) * h[..., hidden:]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (h,) = ctx.saved_tensors
-        gate, up = h[..., : ctx.hidden], h[..., ctx.hidden :]
-        grad_h = torch.empty_like(h)
-        torch.mul(grad, F.silu(gate), out=grad_h[..., ctx.hidden :])
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_h[..., : ctx.hidden])
-        return grad_h, None
-
-
-def _activate(h: Tensor, activation: str, hidden: int) -> Tensor:
-    """Apply the feed-forward nonlinearity to the input projection's output ``(..., in_width)``."""
-    if activation == "swiglu":
-        out: Tensor = _SwiGLU.apply(h, hidden)
-        return out
-    if activation == "gelu":
-        return F.gelu(h)
-    return F.relu(h)
-
-
 class FeedForward(nn.Module):
     """A dense feed-forward (also the fused shared experts: ``hidden = num_shared * expert_hidden``)."""
 
@@ -134,48 +107,7 @@ class FeedForward(nn.Module):
         self.w_out = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., C) -> (..., C)
-        return self.w_out(_activate(self.w_in(x), self.activation, self.hidden))
-
-
-def _rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables ``(max_len, head_dim // 2)`` for the rotate-half rotary encoding."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half rotary map of ``x`` ``(B, T, H, D)`` by angles with ``cos``/``sin`` ``(T, 1, D/2)``."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
-    o1, o2 = out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1.0)  # x1 cos - x2 sin
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)  # x2 cos + x1 sin
-    return out
-
-
-class _Rope(torch.autograd.Function):
-    """Rotary encoding; a rotation's transpose is the rotation by the opposite angle, so the backward is
-    the same kernel with ``-sin``: no saved activations and no autograd graph of slices and cats."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` ``(B, T, H, D)`` by position; ``cos``/``sin`` are ``(T, D/2)`` for those positions."""
-    out: Tensor = _Rope.apply(x, cos[:, None, :], sin[:, None, :])  # tables broadcast over heads
-    return out
+        return self.w_out(activate(self.w_in(x), self.activation, self.hidden))
 
 
 class KVCache:
@@ -236,76 +168,6 @@ class Attention(nn.Module):
             enable_gqa=KV != H,
         )  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Grouped expert matmul
-# ----------------------------------------------------------------------------------------------------------
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    grouped_mm's CPU backward rejects stride-0 gradients (e.g. the expanded gradient of ``y.sum()``).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad.contiguous()
-
-
-class _LoopGroupedMM(torch.autograd.Function):
-    """``out[rows of e] = x[rows of e] @ w[e]`` with a hand-written backward (fallback for grouped_mm).
-
-    Indexing ``w[e]`` happens outside autograd, so the backward writes one ``(E, K, N)`` weight gradient
-    instead of a full-size gradient per expert (which would cost O(E^2) memory traffic).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
-        out = x.new_empty(x.shape[0], w.shape[2])
-        for e, (xs, os) in enumerate(zip(x.split(sizes), out.split(sizes), strict=True)):
-            if xs.shape[0]:
-                torch.mm(xs, w[e], out=os)
-        ctx.save_for_backward(x, w)
-        ctx.sizes = sizes
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, w = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(w)  # an expert with no rows gets a zero gradient
-        for e, (xs, gs, gxs) in enumerate(
-            zip(x.split(ctx.sizes), grad.split(ctx.sizes), grad_x.split(ctx.sizes), strict=True)
-        ):
-            if xs.shape[0]:
-                torch.mm(gs, w[e].t(), out=gxs)
-                torch.mm(xs.t(), gs, out=grad_w[e])
-        return grad_x, grad_w, None
-
-
-def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
-    """grouped_mm needs every row stride to be a multiple of 16 bytes."""
-    size = x.element_size()
-    return _HAS_GROUPED_MM and (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
-
-
-def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    """Rows of ``x`` ``(M, K)`` sorted by group, ``counts[e]`` rows for group ``e``; ``w`` is ``(E, K, N)``.
-
-    Returns ``(M, N)`` with ``out[rows of e] = x[rows of e] @ w[e]``. ``counts`` must sum to ``M``.
-    """
-    if _grouped_mm_ok(x, w):
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end of each group
-        return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
-    out: Tensor = _LoopGroupedMM.apply(x, w, counts.tolist())
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,7 +285,7 @@ class MoEFeedForward(nn.Module):
             # grouped_mm is not autocast-aware: cast to the autocast dtype ourselves.
             dtype = torch.get_autocast_dtype(x.device.type)
             xs, w_in, w_out = xs.to(dtype), w_in.to(dtype), w_out.to(dtype)
-        h = _activate(grouped_matmul(xs, w_in, kept), self.activation, self.hidden)  # (M, H)
+        h = activate(grouped_matmul(xs, w_in, kept), self.activation, self.hidden)  # (M, H)
         ys = grouped_matmul(h, w_out, kept)  # (M, C)
         gate = weights.reshape(-1).index_select(0, order)  # (M,) routing weight of each kept assignment
         ys = ys * gate.unsqueeze(1).to(ys.dtype)
@@ -442,138 +304,6 @@ class MoEFeedForward(nn.Module):
         if moe.router_z_loss_coef > 0:
             aux = aux + moe.router_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
         return out, MoEStats(aux=aux, routed=routed, kept=kept)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Cross-entropy over a large vocabulary
-# ----------------------------------------------------------------------------------------------------------
-
-# Elements per chunk of the (N, V) logits in the loss: temporaries stay ~2 MB, so they are reused from the
-# allocator's heap and stay in cache instead of being fresh (N, V) buffers.
-_CE_CHUNK_ELEMENTS = 1 << 19
-# Rows per chunk of the output head's backward: ~8 MB of the logits' gradient at a time, enough rows for
-# efficient matmuls, few enough that the chunk and the head's weight gradient stay in cache between chunks.
-_HEAD_CHUNK_ELEMENTS = 1 << 21
-
-
-def _mean_nll(logits: Tensor, targets: Tensor, smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean (label-smoothed) NLL of ``logits`` ``(N, V)``, in fp32 chunk by chunk (fp32 logits: into one small
-    reused buffer; lower-precision ones are upcast a chunk at a time).
-
-    Returns ``(loss, safe targets (N,), valid (N,) bool, count of valid rows)``.
-    """
-    N, V = logits.shape
-    rows = max(1, _CE_CHUNK_ELEMENTS // V)
-    valid = targets != IGNORE_INDEX  # (N,)
-    safe = torch.where(valid, targets, 0)  # (N,) in-range index for the ignored rows too
-    buf = logits.new_empty(min(rows, N), V, dtype=torch.float32)  # log-probabilities of one chunk
-    per_row = []
-    for lg, tg in zip(logits.split(rows), safe.split(rows), strict=True):
-        logp = buf[: lg.shape[0]]
-        if lg.dtype == torch.float32:
-            torch._log_softmax(lg, -1, False, out=logp)
-        else:
-            logp = torch.log_softmax(lg, -1, dtype=torch.float32)
-        nll = -logp.gather(1, tg.unsqueeze(1)).squeeze(1)  # (rows,)
-        if smoothing > 0:
-            nll = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=-1)
-        per_row.append(nll)
-    count = valid.sum().clamp(min=1).to(torch.float32)
-    return torch.where(valid, torch.cat(per_row), 0.0).sum() / count, safe, valid, count
-
-
-def _loss_grad(buf: Tensor, logits: Tensor, safe: Tensor, scale: Tensor, smoothing: float) -> Tensor:
-    """d loss / d logits of one chunk ``(n, V)`` in fp32: (softmax - smoothed one-hot) * row scale.
-
-    Written into ``buf`` (fp32, at least n rows) when the logits are fp32.
-    """
-    n, V = logits.shape
-    if logits.dtype == torch.float32:
-        g = buf[:n]
-        torch._softmax(logits, -1, False, out=g)
-    else:
-        g = torch.softmax(logits, -1, dtype=torch.float32)
-    g.mul_(scale.unsqueeze(1))
-    if smoothing > 0:
-        g.sub_((scale * (smoothing / V)).unsqueeze(1))
-    g.scatter_add_(1, safe.unsqueeze(1), (-(1.0 - smoothing) * scale).unsqueeze(1))
-    return g
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """``logits = x @ weight.T`` in ``dtype`` and their mean cross-entropy (computed in fp32), in one function.
-
-    Same values and gradients as ``F.linear`` then ``F.cross_entropy(..., ignore_index=-100,
-    label_smoothing=s)`` (but a loss of 0.0 rather than NaN when every target is ignored); in a lower
-    precision, as autocast would compute them. The backward never holds the ``(N, V)`` gradient of the logits:
-    chunk by chunk it computes the gradient of a few hundred rows and multiplies it straight into ``grad_x``
-    and ``grad_weight``. Measured in the ``make bench`` step (2,048 × 8,192 fp32 logits): writing that 64 MB
-    gradient afresh each step and reading it back for the two matmuls cost more than the matmuls; in bf16 or
-    fp16 it also drops the logits' fp32 copy and fp32 gradient that autocast's path keeps. The logits are
-    returned too and stay differentiable: a gradient that reaches them from elsewhere is added chunk by chunk.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, weight: Tensor, targets: Tensor, smoothing: float, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        with torch.autocast(x.device.type, enabled=False):
-            xc, wc = x.to(dtype), weight.to(dtype)  # no copies in fp32
-            logits = torch.mm(xc, wc.t())  # (N, V)
-            loss, safe, valid, count = _mean_nll(logits, targets, smoothing)
-        ctx.save_for_backward(xc, wc, logits, safe, valid, count)
-        ctx.smoothing = smoothing
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        ctx.set_materialize_grads(False)  # an unused logits output gives None, not an (N, V) zero tensor
-        return loss, logits
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_loss: Tensor | None, grad_logits: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        xc, wc, logits, safe, valid, count = ctx.saved_tensors
-        N, V = logits.shape
-        rows = max(1, _HEAD_CHUNK_ELEMENTS // V)
-        if grad_loss is None:
-            grad_loss = count.new_zeros(())
-        row_scale = (grad_loss.float() / count) * valid.float()  # (N,) d loss / d per-row loss
-        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = xc.new_empty(N, xc.shape[1], dtype=ctx.x_dtype) if want_x else None  # (N, C)
-        grad_w = None  # (V, C)
-        if want_w:  # fp32: the first chunk writes it; a lower precision sums every chunk into zeros
-            grad_w = wc.new_empty(wc.shape) if ctx.w_dtype == wc.dtype else wc.new_zeros(wc.shape, dtype=ctx.w_dtype)
-        buf = logits.new_empty(min(rows, N), V, dtype=torch.float32)
-        for start in range(0, N, rows):
-            end = min(start + rows, N)
-            g = _loss_grad(buf, logits[start:end], safe[start:end], row_scale[start:end], ctx.smoothing)
-            if grad_logits is not None:
-                g.add_(grad_logits[start:end])
-            g = g.to(wc.dtype)  # (n, V): the matmuls run in the forward's precision
-            if grad_x is not None:
-                if grad_x.dtype == g.dtype:
-                    torch.mm(g, wc, out=grad_x[start:end])  # (n, V) @ (V, C)
-                else:
-                    grad_x[start:end] = torch.mm(g, wc)
-            if grad_w is not None and grad_w.dtype == g.dtype:
-                # (V, n) @ (n, C), accumulated in place; beta 0 makes the first chunk ignore the empty buffer.
-                grad_w.addmm_(g.t(), xc[start:end], beta=float(start > 0))
-            elif grad_w is not None:
-                grad_w.add_(torch.mm(g.t(), xc[start:end]))  # lower precision: the chunks summed in fp32
-        return grad_x, grad_w, None, None, None
-
-
-def linear_cross_entropy(
-    x: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """``(loss, logits)`` of the output head ``weight`` ``(V, C)`` on ``x`` ``(N, C)`` against ``targets`` ``(N,)``.
-
-    The matmul runs in autocast's dtype when autocast is on (logits in that dtype, as ``F.linear`` gives), in
-    ``x``'s otherwise; the loss is fp32. ``IGNORE_INDEX`` targets are ignored.
-    """
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    loss, logits = _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, dtype)
-    return loss, logits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -627,7 +357,7 @@ class MoETransformer(nn.Module):
             self.classifier = nn.Linear(m.hidden_size, m.num_labels)
         elif not m.tie_embeddings:
             self.lm_head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
-        cos, sin = _rope_tables(m.head_dim, m.max_seq_len, m.rope_theta)
+        cos, sin = rope_tables(m.head_dim, m.max_seq_len, m.rope_theta)
         # Not persistent: derived from the spec, so checkpoints need not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -807,103 +537,3 @@ class MoETransformer(nn.Module):
 def build_model(spec: Spec) -> MoETransformer:
     """The model described by ``spec.model``, randomly initialised with ``spec.model.init_std``."""
     return MoETransformer(spec)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Generation
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _sample(
-    logits: Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """Next token ids ``(B,)`` from last-position logits ``(B, V)``. ``temperature <= 0`` is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p (the best token always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-@torch.no_grad()
-def generate_tokens(
-    model: MoETransformer,
-    input_ids: Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-) -> Generator[Tensor, None, None]:
-    """Yield the next token ids ``(B,)`` of ``input_ids`` ``(B, T)`` (unpadded prompts of one length), one
-    step at a time, up to ``max_new_tokens`` steps: what ``generate`` concatenates, and what a playground
-    streams.
-
-    Uses a KV cache. Once the sequence would exceed ``max_seq_len``, each step re-reads the last
-    ``max_seq_len`` tokens without a cache (a sliding window). A sequence that produced ``eos_id``
-    keeps emitting ``eos_id``; the iteration stops early once all have (after yielding that step). Runs in
-    eval mode and restores the model's mode when the iteration ends or the iterator is closed.
-    """
-    if model.task != "causal_lm":
-        raise ValueError("generate needs a causal_lm model")
-    was_training = model.training
-    model.eval()
-    try:
-        max_len = model.spec.model.max_seq_len
-        weight = model.embed.weight if model.lm_head is None else model.lm_head.weight
-        tokens = input_ids
-        caches: list[KVCache] | None = [KVCache() for _ in model.layers]
-        pending = input_ids[:, -max_len:]  # tokens not yet in the cache
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            if caches is not None and caches[0].length + pending.shape[1] > max_len:
-                caches = None  # past the position table: fall back to a sliding window
-            if caches is None:
-                pending = tokens[:, -max_len:]
-            x, _, _ = model.hidden_states(pending, caches)
-            logits = F.linear(x[:, -1], weight)  # (B, V)
-            nxt = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_id is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
-                finished |= nxt == eos_id
-            tokens = torch.cat((tokens, nxt.unsqueeze(1)), dim=1)
-            pending = nxt.unsqueeze(1)
-            yield nxt
-            if eos_id is not None and bool(finished.all()):
-                break
-    finally:
-        model.train(was_training)
-
-
-def generate(
-    model: MoETransformer,
-    input_ids: Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Extend ``input_ids`` ``(B, T)`` (unpadded prompts of one length) by up to ``max_new_tokens``.
-
-    The steps of ``generate_tokens`` (KV cache, sliding window past ``max_seq_len``, ``eos_id`` handling,
-    eval mode restored afterwards), concatenated. Returns ``(B, T + generated)``.
-    """
-    steps = generate_tokens(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
-    return torch.cat((input_ids, *(nxt.unsqueeze(1) for nxt in steps)), dim=1)

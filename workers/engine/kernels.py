@@ -1,0 +1,312 @@
+"""The engine's custom autograd functions and kernels: what ``workers.engine.model`` runs on.
+
+Each one computes exactly what the plain PyTorch composition would (the model's tests compare them), with a
+backward that allocates less or makes fewer passes:
+
+- ``activate``: the feed-forward nonlinearity; SwiGLU's backward writes both halves of one gradient;
+- ``rope_tables`` / ``apply_rope``: rotary position encoding whose backward is the same rotation by the
+  opposite angle (no saved activations);
+- ``grouped_matmul``: per-expert matmuls over rows sorted by expert, with ``torch.nn.functional.grouped_mm``
+  where it applies and a loop with a hand-written backward where it does not (older torch, or a width whose row
+  stride is not a multiple of 16 bytes);
+- ``linear_cross_entropy``: the output head and its cross-entropy in one function, whose backward never holds
+  the ``(N, V)`` gradient of the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100  # targets the loss skips
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feed-forward activation
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(h[..., :H]) * h[..., H:]`` with a backward that writes both halves of one gradient.
+
+    Autograd's own backward of the two slices materialises two zero-filled full-width gradients and adds
+    them; this one makes four elementwise passes and no zero fill.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, hidden: int) -> Tensor:
+        ctx.save_for_backward(h)
+        ctx.hidden = hidden
+        return F.silu(h[..., :hidden]) * h[..., hidden:]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (h,) = ctx.saved_tensors
+        gate, up = h[..., : ctx.hidden], h[..., ctx.hidden :]
+        grad_h = torch.empty_like(h)
+        torch.mul(grad, F.silu(gate), out=grad_h[..., ctx.hidden :])
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_h[..., : ctx.hidden])
+        return grad_h, None
+
+
+def activate(h: Tensor, activation: str, hidden: int) -> Tensor:
+    """Apply the feed-forward nonlinearity to the input projection's output ``(..., in_width)``."""
+    if activation == "swiglu":
+        out: Tensor = _SwiGLU.apply(h, hidden)
+        return out
+    if activation == "gelu":
+        return F.gelu(h)
+    return F.relu(h)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position encoding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables ``(max_len, head_dim // 2)`` for the rotate-half rotary encoding."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half rotary map of ``x`` ``(B, T, H, D)`` by angles with ``cos``/``sin`` ``(T, 1, D/2)``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)  # x2 cos + x1 sin
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """Rotary encoding; a rotation's transpose is the rotation by the opposite angle, so the backward is
+    the same kernel with ``-sin``: no saved activations and no autograd graph of slices and cats."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``(B, T, H, D)`` by position; ``cos``/``sin`` are ``(T, D/2)`` for those positions."""
+    out: Tensor = _Rope.apply(x, cos[:, None, :], sin[:, None, :])  # tables broadcast over heads
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grouped expert matmul
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    grouped_mm's CPU backward rejects stride-0 gradients (e.g. the expanded gradient of ``y.sum()``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+class _LoopGroupedMM(torch.autograd.Function):
+    """``out[rows of e] = x[rows of e] @ w[e]`` with a hand-written backward (fallback for grouped_mm).
+
+    Indexing ``w[e]`` happens outside autograd, so the backward writes one ``(E, K, N)`` weight gradient
+    instead of a full-size gradient per expert (which would cost O(E^2) memory traffic).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
+        out = x.new_empty(x.shape[0], w.shape[2])
+        for e, (xs, os) in enumerate(zip(x.split(sizes), out.split(sizes), strict=True)):
+            if xs.shape[0]:
+                torch.mm(xs, w[e], out=os)
+        ctx.save_for_backward(x, w)
+        ctx.sizes = sizes
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(w)  # an expert with no rows gets a zero gradient
+        for e, (xs, gs, gxs) in enumerate(
+            zip(x.split(ctx.sizes), grad.split(ctx.sizes), grad_x.split(ctx.sizes), strict=True)
+        ):
+            if xs.shape[0]:
+                torch.mm(gs, w[e].t(), out=gxs)
+                torch.mm(xs.t(), gs, out=grad_w[e])
+        return grad_x, grad_w, None
+
+
+def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
+    """grouped_mm needs every row stride to be a multiple of 16 bytes."""
+    size = x.element_size()
+    return _HAS_GROUPED_MM and (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
+
+
+def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Rows of ``x`` ``(M, K)`` sorted by group, ``counts[e]`` rows for group ``e``; ``w`` is ``(E, K, N)``.
+
+    Returns ``(M, N)`` with ``out[rows of e] = x[rows of e] @ w[e]``. ``counts`` must sum to ``M``.
+    """
+    if _grouped_mm_ok(x, w):
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end of each group
+        return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
+    out: Tensor = _LoopGroupedMM.apply(x, w, counts.tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-entropy over a large vocabulary
+# ----------------------------------------------------------------------------------------------------------
+
+# Elements per chunk of the (N, V) logits in the loss: temporaries stay ~2 MB, so they are reused from the
+# allocator's heap and stay in cache instead of being fresh (N, V) buffers.
+_CE_CHUNK_ELEMENTS = 1 << 19
+# Rows per chunk of the output head's backward: ~8 MB of the logits' gradient at a time, enough rows for
+# efficient matmuls, few enough that the chunk and the head's weight gradient stay in cache between chunks.
+_HEAD_CHUNK_ELEMENTS = 1 << 21
+
+
+def _mean_nll(logits: Tensor, targets: Tensor, smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean (label-smoothed) NLL of ``logits`` ``(N, V)``, in fp32 chunk by chunk (fp32 logits: into one small
+    reused buffer; lower-precision ones are upcast a chunk at a time).
+
+    Returns ``(loss, safe targets (N,), valid (N,) bool, count of valid rows)``.
+    """
+    N, V = logits.shape
+    rows = max(1, _CE_CHUNK_ELEMENTS // V)
+    valid = targets != IGNORE_INDEX  # (N,)
+    safe = torch.where(valid, targets, 0)  # (N,) in-range index for the ignored rows too
+    buf = logits.new_empty(min(rows, N), V, dtype=torch.float32)  # log-probabilities of one chunk
+    per_row = []
+    for lg, tg in zip(logits.split(rows), safe.split(rows), strict=True):
+        logp = buf[: lg.shape[0]]
+        if lg.dtype == torch.float32:
+            torch._log_softmax(lg, -1, False, out=logp)
+        else:
+            logp = torch.log_softmax(lg, -1, dtype=torch.float32)
+        nll = -logp.gather(1, tg.unsqueeze(1)).squeeze(1)  # (rows,)
+        if smoothing > 0:
+            nll = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=-1)
+        per_row.append(nll)
+    count = valid.sum().clamp(min=1).to(torch.float32)
+    return torch.where(valid, torch.cat(per_row), 0.0).sum() / count, safe, valid, count
+
+
+def _loss_grad(buf: Tensor, logits: Tensor, safe: Tensor, scale: Tensor, smoothing: float) -> Tensor:
+    """d loss / d logits of one chunk ``(n, V)`` in fp32: (softmax - smoothed one-hot) * row scale.
+
+    Written into ``buf`` (fp32, at least n rows) when the logits are fp32.
+    """
+    n, V = logits.shape
+    if logits.dtype == torch.float32:
+        g = buf[:n]
+        torch._softmax(logits, -1, False, out=g)
+    else:
+        g = torch.softmax(logits, -1, dtype=torch.float32)
+    g.mul_(scale.unsqueeze(1))
+    if smoothing > 0:
+        g.sub_((scale * (smoothing / V)).unsqueeze(1))
+    g.scatter_add_(1, safe.unsqueeze(1), (-(1.0 - smoothing) * scale).unsqueeze(1))
+    return g
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``logits = x @ weight.T`` in ``dtype`` and their mean cross-entropy (computed in fp32), in one function.
+
+    Same values and gradients as ``F.linear`` then ``F.cross_entropy(..., ignore_index=-100,
+    label_smoothing=s)`` (but a loss of 0.0 rather than NaN when every target is ignored); in a lower
+    precision, as autocast would compute them. The backward never holds the ``(N, V)`` gradient of the logits:
+    chunk by chunk it computes the gradient of a few hundred rows and multiplies it straight into ``grad_x``
+    and ``grad_weight``. Measured in the ``make bench`` step (2,048 × 8,192 fp32 logits): writing that 64 MB
+    gradient afresh each step and reading it back for the two matmuls cost more than the matmuls; in bf16 or
+    fp16 it also drops the logits' fp32 copy and fp32 gradient that autocast's path keeps. The logits are
+    returned too and stay differentiable: a gradient that reaches them from elsewhere is added chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, targets: Tensor, smoothing: float, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)  # no copies in fp32
+            logits = torch.mm(xc, wc.t())  # (N, V)
+            loss, safe, valid, count = _mean_nll(logits, targets, smoothing)
+        ctx.save_for_backward(xc, wc, logits, safe, valid, count)
+        ctx.smoothing = smoothing
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.set_materialize_grads(False)  # an unused logits output gives None, not an (N, V) zero tensor
+        return loss, logits
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_loss: Tensor | None, grad_logits: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        xc, wc, logits, safe, valid, count = ctx.saved_tensors
+        N, V = logits.shape
+        rows = max(1, _HEAD_CHUNK_ELEMENTS // V)
+        if grad_loss is None:
+            grad_loss = count.new_zeros(())
+        row_scale = (grad_loss.float() / count) * valid.float()  # (N,) d loss / d per-row loss
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = xc.new_empty(N, xc.shape[1], dtype=ctx.x_dtype) if want_x else None  # (N, C)
+        grad_w = None  # (V, C)
+        if want_w:  # fp32: the first chunk writes it; a lower precision sums every chunk into zeros
+            grad_w = wc.new_empty(wc.shape) if ctx.w_dtype == wc.dtype else wc.new_zeros(wc.shape, dtype=ctx.w_dtype)
+        buf = logits.new_empty(min(rows, N), V, dtype=torch.float32)
+        for start in range(0, N, rows):
+            end = min(start + rows, N)
+            g = _loss_grad(buf, logits[start:end], safe[start:end], row_scale[start:end], ctx.smoothing)
+            if grad_logits is not None:
+                g.add_(grad_logits[start:end])
+            g = g.to(wc.dtype)  # (n, V): the matmuls run in the forward's precision
+            if grad_x is not None:
+                if grad_x.dtype == g.dtype:
+                    torch.mm(g, wc, out=grad_x[start:end])  # (n, V) @ (V, C)
+                else:
+                    grad_x[start:end] = torch.mm(g, wc)
+            if grad_w is not None and grad_w.dtype == g.dtype:
+                # (V, n) @ (n, C), accumulated in place; beta 0 makes the first chunk ignore the empty buffer.
+                grad_w.addmm_(g.t(), xc[start:end], beta=float(start > 0))
+            elif grad_w is not None:
+                grad_w.add_(torch.mm(g.t(), xc[start:end]))  # lower precision: the chunks summed in fp32
+        return grad_x, grad_w, None, None, None
+
+
+def linear_cross_entropy(
+    x: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """``(loss, logits)`` of the output head ``weight`` ``(V, C)`` on ``x`` ``(N, C)`` against ``targets`` ``(N,)``.
+
+    The matmul runs in autocast's dtype when autocast is on (logits in that dtype, as ``F.linear`` gives), in
+    ``x``'s otherwise; the loss is fp32. ``IGNORE_INDEX`` targets are ignored.
+    """
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    loss, logits = _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, dtype)
+    return loss, logits
