@@ -8,8 +8,16 @@ from typing import Any
 import pytest
 
 from builder.configs.presets import PRESETS
+from workers.engine import lint as lint_module
 from workers.engine.hardware import get_profile
-from workers.engine.lint import lint, lint_raw, spec_ignoring_cross_field_rules, typical_learning_rate
+from workers.engine.lint import (
+    RULES,
+    LintContext,
+    lint,
+    lint_raw,
+    spec_ignoring_cross_field_rules,
+    typical_learning_rate,
+)
 from workers.engine.spec import Spec
 
 
@@ -115,3 +123,30 @@ def test_typical_learning_rates_fall_with_size() -> None:
     assert typical_learning_rate(int(1.25e8)) == pytest.approx(6e-4)
     assert typical_learning_rate(int(1.3e9)) == pytest.approx(2e-4)
     assert typical_learning_rate(10) == pytest.approx(3e-3)
+
+
+def test_the_registry_holds_every_rule_once_and_each_advice_code_belongs_to_one_rule() -> None:
+    defined = [f for name, f in vars(lint_module).items() if name.startswith("rule_") and callable(f)]
+    registered = [r.check for r in RULES]
+    assert len(registered) == len(defined) and set(registered) == set(defined)  # each defined rule, once
+    names = [r.name for r in RULES]
+    assert len(set(names)) == len(names)
+    all_codes = [code for r in RULES for code in r.codes]
+    assert len(set(all_codes)) == len(all_codes)
+    # A rule gives only the codes it declared (on specs that make most rules speak).
+    raws = [
+        spec(model={"hidden_size": 250, "num_heads": 3, "num_kv_heads": 2, "activation": "gelu"}),
+        spec(model={"vocab_size": 50265, "moe": {"num_routed_experts": 6, "top_k": 6, "capacity_factor": 0.5}}),
+        spec(training={"schedule": {"warmup_steps": 0, "kind": "constant"}, "grad_clip": None}),
+        spec(training={"precision": "fp16", "eval_interval": 5000, "checkpoint_interval": 5000}),
+        AUX_HIGH,
+    ]
+    seen: set[str] = set()
+    for raw in raws:
+        for hardware in (None, T4, CPU, get_profile("a100-80gb")):
+            ctx = LintContext(spec_ignoring_cross_field_rules(raw), hardware, 4, 10_000)
+            for r in RULES:
+                given = {a.code for a in r.check(ctx)}
+                assert given <= set(r.codes), r.name
+                seen |= given
+    assert len(seen) > len(RULES) // 2

@@ -4,6 +4,11 @@ Pure Python (the web tier calls it on every keystroke of the editor). ``lint(spe
 items: ``path`` names the field to change, ``message`` says what is wrong and why, ``fix`` says what to set,
 and ``patch`` (when one value fixes it) maps dotted paths to the suggested values so a page can apply it.
 
+Each rule of thumb is a small function registered with ``@rule(codes...)`` (as Django's system checks are):
+it looks at a ``LintContext`` (the spec and what the caller knows of the hardware and the data) and yields the
+``Advice`` it has, with the codes it declared. ``lint`` runs every rule in ``RULES``, in the order they are
+defined here, then puts warnings first; a new rule is one more function below.
+
 A spec that breaks a cross-field rule of ``workers.engine.spec`` cannot be validated, yet people still need
 advice on it: ``lint_raw(raw)`` builds the spec from its separately validated sections (skipping only the
 cross-field rules) and lints that. The validation error still blocks saving; the advice says what to choose.
@@ -13,7 +18,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -94,6 +101,72 @@ def _round_up(value: int, multiple: int) -> int:
     return ((value + multiple - 1) // multiple) * multiple
 
 
+@dataclass
+class LintContext:
+    """What a rule looks at: the spec, and what the caller knows of where and on what it will train.
+
+    ``hardware``/``num_gpus`` are for the device rules (no hardware: those rules say nothing) and
+    ``dataset_tokens`` (tokens in the training data; None when unknown) for the data-budget rules.
+    """
+
+    spec: Spec
+    hardware: HardwareProfile | None = None
+    num_gpus: int = 1
+    dataset_tokens: int | None = None
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.spec.model
+
+    @property
+    def training(self) -> TrainingSpec:
+        return self.spec.training
+
+    @property
+    def data(self) -> DataSpec:
+        return self.spec.data
+
+    @cached_property
+    def breakdown(self) -> dict[str, int] | None:
+        """``parameter_breakdown(spec)``, computed once for every rule; None when ``top_k`` exceeds the number
+        of routed experts, where parameter counts mean nothing (``top_k_above_experts`` says so)."""
+        moe = self.spec.model.moe
+        return parameter_breakdown(self.spec) if moe.top_k <= moe.num_routed_experts else None
+
+    @property
+    def data_budget(self) -> tuple[int, int] | None:
+        """``(dataset_tokens, total parameters)`` for the data-budget rules; None when either is unknown (no or
+        empty data, or no parameter count)."""
+        if self.dataset_tokens is None or self.dataset_tokens <= 0 or self.breakdown is None:
+            return None
+        return self.dataset_tokens, self.breakdown["total"]
+
+
+RuleCheck = Callable[[LintContext], Iterable[Advice]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One registered rule: ``name`` (its function's name without ``rule_``) and the advice ``codes`` it gives."""
+
+    name: str
+    codes: tuple[str, ...]
+    check: RuleCheck
+
+
+RULES: list[Rule] = []  # in the order of definition: the order of lint()'s advice within a severity
+
+
+def rule(*codes: str) -> Callable[[RuleCheck], RuleCheck]:
+    """Register the decorated ``rule_<name>(ctx)`` as a lint rule that may give advice with ``codes``."""
+
+    def register(check: RuleCheck) -> RuleCheck:
+        RULES.append(Rule(check.__name__.removeprefix("rule_"), codes, check))
+        return check
+
+    return register
+
+
 def lint(
     spec: Spec,
     *,
@@ -103,18 +176,21 @@ def lint(
 ) -> list[Advice]:
     """All advice for ``spec`` (warnings first). ``hardware``/``num_gpus`` enable the device checks and
     ``dataset_tokens`` (tokens in the training data) the data-budget checks."""
-    m, moe, t, d = spec.model, spec.model.moe, spec.training, spec.data
-    out: list[Advice] = []
+    ctx = LintContext(spec, hardware, num_gpus, dataset_tokens)
+    out = [advice for registered in RULES for advice in registered.check(ctx)]
+    out.sort(key=lambda a: 0 if a.severity == "warning" else 1)  # stable: rule order within a severity
+    return out
 
-    def add(
-        code: str, severity: Severity, path: str, message: str, fix: str, patch: dict[str, Any] | None = None
-    ) -> None:
-        out.append(Advice(code, severity, path, message, fix, patch or {}))
 
-    # -- shape ---------------------------------------------------------------------------------------------
+# -- shape -------------------------------------------------------------------------------------------------
+
+
+@rule("heads_divide_hidden", "head_dim_multiple_of_8", "head_dim_small")
+def rule_head_shape(ctx: LintContext) -> Iterator[Advice]:
+    m = ctx.model
     choices = _head_choices(m.hidden_size, m.num_heads)
     if m.hidden_size % m.num_heads:
-        add(
+        yield Advice(
             "heads_divide_hidden",
             "warning",
             "model.num_heads",
@@ -132,7 +208,7 @@ def lint(
             },
         )
     elif m.head_dim % 8:
-        add(
+        yield Advice(
             "head_dim_multiple_of_8",
             "warning",
             "model.num_heads",
@@ -140,22 +216,27 @@ def lint(
             "attention kernels and tensor cores work on blocks of 8 (16 bytes in half precision) and fall back "
             "to slower paths.",
             f"Use {_heads_phrase(m.hidden_size, choices)}" if choices else "Use a hidden size divisible by 8.",
-            {"model.num_heads": choices[0]} if choices else None,
+            {"model.num_heads": choices[0]} if choices else {},
         )
     elif m.head_dim < 32 and m.hidden_size >= 256:
-        add(
+        yield Advice(
             "head_dim_small",
             "info",
             "model.num_heads",
             f"Heads of dimension {m.head_dim} are small: below 32 each head's attention pattern gets noisy, and "
             "attention time grows with the number of heads.",
             "Use fewer, wider heads (64 or 128 dimensions is usual).",
-            {"model.num_heads": max(1, m.hidden_size // 64)} if m.hidden_size % 64 == 0 else None,
+            {"model.num_heads": max(1, m.hidden_size // 64)} if m.hidden_size % 64 == 0 else {},
         )
+
+
+@rule("kv_heads_divide_heads")
+def rule_kv_heads_divide_heads(ctx: LintContext) -> Iterator[Advice]:
+    m = ctx.model
     if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
         divisors = [h for h in range(1, m.num_heads + 1) if m.num_heads % h == 0]
         nearest = min(divisors, key=lambda h: abs(h - m.num_kv_heads))  # type: ignore[operator]
-        add(
+        yield Advice(
             "kv_heads_divide_heads",
             "warning",
             "model.num_kv_heads",
@@ -164,8 +245,13 @@ def lint(
             f"Use {nearest} key/value heads (a divisor of num_heads), or null for one per query head.",
             {"model.num_kv_heads": nearest},
         )
+
+
+@rule("hidden_multiple_of_64")
+def rule_hidden_multiple_of_64(ctx: LintContext) -> Iterator[Advice]:
+    m = ctx.model
     if m.hidden_size % 64 and m.hidden_size >= 256:
-        add(
+        yield Advice(
             "hidden_multiple_of_64",
             "info",
             "model.hidden_size",
@@ -173,9 +259,14 @@ def lint(
             f"Use {_round_up(m.hidden_size, 64)}.",
             {"model.hidden_size": _round_up(m.hidden_size, 64)},
         )
+
+
+@rule("vocab_multiple_of_64")
+def rule_vocab_multiple_of_64(ctx: LintContext) -> Iterator[Advice]:
+    m = ctx.model
     if m.task == "causal_lm" and m.vocab_size % 64 and m.vocab_size > 4096:
         padded = _round_up(m.vocab_size, 64)
-        add(
+        yield Advice(
             "vocab_multiple_of_64",
             "info",
             "model.vocab_size",
@@ -184,8 +275,13 @@ def lint(
             f"Pad it to {padded}; the extra ids are simply never produced by the tokenizer.",
             {"model.vocab_size": padded},
         )
+
+
+@rule("prefer_swiglu")
+def rule_prefer_swiglu(ctx: LintContext) -> Iterator[Advice]:
+    m = ctx.model
     if m.activation != "swiglu":
-        add(
+        yield Advice(
             "prefer_swiglu",
             "info",
             "model.activation",
@@ -195,10 +291,15 @@ def lint(
             {"model.activation": "swiglu"},
         )
 
-    # -- mixture of experts --------------------------------------------------------------------------------
-    E, k = moe.num_routed_experts, moe.top_k
+
+# -- mixture of experts ------------------------------------------------------------------------------------
+
+
+@rule("top_k_above_experts")
+def rule_top_k_above_experts(ctx: LintContext) -> Iterator[Advice]:
+    E, k = ctx.model.moe.num_routed_experts, ctx.model.moe.top_k
     if k > E:
-        add(
+        yield Advice(
             "top_k_above_experts",
             "warning",
             "model.moe.top_k",
@@ -207,8 +308,14 @@ def lint(
             f"Set top_k to at most {E} (2 is usual for 8 experts, 6-8 for 64).",
             {"model.moe.top_k": min(E, 2)},
         )
+
+
+@rule("balancing_off")
+def rule_balancing_off(ctx: LintContext) -> Iterator[Advice]:
+    moe = ctx.model.moe
+    E = moe.num_routed_experts
     if moe.balancing == "none" and E >= 8:
-        add(
+        yield Advice(
             "balancing_off",
             "warning",
             "model.moe.balancing",
@@ -217,8 +324,13 @@ def lint(
             "Use aux_free (DeepSeek-V3's bias update: balances without a loss term) or aux_loss.",
             {"model.moe.balancing": "aux_free"},
         )
+
+
+@rule("aux_loss_zero")
+def rule_aux_loss_zero(ctx: LintContext) -> Iterator[Advice]:
+    moe = ctx.model.moe
     if moe.balancing == "aux_loss" and moe.aux_loss_coef == 0:
-        add(
+        yield Advice(
             "aux_loss_zero",
             "warning",
             "model.moe.aux_loss_coef",
@@ -226,8 +338,13 @@ def lint(
             "Set aux_loss_coef to 0.001-0.01, or use aux_free.",
             {"model.moe.aux_loss_coef": 0.01},
         )
+
+
+@rule("aux_loss_high")
+def rule_aux_loss_high(ctx: LintContext) -> Iterator[Advice]:
+    moe = ctx.model.moe
     if moe.balancing == "aux_loss" and moe.aux_loss_coef > 0.05:
-        add(
+        yield Advice(
             "aux_loss_high",
             "warning",
             "model.moe.aux_loss_coef",
@@ -236,8 +353,13 @@ def lint(
             "Lower it to 0.01, or switch to aux_free balancing.",
             {"model.moe.aux_loss_coef": 0.01},
         )
+
+
+@rule("aux_free_frozen")
+def rule_aux_free_frozen(ctx: LintContext) -> Iterator[Advice]:
+    moe = ctx.model.moe
     if moe.balancing == "aux_free" and moe.bias_update_speed == 0:
-        add(
+        yield Advice(
             "aux_free_frozen",
             "warning",
             "model.moe.bias_update_speed",
@@ -245,8 +367,13 @@ def lint(
             "Set bias_update_speed to 0.001 (DeepSeek-V3).",
             {"model.moe.bias_update_speed": 0.001},
         )
+
+
+@rule("top_k_all_experts")
+def rule_top_k_all_experts(ctx: LintContext) -> Iterator[Advice]:
+    E, k = ctx.model.moe.num_routed_experts, ctx.model.moe.top_k
     if E > 1 and k == E:
-        add(
+        yield Advice(
             "top_k_all_experts",
             "info",
             "model.moe.top_k",
@@ -254,8 +381,13 @@ def lint(
             "Use a top_k well below the number of experts (e.g. 2 of 8), or a dense feed-forward.",
             {"model.moe.top_k": max(1, E // 4)},
         )
+
+
+@rule("capacity_below_one")
+def rule_capacity_below_one(ctx: LintContext) -> Iterator[Advice]:
+    moe = ctx.model.moe
     if moe.capacity_factor is not None and moe.capacity_factor < 1.0:
-        add(
+        yield Advice(
             "capacity_below_one",
             "warning",
             "model.moe.capacity_factor",
@@ -263,10 +395,16 @@ def lint(
             "Use 1.25-2.0, or null for no dropping.",
             {"model.moe.capacity_factor": 1.25},
         )
+
+
+@rule("few_tokens_per_expert")
+def rule_few_tokens_per_expert(ctx: LintContext) -> Iterator[Advice]:
+    m, t = ctx.model, ctx.training
+    E, k = m.moe.num_routed_experts, m.moe.top_k
     if E > 1 and m.num_moe_layers > 0:
-        tokens_per_expert = t.batch_size * d.seq_len * k / E
+        tokens_per_expert = t.batch_size * ctx.data.seq_len * k / E
         if tokens_per_expert < 16:
-            add(
+            yield Advice(
                 "few_tokens_per_expert",
                 "info",
                 "training.batch_size",
@@ -274,9 +412,14 @@ def lint(
                 "and load statistics noisy.",
                 "Use a larger micro-batch or fewer experts.",
             )
+
+
+@rule("experts_not_divisible")
+def rule_experts_not_divisible(ctx: LintContext) -> Iterator[Advice]:
+    E, num_gpus = ctx.model.moe.num_routed_experts, ctx.num_gpus
     if num_gpus > 1 and E % num_gpus:
         nearest = max(num_gpus, round(E / num_gpus) * num_gpus)
-        add(
+        yield Advice(
             "experts_not_divisible",
             "warning",
             "model.moe.num_routed_experts",
@@ -285,8 +428,13 @@ def lint(
             f"Use a multiple of {num_gpus} experts, e.g. {nearest}.",
             {"model.moe.num_routed_experts": nearest},
         )
+
+
+@rule("no_moe_layers")
+def rule_no_moe_layers(ctx: LintContext) -> Iterator[Advice]:
+    m = ctx.model
     if m.num_moe_layers == 0:
-        add(
+        yield Advice(
             "no_moe_layers",
             "info",
             "model.moe.first_dense_layers",
@@ -295,26 +443,36 @@ def lint(
             {"model.moe.first_dense_layers": min(1, m.num_layers - 1)},
         )
 
-    # -- optimisation ----------------------------------------------------------------------------------------
-    b = parameter_breakdown(spec) if k <= E else None
+
+# -- optimisation ------------------------------------------------------------------------------------------
+
+
+@rule("lr_high_for_size")
+def rule_lr_high_for_size(ctx: LintContext) -> Iterator[Advice]:
+    b, lr = ctx.breakdown, ctx.training.optimizer.lr
     if b is not None:
         non_embedding = b["active"] - b["embedding"]
         typical = typical_learning_rate(non_embedding)
-        if t.optimizer.lr > 2.5 * typical:
-            add(
+        if lr > 2.5 * typical:
+            yield Advice(
                 "lr_high_for_size",
                 "warning",
                 "training.optimizer.lr",
-                f"A peak learning rate of {t.optimizer.lr:g} is high for {non_embedding / 1e6:.1f}M active "
+                f"A peak learning rate of {lr:g} is high for {non_embedding / 1e6:.1f}M active "
                 f"non-embedding parameters: models of this size train at about {typical:.1e}; much higher "
                 "and loss spikes or diverges.",
                 f"Use about {typical:.1e}.",
                 {"training.optimizer.lr": float(f"{typical:.1e}")},
             )
+
+
+@rule("no_warmup", "warmup_long")
+def rule_warmup_length(ctx: LintContext) -> Iterator[Advice]:
+    t = ctx.training
     warmup = t.schedule.warmup_steps
     if warmup == 0:
         suggested = max(1, min(2000, t.max_steps // 20))
-        add(
+        yield Advice(
             "no_warmup",
             "warning",
             "training.schedule.warmup_steps",
@@ -325,7 +483,7 @@ def lint(
         )
     elif warmup > 0.3 * t.max_steps and t.max_steps >= 20:
         suggested = max(1, t.max_steps // 20)
-        add(
+        yield Advice(
             "warmup_long",
             "info",
             "training.schedule.warmup_steps",
@@ -333,8 +491,13 @@ def lint(
             f"Use about {suggested} steps (5%).",
             {"training.schedule.warmup_steps": suggested},
         )
+
+
+@rule("no_decay")
+def rule_no_decay(ctx: LintContext) -> Iterator[Advice]:
+    t = ctx.training
     if t.schedule.kind == "constant" and t.max_steps >= 1000:
-        add(
+        yield Advice(
             "no_decay",
             "info",
             "training.schedule.kind",
@@ -343,8 +506,12 @@ def lint(
             "Use cosine (with min_lr_ratio 0.1).",
             {"training.schedule.kind": "cosine"},
         )
-    if t.grad_clip is None:
-        add(
+
+
+@rule("no_grad_clip")
+def rule_no_grad_clip(ctx: LintContext) -> Iterator[Advice]:
+    if ctx.training.grad_clip is None:
+        yield Advice(
             "no_grad_clip",
             "warning",
             "training.grad_clip",
@@ -352,8 +519,12 @@ def lint(
             "Clip the global norm at 1.0.",
             {"training.grad_clip": 1.0},
         )
-    if t.optimizer.weight_decay == 0:
-        add(
+
+
+@rule("no_weight_decay")
+def rule_no_weight_decay(ctx: LintContext) -> Iterator[Advice]:
+    if ctx.training.optimizer.weight_decay == 0:
+        yield Advice(
             "no_weight_decay",
             "info",
             "training.optimizer.weight_decay",
@@ -361,18 +532,27 @@ def lint(
             "Use 0.01-0.1.",
             {"training.optimizer.weight_decay": 0.01},
         )
-    beta2 = t.optimizer.betas[1]
-    if beta2 > 0.999 and m.num_moe_layers:
-        add(
+
+
+@rule("beta2_high")
+def rule_beta2_high(ctx: LintContext) -> Iterator[Advice]:
+    betas = ctx.training.optimizer.betas
+    if betas[1] > 0.999 and ctx.model.num_moe_layers:
+        yield Advice(
             "beta2_high",
             "info",
             "training.optimizer.betas",
-            f"beta2 = {beta2} adapts slowly to the gradient spikes MoE routing causes.",
+            f"beta2 = {betas[1]} adapts slowly to the gradient spikes MoE routing causes.",
             "Use 0.95 (LLaMA, DeepSeek).",
-            {"training.optimizer.betas": [t.optimizer.betas[0], 0.95]},
+            {"training.optimizer.betas": [betas[0], 0.95]},
         )
-    if m.task == "classification" and t.label_smoothing == 0 and t.loss == "cross_entropy":
-        add(
+
+
+@rule("classification_smoothing")
+def rule_classification_smoothing(ctx: LintContext) -> Iterator[Advice]:
+    t = ctx.training
+    if ctx.model.task == "classification" and t.label_smoothing == 0 and t.loss == "cross_entropy":
+        yield Advice(
             "classification_smoothing",
             "info",
             "training.label_smoothing",
@@ -380,8 +560,12 @@ def lint(
             "Use label_smoothing 0.1.",
             {"training.label_smoothing": 0.1},
         )
-    if m.task == "causal_lm" and t.label_smoothing > 0:
-        add(
+
+
+@rule("lm_smoothing")
+def rule_lm_smoothing(ctx: LintContext) -> Iterator[Advice]:
+    if ctx.model.task == "causal_lm" and ctx.training.label_smoothing > 0:
+        yield Advice(
             "lm_smoothing",
             "info",
             "training.label_smoothing",
@@ -389,8 +573,13 @@ def lint(
             "Use 0 for generation.",
             {"training.label_smoothing": 0.0},
         )
+
+
+@rule("never_evaluates")
+def rule_never_evaluates(ctx: LintContext) -> Iterator[Advice]:
+    t = ctx.training
     if t.eval_interval > t.max_steps:
-        add(
+        yield Advice(
             "never_evaluates",
             "warning",
             "training.eval_interval",
@@ -399,8 +588,13 @@ def lint(
             f"Evaluate every {max(1, t.max_steps // 10)} steps.",
             {"training.eval_interval": max(1, t.max_steps // 10)},
         )
+
+
+@rule("never_checkpoints")
+def rule_never_checkpoints(ctx: LintContext) -> Iterator[Advice]:
+    t = ctx.training
     if t.checkpoint_interval > t.max_steps:
-        add(
+        yield Advice(
             "never_checkpoints",
             "info",
             "training.checkpoint_interval",
@@ -408,17 +602,27 @@ def lint(
             f"Checkpoint every {max(1, t.max_steps // 5)} steps.",
             {"training.checkpoint_interval": max(1, t.max_steps // 5)},
         )
-    if d.seq_len > m.max_seq_len:
-        add(
+
+
+@rule("seq_len_above_max")
+def rule_seq_len_above_max(ctx: LintContext) -> Iterator[Advice]:
+    seq_len, max_seq_len = ctx.data.seq_len, ctx.model.max_seq_len
+    if seq_len > max_seq_len:
+        yield Advice(
             "seq_len_above_max",
             "warning",
             "data.seq_len",
-            f"Training sequences of {d.seq_len} tokens exceed the {m.max_seq_len} positions the model encodes.",
-            f"Raise model.max_seq_len to {d.seq_len} or shorten data.seq_len.",
-            {"model.max_seq_len": d.seq_len},
+            f"Training sequences of {seq_len} tokens exceed the {max_seq_len} positions the model encodes.",
+            f"Raise model.max_seq_len to {seq_len} or shorten data.seq_len.",
+            {"model.max_seq_len": seq_len},
         )
+
+
+@rule("warmup_beyond_run")
+def rule_warmup_beyond_run(ctx: LintContext) -> Iterator[Advice]:
+    t = ctx.training
     if t.schedule.warmup_steps > t.max_steps:
-        add(
+        yield Advice(
             "warmup_beyond_run",
             "warning",
             "training.schedule.warmup_steps",
@@ -427,76 +631,107 @@ def lint(
             {"training.schedule.warmup_steps": max(1, t.max_steps // 20)},
         )
 
-    # -- hardware ----------------------------------------------------------------------------------------
-    if hardware is not None:
-        if not hardware.supports(t.precision):
-            alternative = next((p for p in ("bf16", "fp16") if hardware.supports(p)), "fp32")
-            add(
-                "precision_unsupported",
-                "warning",
-                "training.precision",
-                f"{hardware.name} does not train in {t.precision}.",
-                f"Use {alternative}.",
-                {"training.precision": alternative},
-            )
-        elif t.precision == "fp32" and hardware.kind == "gpu" and _low_precision(hardware):
-            low = _low_precision(hardware)
-            add(
-                "fp32_on_gpu",
-                "info",
-                "training.precision",
-                f"fp32 leaves {hardware.name}'s tensor cores idle: {low} is several times faster and shrinks "
-                "activation memory (master weights stay fp32).",
-                f"Use {low}.",
-                {"training.precision": low},
-            )
-        if t.precision == "fp16":
-            add(
-                "fp16_scaler",
-                "info",
-                "training.precision",
-                "fp16 has a narrow range: the loss is scaled to keep gradients from underflowing, and a few "
-                "steps are skipped when they overflow.",
-                "Prefer bf16 where the hardware has it.",
-            )
 
-    # -- data budget -------------------------------------------------------------------------------------
-    if dataset_tokens is not None and dataset_tokens > 0 and b is not None:
-        per_param = dataset_tokens / b["total"]
-        if per_param < OVERFIT_TOKENS_PER_PARAMETER:
-            add(
-                "overfit_risk",
-                "warning",
-                "model.num_layers",
-                f"The data has {per_param:.2f} tokens per parameter ({dataset_tokens:,} tokens, "
-                f"{b['total'] / 1e6:.1f}M parameters): a model this large can memorise it instead of "
-                "generalising.",
-                "Use a smaller model (fewer layers or a narrower hidden size), more data, or dropout 0.1 with "
-                "weight decay.",
-            )
-        epochs = spec.tokens_per_step * t.max_steps / dataset_tokens
-        if epochs > MAX_USEFUL_EPOCHS:
-            useful = max(1, int(MAX_USEFUL_EPOCHS * dataset_tokens / spec.tokens_per_step))
-            add(
-                "too_many_epochs",
-                "warning",
-                "training.max_steps",
-                f"The run reads the data {epochs:.0f} times: after a few passes validation loss turns up.",
-                f"Train for about {useful} steps, or use early stopping.",
-                {"training.max_steps": useful},
-            )
-        if per_param < 20 and m.dropout == 0 and per_param >= OVERFIT_TOKENS_PER_PARAMETER:
-            add(
-                "small_data_no_dropout",
-                "info",
-                "model.dropout",
-                f"With {per_param:.1f} tokens per parameter (under Chinchilla's ~20) regularisation helps.",
-                "Use dropout 0.1.",
-                {"model.dropout": 0.1},
-            )
+# -- hardware ----------------------------------------------------------------------------------------------
 
-    out.sort(key=lambda a: 0 if a.severity == "warning" else 1)
-    return out
+
+@rule("precision_unsupported", "fp32_on_gpu")
+def rule_precision_for_hardware(ctx: LintContext) -> Iterator[Advice]:
+    hardware, precision = ctx.hardware, ctx.training.precision
+    if hardware is None:
+        return
+    if not hardware.supports(precision):
+        alternative = next((p for p in ("bf16", "fp16") if hardware.supports(p)), "fp32")
+        yield Advice(
+            "precision_unsupported",
+            "warning",
+            "training.precision",
+            f"{hardware.name} does not train in {precision}.",
+            f"Use {alternative}.",
+            {"training.precision": alternative},
+        )
+    elif precision == "fp32" and hardware.kind == "gpu" and _low_precision(hardware):
+        low = _low_precision(hardware)
+        yield Advice(
+            "fp32_on_gpu",
+            "info",
+            "training.precision",
+            f"fp32 leaves {hardware.name}'s tensor cores idle: {low} is several times faster and shrinks "
+            "activation memory (master weights stay fp32).",
+            f"Use {low}.",
+            {"training.precision": low},
+        )
+
+
+@rule("fp16_scaler")
+def rule_fp16_scaler(ctx: LintContext) -> Iterator[Advice]:
+    if ctx.hardware is not None and ctx.training.precision == "fp16":
+        yield Advice(
+            "fp16_scaler",
+            "info",
+            "training.precision",
+            "fp16 has a narrow range: the loss is scaled to keep gradients from underflowing, and a few "
+            "steps are skipped when they overflow.",
+            "Prefer bf16 where the hardware has it.",
+        )
+
+
+# -- data budget -------------------------------------------------------------------------------------------
+
+
+@rule("overfit_risk")
+def rule_overfit_risk(ctx: LintContext) -> Iterator[Advice]:
+    if ctx.data_budget is None:
+        return
+    tokens, parameters = ctx.data_budget
+    per_param = tokens / parameters
+    if per_param < OVERFIT_TOKENS_PER_PARAMETER:
+        yield Advice(
+            "overfit_risk",
+            "warning",
+            "model.num_layers",
+            f"The data has {per_param:.2f} tokens per parameter ({tokens:,} tokens, "
+            f"{parameters / 1e6:.1f}M parameters): a model this large can memorise it instead of "
+            "generalising.",
+            "Use a smaller model (fewer layers or a narrower hidden size), more data, or dropout 0.1 with "
+            "weight decay.",
+        )
+
+
+@rule("too_many_epochs")
+def rule_too_many_epochs(ctx: LintContext) -> Iterator[Advice]:
+    if ctx.data_budget is None:
+        return
+    tokens, _ = ctx.data_budget
+    per_step = ctx.spec.tokens_per_step
+    epochs = per_step * ctx.training.max_steps / tokens
+    if epochs > MAX_USEFUL_EPOCHS:
+        useful = max(1, int(MAX_USEFUL_EPOCHS * tokens / per_step))
+        yield Advice(
+            "too_many_epochs",
+            "warning",
+            "training.max_steps",
+            f"The run reads the data {epochs:.0f} times: after a few passes validation loss turns up.",
+            f"Train for about {useful} steps, or use early stopping.",
+            {"training.max_steps": useful},
+        )
+
+
+@rule("small_data_no_dropout")
+def rule_small_data_no_dropout(ctx: LintContext) -> Iterator[Advice]:
+    if ctx.data_budget is None:
+        return
+    tokens, parameters = ctx.data_budget
+    per_param = tokens / parameters
+    if per_param < 20 and ctx.model.dropout == 0 and per_param >= OVERFIT_TOKENS_PER_PARAMETER:
+        yield Advice(
+            "small_data_no_dropout",
+            "info",
+            "model.dropout",
+            f"With {per_param:.1f} tokens per parameter (under Chinchilla's ~20) regularisation helps.",
+            "Use dropout 0.1.",
+            {"model.dropout": 0.1},
+        )
 
 
 def _low_precision(hardware: HardwareProfile) -> str | None:
