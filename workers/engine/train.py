@@ -3,7 +3,8 @@
 Per optimizer step: set the LR from the pure schedule ``lr_at(step, spec)`` (times the plateau scale), run
 ``grad_accum_steps`` micro-batches under autocast, check the loss for anomalies, unscale/clip the global
 gradient norm, step AdamW, update the aux-free router biases, log, evaluate every ``eval_interval``,
-react to plateaus, and checkpoint every ``checkpoint_interval``.
+react to plateaus, and checkpoint every ``checkpoint_interval``. Anomalies (and rollbacks) and plateaus (and
+early stopping) are judged by the loop's two collaborators in ``workers.engine.interventions``.
 
 Run directory ``out_dir``::
 
@@ -75,15 +76,12 @@ from workers.engine.data import (
     preparation_settings,
     prepare,
 )
+from workers.engine.interventions import Anomaly, AnomalyGuard, PlateauWatch
 from workers.engine.model import ModelOutput, MoETransformer, build_model
 from workers.engine.sinks import MetricsSink
 from workers.engine.spec import Spec
 
 TrainStatus = Literal["completed", "early_stopped", "stopped", "preempted", "failed"]
-
-# Share of |mean| below which the window's standard deviation is not trusted for spike detection: a
-# nearly flat window would otherwise turn ordinary batch-to-batch noise into "anomalies".
-_MIN_RELATIVE_STD = 0.01
 
 
 class EngineConfigError(ValueError):
@@ -136,10 +134,15 @@ class FaultInjection:
 
 @dataclass
 class LoopState:
-    """Everything besides model/optimizer/RNG/data cursor that the next step depends on (JSON-able)."""
+    """Everything besides model/optimizer/RNG/data cursor that the next step depends on (JSON-able).
+
+    Saved flat (``dataclasses.asdict``) as each checkpoint's loop state. The plateau fields are
+    ``PlateauWatch``'s, the last three ``AnomalyGuard``'s (``workers.engine.interventions``).
+    """
 
     step: int = 0  # completed optimizer steps
     tokens_seen: int = 0
+    # PlateauWatch
     best_val_loss: float | None = None  # the lowest validation loss seen
     reference_val_loss: float | None = None  # the last *significant* improvement (by plateau.min_delta)
     evals_since_improvement: int = 0  # for early stopping
@@ -148,6 +151,7 @@ class LoopState:
     lr_scale: float = 1.0  # product of the plateau LR factors applied so far
     dropout: float = 0.0
     grad_clip: float | None = None
+    # AnomalyGuard
     loss_window: list[float] = field(default_factory=list)  # recent accepted losses, oldest first
     rollbacks: int = 0
     skip_batches: list[int] = field(default_factory=list)  # micro-batch numbers never to train on
@@ -404,7 +408,7 @@ class _StepOutcome:
     dropped_fraction: float
     expert_load: list[list[float]]  # (num_moe_layers, E)
     micro_batches: list[int]  # the micro-batch numbers this step trained on
-    anomaly: dict[str, Any] | None = None
+    anomaly: Anomaly | None = None  # why the step was refused (not applied), if it was
 
 
 class _Trainer:
@@ -439,6 +443,8 @@ class _Trainer:
         self.state = LoopState.initial(spec)
         self.last_checkpoint: Path | None = None
         self.last_checkpoint_step = -1
+        self.guard = AnomalyGuard(t.anomaly, sink, self.ckpt_root)
+        self.plateau = PlateauWatch(t, sink, lambda step: lr_at(step, spec), self.model.set_dropout)
         first_moe = spec.model.moe.first_dense_layers
         E = spec.model.moe.num_routed_experts
         self.load_keys = [
@@ -462,6 +468,15 @@ class _Trainer:
         loaded = self._restore(latest)
         self.last_checkpoint, self.last_checkpoint_step = latest, loaded.step
         self.sink.event("resume", {"step": loaded.step, "checkpoint": str(latest)})
+
+    def _roll_back_to(self, path: Path) -> LoopState:
+        """Bring the run back to checkpoint ``path`` (``AnomalyGuard.recover``'s ``restore``)."""
+        # Reset the router-load accumulators filled by the failed step (the bias change this would make
+        # is overwritten by the checkpoint's biases just below).
+        self.model.update_router_biases()
+        loaded = self._restore(path)
+        self.last_checkpoint, self.last_checkpoint_step = path, loaded.step
+        return self.state
 
     def _restore(self, path: Path) -> LoadedCheckpoint:
         # A previous run may have saved a different architecture or data settings; its weights, cursor
@@ -507,9 +522,9 @@ class _Trainer:
             elapsed = time.perf_counter() - began
             self.faults.attempt_done(outcome.step)
             if outcome.anomaly is not None:
-                failure = self._handle_anomaly(outcome)
+                failure = self.guard.recover(st, outcome.anomaly, outcome.micro_batches, self._roll_back_to)
                 if failure is not None:
-                    return failure
+                    return self._result("failed", failure)
                 st = self.state  # the rollback replaced the loop state
                 steps_since_log, seconds_since_log = 0, 0.0
                 continue
@@ -582,7 +597,7 @@ class _Trainer:
             micro_batches=numbers,
         )
         # Checked before the optimizer step: a bad loss must not reach the weights.
-        outcome.anomaly = self._detect_anomaly(step, loss_value)
+        outcome.anomaly = self.guard.check_loss(self.state, step, loss_value)
         if outcome.anomaly is not None:
             self.optimizer.zero_grad(set_to_none=True)
             return outcome
@@ -593,11 +608,11 @@ class _Trainer:
         # max_norm=inf measures without clipping (the scale factor is clamped to exactly 1).
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf)
         outcome.grad_norm = float(grad_norm)
-        if self.spec.training.anomaly.enabled and self.scaler is None and not math.isfinite(outcome.grad_norm):
-            # With fp16 the scaler owns non-finite gradients (it skips the step and lowers the scale).
-            outcome.anomaly = self._anomaly_record(step, "non_finite_grad_norm", loss_value)
-            self.optimizer.zero_grad(set_to_none=True)
-            return outcome
+        if self.scaler is None:  # with fp16 the scaler owns non-finite gradients (it skips the step)
+            outcome.anomaly = self.guard.check_grad_norm(self.state, step, loss_value, outcome.grad_norm)
+            if outcome.anomaly is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                return outcome
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -609,71 +624,8 @@ class _Trainer:
         st = self.state
         st.step = step
         st.tokens_seen += accum * t.batch_size * self.spec.data.seq_len
-        st.loss_window = [*st.loss_window, loss_value][-t.anomaly.window :]
+        self.guard.accept(st, loss_value)
         return outcome
-
-    # -- anomalies -----------------------------------------------------------------------------------------
-
-    def _anomaly_record(self, step: int, kind: str, loss: float, **extra: Any) -> dict[str, Any]:
-        a = self.spec.training.anomaly
-        can_roll_back = a.action == "rollback" and self.state.rollbacks < a.max_rollbacks
-        return {
-            "step": step,
-            "kind": kind,
-            "loss": loss,
-            "action": "rollback" if can_roll_back else "stop",
-            **extra,
-        }
-
-    def _detect_anomaly(self, step: int, loss: float) -> dict[str, Any] | None:
-        a = self.spec.training.anomaly
-        if not a.enabled:
-            return None
-        if not math.isfinite(loss):
-            return self._anomaly_record(step, "non_finite_loss", loss)
-        window = self.state.loss_window
-        if len(window) < a.window:
-            return None  # too little history to call anything a spike
-        mean, std = float(np.mean(window)), float(np.std(window))
-        limit = mean + a.threshold * max(std, _MIN_RELATIVE_STD * abs(mean))
-        if loss > limit:
-            return self._anomaly_record(step, "loss_spike", loss, window_mean=mean, window_std=std, limit=limit)
-        return None
-
-    def _handle_anomaly(self, outcome: _StepOutcome) -> TrainResult | None:
-        """Emit the anomaly; roll back and return None, or return the failed result."""
-        anomaly = dict(outcome.anomaly or {})
-        anomaly["micro_batches"] = outcome.micro_batches
-        self.sink.event("anomaly", anomaly)
-        description = f"{anomaly['kind']} at step {anomaly['step']} (loss {anomaly['loss']})"
-        if anomaly["action"] == "stop":
-            a = self.spec.training.anomaly
-            why = "anomaly.action is stop" if a.action == "stop" else f"max_rollbacks ({a.max_rollbacks}) reached"
-            # No checkpoint on the way out: the model may already be damaged, the last good one stays newest.
-            return self._result("failed", f"{description}; {why}")
-        target = latest_checkpoint(self.ckpt_root)
-        if target is None:
-            return self._result("failed", f"{description}; no valid checkpoint to roll back to")
-        # Survive the restore: how many rollbacks happened, and which batches must never be used again.
-        rollbacks = self.state.rollbacks + 1
-        skip = sorted({*self.state.skip_batches, *outcome.micro_batches})
-        # Reset the router-load accumulators filled by the failed step (the bias change this would make
-        # is overwritten by the checkpoint's biases just below).
-        self.model.update_router_biases()
-        loaded = self._restore(target)
-        self.state.rollbacks, self.state.skip_batches = rollbacks, skip
-        self.last_checkpoint, self.last_checkpoint_step = target, loaded.step
-        self.sink.event(
-            "rollback",
-            {
-                "step": loaded.step,
-                "from_step": anomaly["step"],
-                "checkpoint": str(target),
-                "skipped_micro_batches": outcome.micro_batches,
-                "rollbacks": rollbacks,
-            },
-        )
-        return None
 
     # -- logging and evaluation ----------------------------------------------------------------------------
 
@@ -704,66 +656,10 @@ class _Trainer:
         )
 
     def _evaluate_and_react(self) -> str | None:
-        """Evaluate, emit, update plateau/early-stopping state; returns the early-stop reason, if any."""
-        st = self.state
+        """Evaluate, emit, and let the plateau watch react; returns the early-stop reason, if any."""
         metrics = self.evaluate()
-        self.sink.emit(st.step, metrics)
-        val = metrics["val_loss"]
-        p = self.spec.training.plateau
-        if st.best_val_loss is None or val < st.best_val_loss:
-            st.best_val_loss = val
-        # Keras semantics: only a drop of more than min_delta below the reference counts, and only such a
-        # drop moves the reference, so a slow but steady improvement still registers over several evals.
-        if st.reference_val_loss is None or val < st.reference_val_loss - p.min_delta:
-            st.reference_val_loss = val
-            st.evals_since_improvement = 0
-            st.plateau_wait = 0
-        else:
-            st.evals_since_improvement += 1
-            st.plateau_wait += 1
-            if p.enabled and st.plateau_wait >= p.patience and st.interventions < p.max_interventions:
-                self._intervene(val)
-        patience = self.spec.training.early_stopping_patience
-        if patience is not None and st.evals_since_improvement >= patience:
-            reason = f"val_loss did not improve by {p.min_delta} for {patience} evaluations"
-            self.sink.event(
-                "early_stop",
-                {"step": st.step, "best_val_loss": st.best_val_loss, "patience": patience, "reason": reason},
-            )
-            return reason
-        return None
-
-    def _intervene(self, val_loss: float) -> None:
-        """Apply the enabled plateau interventions that change something, and report them."""
-        st, p = self.state, self.spec.training.plateau
-        changes: dict[str, dict[str, float | None]] = {}
-        if p.reduce_lr:
-            before = lr_at(st.step, self.spec) * st.lr_scale
-            st.lr_scale *= p.lr_factor
-            changes["lr"] = {"before": before, "after": lr_at(st.step, self.spec) * st.lr_scale}
-            changes["lr_scale"] = {"before": st.lr_scale / p.lr_factor, "after": st.lr_scale}
-        if p.raise_dropout and st.dropout < p.dropout_to:
-            changes["dropout"] = {"before": st.dropout, "after": p.dropout_to}
-            st.dropout = p.dropout_to
-            self.model.set_dropout(st.dropout)
-        if p.tighten_clip and (st.grad_clip is None or st.grad_clip > p.clip_to):
-            changes["grad_clip"] = {"before": st.grad_clip, "after": p.clip_to}
-            st.grad_clip = p.clip_to
-        st.plateau_wait = 0  # give the change `patience` evaluations to work before the next one
-        if not changes:
-            return  # everything enabled is already at its target: nothing happened, nothing to report
-        st.interventions += 1
-        self.sink.event(
-            "intervention",
-            {
-                "step": st.step,
-                "reason": f"val_loss did not improve by {p.min_delta} for {p.patience} evaluations",
-                "val_loss": val_loss,
-                "best_val_loss": st.best_val_loss,
-                "intervention": st.interventions,
-                "changes": changes,
-            },
-        )
+        self.sink.emit(self.state.step, metrics)
+        return self.plateau.observe(self.state, metrics["val_loss"])
 
     # -- checkpoints and the way out -----------------------------------------------------------------------
 
