@@ -59,9 +59,9 @@ test: install frontend lint
 
 bench: install frontend
 	@$(PY) -c "import transformers" 2>/dev/null || $(PIP) install -q -e '.[bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PY) -m workers.engine bench
+	$(PY) -m bench.engine
 	@# The platform: training inside a job against the bare engine, launch → first point, publish → browser.
-	$(PY) -m builder.jobs.bench
+	$(PY) -m bench.platform
 
 clean:
 	rm -rf $(VENV) frontend/node_modules frontend/dist .mypy_cache .ruff_cache .pytest_cache

@@ -1,4 +1,4 @@
-"""Command line: ``python -m workers.engine train|bench ...``.
+"""Command line: ``python -m workers.engine train ...``.
 
 ``train --spec S.json --data D.jsonl --out DIR [--resume] [--device cpu|cuda]`` trains with a progress bar,
 writing ``DIR/metrics.jsonl`` (``JsonlSink``) and ``DIR/tensorboard/`` (``TensorBoardSink``). Exit status:
@@ -8,7 +8,7 @@ writing ``DIR/metrics.jsonl`` (``JsonlSink``) and ``DIR/tensorboard/`` (``Tensor
 - 1: training failed (an anomaly it could not recover from);
 - 2: bad command line, spec (each problem with its field path), data (with line numbers) or directory.
 
-``bench [args]`` runs ``workers.engine.bench.main(args)``.
+The engine's throughput benchmark is not part of the engine: ``make bench`` runs ``python -m bench.engine``.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m workers.engine", description="Train or benchmark MoE models.")
+    parser = argparse.ArgumentParser(prog="python -m workers.engine", description="Train MoE models.")
     commands = parser.add_subparsers(dest="command", required=True)
     t = commands.add_parser("train", help="train a model from a spec on a data file")
     t.add_argument("--spec", required=True, help="spec JSON file")
@@ -155,18 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after-step", type=int, default=None, help="checkpoint and exit 0 after this step")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--inject-faults", default=None, help=argparse.SUPPRESS)  # tests: FaultInjection as JSON
-    commands.add_parser("bench", help="training-step throughput benchmark (workers.engine.bench)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["bench"]:
-        # Lazy: bench imports optional heavy dependencies; it parses its own arguments.
-        from workers.engine import bench
-
-        return int(bench.main(args_list[1:]) or 0)
-    args = _parser().parse_args(args_list)
+    args = _parser().parse_args(argv)
     return _train(args)
 
 

@@ -1,6 +1,6 @@
-"""Training-step throughput of this engine against Hugging Face MoE models (the ``make bench`` figure).
+"""Training-step throughput of the engine (``workers.engine``) against Hugging Face MoE models (``make bench``).
 
-``python -m workers.engine bench [--rounds N] [--warmup N] [--experts 8,64] [--quick]`` prints ONE JSON
+``python -m bench.engine [--rounds N] [--warmup N] [--experts 8,64] [--quick]`` prints ONE JSON
 document to stdout. Every model runs forward + backward + AdamW step on the same random batch; the models
 (and a fp32 matmul peak probe) are interleaved in rounds so that load from other processes hits them alike,
 and medians are reported. Hugging Face ``transformers`` is optional (the ``bench`` extra): without it only
@@ -218,7 +218,7 @@ def training_flops_per_token(spec: Spec) -> float:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workers.engine bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, quick 1)")
     parser.add_argument("--experts", default=None, help="comma-separated expert counts (default 8,64)")

@@ -1,6 +1,6 @@
 """Platform figures for ``make bench``: what running inside a job costs, and how fast the dashboard hears of it.
 
-``python -m builder.jobs.bench [--steps N] [--rounds R] [--pings P] [--no-browser]`` prints ONE JSON document:
+``python -m bench.platform [--steps N] [--rounds R] [--pings P] [--no-browser]`` prints ONE JSON document:
 
 - ``job_overhead``: the same training (same spec, same prepared data, same step count) timed as the engine's
   ``train()`` call, bare in this process with a ``MemorySink``, and inside a real job on a real Celery worker with
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # A small MoE whose step takes tens of milliseconds on a CPU here: per-step costs of the platform (a cancel
 # check, buffering points, TensorBoard scalars) are measured against a step of realistic size, not a toy one.
@@ -268,7 +268,7 @@ def measure_browser(stack: Any, owner: Any, password: str, dataset: Any, pings: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m builder.jobs.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.platform", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps per overhead run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved bare/job pairs")
     parser.add_argument("--pings", type=int, default=200, help="messages timed from publish to the browser")
