@@ -64,6 +64,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from workers.engine.checkpoint import checkpoint_step, latest_checkpoint
     from workers.engine.data import DataFormatError
+    from workers.engine.layout import RunLayout
     from workers.engine.sinks import FanoutSink, JsonlSink, TensorBoardSink
     from workers.engine.spec import load_spec, spec_errors
     from workers.engine.train import EngineConfigError, FaultInjection, train
@@ -93,16 +94,16 @@ def _train(args: argparse.Namespace) -> int:
             sleep_per_step_s=float(f.get("sleep_per_step_s", 0.0)),
         )
 
-    out = Path(args.out)
-    latest = latest_checkpoint(out / "checkpoints")
+    run = RunLayout.at(args.out)
+    latest = latest_checkpoint(run.checkpoints)
     if latest is not None and not args.resume:
-        return _fail(f"{out} already holds a run (checkpoint {latest.name}): pass --resume or use a new --out")
+        return _fail(f"{run.root} already holds a run (checkpoint {latest.name}): pass --resume or use a new --out")
     resumed_step = checkpoint_step(latest) if latest is not None else 0
     sinks: list[Any] = [
-        JsonlSink(out / "metrics.jsonl"),
+        JsonlSink(run.metrics),
         # The first step this process writes is resumed_step + 1: earlier runs' points after the
         # checkpoint (written before a crash) are purged so TensorBoard shows each step once.
-        TensorBoardSink(out / "tensorboard", purge_step=resumed_step + 1 if latest is not None else None),
+        TensorBoardSink(run.tensorboard, purge_step=resumed_step + 1 if latest is not None else None),
     ]
     if not args.no_progress:
         sinks.append(ProgressSink(spec.training.max_steps, resumed_step))
@@ -111,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train(
             spec,
             args.data,
-            out,
+            run.root,
             sink,
             resume=args.resume,
             device=args.device,

@@ -51,6 +51,7 @@ from workers.engine.data import (
     prepare,
 )
 from workers.engine.generation import generate_tokens
+from workers.engine.layout import RunLayout
 from workers.engine.model import ModelOutput, MoEFeedForward, MoETransformer, build_model
 from workers.engine.spec import Spec, load_spec
 from workers.engine.train import (
@@ -103,7 +104,7 @@ def _token_id(tokenizer: Tokenizer, token: str) -> int:
 def _candidate_dirs(checkpoint: Path, data_dir: str | os.PathLike[str] | None) -> list[Path]:
     """Where a run's tokenizer and labels may be, in order of precedence."""
     found = [] if data_dir is None else [Path(data_dir)]
-    return [*found, checkpoint, checkpoint.parent.parent / "data"]
+    return [*found, checkpoint, RunLayout.of_checkpoint(checkpoint).prepared_data]
 
 
 def _find_run_file(checkpoint: Path, data_dir: str | os.PathLike[str] | None, name: str) -> Path | None:
@@ -500,7 +501,7 @@ def _prepared_for(inference: Inference, data_path: str | os.PathLike[str]) -> It
 
 
 def _run_preparation_of(inference: Inference, source: Path) -> PreparedData | None:
-    run_data = inference.checkpoint.parent.parent / "data"
+    run_data = RunLayout.of_checkpoint(inference.checkpoint).prepared_data
     try:
         prepared = PreparedData.load(run_data)
     except FileNotFoundError:

@@ -6,7 +6,7 @@ gradient norm, step AdamW, update the aux-free router biases, log, evaluate ever
 react to plateaus, and checkpoint every ``checkpoint_interval``. Anomalies (and rollbacks) and plateaus (and
 early stopping) are judged by the loop's two collaborators in ``workers.engine.interventions``.
 
-Run directory ``out_dir``::
+Run directory ``out_dir`` (its names are ``workers.engine.layout.RunLayout``'s)::
 
     spec.json           the spec of the latest start
     data/               the prepared data (when ``data`` is a source file)
@@ -77,6 +77,7 @@ from workers.engine.data import (
     prepare,
 )
 from workers.engine.interventions import Anomaly, AnomalyGuard, PlateauWatch
+from workers.engine.layout import RunLayout
 from workers.engine.model import ModelOutput, MoETransformer, build_model
 from workers.engine.sinks import MetricsSink
 from workers.engine.spec import Spec
@@ -367,17 +368,17 @@ def train(
     or ``"failed"`` (an anomaly with action ``stop``, or rollbacks exhausted). Raises ``EngineConfigError``
     for a configuration that cannot run, ``DataFormatError`` for bad data. The caller owns ``sink``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = RunLayout.at(out_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     autocast = autocast_context(spec, dev)
     # Freed memory stays in the process for the run: each step re-allocates the same large buffers, and
     # glibc would otherwise unmap and fault them in again every step (see workers.engine.allocator).
     with _StopSignals() as signals, keep_freed_memory():
-        prepared = data if isinstance(data, PreparedData) else prepare(spec, data, out / "data")
+        prepared = data if isinstance(data, PreparedData) else prepare(spec, data, run.prepared_data)
         _check_data_fits(spec, prepared)
-        (out / "spec.json").write_text(spec.model_dump_json(indent=2))
-        trainer = _Trainer(spec, prepared, out, sink, dev, autocast, faults or FaultInjection())
+        run.spec.write_text(spec.model_dump_json(indent=2))
+        trainer = _Trainer(spec, prepared, run, sink, dev, autocast, faults or FaultInjection())
         trainer.start(resume)
         return trainer.run(lambda: signals.preempt, should_stop, stop_after_step)
 
@@ -418,7 +419,7 @@ class _Trainer:
         self,
         spec: Spec,
         prepared: PreparedData,
-        out: Path,
+        run: RunLayout,
         sink: MetricsSink,
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager[Any]],
@@ -431,7 +432,7 @@ class _Trainer:
         self.device = device
         self.autocast = autocast
         self.faults = faults
-        self.ckpt_root = out / "checkpoints"
+        self.ckpt_root = run.checkpoints
         self.classification = spec.model.task == "classification"
         seed_everything(t.seed)
         self.model = build_model(spec).to(device)
