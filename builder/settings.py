@@ -283,6 +283,8 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
+    # Every app's refusals (builder.core.errors.Refusal) become responses here, in one place.
+    "EXCEPTION_HANDLER": "builder.core.errors.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "MoE Builder API",

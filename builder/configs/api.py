@@ -1,7 +1,8 @@
 """Configs API: saved configs and their versions, spec validation/estimates/schema, templates, hardware.
 
 Errors of every endpoint here are ``400 {"errors": [{"path": "spec.model.moe.top_k", "message": ...}]}``:
-one entry per problem, each naming the dotted path of the field (``""`` for the request as a whole).
+one entry per problem, each naming the dotted path of the field (``""`` for the request as a whole); the views set
+``errors_as_paths`` and ``builder.core.errors.exception_handler`` renders them.
 A config that is not the caller's answers 404, exactly like one that does not exist.
 """
 
@@ -15,7 +16,6 @@ from django.shortcuts import get_object_or_404
 from django.urls import path
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -25,8 +25,6 @@ from builder.configs.models import Config, ConfigVersion, HardwareCalibration, V
 from builder.configs.presets import PRESETS
 from builder.configs.services import (
     EstimateRequest,
-    NameTaken,
-    SpecInvalid,
     advice_for_raw,
     calibration_factors,
     create_config,
@@ -37,6 +35,7 @@ from builder.configs.services import (
     visible_configs,
 )
 from builder.configs.specdiff import diff_specs
+from builder.core.errors import Refusal
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import json_schema
 
@@ -53,26 +52,10 @@ VALIDATE_RESPONSE = inline_serializer(
 )
 
 
-def flatten_errors(detail: Any, prefix: str = "") -> list[dict[str, str]]:
-    """DRF's nested error detail → ``[{"path", "message"}]`` with dotted paths."""
-    if isinstance(detail, dict):
-        out: list[dict[str, str]] = []
-        for key, value in detail.items():
-            key = "" if key in ("non_field_errors", "detail") else str(key)
-            out.extend(flatten_errors(value, f"{prefix}.{key}" if prefix and key else prefix or key))
-        return out
-    if isinstance(detail, list):
-        return [e for item in detail for e in flatten_errors(item, prefix)]
-    return [{"path": prefix, "message": str(detail)}]
-
-
 class PathErrorView(APIView):
-    """Renders validation errors as a flat list of field paths (see the module docstring)."""
+    """Answers refusals and validation errors as a flat list of field paths (see the module docstring)."""
 
-    def handle_exception(self, exc: Exception) -> Response:
-        if isinstance(exc, ValidationError):
-            return Response({"errors": flatten_errors(exc.detail)}, status=status.HTTP_400_BAD_REQUEST)
-        return super().handle_exception(exc)
+    errors_as_paths = True
 
 
 def _config_for(request: Request, config_id: int) -> Config:
@@ -98,17 +81,9 @@ class ConfigListView(PathErrorView):
     )
     def post(self, request: Request) -> Response:
         data = _valid(s.ConfigCreateSerializer, request)
-        try:
-            config = create_config(
-                request.user,
-                data["name"],
-                data["description"],
-                data["spec"],
-                source=data["source"],
-                note=data["note"],
-            )
-        except NameTaken:
-            raise ValidationError({"name": [f"you already have a config named {data['name']!r}"]}) from None
+        config = create_config(
+            request.user, data["name"], data["description"], data["spec"], source=data["source"], note=data["note"]
+        )
         return Response(s.ConfigSerializer(config).data, status=status.HTTP_201_CREATED)
 
 
@@ -127,7 +102,7 @@ class ConfigDetailView(PathErrorView):
         data = _valid(s.ConfigUpdateSerializer, request)
         if "name" in data and data["name"] != config.name:
             if visible_configs(request.user).filter(name=data["name"]).exclude(pk=config.pk).exists():
-                raise ValidationError({"name": [f"you already have a config named {data['name']!r}"]})
+                raise Refusal("name", f"you already have a config named {data['name']!r}")
             config.name = data["name"]
         if "description" in data:
             config.description = data["description"]
@@ -135,7 +110,7 @@ class ConfigDetailView(PathErrorView):
             with transaction.atomic():
                 config.save()
         except IntegrityError:  # a concurrent rename took the name between the check and the save
-            raise ValidationError({"name": [f"you already have a config named {config.name!r}"]}) from None
+            raise Refusal("name", f"you already have a config named {config.name!r}") from None
         if "spec" in data:
             save_version(config, data["spec"], source=VersionSource.API, note=data["note"])
         return Response(s.ConfigSerializer(config).data)
@@ -183,17 +158,17 @@ class DiffView(PathErrorView):
     def get(self, request: Request, config_id: int) -> Response:
         config = _config_for(request, config_id)
         numbers: dict[str, int] = {}
-        errors: dict[str, list[str]] = {}
+        errors: list[tuple[str, str]] = []
         for key in ("a", "b"):
             raw = request.query_params.get(key, "")
             if not raw.isdigit():
-                errors[key] = ["a version number is required"]
+                errors.append((key, "a version number is required"))
                 continue
             numbers[key] = int(raw)
             if not config.versions.filter(number=numbers[key]).exists():
-                errors[key] = [f"{config.name} has no version {raw}"]
+                errors.append((key, f"{config.name} has no version {raw}"))
         if errors:
-            raise ValidationError(errors)
+            raise Refusal.of(errors)
         before = config.versions.get(number=numbers["a"]).spec
         after = config.versions.get(number=numbers["b"]).spec
         changes = [{"path": c.path, "before": c.before, "after": c.after} for c in diff_specs(before, after)]
@@ -214,9 +189,10 @@ class ValidateView(PathErrorView):
         raw = data["spec"]
         try:
             spec = parse_spec(raw)
-        except SpecInvalid as exc:
+        except Refusal as exc:  # an answer, not an error: 200 with valid false
             warnings = advice_for_raw(raw, hardware, data["num_gpus"])
-            return Response({"valid": False, "errors": exc.errors, "warnings": warnings, "spec": None})
+            errors = [e.as_dict() for e in exc.errors]
+            return Response({"valid": False, "errors": errors, "warnings": warnings, "spec": None})
         warnings = advice_for_raw(stored_spec(spec), hardware, data["num_gpus"])
         return Response({"valid": True, "errors": [], "warnings": warnings, "spec": stored_spec(spec)})
 

@@ -7,7 +7,8 @@ from typing import Any
 from rest_framework import serializers
 
 from builder.configs.models import Config, ConfigVersion, HardwareCalibration, VersionSource
-from builder.configs.services import SpecInvalid, parse_spec
+from builder.configs.services import parse_spec
+from builder.core.errors import Refusal
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import Spec
 
@@ -20,11 +21,9 @@ class SpecField(serializers.JSONField):
         raw = super().to_internal_value(data)
         try:
             return parse_spec(raw)
-        except SpecInvalid as exc:
-            detail: dict[str, list[str]] = {}
-            for error in exc.errors:
-                detail.setdefault(error["path"] or "non_field_errors", []).append(error["message"])
-            raise serializers.ValidationError(detail) from None
+        except Refusal as exc:
+            # DRF files a field's problems under the field's name only when they come as a ValidationError.
+            raise serializers.ValidationError(exc.by_field()) from None
 
     def to_representation(self, value: Any) -> Any:
         return value.model_dump(mode="json") if isinstance(value, Spec) else value

@@ -16,6 +16,7 @@ from django.db.models import QuerySet
 from pydantic import ValidationError
 
 from builder.configs.models import CalibrationState, Config, ConfigVersion, HardwareCalibration
+from builder.core.errors import Refusal
 from workers.engine.estimate import estimate
 from workers.engine.hardware import PROFILES, HardwareProfile
 from workers.engine.lint import lint, lint_raw
@@ -25,26 +26,15 @@ from workers.engine.spec import Spec, load_spec, spec_errors
 CALIBRATION_WINDOW = 5
 
 
-class SpecInvalid(Exception):
-    """A spec failed validation; ``errors`` are ``[{"path": "model.moe.top_k", "message": ...}]``."""
-
-    def __init__(self, errors: list[dict[str, str]]) -> None:
-        super().__init__("; ".join(f"{e['path']}: {e['message']}" for e in errors))
-        self.errors = errors
-
-
-class NameTaken(Exception):
-    pass
-
-
 def parse_spec(raw: Any) -> Spec:
-    """Validate ``raw`` (a JSON object) into a ``Spec`` or raise ``SpecInvalid`` naming each field."""
+    """Validate ``raw`` (a JSON object) into a ``Spec``, or raise a ``Refusal`` naming every field at fault
+    (``model.moe.top_k``; "" for the spec as a whole)."""
     if not isinstance(raw, dict):
-        raise SpecInvalid([{"path": "", "message": "a spec must be a JSON object"}])
+        raise Refusal("", "a spec must be a JSON object")
     try:
         return load_spec(raw)
     except ValidationError as exc:
-        raise SpecInvalid(spec_errors(exc)) from None
+        raise Refusal.of((e["path"], e["message"]) for e in spec_errors(exc)) from None
 
 
 def stored_spec(spec: Spec) -> dict[str, Any]:
@@ -60,13 +50,14 @@ def visible_configs(user: Any) -> QuerySet[Config]:
 
 
 def create_config(owner: Any, name: str, description: str, spec: Spec, *, source: str, note: str = "") -> Config:
-    """A new config with ``spec`` as version 1. ``NameTaken`` when the owner already has that name."""
+    """A new config with ``spec`` as version 1; a ``Refusal`` (field ``name``) when the owner already has that
+    name."""
     try:
         with transaction.atomic():
             config = Config.objects.create(owner=owner, name=name, description=description)
             ConfigVersion.objects.create(config=config, number=1, spec=stored_spec(spec), source=source, note=note)
     except IntegrityError:
-        raise NameTaken(name) from None
+        raise Refusal("name", f"you already have a config named {name!r}") from None
     return config
 
 

@@ -22,8 +22,6 @@ from builder.configs.models import Config, VersionSource
 from builder.configs.presets import PRESETS
 from builder.configs.services import (
     EstimateRequest,
-    NameTaken,
-    SpecInvalid,
     advice_for_raw,
     calibration_factor,
     create_config,
@@ -34,6 +32,7 @@ from builder.configs.services import (
 )
 from builder.configs.specdiff import align, diff_specs, flatten
 from builder.configs.wizard import DATA_SIZES, propose
+from builder.core.errors import Refusal
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import json_schema
 
@@ -151,9 +150,9 @@ def _proposal_context(form: WizardForm, data: Any) -> dict[str, Any]:
     context: dict[str, Any] = {"proposal": proposal, "answers": answers}
     try:
         spec = parse_spec(raw)
-    except SpecInvalid as exc:
+    except Refusal as exc:
         for error in exc.errors:
-            field_errors.setdefault(error["path"], error["message"])
+            field_errors.setdefault(error.path, error.message)
         spec = None
         context["warnings"] = advice_for_raw(raw, PROFILES[answers.hardware], answers.num_gpus)
     flat = flatten(raw)
@@ -252,7 +251,7 @@ def wizard_save(request: HttpRequest) -> HttpResponse:
                 source=VersionSource.WIZARD,
                 note="proposed by the wizard",
             )
-        except NameTaken:
+        except Refusal:  # the one refusal of create_config: the name is taken
             save_form.add_error("name", "you already have a config with this name")
         else:
             if _is_htmx(request):
@@ -314,8 +313,8 @@ def estimate_panel(request: HttpRequest) -> HttpResponse:
         spec = parse_spec(raw)
     except json.JSONDecodeError as exc:
         errors.append(f"spec: not JSON ({exc.msg} at line {exc.lineno})")
-    except SpecInvalid as exc:
-        errors.extend(f"{e['path'] or 'spec'}: {e['message']}" for e in exc.errors)
+    except Refusal as exc:
+        errors.extend(f"{e.path or 'spec'}: {e.message}" for e in exc.errors)
     if errors:
         return render(request, "configs/_panel_errors.html", {"errors": errors}, status=400)
     # The editor lists the advice beside the problems, so the panel leaves it out.
@@ -371,8 +370,8 @@ def compare(request: HttpRequest) -> HttpResponse:
                     spec_dict = stored_spec(parse_spec(candidate))
                     edited, version_id = True, None
                     title += " (edited)"
-                except SpecInvalid as exc:
-                    errors.extend(f"inline_{i}.{e['path']}: {e['message']}" for e in exc.errors)
+                except Refusal as exc:
+                    errors.extend(f"inline_{i}.{e.path}: {e.message}" for e in exc.errors)
         spec = parse_spec(spec_dict)
         ctx = _estimate_context(spec, hw, gpus, parallelism=_parallelism(request))
         columns.append(

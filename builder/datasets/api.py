@@ -21,12 +21,12 @@ from django.urls import path
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from builder.core.errors import NON_FIELD, Refusal
 from builder.datasets import services, storage, uploads
 from builder.datasets.models import Dataset
 from builder.datasets.serializers import (
@@ -39,13 +39,6 @@ from builder.datasets.serializers import (
     UploadStartSerializer,
     parse_cleaning_options,
 )
-
-
-def refused(exc: services.Refused) -> Response:
-    """A refusal as the API's error shape: ``{field: [message]}`` or ``{"detail": message}``, plus context."""
-    body: dict[str, Any] = {exc.field: [exc.message]} if exc.field else {"detail": exc.message}
-    body.update(exc.extra)
-    return Response(body, status=exc.status)
 
 
 def _detail(dataset: Dataset, code: int = status.HTTP_200_OK) -> Response:
@@ -71,14 +64,11 @@ class DatasetListView(APIView):
         # Refuse an oversized body before parsing it (the multipart overhead is a few hundred bytes).
         length = request.META.get("CONTENT_LENGTH") or ""
         if length.isdigit() and int(length) > settings.DATASET_SIMPLE_UPLOAD_MAX_BYTES + 64 * 1024:
-            return refused(services.Refused("file", uploads.SIMPLE_UPLOAD_TOO_LARGE, 413))
+            raise Refusal("file", uploads.SIMPLE_UPLOAD_TOO_LARGE, 413)
         serializer = SimpleUploadSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = dict(serializer.validated_data)
-        try:
-            dataset = uploads.simple_upload(request.user, data.pop("file"), data)
-        except services.Refused as exc:
-            return refused(exc)
+        dataset = uploads.simple_upload(request.user, data.pop("file"), data)
         return _detail(dataset, status.HTTP_202_ACCEPTED)
 
 
@@ -97,28 +87,22 @@ class DatasetDetailView(APIView):
         serializer = FieldsUpdateSerializer(data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        try:
-            services.require_owner(request.user, dataset, "changed")
-            renamed = {k: data[k] for k in ("name", "description") if k in data}
-            if renamed:
-                Dataset.objects.filter(pk=dataset.pk).update(**renamed)
-                dataset.refresh_from_db()
-            if "text_field" in data or "label_field" in data:
-                dataset = services.update_fields(
-                    dataset, data.get("text_field", dataset.text_field), data.get("label_field", dataset.label_field)
-                )
-        except services.Refused as exc:
-            return refused(exc)
+        services.require_owner(request.user, dataset, "changed")
+        renamed = {k: data[k] for k in ("name", "description") if k in data}
+        if renamed:
+            Dataset.objects.filter(pk=dataset.pk).update(**renamed)
+            dataset.refresh_from_db()
+        if "text_field" in data or "label_field" in data:
+            dataset = services.update_fields(
+                dataset, data.get("text_field", dataset.text_field), data.get("label_field", dataset.label_field)
+            )
         return _detail(dataset)
 
     @extend_schema(responses={204: None}, summary="Delete a dataset and its files")
     def delete(self, request: Request, dataset_id: int) -> Response:
         dataset = services.get_visible_dataset(request.user, dataset_id)
-        try:
-            services.require_owner(request.user, dataset, "deleted")
-            services.delete_dataset(dataset)
-        except services.Refused as exc:
-            return refused(exc)
+        services.require_owner(request.user, dataset, "deleted")
+        services.delete_dataset(dataset)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -139,16 +123,13 @@ class DatasetCleanView(APIView):
     def post(self, request: Request, dataset_id: int) -> Response:
         source = services.get_visible_dataset(request.user, dataset_id)
         if not isinstance(request.data, dict):
-            raise ValidationError({"non_field_errors": ["send a JSON object of cleaning options"]})
+            raise Refusal(NON_FIELD, "send a JSON object of cleaning options")
         raw = dict(request.data)
         name = raw.pop("name", "") or ""
         if not isinstance(name, str) or len(name) > 200:
-            raise ValidationError({"name": ["a text of at most 200 characters"]})
+            raise Refusal("name", "a text of at most 200 characters")
         options = parse_cleaning_options(raw)
-        try:
-            dataset = services.start_cleaning(request.user, source, options, name)
-        except services.Refused as exc:
-            return refused(exc)
+        dataset = services.start_cleaning(request.user, source, options, name)
         return _detail(dataset, status.HTTP_202_ACCEPTED)
 
 
@@ -156,11 +137,8 @@ class DatasetAnalyzeView(APIView):
     @extend_schema(request=None, responses={202: DatasetSerializer}, summary="Compute the statistics again")
     def post(self, request: Request, dataset_id: int) -> Response:
         dataset = services.get_visible_dataset(request.user, dataset_id)
-        try:
-            services.require_owner(request.user, dataset, "re-analysed")
-            dataset = services.start_analysis(dataset)
-        except services.Refused as exc:
-            return refused(exc)
+        services.require_owner(request.user, dataset, "re-analysed")
+        dataset = services.start_analysis(dataset)
         return _detail(dataset, status.HTTP_202_ACCEPTED)
 
 
@@ -207,10 +185,7 @@ class UploadStartView(APIView):
     def post(self, request: Request) -> Response:
         serializer = UploadStartSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            session = uploads.create_session(request.user, serializer.validated_data)
-        except services.Refused as exc:
-            return refused(exc)
+        session = uploads.create_session(request.user, serializer.validated_data)
         return Response(UploadSessionSerializer(session).data, status=status.HTTP_201_CREATED)
 
 
@@ -232,24 +207,18 @@ class UploadSessionView(APIView):
         session = uploads.get_own_session(request.user, session_id)
         raw_offset = request.query_params.get("offset", "")
         if not raw_offset.isdigit():
-            return Response({"offset": ["a byte offset (a non-negative integer) is required"]}, status=400)
+            raise Refusal("offset", "a byte offset (a non-negative integer) is required")
         raw_length = request.META.get("CONTENT_LENGTH") or ""
         if not raw_length.isdigit():
-            return Response({"detail": "a Content-Length header is required"}, status=411)
+            raise Refusal("", "a Content-Length header is required", status.HTTP_411_LENGTH_REQUIRED)
         django_request = request._request  # the raw stream, untouched by any parser
-        try:
-            session = uploads.append_chunk(session, int(raw_offset), int(raw_length), django_request.read)
-        except services.Refused as exc:
-            return refused(exc)
+        session = uploads.append_chunk(session, int(raw_offset), int(raw_length), django_request.read)
         return Response(UploadSessionSerializer(session).data)
 
     @extend_schema(responses={204: None}, summary="Abandon an upload (frees its reserved quota)")
     def delete(self, request: Request, session_id: str) -> Response:
         session = uploads.get_own_session(request.user, session_id)
-        try:
-            uploads.abort_session(session)
-        except services.Refused as exc:
-            return refused(exc)
+        uploads.abort_session(session)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -257,10 +226,7 @@ class UploadCompleteView(APIView):
     @extend_schema(request=None, responses={202: DatasetSerializer}, summary="Finish an upload: validation starts")
     def post(self, request: Request, session_id: str) -> Response:
         session = uploads.get_own_session(request.user, session_id)
-        try:
-            dataset = uploads.complete_session(session)
-        except services.Refused as exc:
-            return refused(exc)
+        dataset = uploads.complete_session(session)
         return _detail(dataset, status.HTTP_202_ACCEPTED)
 
 

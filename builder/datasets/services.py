@@ -1,8 +1,9 @@
 """What the web does with datasets: who sees what, quotas, starting work, deleting (uploads: ``uploads``).
 
-Every refusal is a ``Refused`` naming the field at fault (or ``""``) and the HTTP status to answer with; the API
-and the pages turn it into their own error shapes. Long work (validation, statistics, cleaning) is never done
-here: it is dispatched to the ``cpu`` queue once the row is committed (``builder.datasets.processing``).
+Every refusal is a ``builder.core.errors.Refusal`` naming the field at fault (or ``""``) and the HTTP status to
+answer with; the API and the pages turn it into their own error shapes. Long work (validation, statistics,
+cleaning) is never done here: it is dispatched to the ``cpu`` queue once the row is committed
+(``builder.datasets.processing``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from django.db.models import Q, QuerySet, Sum
 from django.http import Http404
 from django.utils import timezone
 
+from builder.core.errors import Refusal
 from builder.datasets import storage
 from builder.datasets.models import DataFormat, Dataset, DatasetState, Origin, UploadSession
 
@@ -23,17 +25,6 @@ if TYPE_CHECKING:  # the cleaning module loads the engine's readers (and torch):
     from builder.datasets.cleaning import CleaningOptions
 
 STALE_WORK = timedelta(minutes=10)  # progress is written twice a second: ten silent minutes mean a dead worker
-
-
-class Refused(Exception):
-    """A request that cannot be honoured: ``field`` ("" when it is about no one field), ``message``, ``status``."""
-
-    def __init__(self, field: str, message: str, status: int = 400, **extra: Any) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-        self.status = status
-        self.extra = extra
 
 
 # --- Who sees what ---------------------------------------------------------------------------------------------
@@ -56,7 +47,7 @@ def get_visible_dataset(user: Any, dataset_id: int) -> Dataset:
 
 def require_owner(user: Any, dataset: Dataset, action: str) -> None:
     if dataset.is_builtin:
-        raise Refused("", f"built-in datasets cannot be {action}; clean one to get a copy of your own", 403)
+        raise Refusal("", f"built-in datasets cannot be {action}; clean one to get a copy of your own", 403)
     if dataset.owner_id != user.pk:
         raise Http404("no such dataset")
 
@@ -80,7 +71,7 @@ def quota_report(user: Any) -> dict[str, int]:
 def check_quota(user: Any, extra: int, field: str = "size") -> None:
     report = quota_report(user)
     if extra > report["free_bytes"]:
-        raise Refused(
+        raise Refusal(
             field,
             f"storage quota exceeded: this needs {extra} bytes, {report['free_bytes']} of your "
             f"{report['quota_bytes']} are free",
@@ -93,12 +84,12 @@ def check_fields(fmt: str, text_field: str, label_field: str) -> tuple[str, str]
     """The text and label fields to read ``fmt`` with (TXT has neither: one document per paragraph)."""
     if fmt == DataFormat.TXT:
         if label_field:
-            raise Refused("label_field", "TXT files carry no labels: use JSONL or CSV for labelled data")
+            raise Refusal("label_field", "TXT files carry no labels: use JSONL or CSV for labelled data")
         return "text", ""
     if not text_field:
-        raise Refused("text_field", "choose the field (JSONL) or column (CSV) that holds the text")
+        raise Refusal("text_field", "choose the field (JSONL) or column (CSV) that holds the text")
     if label_field == text_field:
-        raise Refused("label_field", "the label must be another field than the text")
+        raise Refusal("label_field", "the label must be another field than the text")
     return text_field, label_field
 
 
@@ -116,9 +107,9 @@ def dispatch_analysis(dataset: Dataset) -> None:
 def start_analysis(dataset: Dataset) -> Dataset:
     """Recompute the statistics of a dataset (not while it is being processed)."""
     if dataset.is_busy:
-        raise Refused("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)
+        raise Refusal("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)
     if dataset.state == DatasetState.FAILED and not dataset.file_name:
-        raise Refused("", "this dataset has no data (its cleaning failed); delete it", 409)
+        raise Refusal("", "this dataset has no data (its cleaning failed); delete it", 409)
     with transaction.atomic():
         Dataset.objects.filter(pk=dataset.pk).update(
             state=DatasetState.QUEUED, progress=0.0, phase="waiting for a worker", error_line=None, error_message=""
@@ -131,10 +122,10 @@ def start_analysis(dataset: Dataset) -> Dataset:
 def update_fields(dataset: Dataset, text_field: str, label_field: str) -> Dataset:
     """Read an uploaded dataset with other fields/columns: validation and statistics run again."""
     if dataset.origin != Origin.UPLOAD:
-        raise Refused("text_field", "only uploaded datasets can be read with other fields")
+        raise Refusal("text_field", "only uploaded datasets can be read with other fields")
     text_field, label_field = check_fields(dataset.format, text_field, label_field)
     if dataset.is_busy:
-        raise Refused("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)
+        raise Refusal("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)
     Dataset.objects.filter(pk=dataset.pk).update(text_field=text_field, label_field=label_field)
     dataset.refresh_from_db()
     return start_analysis(dataset)
@@ -149,7 +140,7 @@ def start_cleaning(user: Any, source: Dataset, options: CleaningOptions, name: s
     from workers.tasks import clean_dataset
 
     if source.state != DatasetState.READY:
-        raise Refused("", f"only a ready dataset can be cleaned; this one is {source.get_state_display().lower()}", 409)
+        raise Refusal("", f"only a ready dataset can be cleaned; this one is {source.get_state_display().lower()}", 409)
     with transaction.atomic():
         check_quota(user, source.size_bytes, field="")
         # The next number after the source's and every version already cleaned from it.
@@ -186,12 +177,12 @@ def delete_dataset(dataset: Dataset) -> None:
 
     working = dataset.is_busy and dataset.state != DatasetState.QUEUED
     if working and timezone.now() - dataset.updated_at < STALE_WORK:
-        raise Refused("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)
+        raise Refusal("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)
     # A queued or running job reads the file (a preempted one will again): deleting it would fail the job.
     active = list(dataset.jobs.filter(state__in=ACTIVE_STATES).values_list("pk", flat=True)[:5])
     if active:
         ids = ", ".join(f"#{pk}" for pk in active)
-        raise Refused("", f"jobs {ids} are training on this dataset; cancel them or wait for them to finish", 409)
+        raise Refusal("", f"jobs {ids} are training on this dataset; cancel them or wait for them to finish", 409)
     names = dataset.storage_names
     dataset.delete()
     transaction.on_commit(lambda: storage.delete_quietly(names))

@@ -20,9 +20,10 @@ from django.http import Http404
 from django.utils import timezone
 from django.utils.text import get_valid_filename
 
+from builder.core.errors import Refusal
 from builder.datasets import storage
 from builder.datasets.models import Dataset, Origin, UploadSession
-from builder.datasets.services import Refused, check_fields, check_quota, dispatch_analysis
+from builder.datasets.services import check_fields, check_quota, dispatch_analysis
 from workers.engine.data import FORMATS, format_from_name
 
 UPLOAD_SESSION_TTL = timedelta(hours=24)
@@ -52,15 +53,15 @@ def staging_path(session: UploadSession) -> Path:
 
 
 def resolve_format(filename: str, declared: str) -> str:
-    """The declared format, or the one the file name's extension says; ``Refused`` on the ``format`` field."""
+    """The declared format, or the one the file name's extension says; ``Refusal`` on the ``format`` field."""
     if declared:
         if declared not in FORMATS:
-            raise Refused("format", f"unknown format {declared!r}; choose one of {', '.join(FORMATS)}")
+            raise Refusal("format", f"unknown format {declared!r}; choose one of {', '.join(FORMATS)}")
         return declared
     # Never detect_format(filename): for an unknown extension it would open a file of that name on this server.
     fmt = format_from_name(filename)
     if fmt is None:
-        raise Refused(
+        raise Refusal(
             "format", f"cannot tell the format of {filename!r} from its extension; choose one of {', '.join(FORMATS)}"
         )
     return fmt
@@ -78,7 +79,7 @@ def create_session(owner: Any, data: dict[str, Any]) -> UploadSession:
     size = int(data["size"])
     limit = settings.DATASET_MAX_UPLOAD_BYTES
     if size > limit:
-        raise Refused(
+        raise Refusal(
             "size", f"the file is {size} bytes; the largest upload is {limit} (DATASET_MAX_UPLOAD_BYTES)", 413
         )
     filename = data["filename"]
@@ -108,27 +109,27 @@ def append_chunk(session: UploadSession, offset: int, length: int, read: Callabl
     serialises concurrent requests, so a repeated or racing chunk can never interleave with another.
     """
     if not session.is_open:
-        raise Refused("", "this upload is already complete", 409)
+        raise Refusal("", "this upload is already complete", 409)
     if length > settings.DATASET_UPLOAD_CHUNK_BYTES:
-        raise Refused("", f"a chunk is at most {settings.DATASET_UPLOAD_CHUNK_BYTES} bytes, this one is {length}", 413)
+        raise Refusal("", f"a chunk is at most {settings.DATASET_UPLOAD_CHUNK_BYTES} bytes, this one is {length}", 413)
     if length <= 0:
-        raise Refused("", "an empty chunk: send the bytes in the request body")
+        raise Refusal("", "an empty chunk: send the bytes in the request body")
     path = staging_path(session)
     if not path.exists():
-        raise Refused("", "the upload's staging file is gone (the upload expired); start again", 410)
+        raise Refusal("", "the upload's staging file is gone (the upload expired); start again", 410)
     with path.open("r+b") as part:
         fcntl.flock(part, fcntl.LOCK_EX)  # held until the file closes
         session.refresh_from_db(fields=["received", "size"])
         if offset != session.received:
-            raise Refused("offset", f"expected offset {session.received}, got {offset}", 409, received=session.received)
+            raise Refusal("offset", f"expected offset {session.received}, got {offset}", 409, received=session.received)
         if offset + length > session.size:
-            raise Refused("", f"the chunk ends at byte {offset + length}, past the declared size {session.size}", 400)
+            raise Refusal("", f"the chunk ends at byte {offset + length}, past the declared size {session.size}", 400)
         part.seek(offset)
         remaining = length
         while remaining:
             block = read(min(COPY_BLOCK, remaining))
             if not block:
-                raise Refused("", f"the request body ended {remaining} bytes short of its Content-Length")
+                raise Refusal("", f"the request body ended {remaining} bytes short of its Content-Length")
             part.write(block)
             remaining -= len(block)
         part.truncate(offset + length)  # drop anything a failed earlier attempt wrote past this chunk
@@ -153,12 +154,12 @@ def _safe_filename(filename: str, fmt: str) -> str:
 def complete_session(session: UploadSession) -> Dataset:
     """Move the assembled file into storage, create its dataset, and queue its validation."""
     if not session.is_open:
-        raise Refused("", "this upload is already complete", 409)
+        raise Refusal("", "this upload is already complete", 409)
     if session.received != session.size:
-        raise Refused("", f"{session.received} of {session.size} bytes received; send the rest first", 409)
+        raise Refusal("", f"{session.received} of {session.size} bytes received; send the rest first", 409)
     path = staging_path(session)
     if not path.exists():
-        raise Refused("", "the upload's staging file is gone (the upload expired); start again", 410)
+        raise Refusal("", "the upload's staging file is gone (the upload expired); start again", 410)
     name = storage.save_local_file(
         f"{_dataset_folder(session.owner, str(session.pk))}/{_safe_filename(session.filename, session.format)}",
         path,
@@ -186,7 +187,7 @@ def complete_session(session: UploadSession) -> Dataset:
 
 def abort_session(session: UploadSession) -> None:
     if not session.is_open:
-        raise Refused("", "this upload is already complete; delete its dataset instead", 409)
+        raise Refusal("", "this upload is already complete; delete its dataset instead", 409)
     staging_path(session).unlink(missing_ok=True)
     session.delete()
 
@@ -195,7 +196,7 @@ def simple_upload(owner: Any, uploaded: Any, data: dict[str, Any]) -> Dataset:
     """One multipart request (small files): staged like a chunked upload, then completed the same way."""
     size = int(uploaded.size)
     if size > settings.DATASET_SIMPLE_UPLOAD_MAX_BYTES:
-        raise Refused("file", SIMPLE_UPLOAD_TOO_LARGE, 413)
+        raise Refusal("file", SIMPLE_UPLOAD_TOO_LARGE, 413)
     session = create_session(owner, {**data, "filename": data.get("filename") or uploaded.name, "size": size})
     try:
         with staging_path(session).open("wb") as part:

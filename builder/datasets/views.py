@@ -20,6 +20,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from pydantic import ValidationError as PydanticValidationError
 
+from builder.core.errors import Refusal
 from builder.datasets import api, charts, services
 from builder.datasets.cleaning import REMOVAL_REASONS, CleaningOptions
 from builder.datasets.models import Dataset, Origin
@@ -66,8 +67,8 @@ class FieldsForm(forms.Form):
     label_field = forms.CharField(max_length=200, required=False, label="Label field / column (empty: none)")
 
 
-def _refusal_message(request: HttpRequest, exc: services.Refused) -> None:
-    messages.error(request, f"{exc.field}: {exc.message}" if exc.field else exc.message)
+def _refusal_message(request: HttpRequest, exc: Refusal) -> None:
+    messages.error(request, str(exc))  # "field: message", or the message when it names no field
 
 
 @login_required
@@ -164,7 +165,7 @@ def dataset_clean(request: HttpRequest, dataset_id: int) -> HttpResponse:
         return redirect("datasets:detail", dataset_id=source.pk)
     try:
         dataset = services.start_cleaning(request.user, source, form.cleaned_data["options"], form.cleaned_data["name"])
-    except services.Refused as exc:
+    except Refusal as exc:
         _refusal_message(request, exc)
         return redirect("datasets:detail", dataset_id=source.pk)
     return redirect("datasets:detail", dataset_id=dataset.pk)
@@ -177,7 +178,7 @@ def dataset_analyze(request: HttpRequest, dataset_id: int) -> HttpResponse:
     try:
         services.require_owner(request.user, dataset, "re-analysed")
         services.start_analysis(dataset)
-    except services.Refused as exc:
+    except Refusal as exc:
         _refusal_message(request, exc)
     return redirect("datasets:detail", dataset_id=dataset.pk)
 
@@ -193,7 +194,7 @@ def dataset_fields(request: HttpRequest, dataset_id: int) -> HttpResponse:
             services.update_fields(dataset, form.cleaned_data["text_field"], form.cleaned_data["label_field"])
         else:
             messages.error(request, "; ".join(f"{k}: {', '.join(str(e) for e in v)}" for k, v in form.errors.items()))
-    except services.Refused as exc:
+    except Refusal as exc:
         _refusal_message(request, exc)
     return redirect("datasets:detail", dataset_id=dataset.pk)
 
@@ -205,7 +206,7 @@ def dataset_delete(request: HttpRequest, dataset_id: int) -> HttpResponse:
     try:
         services.require_owner(request.user, dataset, "deleted")
         services.delete_dataset(dataset)
-    except services.Refused as exc:
+    except Refusal as exc:
         _refusal_message(request, exc)
         return redirect("datasets:detail", dataset_id=dataset.pk)
     messages.success(request, f"Deleted {dataset.name!r}.")

@@ -16,12 +16,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from builder.core.errors import Refusal
 from builder.jobs import history, lifecycle
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
 from builder.jobs.models import JobEvent
 from builder.jobs.runner import job_dir
 from builder.jobs.serializers import JobCreateSerializer, JobSerializer, MetricsPageSerializer
-from builder.jobs.submit import SubmitRefused, resume_job, submit_job
+from builder.jobs.submit import resume_job, submit_job
 
 
 def _int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
@@ -53,10 +54,7 @@ class JobListView(APIView):
     def post(self, request: Request) -> Response:
         serializer = JobCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
-        try:
-            job = submit_job(request.user, serializer.submission())
-        except SubmitRefused as exc:
-            raise ValidationError(exc.errors) from None
+        job = submit_job(request.user, serializer.submission())
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
 
@@ -73,16 +71,13 @@ class JobControlView(APIView):
     def post(self, request: Request, job_id: int) -> Response:
         job = get_visible_job(request.user, job_id)
         if not can_control(request.user, job):
-            return Response({"detail": "only the owner can control this job"}, status=status.HTTP_403_FORBIDDEN)
-        try:
-            if self.action == "cancel":
-                lifecycle.request_cancel(job)
-            else:
-                resume_job(job)
-        except lifecycle.TransitionRefused as exc:
-            return Response({"detail": str(exc), "state": job.state}, status=status.HTTP_409_CONFLICT)
-        except SubmitRefused as exc:  # the owner's limit of active jobs
-            return Response({"detail": str(exc), "state": job.state}, status=status.HTTP_409_CONFLICT)
+            raise Refusal("", "only the owner can control this job", status.HTTP_403_FORBIDDEN)
+        # A refusal is a 409 with the job's state (``{"detail", "state"}``): it already ended, cannot resume, or
+        # resuming it would pass the owner's limit of active jobs.
+        if self.action == "cancel":
+            lifecycle.request_cancel(job)
+        else:
+            resume_job(job)
         job.refresh_from_db()
         return Response(JobSerializer(job).data)
 

@@ -22,6 +22,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from builder.core.errors import Refusal, error_frame
 from builder.jobs import history, lifecycle
 from builder.jobs.access import visible_jobs
 from builder.jobs.models import Job, JobEvent
@@ -39,6 +40,19 @@ def json_object(text: str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return message if isinstance(message, dict) else None
+
+
+def resync_after(message: dict[str, Any] | None) -> int:
+    """The ``after`` of a client's ``{"type": "resync", "after": <seq>}``; anything else is a ``Refusal`` naming
+    the field at fault."""
+    if message is None:
+        raise Refusal("", "messages must be JSON objects")
+    if message.get("type") != "resync":
+        raise Refusal("type", "unknown message type; expected 'resync'")
+    after = message.get("after")
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise Refusal("after", "after must be a non-negative integer sequence number")
+    return after
 
 
 async def visible_job_or_close(consumer: AsyncWebsocketConsumer) -> Job | None:
@@ -102,23 +116,14 @@ class JobConsumer(AsyncWebsocketConsumer):
         await self._send(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        message = json_object(text_data)
-        if message is None:
-            await self._error("", "messages must be JSON objects")
-            return
-        if message.get("type") != "resync":
-            await self._error("type", "unknown message type; expected 'resync'")
-            return
-        after = message.get("after")
-        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-            await self._error("after", "after must be a non-negative integer sequence number")
+        try:
+            after = resync_after(json_object(text_data))
+        except Refusal as exc:
+            await self._send(error_frame(exc))
             return
         job = await database_sync_to_async(Job.objects.get)(pk=self.job_id)
         points = await database_sync_to_async(history.points_after)(job, after, RESYNC_LIMIT)
         await self._send({"type": "resync", "after": after, "points": points})
-
-    async def _error(self, field: str, text: str) -> None:
-        await self._send({"type": "error", "field": field, "message": text})
 
     async def _send(self, content: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(content))

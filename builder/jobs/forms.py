@@ -7,10 +7,10 @@ from typing import Any
 
 from django import forms
 
+from builder.core.errors import NON_FIELD, Refusal
 from builder.jobs.submit import (
     QUEUES,
     Submission,
-    SubmitRefused,
     default_dataset,
     visible_config_versions,
     visible_ready_datasets,
@@ -74,10 +74,10 @@ class LaunchForm(forms.Form):
         name = data["name"] or _version_label(version)
         return Submission(name=name[:200], dataset=data["dataset"], queue=data["queue"], config_version=version)
 
-    def add_refusal(self, refusal: SubmitRefused) -> None:
+    def add_refusal(self, refusal: Refusal) -> None:
         """Show each of the service's errors next to its field (spec problems belong to the configuration)."""
-        for field, messages in refusal.errors.items():
-            target = {"spec": "config_version", "non_field_errors": None}.get(field, field)
+        for field, messages in refusal.by_field().items():
+            target = {"spec": "config_version", NON_FIELD: None}.get(field, field)
             for message in messages:
                 self.add_error(target if target in self.fields else None, message)
 

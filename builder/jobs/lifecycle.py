@@ -26,6 +26,7 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from builder.core.errors import Refusal
 from builder.jobs.models import Job, JobEvent, JobState
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ ENTERED_FROM: dict[JobState, frozenset[JobState]] = {
     JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.PREEMPTED}),
     JobState.PREEMPTED: frozenset({JobState.RUNNING}),
 }
-
-
-class TransitionRefused(Exception):
-    """The job is not in a state from which the requested change is allowed."""
 
 
 def group_name(job_id: int) -> str:
@@ -205,19 +202,23 @@ def redeliver_queued(queues: list[str]) -> list[int]:
 
 
 def request_cancel(job: Job) -> None:
-    """Cancel a job: at once if it is not running; otherwise the worker stops within a step and checkpoints."""
+    """Cancel a job: at once if it is not running; otherwise the worker stops within a step and checkpoints.
+
+    A job that already ended is a ``Refusal`` (409, with the job's ``state``)."""
     if job.state in (JobState.QUEUED, JobState.PREEMPTED) and transition(
         job.pk, JobState.CANCELLED, reason="cancelled before it ran"
     ):
         return
     if job.is_terminal:
-        raise TransitionRefused(f"the job already {job.state}")
+        raise Refusal("", f"the job already {job.state}", 409, state=job.state)
     Job.objects.filter(pk=job.pk).update(cancel_requested=True)
     add_event(job.pk, "cancel_requested", {}, step=job.step)
 
 
 def resume(job: Job) -> None:
-    """Queue a stopped job again; it continues from its last committed checkpoint with fresh attempts."""
+    """Queue a stopped job again; it continues from its last committed checkpoint with fresh attempts.
+
+    A job that is not stopped is a ``Refusal`` (409, with the job's ``state``)."""
     resumed = transition(
         job.pk,
         JobState.QUEUED,
@@ -229,7 +230,7 @@ def resume(job: Job) -> None:
         finished_at=None,
     )
     if not resumed:
-        raise TransitionRefused(f"a {job.state} job cannot be resumed")
+        raise Refusal("", f"a {job.state} job cannot be resumed", 409, state=job.state)
     job.refresh_from_db()
     dispatch(job)
 

@@ -1,8 +1,8 @@
 """Submitting a job, for the API and the launch form alike: resolve the spec and the dataset, check the per-user
 limit, create the row, dispatch the task once the row is committed.
 
-Every refusal is a ``SubmitRefused`` naming the field at fault (``""`` when it is about no one field), so that
-the API answers 400 with ``{field: [message]}`` and the form shows the message next to the field.
+Every refusal is a ``builder.core.errors.Refusal`` naming the field at fault (``NON_FIELD`` when it is about no
+one field), so that the API answers 400 with ``{field: [message]}`` and the form shows the message next to the field.
 """
 
 from __future__ import annotations
@@ -17,23 +17,12 @@ from pydantic import ValidationError
 
 from builder.configs.models import ConfigVersion
 from builder.configs.services import visible_configs
+from builder.core.errors import NON_FIELD, Refusal
 from builder.jobs import lifecycle
 from builder.jobs.models import ACTIVE_STATES, Job, JobState
 from workers.engine.spec import load_spec, spec_errors
 
 QUEUES = ("gpu", "cpu")
-
-
-class SubmitRefused(Exception):
-    """A submission that cannot be accepted: ``errors`` maps field names to messages."""
-
-    def __init__(self, errors: dict[str, list[str]]) -> None:
-        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()))
-        self.errors = errors
-
-
-def _refuse(field: str, message: str) -> SubmitRefused:
-    return SubmitRefused({field or "non_field_errors": [message]})
 
 
 def visible_config_versions(user: Any) -> models.QuerySet[ConfigVersion]:
@@ -63,7 +52,7 @@ def resolve_spec(spec: Any, dataset: Any) -> dict[str, Any]:
     ``data.label_field`` are set from it so that the engine reads the file the way it was validated.
     """
     if not isinstance(spec, dict):
-        raise _refuse("spec", "spec must be a JSON object")
+        raise Refusal("spec", "spec must be a JSON object")
     raw = dict(spec)
     data = raw.get("data", {})
     if isinstance(data, dict):  # anything else is left for validation to report at "data"
@@ -75,9 +64,9 @@ def resolve_spec(spec: Any, dataset: Any) -> dict[str, Any]:
         checked = load_spec(raw)
     except ValidationError as exc:
         # Field paths below spec, e.g. "model.moe.top_k", so the client can point at the field.
-        raise SubmitRefused({"spec": [f"{e['path']}: {e['message']}" for e in spec_errors(exc)]}) from None
+        raise Refusal.of([("spec", f"{e['path']}: {e['message']}") for e in spec_errors(exc)]) from None
     if checked.model.task == "classification" and not dataset.label_field:
-        raise _refuse("dataset", f"dataset {dataset.name!r} has no label field; a classification model needs one")
+        raise Refusal("dataset", f"dataset {dataset.name!r} has no label field; a classification model needs one")
     return checked.model_dump(mode="json")
 
 
@@ -95,11 +84,11 @@ class Submission:
 def submit_job(owner: Any, submission: Submission) -> Job:
     """Create the job and send its task once the row is committed. Refuses past ``JOBS_MAX_ACTIVE_PER_USER``."""
     if submission.queue not in QUEUES:
-        raise _refuse("queue", f"choose one of {', '.join(QUEUES)}")
+        raise Refusal("queue", f"choose one of {', '.join(QUEUES)}")
     if submission.spec is not None and submission.config_version is not None:
-        raise _refuse("spec", "give an inline spec or a saved config_version, not both")
+        raise Refusal("spec", "give an inline spec or a saved config_version, not both")
     if submission.spec is None and submission.config_version is None:
-        raise _refuse("spec", "give an inline spec or a saved config_version")
+        raise Refusal("spec", "give an inline spec or a saved config_version")
     version = submission.config_version
     raw_spec = version.spec if version is not None else submission.spec
     spec = resolve_spec(raw_spec, submission.dataset)
@@ -131,18 +120,24 @@ def check_active_limit(owner: Any) -> None:
     active = Job.objects.filter(owner=owner, state__in=ACTIVE_STATES).count()
     limit = settings.JOBS_MAX_ACTIVE_PER_USER
     if active >= limit:
-        raise _refuse("", f"you already have {active} active jobs (limit {limit}); wait for one to end or cancel one")
+        raise Refusal(
+            NON_FIELD, f"you already have {active} active jobs (limit {limit}); wait for one to end or cancel one"
+        )
 
 
 def resume_job(job: Job) -> None:
     """Queue a stopped job again (``lifecycle.resume``), within the owner's limit of active jobs.
 
-    Raises ``SubmitRefused`` past the limit or when its dataset was deleted, and ``lifecycle.TransitionRefused``
-    for a job that cannot resume.
+    Every refusal is a conflict with the job as it is (409, with its ``state``): past the limit, when its dataset
+    was deleted, or for a job that cannot resume.
     """
-    if job.dataset_id is None:
-        raise _refuse("dataset", "the dataset this job trained on was deleted; launch a new job on another dataset")
-    with transaction.atomic():
-        if job.state != JobState.PREEMPTED:  # a preempted job already counts as active
-            check_active_limit(job.owner)
-        lifecycle.resume(job)
+    try:
+        if job.dataset_id is None:
+            raise Refusal("dataset", "the dataset this job trained on was deleted; launch a new job on another dataset")
+        with transaction.atomic():
+            if job.state != JobState.PREEMPTED:  # a preempted job already counts as active
+                check_active_limit(job.owner)
+            lifecycle.resume(job)
+    except Refusal as exc:
+        # A resume is an action on the job, not a form: the problem (its field named in the text) is a 409's detail.
+        raise Refusal("", str(exc), 409, state=job.state) from None

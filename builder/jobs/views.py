@@ -18,12 +18,13 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 from pydantic import ValidationError
 
+from builder.core.errors import Refusal
 from builder.jobs import history
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
 from builder.jobs.forms import LaunchForm
 from builder.jobs.models import ACTIVE_STATES, MetricPoint
 from builder.jobs.serializers import job_summary
-from builder.jobs.submit import SubmitRefused, submit_job
+from builder.jobs.submit import submit_job
 from workers.engine.spec import load_spec
 
 LIST_LIMIT = 200
@@ -156,7 +157,7 @@ def job_launch(request: HttpRequest) -> HttpResponse:
         if form.is_valid():
             try:
                 job = submit_job(request.user, form.submission())
-            except SubmitRefused as exc:
+            except Refusal as exc:
                 form.add_refusal(exc)
             else:
                 return redirect("jobs:detail", job_id=job.pk)

@@ -25,12 +25,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from builder.core.errors import Refusal
 from builder.datasets.storage import download_response
 from builder.jobs.access import can_control, get_visible_job
 from builder.reports.models import Report, ReportState
 from builder.reports.schema import REPORT_SCHEMA
 from builder.reports.serializers import ARTIFACT_FILES, REPORT_FILES, ReportRequestSerializer, ReportSerializer
-from builder.reports.services import RequestRefused, get_visible_report, request_report, visible_reports
+from builder.reports.services import get_visible_report, request_report, visible_reports
 
 LIST_LIMIT = 500
 
@@ -89,15 +90,10 @@ class JobReportsView(APIView):
     def post(self, request: Request, job_id: int) -> Response:
         job = get_visible_job(request.user, job_id)
         if not can_control(request.user, job):
-            return Response({"detail": "only the job's owner can request its evaluation"}, status=403)
+            raise Refusal("", "only the job's owner can request its evaluation", status.HTTP_403_FORBIDDEN)
         serializer = ReportRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            outcome = request_report(job, user=request.user, step=serializer.validated_data.get("step"))
-        except RequestRefused as exc:
-            if exc.field:
-                raise ValidationError({exc.field: [str(exc)]}) from None
-            return Response({"detail": str(exc), "state": job.state}, status=status.HTTP_409_CONFLICT)
+        outcome = request_report(job, user=request.user, step=serializer.validated_data.get("step"))
         code = status.HTTP_201_CREATED if outcome.created else status.HTTP_200_OK
         return Response(ReportSerializer(outcome.report).data, status=code)
 

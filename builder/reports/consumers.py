@@ -33,6 +33,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from builder.core.errors import Refusal, error_frame
 from builder.jobs.consumers import json_object, visible_job_or_close
 from builder.reports import playground
 
@@ -63,8 +64,8 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
         await self.accept()
         try:
             source = await database_sync_to_async(playground.find_source)(job, self._report_param())
-        except playground.RequestError as exc:
-            await self._error(exc.field, str(exc))
+        except Refusal as exc:
+            await self._send(error_frame(exc))
             return
         await self._send({"type": "loading", "checkpoint_step": source.step, "report": source.report_id})
         loop = asyncio.get_running_loop()
@@ -72,12 +73,13 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
         self._model = loop.run_in_executor(INFERENCE, playground.load, source)
         try:
             inference = await self._model
-        except playground.RequestError as exc:
-            await self._error(exc.field, str(exc))
+        except Refusal as exc:
+            await self._send(error_frame(exc))
             return
         except Exception as exc:  # a checkpoint that does not verify, a missing tokenizer: say so, stay open
             log.warning("playground of job %s could not load step %s", self.job_id, source.step, exc_info=True)
-            await self._error("report", f"the checkpoint could not be loaded: {type(exc).__name__}: {exc}")
+            failure = Refusal("report", f"the checkpoint could not be loaded: {type(exc).__name__}: {exc}")
+            await self._send(error_frame(failure))
             return
         self.task = inference.spec.model.task
         await self._send(
@@ -104,7 +106,7 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
         try:
             return int(raw)
         except ValueError:
-            raise playground.RequestError("report", "report must be an integer id") from None
+            raise Refusal("report", "report must be an integer id") from None
 
     async def disconnect(self, code: int) -> None:
         self._closed = True
@@ -112,33 +114,29 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
             self._stop.set()  # the generating thread ends after its current token
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        message = json_object(text_data)
-        if message is None:
-            await self._error("", "messages must be JSON objects")
-            return
-        kind = message.get("type", "generate" if self.task != "classification" else "classify")
-        if kind == "stop":
-            self._stop.set()
-            return
-        if kind not in ("generate", "classify"):
-            await self._error("type", "type must be generate, classify or stop")
-            return
-        if self._model is None or not self._model.done() or self._model.exception() is not None:
-            await self._error("", "the model is not loaded (wait for the ready message)")
-            return
-        if self._running is not None and not self._running.done():
-            await self._error("", 'a request is already running: wait for done, or send {"type": "stop"}')
-            return
-        inference = self._model.result()
         try:
+            message = json_object(text_data)
+            if message is None:
+                raise Refusal("", "messages must be JSON objects")
+            kind = message.get("type", "generate" if self.task != "classification" else "classify")
+            if kind == "stop":
+                self._stop.set()
+                return
+            if kind not in ("generate", "classify"):
+                raise Refusal("type", "type must be generate, classify or stop")
+            if self._model is None or not self._model.done() or self._model.exception() is not None:
+                raise Refusal("", "the model is not loaded (wait for the ready message)")
+            if self._running is not None and not self._running.done():
+                raise Refusal("", 'a request is already running: wait for done, or send {"type": "stop"}')
+            inference = self._model.result()
             if self.task == "classification":
                 request: Any = playground.parse_classify(message)
             else:
                 if kind == "classify":
-                    raise playground.RequestError("type", "this model generates text: send a prompt")
+                    raise Refusal("type", "this model generates text: send a prompt")
                 request = playground.parse_generate(message, inference.spec.model.vocab_size)
-        except playground.RequestError as exc:
-            await self._error(exc.field, str(exc))
+        except Refusal as exc:
+            await self._send(error_frame(exc))
             return
         self._stop.clear()
         # A task of its own: this handler returns at once, so a stop message can be received meanwhile.
@@ -153,7 +151,7 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
                 await self._generate(inference, request, began)
         except Exception as exc:  # never a crashed socket: the client hears what went wrong
             log.warning("playground request on job %s failed", self.job_id, exc_info=True)
-            await self._error("", f"{type(exc).__name__}: {exc}")
+            await self._send(error_frame(Refusal("", f"{type(exc).__name__}: {exc}")))
 
     async def _classify(self, inference: Any, request: playground.ClassifyRequest, began: float) -> None:
         from workers.engine.evaluate import classify
@@ -205,9 +203,6 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
         await self._send(
             {"type": "done", "tokens": count, "seconds": round(time.perf_counter() - began, 3), "stopped": stopped}
         )
-
-    async def _error(self, field: str, text: str) -> None:
-        await self._send({"type": "error", "field": field, "message": text})
 
     async def _send(self, content: dict[str, Any]) -> None:
         if not self._closed:  # a request still finishing after its client left has no one to tell

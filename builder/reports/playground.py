@@ -1,7 +1,7 @@
 """The playground's pieces that are not websocket plumbing: which checkpoint a job's playground runs, loading it,
 and validating a request.
 
-A request is checked field by field before anything runs; ``RequestError`` names the field at fault, so the
+A request is checked field by field before anything runs; a ``Refusal`` names the field at fault, so the
 socket answers ``{"type": "error", "field", "message"}`` and stays open. Bounds come from settings
 (``PLAYGROUND_MAX_NEW_TOKENS``, ``PLAYGROUND_MAX_PROMPT_CHARS``) and from the engine.
 """
@@ -15,17 +15,12 @@ from typing import Any
 
 from django.conf import settings
 
+from builder.core.errors import Refusal
 from builder.jobs.models import Job
 from builder.reports.models import Report, ReportState
 from builder.reports.services import checkpoint_path
 
 MAX_TEMPERATURE = 5.0  # workers.engine.evaluate.MAX_TEMPERATURE (not imported here: that module imports torch)
-
-
-class RequestError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -40,18 +35,18 @@ class Source:
 
 def find_source(job: Job, report_id: int | None) -> Source:
     """The checkpoint to load: the given report's, else the job's newest succeeded report's, else the job's last
-    checkpoint. Raises ``RequestError`` (field ``report``) when there is none or the report is not the job's."""
+    checkpoint. Raises ``Refusal`` (field ``report``) when there is none or the report is not the job's."""
     report: Report | None
     if report_id is not None:
         report = Report.objects.filter(pk=report_id, job=job).first()
         if report is None:
-            raise RequestError("report", f"job {job.pk} has no report {report_id}")
+            raise Refusal("report", f"job {job.pk} has no report {report_id}")
     else:
         succeeded = Report.objects.filter(job=job, state=ReportState.SUCCEEDED)
         report = succeeded.order_by("-checkpoint_step").first()
     step = report.checkpoint_step if report is not None else job.last_checkpoint_step
     if step is None:
-        raise RequestError("report", "this job has no checkpoint yet")
+        raise Refusal("report", "this job has no checkpoint yet")
     return Source(job.pk, step, report.pk if report else None, checkpoint_path(job.pk, step))
 
 
@@ -67,7 +62,7 @@ def load(source: Source) -> Any:
         # Process-wide, and this process (the web server) runs no other model: see INFERENCE_CPU_THREADS.
         torch.set_num_threads(settings.INFERENCE_CPU_THREADS)
     if not source.checkpoint.is_dir():
-        raise RequestError(
+        raise Refusal(
             "report",
             f"the checkpoint of step {source.step} is not on this server (the playground reads the trained "
             "checkpoint from JOBS_WORK_DIR; the worker that trained the job must share it)",
@@ -96,19 +91,19 @@ def _number(message: dict[str, Any], field: str, default: float | None, low: flo
         return None
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not float(value).is_integer()):
-        raise RequestError(field, f"{field} must be {kind}, got {value!r}")
+        raise Refusal(field, f"{field} must be {kind}, got {value!r}")
     if not math.isfinite(value) or not low <= value <= high:
-        raise RequestError(field, f"{field} must be between {low:g} and {high:g}, got {value!r}")
+        raise Refusal(field, f"{field} must be between {low:g} and {high:g}, got {value!r}")
     return int(value) if integer else float(value)
 
 
 def _text(message: dict[str, Any], field: str) -> str:
     value = message.get(field)
     if not isinstance(value, str) or not value.strip():
-        raise RequestError(field, f"{field} must be a non-empty string")
+        raise Refusal(field, f"{field} must be a non-empty string")
     limit = settings.PLAYGROUND_MAX_PROMPT_CHARS
     if len(value) > limit:
-        raise RequestError(field, f"{field} is {len(value)} characters long; the limit is {limit}")
+        raise Refusal(field, f"{field} is {len(value)} characters long; the limit is {limit}")
     return value
 
 
@@ -120,18 +115,18 @@ def parse_generate(message: dict[str, Any], vocab_size: int) -> GenerateRequest:
     known = {"type", "prompt", "temperature", "top_k", "top_p", "max_tokens", "seed"}
     unknown = sorted(set(message) - known)
     if unknown:
-        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; expected {', '.join(sorted(known))}")
+        raise Refusal(unknown[0], f"unknown field {unknown[0]!r}; expected {', '.join(sorted(known))}")
     prompt = _text(message, "prompt")
     max_tokens = _number(message, "max_tokens", 64, 1, settings.PLAYGROUND_MAX_NEW_TOKENS, integer=True)
     if max_tokens is None:
-        raise RequestError("max_tokens", "max_tokens must be an integer")
+        raise Refusal("max_tokens", "max_tokens must be an integer")
     temperature = _number(message, "temperature", 0.8, 0.0, MAX_TEMPERATURE, integer=False)
     if temperature is None:
-        raise RequestError("temperature", "temperature must be a number (0 for greedy decoding)")
+        raise Refusal("temperature", "temperature must be a number (0 for greedy decoding)")
     top_k = _number(message, "top_k", 0, 0, vocab_size, integer=True)
     top_p = _number(message, "top_p", 1.0, 0.0, 1.0, integer=False)
     if top_p is not None and top_p <= 0:
-        raise RequestError("top_p", "top_p must be above 0 (1 keeps every token)")
+        raise Refusal("top_p", "top_p must be above 0 (1 keeps every token)")
     seed = _number(message, "seed", None, 0, 2**53, integer=True)
     return GenerateRequest(
         prompt=prompt,
@@ -148,6 +143,6 @@ def parse_classify(message: dict[str, Any]) -> ClassifyRequest:
     known = {"type", "text", "prompt", "temperature", "top_k", "top_p", "max_tokens", "seed"}
     unknown = sorted(set(message) - known)
     if unknown:
-        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}")
+        raise Refusal(unknown[0], f"unknown field {unknown[0]!r}")
     field = "text" if "text" in message else "prompt"
     return ClassifyRequest(text=_text(message, field))

@@ -24,6 +24,7 @@ from django.db.models import Q, QuerySet
 from django.http import Http404
 from django.utils import timezone
 
+from builder.core.errors import Refusal
 from builder.jobs.access import visible_jobs
 from builder.jobs.models import Job, JobState
 from builder.jobs.runner import job_dir
@@ -33,14 +34,6 @@ log = logging.getLogger(__name__)
 
 # The states of a job whose checkpoint may be evaluated: it stopped, and nothing writes to its folder any more.
 EVALUABLE_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-
-class RequestRefused(Exception):
-    """The job cannot be evaluated now; ``field`` names what is at fault (empty: the job itself)."""
-
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -79,18 +72,18 @@ def request_report(
 ) -> Requested:
     """The report of ``job``'s checkpoint ``step`` (default: its last committed one), queued if it must run.
 
-    Raises ``RequestRefused`` when the job is still active, has no checkpoint, or ``step`` is not one of its
-    checkpoint steps that can still exist (after the last one).
+    A ``Refusal`` when the job is still active or has no checkpoint (409, with the job's ``state``), or when
+    ``step`` is not one of its checkpoint steps that can still exist (after the last one; 400, field ``step``).
     """
     job.refresh_from_db()
     if job.state not in EVALUABLE_JOB_STATES:
-        raise RequestRefused(f"the job is {job.state}: a report needs a job that has stopped")
+        raise Refusal("", f"the job is {job.state}: a report needs a job that has stopped", 409, state=job.state)
     if job.last_checkpoint_step is None:
-        raise RequestRefused("the job has no checkpoint to evaluate")
+        raise Refusal("", "the job has no checkpoint to evaluate", 409, state=job.state)
     if step is None:
         step = job.last_checkpoint_step
     elif step > job.last_checkpoint_step:
-        raise RequestRefused(f"the job's last checkpoint is at step {job.last_checkpoint_step}", field="step")
+        raise Refusal("step", f"the job's last checkpoint is at step {job.last_checkpoint_step}")
     else:
         _check_kept(job, step)
     with transaction.atomic():
@@ -130,7 +123,7 @@ def _check_kept(job: Job, step: int) -> None:
     kept = [checkpoint_step(path) for path in list_checkpoints(root)]
     if step not in kept:
         steps = ", ".join(str(k) for k in kept) or "none"
-        raise RequestRefused(f"no checkpoint of step {step} is kept; the job's checkpoints: {steps}", field="step")
+        raise Refusal("step", f"no checkpoint of step {step} is kept; the job's checkpoints: {steps}")
 
 
 def _dispatch(report: Report) -> None:

@@ -12,11 +12,12 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from builder.core.errors import Refusal
 from builder.jobs.access import can_control, get_visible_job
 from builder.reports import render as formats
 from builder.reports.models import ReportState
 from builder.reports.serializers import download_links
-from builder.reports.services import RequestRefused, get_visible_report, request_report, visible_reports
+from builder.reports.services import get_visible_report, request_report, visible_reports
 
 LIST_LIMIT = 200
 
@@ -68,6 +69,6 @@ def evaluate_job(request: HttpRequest, job_id: int) -> HttpResponse:
                       status=403)  # fmt: skip
     try:
         outcome = request_report(job, user=request.user)
-    except RequestRefused as exc:
-        return render(request, "reports/refused.html", {"job": job, "reason": str(exc)}, status=409)
+    except Refusal as exc:
+        return render(request, "reports/refused.html", {"job": job, "reason": exc.message}, status=exc.status)
     return redirect("reports:detail", report_id=outcome.report.pk)

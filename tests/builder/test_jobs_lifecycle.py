@@ -15,11 +15,12 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from builder.core.errors import NON_FIELD, Refusal
 from builder.datasets.models import Dataset
 from builder.jobs import history, lifecycle
 from builder.jobs.models import Job, JobEvent, JobState, MetricPoint
 from builder.jobs.sink import BackgroundSink, DatabaseStreamSink
-from builder.jobs.submit import Submission, SubmitRefused, submit_job
+from builder.jobs.submit import Submission, submit_job
 
 pytestmark = pytest.mark.django_db
 
@@ -74,7 +75,7 @@ def test_terminal_states_are_never_left_except_by_resume(alice: Any) -> None:
 
 def test_a_running_job_cannot_be_resumed_by_hand(alice: Any) -> None:
     job = make_job(alice, state=JobState.RUNNING, lease_token=3)
-    with pytest.raises(lifecycle.TransitionRefused):
+    with pytest.raises(Refusal):
         lifecycle.resume(job)
     job.refresh_from_db()
     assert job.state == JobState.RUNNING and job.lease_token == 3
@@ -92,7 +93,7 @@ def test_cancel_of_a_queued_job_is_immediate_and_of_a_finished_one_refused(alice
     lifecycle.request_cancel(queued)
     queued.refresh_from_db()
     assert queued.state == JobState.CANCELLED
-    with pytest.raises(lifecycle.TransitionRefused):
+    with pytest.raises(Refusal):
         lifecycle.request_cancel(queued)
     running = make_job(alice, state=JobState.RUNNING)
     lifecycle.request_cancel(running)
@@ -250,9 +251,9 @@ def test_the_per_user_limit_of_active_jobs(alice: Any, charlie: Any, dataset: Da
     settings.JOBS_MAX_ACTIVE_PER_USER = 2
     first = submit_job(alice, Submission(name="a", dataset=dataset, spec=SPEC))
     submit_job(alice, Submission(name="b", dataset=dataset, spec=SPEC))
-    with pytest.raises(SubmitRefused) as refused:
+    with pytest.raises(Refusal) as refused:
         submit_job(alice, Submission(name="c", dataset=dataset, spec=SPEC))
-    assert "limit 2" in refused.value.errors["non_field_errors"][0]
+    assert "limit 2" in refused.value.by_field()[NON_FIELD][0]
     # Through the API: 400 with the reason, no job created.
     client = Client()
     client.force_login(alice)
@@ -303,9 +304,9 @@ def test_the_dataset_sets_the_spec_data_fields(alice: Any) -> None:
     assert job.dataset == labelled and job.data_source == "l.jsonl" and job.total_steps == 10
     unlabelled = Dataset.objects.create(owner=alice, name="u", format="txt", file_name="u.txt", state="ready")
     classifier = {**SPEC, "model": {**SPEC["model"], "task": "classification", "num_labels": 3}}
-    with pytest.raises(SubmitRefused) as refused:
+    with pytest.raises(Refusal) as refused:
         submit_job(alice, Submission(name="c", dataset=unlabelled, spec=classifier))
-    assert set(refused.value.errors) == {"dataset"}
+    assert set(refused.value.by_field()) == {"dataset"}
 
 
 def test_the_api_refuses_datasets_that_are_not_ready_or_not_yours(alice: Any, charlie: Any, dataset: Dataset) -> None:

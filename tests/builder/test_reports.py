@@ -24,13 +24,14 @@ from django.test import Client
 from django.utils import timezone
 from pypdf import PdfReader
 
+from builder.core.errors import Refusal
 from builder.jobs.models import Job, JobEvent, MetricPoint
 from builder.reports import figures as draw
 from builder.reports import playground, render, runner
 from builder.reports.document import clean, iso
 from builder.reports.models import Report, ReportState
 from builder.reports.schema import REPORT_SCHEMA
-from builder.reports.services import RequestRefused, request_report
+from builder.reports.services import request_report
 from tests.builder.test_jobs import CORPUS, tiny_spec
 from workers.engine.evaluate import evaluate
 from workers.engine.export import VARIANTS, deployment_advice
@@ -313,7 +314,7 @@ def test_requests_are_idempotent_and_refusals_name_the_reason(alice: Any, bob: A
     assert request_report(job).report.state == "queued"
     Report.objects.filter(pk=first.report.pk).update(state="running", started_at=timezone.now())
     assert request_report(job).report.state == "running"
-    with pytest.raises(RequestRefused) as refused:
+    with pytest.raises(Refusal) as refused:
         request_report(job, step=21)
     assert refused.value.field == "step"
 
@@ -452,7 +453,7 @@ def test_pages_and_downloads_are_for_the_owner_and_shared_users_only(
     ],
 )
 def test_playground_requests_name_the_bad_field(message: dict[str, Any], field: str) -> None:
-    with pytest.raises(playground.RequestError) as error:
+    with pytest.raises(Refusal) as error:
         playground.parse_generate(message, vocab_size=260)
     assert error.value.field == field
 
@@ -463,7 +464,7 @@ def test_playground_defaults_and_off_values() -> None:
     request = playground.parse_generate({"prompt": "the", "temperature": 0, "top_k": 3, "top_p": 0.5, "seed": 7}, 260)
     assert (request.temperature, request.top_k, request.top_p, request.seed) == (0.0, 3, 0.5, 7)
     assert playground.parse_classify({"prompt": "text"}).text == "text"
-    with pytest.raises(playground.RequestError) as error:
+    with pytest.raises(Refusal) as error:
         playground.parse_classify({"text": ""})
     assert error.value.field == "text"
 
@@ -577,7 +578,7 @@ def test_an_earlier_checkpoint_can_be_evaluated_while_it_is_kept(
     engine_runs: dict[str, Any], alice: Any, media_root: Path
 ) -> None:
     job = _trained_job(alice, engine_runs["causal_lm"])
-    with pytest.raises(RequestRefused) as refused:
+    with pytest.raises(Refusal) as refused:
         request_report(job, user=alice, step=5)
     assert refused.value.field == "step" and str(refused.value).endswith("the job's checkpoints: 10, 20")
     earlier = request_report(job, user=alice, step=10)
