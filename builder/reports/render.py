@@ -18,8 +18,8 @@ from typing import Any
 
 from django.template.loader import render_to_string
 
+from builder.core.formatting import duration, fixed, human_bytes, num, percent
 from builder.reports.document import with_timestamp
-from builder.reports.templatetags.report_tags import fixed, num, pct, seconds, size
 
 REPORT_CSS = Path(__file__).with_name("report.css")
 # The order and titles of the sections, shared by every format (and the page's table of contents).
@@ -79,6 +79,7 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
     classification = document.get("task") == "classification"
     timings = report.get("timings", {})
 
+    # Durations keep a tenth of a second under a minute (duration(..., 1)): evaluations take seconds.
     summary = [
         ("Job", f"#{job['id']} {job['name']} ({job['state']}, {job['outcome']})"),
         ("Owner", job["owner"]),
@@ -88,10 +89,10 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
         ("Checkpoint SHA-256", document["checkpoint"]["sha256"] or "—"),
         ("Parameters", f"{num(model.get('total_parameters'))} total, {num(model.get('active_parameters'))} active "
                        "per token"),
-        ("Training time", f"{seconds(job.get('train_seconds'))} over {job['attempts']} attempt(s)"),
+        ("Training time", f"{duration(job.get('train_seconds'), 1)} over {job['attempts']} attempt(s)"),
         ("Submitted / finished", f"{job.get('created_at') or '—'} / {job.get('finished_at') or '—'}"),
         ("Report", f"#{report['id']}, {report['trigger']}; "
-                   + ", ".join(f"{TIMING_LABELS.get(k, k)} {seconds(v)}" for k, v in timings.items())),
+                   + ", ".join(f"{TIMING_LABELS.get(k, k)} {duration(v, 1)}" for k, v in timings.items())),
     ]  # fmt: skip
     final = document.get("training", {}).get("final", {})
     training = [
@@ -103,7 +104,7 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
 
     if classification:
         metrics = [
-            ("Accuracy", pct(evaluation.get("accuracy")), "share of held-out examples labelled correctly"),
+            ("Accuracy", percent(evaluation.get("accuracy")), "share of held-out examples labelled correctly"),
             ("Macro-F1", fixed(evaluation.get("macro_f1"), 3), "unweighted mean F1 over the labels present"),
             ("Validation loss", num(evaluation.get("val_loss")), "cross-entropy on the held-out examples"),
         ]
@@ -137,7 +138,7 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
             fixed(row["median_ms"], 2),
             fixed(row["p90_ms"], 2),
             f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") is not None else "—",
-            size(variant.get("size_bytes")),
+            human_bytes(variant.get("size_bytes")),
         )
         for variant in deployment.get("variants", [])
         for row in variant.get("latency", [])
@@ -157,11 +158,11 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
         "metrics": metrics,
         "routing": routing_rows,
         "dead_count": dead_count,
-        "dead_threshold": pct(routing.get("dead_threshold"), 2),
+        "dead_threshold": percent(routing.get("dead_threshold"), 2),
         "latency": latency_rows,
         "latency_settings": deployment.get("settings", {}),
         "advice": advice,
-        "artifacts": [(a["name"], size(a.get("bytes")), a.get("sha256") or "—", a.get("url")) for a in
+        "artifacts": [(a["name"], human_bytes(a.get("bytes")), a.get("sha256") or "—", a.get("url")) for a in
                       document.get("artifacts", [])],
     }  # fmt: skip
 

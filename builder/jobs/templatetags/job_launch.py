@@ -1,4 +1,4 @@
-"""Template filters of the jobs pages."""
+"""``{% load job_launch %}``: the one-click launch form other apps' pages embed (the comparison)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,6 @@ from typing import Any
 from django import template
 
 register = template.Library()
-
-
-@register.filter
-def duration(seconds: float | None) -> str:
-    """``"4 min 10 s"``-style, for people; empty for None."""
-    if seconds is None:
-        return ""
-    total = round(float(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    if minutes:
-        return f"{minutes} min {secs:02d} s"
-    return f"{secs} s"
-
-
-@register.filter
-def percent(fraction: float | None) -> str:
-    """``0.4567`` → ``"45.7%"``."""
-    return "" if fraction is None else f"{100 * float(fraction):.1f}%"
 
 
 @register.inclusion_tag("jobs/_launch_form.html", takes_context=True)
