@@ -3,6 +3,7 @@
 // The file is sent as consecutive chunks (PUT /api/datasets/uploads/<id>?offset=N), each its own request, so no
 // request body is ever large; a chunk whose response is lost is resumed from the offset the server reports.
 import "./datasets.css";
+import { csrfToken, fmtBytes } from "./common.js";
 
 const HEAD_BYTES = 64 * 1024; // enough of the file to read a CSV header or the first JSON line
 const EXTENSIONS = { jsonl: "jsonl", ndjson: "jsonl", json: "jsonl", csv: "csv", txt: "txt", text: "txt" };
@@ -51,14 +52,6 @@ async function columnsOf(file, fmt) {
   }
 }
 
-// Binary units, as Django's filesizeformat writes them on the same page.
-function humanBytes(n) {
-  const units = ["bytes", "KB", "MB", "GB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return `${i ? n.toFixed(1) : n} ${units[i]}`;
-}
-
 function request(method, url, { body = null, headers = {}, onProgress = null } = {}) {
   return new Promise((resolve) => {
     const xhr = new XMLHttpRequest();
@@ -86,7 +79,7 @@ export function startDatasetUpload(form) {
   const box = form.querySelector("#upload-progress-box");
   const bar = form.querySelector("#upload-progress");
   const barText = form.querySelector("#upload-progress-text");
-  const csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
+  const csrf = csrfToken(form);
   const jsonHeaders = { "Content-Type": "application/json", "X-CSRFToken": csrf, Accept: "application/json" };
 
   function clearErrors() {
@@ -109,7 +102,7 @@ export function startDatasetUpload(form) {
   function setProgress(done, total) {
     const pct = total ? Math.min(100, (100 * done) / total) : 100;
     bar.value = pct;
-    barText.textContent = `${humanBytes(done)} of ${humanBytes(total)} (${Math.floor(pct)}%)`;
+    barText.textContent = `${fmtBytes(done, "filesize")} of ${fmtBytes(total, "filesize")} (${Math.floor(pct)}%)`;
   }
 
   async function refreshColumns() {
@@ -167,7 +160,7 @@ export function startDatasetUpload(form) {
     const file = fileInput.files[0];
     if (!file) { showErrors({ file: ["choose a file to upload"] }); return; }
     const maxBytes = Number(form.dataset.maxBytes);
-    if (file.size > maxBytes) { showErrors({ file: [`the file is ${humanBytes(file.size)}; the largest upload is ${humanBytes(maxBytes)}`] }); return; }
+    if (file.size > maxBytes) { showErrors({ file: [`the file is ${fmtBytes(file.size, "filesize")}; the largest upload is ${fmtBytes(maxBytes, "filesize")}`] }); return; }
     submit.disabled = true;
     box.hidden = false;
     setProgress(0, file.size);

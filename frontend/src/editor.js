@@ -12,10 +12,11 @@ import { linter, lintGutter, forEachDiagnostic, forceLinting, setDiagnostics } f
 import { syntaxTree } from "@codemirror/language";
 import { indentWithTab } from "@codemirror/commands";
 import { jsonSchemaLinter, jsonSchemaHover, jsonCompletion, stateExtensions } from "codemirror-json-schema";
+import { csrfToken } from "./common.js";
 import { toDraft04 } from "./schema-draft04.js";
 
 const boot = JSON.parse(document.getElementById("editor-boot").textContent);
-const csrf = document.querySelector("[name=csrfmiddlewaretoken]").value;
+const csrf = csrfToken();
 const $ = (selector) => document.querySelector(selector);
 
 // -- positions of field paths ------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
 // The status page's live view: the server pushes the rendered health table over /ws/status/.
 // Reconnects with backoff; the page keeps its last table (and says how old it is) while disconnected.
 
+import { wsUrl } from "./common.js";
+
 export function startLiveHealth(container) {
   const overall = document.getElementById("overall");
   const updated = document.getElementById("health-updated");
   let delay = 1000;
 
   function connect() {
-    const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${location.host}/ws/status/`);
+    const socket = new WebSocket(wsUrl("/ws/status/"));
     socket.addEventListener("open", () => { delay = 1000; });
     socket.addEventListener("message", (event) => {
       const message = JSON.parse(event.data);

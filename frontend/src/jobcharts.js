@@ -15,15 +15,6 @@ export function fmtNumber(v) {
   return Number(v.toPrecision(4)).toString();
 }
 
-export function fmtBytes(v) {
-  if (v == null || !Number.isFinite(v)) return "–";
-  const units = ["B", "KB", "MB", "GB", "TB"];
-  let i = 0;
-  let x = v;
-  while (Math.abs(x) >= 1024 && i < units.length - 1) { x /= 1024; i++; }
-  return `${i === 0 ? Math.round(x) : Number(x.toPrecision(4))} ${units[i]}`;
-}
-
 export function fmtLr(v) {
   if (v == null || !Number.isFinite(v)) return "–";
   return v === 0 ? "0" : v.toExponential(2);

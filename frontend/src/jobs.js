@@ -11,9 +11,10 @@
 // Every message received is re-dispatched as a ``job:message`` DOM event on the dashboard element with the time
 // it arrived, so that tools (the latency benchmark) can observe the stream without patching the page.
 import "./jobs.css";
+import { csrfToken, fmtBytes, wsUrl } from "./common.js";
 import {
   BYTE_INCREMENTS, COLORS, ExpertHeatmap, LineChart, MetricStore, align, expertAlerts, expertMatrix,
-  fmtBytes, fmtDuration, fmtLr, fmtNumber, smooth,
+  fmtDuration, fmtLr, fmtNumber, smooth,
 } from "./jobcharts.js";
 
 const ACTIVE = new Set(["queued", "running", "preempted"]);
@@ -25,10 +26,6 @@ const LOG_METRICS = [
   ["loss", "loss", fmtNumber], ["val_loss", "val_loss", fmtNumber], ["lr", "lr", fmtLr],
   ["grad_norm", "grad_norm", fmtNumber], ["tokens_per_s", "tok/s", fmtNumber], ["memory_bytes", "mem", fmtBytes],
 ];
-
-function csrfToken(root) {
-  return root.querySelector("input[name=csrfmiddlewaretoken]")?.value || "";
-}
 
 function describeEvent(ev) {
   const d = ev.data || {};
@@ -201,8 +198,7 @@ class Dashboard {
   // ---- the socket ----
 
   connect() {
-    const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${location.host}${this.config.ws}`);
+    const socket = new WebSocket(wsUrl(this.config.ws));
     this.socket = socket;
     socket.addEventListener("open", () => { this.delay = 1000; this._live("live", "live"); });
     socket.addEventListener("message", (event) => {

@@ -6,13 +6,9 @@
 // ``done`` — or ``labels`` (``probabilities``) then ``done`` for a classifier. A bad field gets
 // ``{type: "error", field, message}``, shown next to that field; the socket stays open.
 import "./reports.css";
+import { wsUrl } from "./common.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-
-function wsUrl(path) {
-  const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-  return `${scheme}//${window.location.host}${path}`;
-}
 
 class Playground {
   constructor(root) {
