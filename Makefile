@@ -53,6 +53,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
+	@# Layer contracts (pyproject.toml): a forbidden import or a new cycle between apps fails here, named.
+	$(VENV)/bin/lint-imports --no-cache
 
 test: install frontend lint
 	$(VENV)/bin/pytest

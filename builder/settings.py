@@ -148,27 +148,20 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
+# Every send names its queue (``builder.core.durable.WorkKind.queue_of``); these routes are for a task sent without
+# one (training and evaluation belong with the device).
 CELERY_TASK_ROUTES = {
-    "workers.tasks.train_job": {"queue": "gpu"},
-    # Sent to the job's own queue (see builder.reports.services); gpu when sent without one.
-    "workers.tasks.evaluate_report": {"queue": "gpu"},
+    "jobs.train": {"queue": "gpu"},
+    "reports.evaluate": {"queue": "gpu"},
+    "calibration.run": {"queue": "gpu"},
 }
 CELERY_RESULT_EXPIRES = 3600
-# Celery beat runs the reaper that re-queues jobs whose worker stopped heartbeating.
+# Celery beat runs the reaper: jobs, reports, calibrations and dataset processing whose worker stopped
+# heartbeating are queued again (or failed with the reason after their attempts).
 CELERY_BEAT_SCHEDULE = {
-    "reap-expired-job-leases": {
-        "task": "workers.tasks.reap_jobs",
+    "reap-stale-work": {
+        "task": "core.reap",
         "schedule": float(env_int("JOB_REAPER_INTERVAL_SECONDS", 15, minimum=1)),
-        "options": {"queue": "cpu", "expires": 60},
-    },
-    "fail-stale-calibrations": {
-        "task": "workers.tasks.reap_calibrations",
-        "schedule": 60.0,
-        "options": {"queue": "cpu", "expires": 60},
-    },
-    "reap-stale-reports": {
-        "task": "workers.tasks.reap_reports",
-        "schedule": 60.0,
         "options": {"queue": "cpu", "expires": 60},
     },
 }
@@ -188,6 +181,9 @@ JOBS_MAX_ACTIVE_PER_USER = env_int("JOBS_MAX_ACTIVE_PER_USER", 3, minimum=1)
 JOBS_WORK_DIR = Path(env_str("JOBS_WORK_DIR", str(VAR_DIR / "jobs"))).resolve()
 # A hardware calibration (a few timed training steps) still "running" after this long lost its worker.
 CALIBRATION_TIMEOUT_SECONDS = env_int("CALIBRATION_TIMEOUT_SECONDS", 900, minimum=10)
+# Dataset validation, statistics or cleaning with no heartbeat for this long lost its worker: it is queued again
+# (up to 3 claims), then failed with the reason.
+DATASET_WORK_TIMEOUT_SECONDS = env_int("DATASET_WORK_TIMEOUT_SECONDS", 600, minimum=10)
 
 # --- Evaluation reports and the playground ------------------------------------------------------------------
 # Evaluate a job's final checkpoint automatically when it succeeds (reports can always be requested by hand).
@@ -294,7 +290,7 @@ SPECTACULAR_SETTINGS = {
     # Several apps have a choice field called "state": name each set after its model.
     "ENUM_NAME_OVERRIDES": {
         # Calibrations and reports share one set of states (queued → running → succeeded | failed).
-        "WorkStateEnum": "builder.configs.models.CalibrationState",
+        "WorkStateEnum": "builder.configs.models.WorkState",
         "JobStateEnum": "builder.jobs.models.JobState",
         "DatasetStateEnum": "builder.datasets.models.DatasetState",
         "DataFormatEnum": "builder.datasets.models.DataFormat",

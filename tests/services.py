@@ -245,3 +245,10 @@ def point_at_redis(url: str) -> None:
     layers["default"]["CONFIG"]["hosts"] = [{"address": url, "socket_timeout": 10}]
     channel_layers.backends.clear()
     app.conf.update(broker_url=url, result_backend=url)
+    # A task sent before this (best effort, by a test with no broker) left connection pools bound to the old URL:
+    # drop them so the next send connects to ``url``.
+    pool = getattr(app, "_pool", None)
+    if pool is not None:
+        pool.force_close_all()
+    app._pool = None  # type: ignore[attr-defined]
+    app.amqp._producer_pool = None  # type: ignore[attr-defined]

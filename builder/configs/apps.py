@@ -6,3 +6,6 @@ class ConfigsConfig(AppConfig):
 
     name = "builder.configs"
     label = "configs"
+
+    def ready(self) -> None:
+        from builder.configs import work  # noqa: F401  (registers hardware calibrations as durable work)

@@ -18,6 +18,8 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 
+from builder.core.durable import DurableWork, WorkState
+
 
 class Config(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="configs")
@@ -65,20 +67,13 @@ class ConfigVersion(models.Model):
         return f"{self.config.name} v{self.number}"
 
 
-class CalibrationState(models.TextChoices):
-    QUEUED = "queued", "Queued"
-    RUNNING = "running", "Running"
-    SUCCEEDED = "succeeded", "Succeeded"
-    FAILED = "failed", "Failed"
-
-
-class HardwareCalibration(models.Model):
+class HardwareCalibration(DurableWork):
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="hardware_calibrations"
     )
     spec: models.JSONField[Any] = models.JSONField(help_text="The spec that was timed.")
     steps = models.PositiveIntegerField(default=5)
-    state = models.CharField(max_length=10, choices=CalibrationState.choices, default=CalibrationState.QUEUED)
+    state = models.CharField(max_length=10, choices=WorkState.choices, default=WorkState.QUEUED)
     hardware = models.CharField(max_length=40, blank=True, db_index=True, help_text="Profile key of the device.")
     device_name = models.CharField(max_length=200, blank=True)
     measured_step_seconds = models.FloatField(null=True, blank=True)

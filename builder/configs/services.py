@@ -15,7 +15,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from pydantic import ValidationError
 
-from builder.configs.models import CalibrationState, Config, ConfigVersion, HardwareCalibration
+from builder.configs.models import Config, ConfigVersion, HardwareCalibration
+from builder.core.durable import WorkState
 from builder.core.errors import Refusal
 from workers.engine.estimate import estimate
 from workers.engine.hardware import PROFILES, HardwareProfile
@@ -78,7 +79,7 @@ def calibration_factor(hardware: str) -> float:
     """Median measured/predicted step-time factor of the profile's last ``CALIBRATION_WINDOW`` successful
     calibrations (everyone's: it describes the hardware), 1.0 when none."""
     rows = (
-        HardwareCalibration.objects.filter(hardware=hardware, state=CalibrationState.SUCCEEDED, factor__isnull=False)
+        HardwareCalibration.objects.filter(hardware=hardware, state=WorkState.SUCCEEDED, factor__isnull=False)
         .order_by("-finished_at", "-id")
         .values_list("factor", flat=True)[:CALIBRATION_WINDOW]
     )

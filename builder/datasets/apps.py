@@ -6,3 +6,6 @@ class DatasetsConfig(AppConfig):
 
     name = "builder.datasets"
     label = "datasets"
+
+    def ready(self) -> None:
+        from builder.datasets import work  # noqa: F401  (registers dataset processing as durable work)

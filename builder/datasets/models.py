@@ -7,7 +7,7 @@ datasets have no owner and are visible to every signed-in user; every other data
 ``state`` moves ``queued`` → ``validating``/``cleaning`` → ``ready``, ``invalid`` (the file is malformed:
 ``error_line`` and ``error_message`` say where and why) or ``failed`` (something else went wrong, e.g. storage).
 Recomputing statistics moves ``ready`` → ``analyzing`` → ``ready``. Only the worker functions in
-``builder.datasets.processing`` change it.
+``builder.datasets.processing`` change it, under a claim (durable work: ``builder.datasets.work``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import models
+
+from builder.core.durable import DurableWork
 
 
 class DatasetState(models.TextChoices):
@@ -45,7 +47,7 @@ class DataFormat(models.TextChoices):
     CSV = "csv", "CSV"
 
 
-class Dataset(models.Model):
+class Dataset(DurableWork):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.CASCADE,

@@ -1,10 +1,11 @@
 """The work behind the thin dataset tasks: validate and describe a dataset, clean one into a new version.
 
-Both re-read the row, read files through storage (``local_copy``: the file itself, or a streamed copy from S3),
-and record the outcome on the row. Both are idempotent, as Celery's late acknowledgement requires: a task that
-runs again (its worker died) recomputes the same result and overwrites its own outputs, nothing else.
-Progress is written to the row at most twice a second; the pages poll it. (Celery's Django fix-up closes stale
-database connections around every task, so these functions do not.)
+Both claim the row (durable work, ``builder.datasets.work``: a duplicate delivery finds it taken and does nothing),
+read files through storage (``local_copy``: the file itself, or a streamed copy from S3), and record the outcome
+on the row, every write fenced by the claim. Both are idempotent, as Celery's late acknowledgement requires: a
+task that runs again (its worker died, and the reaper queued the row again) recomputes the same result and
+overwrites its own outputs, nothing else. Progress is written to the row at most twice a second; the pages poll
+it. (Celery's Django fix-up closes stale database connections around every task, so these functions do not.)
 """
 
 from __future__ import annotations
@@ -20,24 +21,32 @@ from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
 
+from builder.core.durable import Claim, Heartbeat, this_worker
 from builder.datasets import storage
 from builder.datasets.analysis import Source, analyze
 from builder.datasets.cleaning import CleaningError, CleaningOptions, clean
 from builder.datasets.models import Dataset, DatasetState
+from builder.datasets.work import DATASETS
 from workers.engine.data import DataFormatError
 
 log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 5.0  # progress writes renew the claim too; this covers long reads between them
 
 
-def _set(dataset_id: int, **fields: Any) -> bool:
-    """Update the row; False when it is gone (deleted while the worker was busy)."""
+def _write(claim: Claim, **fields: Any) -> bool:
+    """Update the row while the claim holds it (it renews the heartbeat too); False when it is gone (deleted while
+    the worker was busy) or the claim was lost."""
     # update() skips auto_now: set it, so that a dataset whose worker stopped reporting can be told apart.
-    return bool(Dataset.objects.filter(pk=dataset_id).update(**fields, updated_at=timezone.now()))
+    return DATASETS.heartbeat(claim, **fields, updated_at=timezone.now())
 
 
-def _progress_writer(dataset_id: int) -> Any:
+def _finish(claim: Claim, state: str, **fields: Any) -> bool:
+    return DATASETS.finish(claim, state, **fields)
+
+
+def _progress_writer(claim: Claim) -> Any:
     def write(fraction: float) -> None:
-        _set(dataset_id, progress=round(fraction, 4))
+        _write(claim, progress=round(fraction, 4))
 
     return write
 
@@ -66,37 +75,47 @@ def _format_error(exc: DataFormatError, sources: list[Source]) -> str:
     return f"{part} part: {exc.message}" if part and len(sources) > 1 else exc.message
 
 
-def analyze_dataset(dataset_id: int) -> dict[str, Any]:
+def analyze_dataset(dataset_id: int, worker: str = "") -> dict[str, Any]:
     """Validate ``dataset_id`` and compute its statistics: ready, or invalid with the line and the reason."""
     dataset = Dataset.objects.filter(pk=dataset_id).first()
     if dataset is None:
         return {"dataset": dataset_id, "outcome": "gone"}
-    first_read = not dataset.stats
-    state = DatasetState.VALIDATING if first_read else DatasetState.ANALYZING
-    _set(dataset_id, state=state, progress=0.0, phase=state.label.lower(), error_line=None, error_message="")
+    state = DatasetState.VALIDATING if not dataset.stats else DatasetState.ANALYZING
+    claim = DATASETS.claim(dataset_id, worker or this_worker(), state=state, **_starting(state))
+    if claim is None:
+        return {"dataset": dataset_id, "outcome": "not claimable"}
+    with Heartbeat(DATASETS, claim, HEARTBEAT_SECONDS):
+        return _analyze(dataset, claim)
+
+
+def _starting(state: DatasetState) -> dict[str, Any]:
+    return {"progress": 0.0, "phase": state.label.lower(), "error_line": None, "error_message": ""}
+
+
+def _analyze(dataset: Dataset, claim: Claim) -> dict[str, Any]:
+    """Validate and describe ``dataset`` under ``claim``; records the outcome (fenced) and returns it."""
+    dataset_id = dataset.pk
     sources: list[Source] = []
     try:
         with local_sources(dataset) as sources:
-            stats = analyze(sources, progress=_progress_writer(dataset_id))
+            stats = analyze(sources, progress=_progress_writer(claim))
     except DataFormatError as exc:
-        _set(
-            dataset_id,
-            state=DatasetState.INVALID,
+        _finish(
+            claim,
+            DatasetState.INVALID,
             progress=1.0,
-            phase="",
             error_line=exc.line,
             error_message=_format_error(exc, sources),
         )
         return {"dataset": dataset_id, "outcome": "invalid", "line": exc.line, "message": exc.message}
     except Exception as exc:  # storage down, a bug: recorded on the row, so the page says what happened
         log.exception("analysis of dataset %s failed", dataset_id)
-        _set(dataset_id, state=DatasetState.FAILED, phase="", error_message=f"{type(exc).__name__}: {exc}")
+        _finish(claim, DatasetState.FAILED, error_message=f"{type(exc).__name__}: {exc}")
         return {"dataset": dataset_id, "outcome": "failed", "error": str(exc)}
-    _set(
-        dataset_id,
-        state=DatasetState.READY,
+    _finish(
+        claim,
+        DatasetState.READY,
         progress=1.0,
-        phase="",
         stats=stats,
         sha256=stats["files"][0]["sha256"] if stats["files"] else "",
     )
@@ -108,25 +127,39 @@ def _owner_usage_without(dataset: Dataset) -> int:
     return int(others.aggregate(total=Sum("size_bytes"))["total"] or 0)
 
 
-def clean_dataset(dataset_id: int) -> dict[str, Any]:
+def clean_dataset(dataset_id: int, worker: str = "") -> dict[str, Any]:
     """Clean the source of the new version ``dataset_id`` into storage, then validate and describe the result."""
     dataset = Dataset.objects.filter(pk=dataset_id).select_related("parent").first()
     if dataset is None:
         return {"dataset": dataset_id, "outcome": "gone"}
-    if dataset.state == DatasetState.READY:
-        return {"dataset": dataset_id, "outcome": "ready"}  # a repeated delivery after the work was done
+    # A previous attempt may have stored outputs: they are replaced, never left behind.
+    leftovers = dataset.storage_names
+    claim = DATASETS.claim(
+        dataset_id,
+        worker or this_worker(),
+        state=DatasetState.CLEANING,
+        **_starting(DatasetState.CLEANING),
+        file_name="",
+        validation_file_name="",
+    )
+    if claim is None:  # a repeated delivery after the work was done (or while another worker does it)
+        return {"dataset": dataset_id, "outcome": "not claimable"}
+    storage.delete_quietly(leftovers)
+    with Heartbeat(DATASETS, claim, HEARTBEAT_SECONDS):
+        return _clean(dataset, claim)
+
+
+def _clean(dataset: Dataset, claim: Claim) -> dict[str, Any]:
+    dataset_id = dataset.pk
     source = dataset.parent
     if source is None:
-        _set(dataset_id, state=DatasetState.FAILED, phase="", error_message="its source was deleted before cleaning")
+        _finish(claim, DatasetState.FAILED, error_message="its source was deleted before cleaning")
         return {"dataset": dataset_id, "outcome": "failed"}
-    # A previous attempt may have stored outputs: they are replaced, never left behind.
-    storage.delete_quietly(dataset.storage_names)
-    _set(dataset_id, state=DatasetState.CLEANING, progress=0.0, phase="cleaning", file_name="", validation_file_name="")
     options = CleaningOptions.model_validate(dataset.cleaning_options)
     folder = f"datasets/user-{dataset.owner_id}/v{dataset.pk}"
     try:
         with local_sources(source) as sources, tempfile.TemporaryDirectory(prefix="clean-") as tmp:
-            result = clean(sources, Path(tmp), options, progress=_progress_writer(dataset_id))
+            result = clean(sources, Path(tmp), options, progress=_progress_writer(claim))
             size = result.train_path.stat().st_size
             if result.validation_path is not None:
                 size += result.validation_path.stat().st_size
@@ -141,18 +174,26 @@ def clean_dataset(dataset_id: int) -> dict[str, Any]:
     except (DataFormatError, CleaningError) as exc:
         message = exc.message if isinstance(exc, DataFormatError) else str(exc)
         line = exc.line if isinstance(exc, DataFormatError) else None
-        _set(dataset_id, state=DatasetState.FAILED, phase="", size_bytes=0, error_line=line, error_message=message)
+        _finish(claim, DatasetState.FAILED, size_bytes=0, error_line=line, error_message=message)
         return {"dataset": dataset_id, "outcome": "failed", "error": message}
     except Exception as exc:
         log.exception("cleaning of dataset %s failed", dataset_id)
         message = f"{type(exc).__name__}: {exc}"
-        _set(dataset_id, state=DatasetState.FAILED, phase="", size_bytes=0, error_message=message)
+        _finish(claim, DatasetState.FAILED, size_bytes=0, error_message=message)
         return {"dataset": dataset_id, "outcome": "failed", "error": str(exc)}
-    stored = _set(
-        dataset_id, file_name=train, validation_file_name=validation, size_bytes=size, cleaning_report=result.report
+    # The same claim goes on to validate and describe the cleaned data.
+    stored = _write(
+        claim,
+        file_name=train,
+        validation_file_name=validation,
+        size_bytes=size,
+        cleaning_report=result.report,
+        **_starting(DatasetState.VALIDATING),
+        state=DatasetState.VALIDATING,
     )
-    if not stored:  # deleted while it was being cleaned: its files would belong to no one
+    if not stored:  # deleted while it was being cleaned (or taken over): its files would belong to no one
         storage.delete_quietly([train, validation])
         return {"dataset": dataset_id, "outcome": "gone"}
-    outcome = analyze_dataset(dataset_id)
+    dataset.refresh_from_db()
+    outcome = _analyze(dataset, claim)
     return {**outcome, "report": {k: result.report[k] for k in ("input_examples", "kept", "removed")}}

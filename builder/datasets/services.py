@@ -8,23 +8,25 @@ cleaning) is never done here: it is dispatched to the ``cpu`` queue once the row
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q, QuerySet, Sum
 from django.http import Http404
-from django.utils import timezone
 
 from builder.core.errors import Refusal
 from builder.datasets import storage
 from builder.datasets.models import DataFormat, Dataset, DatasetState, Origin, UploadSession
+from builder.datasets.work import DATASETS
 
 if TYPE_CHECKING:  # the cleaning module loads the engine's readers (and torch): the web needs only the type here
     from builder.datasets.cleaning import CleaningOptions
 
-STALE_WORK = timedelta(minutes=10)  # progress is written twice a second: ten silent minutes mean a dead worker
+# What may refuse a deletion, registered by the apps above this one (which import this app, never the reverse):
+# each returns the reason, or "" when it has no objection.
+deletion_guards: list[Callable[[Dataset], str]] = []
 
 
 # --- Who sees what ---------------------------------------------------------------------------------------------
@@ -98,10 +100,7 @@ def check_fields(fmt: str, text_field: str, label_field: str) -> tuple[str, str]
 
 def dispatch_analysis(dataset: Dataset) -> None:
     """Queue validation/statistics once the row is committed (a task must never miss its row)."""
-    from workers.tasks import analyze_dataset
-
-    dataset_id = dataset.pk
-    transaction.on_commit(lambda: analyze_dataset.apply_async(args=(dataset_id,), queue="cpu"))
+    DATASETS.dispatch(dataset)
 
 
 def start_analysis(dataset: Dataset) -> Dataset:
@@ -112,7 +111,12 @@ def start_analysis(dataset: Dataset) -> Dataset:
         raise Refusal("", "this dataset has no data (its cleaning failed); delete it", 409)
     with transaction.atomic():
         Dataset.objects.filter(pk=dataset.pk).update(
-            state=DatasetState.QUEUED, progress=0.0, phase="waiting for a worker", error_line=None, error_message=""
+            state=DatasetState.QUEUED,
+            progress=0.0,
+            phase="waiting for a worker",
+            error_line=None,
+            error_message="",
+            attempts=0,  # a person asked: the worker gets a fresh set of attempts
         )
         dispatch_analysis(dataset)
     dataset.refresh_from_db()
@@ -137,8 +141,6 @@ def start_cleaning(user: Any, source: Dataset, options: CleaningOptions, name: s
     The source's size is reserved from the quota: cleaning never writes more than a few bytes per example beyond
     its input (JSON quoting), and the final size is checked again when the output exists.
     """
-    from workers.tasks import clean_dataset
-
     if source.state != DatasetState.READY:
         raise Refusal("", f"only a ready dataset can be cleaned; this one is {source.get_state_display().lower()}", 409)
     with transaction.atomic():
@@ -161,8 +163,7 @@ def start_cleaning(user: Any, source: Dataset, options: CleaningOptions, name: s
             cleaning_options=options.model_dump(),
             phase="waiting for a worker to clean it",
         )
-        dataset_id = dataset.pk
-        transaction.on_commit(lambda: clean_dataset.apply_async(args=(dataset_id,), queue="cpu"))
+        DATASETS.dispatch(dataset)
     return dataset
 
 
@@ -170,19 +171,16 @@ def delete_dataset(dataset: Dataset) -> None:
     """Delete the row, then its files (a file without a row is garbage; a row without its file would be a lie).
 
     Refused while a job that trains on it is queued, running or preempted (409). Refused too while a worker is
-    writing it, unless the worker has been silent for ``STALE_WORK`` (it died and the task was lost): a worker
-    that finds its row gone stops there. A queued dataset can always be deleted.
+    writing it, unless the worker has been silent past its lease (it died; the reaper would queue it again): a
+    worker that finds its row gone stops there. A queued dataset can always be deleted. Apps above this one refuse
+    through ``deletion_guards`` (the jobs app: a job trains on it).
     """
-    from builder.jobs.models import ACTIVE_STATES  # jobs depend on datasets, not the other way round at import
-
     working = dataset.is_busy and dataset.state != DatasetState.QUEUED
-    if working and timezone.now() - dataset.updated_at < STALE_WORK:
+    if working and not DATASETS.stale_rows().filter(pk=dataset.pk).exists():
         raise Refusal("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)
-    # A queued or running job reads the file (a preempted one will again): deleting it would fail the job.
-    active = list(dataset.jobs.filter(state__in=ACTIVE_STATES).values_list("pk", flat=True)[:5])
-    if active:
-        ids = ", ".join(f"#{pk}" for pk in active)
-        raise Refusal("", f"jobs {ids} are training on this dataset; cancel them or wait for them to finish", 409)
+    for guard in deletion_guards:
+        if reason := guard(dataset):
+            raise Refusal("", reason, 409)
     names = dataset.storage_names
     dataset.delete()
     transaction.on_commit(lambda: storage.delete_quietly(names))

@@ -19,8 +19,8 @@ from rest_framework.views import APIView
 from builder.core.errors import Refusal
 from builder.jobs import history, lifecycle
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
+from builder.jobs.files import job_layout
 from builder.jobs.models import JobEvent
-from builder.jobs.runner import job_dir
 from builder.jobs.serializers import JobCreateSerializer, JobSerializer, MetricsPageSerializer
 from builder.jobs.submit import resume_job, submit_job
 
@@ -127,7 +127,7 @@ class JobTensorBoardView(APIView):
     )
     def get(self, request: Request, job_id: int) -> Any:
         job = get_visible_job(request.user, job_id)
-        folder = job_dir(job.pk) / "tensorboard"
+        folder = job_layout(job.pk).tensorboard
         if not folder.is_dir():
             return Response({"detail": "this job has no TensorBoard logs yet"}, status=status.HTTP_404_NOT_FOUND)
         buffer = io.BytesIO()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -26,8 +25,9 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from builder.core.durable import Claim, WorkKind, register
 from builder.core.errors import Refusal
-from builder.jobs.models import Job, JobEvent, JobState
+from builder.jobs.models import ACTIVE_STATES, Job, JobEvent, JobState
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,69 @@ def transition(
     return True
 
 
+TRAIN_TASK = "jobs.train"  # workers.tasks.jobs
+
+
+class JobWork(WorkKind[Job]):
+    """Jobs as durable work: the lease is renewed by the runner's heartbeat every ``JOB_HEARTBEAT_SECONDS``; every
+    state change goes through ``transition`` (an event and a message on the job's stream)."""
+
+    label = "job"
+    model = Job
+    task = TRAIN_TASK
+    queued_state = JobState.QUEUED
+    working_states = frozenset({JobState.RUNNING})
+    claim_state = JobState.RUNNING
+    failed_state = JobState.FAILED
+
+    def lease_seconds(self) -> int:
+        return int(settings.JOB_LEASE_SECONDS)
+
+    def queue_of(self, row: Job) -> str:
+        return row.queue
+
+    def claimable(self) -> Q:
+        return Q(cancel_requested=False)
+
+    def attempts_left(self, row: Job) -> bool:
+        return row.attempts < row.max_attempts
+
+    def claim_fields(self, now: Any) -> dict[str, Any]:
+        return {
+            "started_at": Coalesce(F("started_at"), now),
+            # The run continues from the last committed checkpoint: progress goes back to it.
+            "step": Coalesce(F("last_checkpoint_step"), Value(0)),
+        }
+
+    def queued_rows(self) -> Any:
+        return Job.objects.filter(state=JobState.QUEUED).order_by("created_at", "id")
+
+    def stale_reason(self, row: Job) -> str:
+        return f"lease of {row.lease_owner or 'a worker'} expired (no heartbeat for {settings.JOB_LEASE_SECONDS} s)"
+
+    def requeue(self, row: Job, reason: str) -> bool:
+        with transaction.atomic():
+            done = transition(row.pk, JobState.QUEUED, token=row.lease_token, reason=reason, lease_owner="")
+            if done:
+                self.dispatch(row)
+        return done
+
+    def give_up(self, row: Job, reason: str) -> bool:
+        return transition(row.pk, JobState.FAILED, token=row.lease_token, reason=reason, error=reason)
+
+
+JOBS = register(JobWork())
+
+
 @dataclass(frozen=True)
-class Lease:
-    job_id: int
-    token: int
-    attempt: int
-    resume_from: int | None
+class Lease(Claim):
+    """A job's claim, with the checkpoint step the run resumes from (None: a fresh start)."""
+
+    resume_from: int | None = None
+
+    @property
+    def job_id(self) -> int:
+        return self.pk
 
 
 def claim(job_id: int, worker: str) -> Lease | None:
@@ -145,60 +202,29 @@ def claim(job_id: int, worker: str) -> Lease | None:
     (``DatabaseStreamSink``) once the engine says where it resumes: a checkpoint can be on disk a moment before
     the database hears of it, so ``last_checkpoint_step`` is only the progress shown until then.
     """
-    now = timezone.now()
     with transaction.atomic():
-        claimed = Job.objects.filter(pk=job_id, state=JobState.QUEUED, cancel_requested=False).update(
-            state=JobState.RUNNING,
-            lease_owner=worker,
-            lease_token=F("lease_token") + 1,
-            heartbeat_at=now,
-            attempts=F("attempts") + 1,
-            started_at=Coalesce(F("started_at"), now),
-            # The run continues from the last committed checkpoint: progress goes back to it.
-            step=Coalesce(F("last_checkpoint_step"), Value(0)),
-        )
-        if not claimed:
+        taken = JOBS.claim(job_id, worker)
+        if taken is None:
             return None
-        job = Job.objects.get(pk=job_id)
-        resume_from = job.last_checkpoint_step
+        resume_from = Job.objects.values_list("last_checkpoint_step", flat=True).get(pk=job_id)
         add_event(
             job_id,
             "state",
-            {"from": "queued", "to": "running", "worker": worker, "attempt": job.attempts, "resume_from": resume_from},
+            {"from": "queued", "to": "running", "worker": worker, "attempt": taken.attempt, "resume_from": resume_from},
             step=resume_from or 0,
         )
         _publish_after_commit(job_id, {"type": "state", "state": "running", "reason": f"claimed by {worker}"})
-    return Lease(job_id, job.lease_token, job.attempts, resume_from)
+    return Lease(pk=job_id, token=taken.token, attempt=taken.attempt, worker=worker, resume_from=resume_from)
 
 
 def heartbeat(lease: Lease, step: int | None = None) -> bool:
     """Renew the lease. False means the lease was lost: the worker must stop without writing more."""
-    fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
-    if step is not None:
-        fields["step"] = step
-    return bool(Job.objects.filter(pk=lease.job_id, lease_token=lease.token, state=JobState.RUNNING).update(**fields))
+    return JOBS.heartbeat(lease) if step is None else JOBS.heartbeat(lease, step=step)
 
 
 def dispatch(job: Job) -> None:
     """Send the job's task once the row is committed (a task must never see a job that does not exist yet)."""
-    from workers.tasks import train_job
-
-    job_id, queue = job.pk, job.queue
-    transaction.on_commit(lambda: train_job.apply_async(args=(job_id,), queue=queue))
-
-
-def redeliver_queued(queues: list[str]) -> list[int]:
-    """Send the task of every queued job on ``queues`` again (at worker start); returns their ids, oldest first."""
-    from workers.tasks import train_job
-
-    ids = list(
-        Job.objects.filter(state=JobState.QUEUED, queue__in=queues)
-        .order_by("created_at", "id")
-        .values_list("pk", "queue")
-    )
-    for job_id, queue in ids:
-        train_job.apply_async(args=(job_id,), queue=queue)
-    return [job_id for job_id, _ in ids]
+    JOBS.dispatch(job)
 
 
 def request_cancel(job: Job) -> None:
@@ -235,32 +261,19 @@ def resume(job: Job) -> None:
     dispatch(job)
 
 
-def lease_timeout() -> timedelta:
-    return timedelta(seconds=settings.JOB_LEASE_SECONDS)
-
-
 def reap_expired_leases() -> list[int]:
     """Re-queue running jobs whose worker stopped heartbeating; fail those out of attempts. Returns their ids."""
-    cutoff = timezone.now() - lease_timeout()
-    reaped: list[int] = []
-    for job in Job.objects.filter(state=JobState.RUNNING, heartbeat_at__lt=cutoff):
-        reason = f"lease of {job.lease_owner or 'a worker'} expired (no heartbeat for {settings.JOB_LEASE_SECONDS} s)"
-        if job.attempts >= job.max_attempts:
-            done = transition(
-                job.pk,
-                JobState.FAILED,
-                token=job.lease_token,
-                reason=reason,
-                error=f"gave up after {job.attempts} attempts: {reason}",
-            )
-        else:
-            with transaction.atomic():
-                done = transition(job.pk, JobState.QUEUED, token=job.lease_token, reason=reason, lease_owner="")
-                if done:
-                    dispatch(job)
-        if done:
-            reaped.append(job.pk)
-    return reaped
+    return JOBS.reap()
+
+
+def jobs_training_on(dataset: Any) -> str:
+    """A dataset deletion guard (registered in ``builder.datasets.services.deletion_guards`` by the app): a queued
+    or running job reads the file (a preempted one will again), so deleting it would fail the job."""
+    active = list(Job.objects.filter(dataset=dataset, state__in=ACTIVE_STATES).values_list("pk", flat=True)[:5])
+    if not active:
+        return ""
+    ids = ", ".join(f"#{pk}" for pk in active)
+    return f"jobs {ids} are training on this dataset; cancel them or wait for them to finish"
 
 
 def queue_position(job: Job) -> int | None:

@@ -13,6 +13,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from builder.core.durable import DurableWork
+
 
 class JobState(models.TextChoices):
     QUEUED = "queued", "Queued"
@@ -27,7 +29,10 @@ TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCE
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.PREEMPTED})
 
 
-class Job(models.Model):
+class Job(DurableWork):
+    """A training run. Its lease (``attempts``, ``lease_owner``, ``lease_token``, ``heartbeat_at``) is durable work's
+    (``builder.core.durable``); its states and their changes are ``builder.jobs.lifecycle``'s."""
+
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
     shared_with = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="shared_jobs")
     name = models.CharField(max_length=200)
@@ -54,15 +59,8 @@ class Job(models.Model):
     queue = models.CharField(max_length=10, choices=[("gpu", "gpu"), ("cpu", "cpu")], default="gpu")
 
     state = models.CharField(max_length=12, choices=JobState.choices, default=JobState.QUEUED, db_index=True)
-    attempts = models.PositiveIntegerField(default=0)
     max_attempts = models.PositiveIntegerField(default=3)
     cancel_requested = models.BooleanField(default=False)
-
-    # The lease: which worker holds the job, with a fencing token that grows at every claim. A worker whose
-    # token is no longer the job's has lost the job and must not write anything more.
-    lease_owner = models.CharField(max_length=200, blank=True)
-    lease_token = models.PositiveBigIntegerField(default=0)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)

@@ -1,4 +1,4 @@
-"""Run one claimed job on this worker: the orchestration behind the thin ``train_job`` task.
+"""Run one claimed job on this worker: the orchestration behind the thin ``jobs.train`` task (``workers.tasks.jobs``).
 
 Claim the job (a conditional update that yields a fencing token), heartbeat from a side thread, build the sink
 (database + Channels stream, TensorBoard, JSON lines, all written from a background thread), call the engine, and
@@ -8,77 +8,23 @@ resumes from the last checkpoint with a manifest in the job's folder, so the tas
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+from builder.core.durable import Heartbeat
 from builder.jobs import lifecycle
+from builder.jobs.files import claim_folder, resolve_data
 from builder.jobs.models import Job, JobState
+from builder.jobs.signals import job_succeeded
 from builder.jobs.sink import BackgroundSink, DatabaseStreamSink
 from workers.engine.spec import load_spec
 
 log = logging.getLogger(__name__)
-
-
-def job_dir(job_id: int) -> Path:
-    """The job's working folder on this worker: checkpoints, TensorBoard logs, tokenized data."""
-    return Path(settings.JOBS_WORK_DIR) / f"job-{job_id}"
-
-
-def claim_folder(job: Job) -> Path:
-    """The job's folder, made ready for this job row: emptied first when another row with the same id left it.
-
-    The engine resumes from whatever checkpoint the folder holds, so a folder must never outlive its row and be
-    found by a new one: SQLite gives a new row the id of a deleted last one, and a test database is flushed
-    between tests. ``owner.json`` records whose folder it is (id and creation time).
-    """
-    folder = job_dir(job.pk)
-    owner = folder / "owner.json"
-    key = {"job": job.pk, "created_at": job.created_at.isoformat()}
-    if folder.exists():
-        try:
-            current = json.loads(owner.read_text())
-        except (OSError, ValueError):
-            current = None
-        if current != key:
-            log.warning("job %s: removing a folder left by an earlier job with the same id (%s)", job.pk, current)
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not owner.exists():
-        owner.write_text(json.dumps(key))
-    return folder
-
-
-class Heartbeat(threading.Thread):
-    """Renews the lease every ``JOB_HEARTBEAT_SECONDS`` whatever the trainer is doing (tokenizing a large corpus
-    takes minutes without a single step). Sets ``lost`` when the lease is no longer ours."""
-
-    def __init__(self, lease: lifecycle.Lease) -> None:
-        super().__init__(name=f"heartbeat-job-{lease.job_id}", daemon=True)
-        self.lease = lease
-        self.lost = threading.Event()
-        self._stop_requested = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self._stop_requested.wait(settings.JOB_HEARTBEAT_SECONDS):
-                if not lifecycle.heartbeat(self.lease):
-                    self.lost.set()
-                    return
-        finally:
-            connection.close()  # this thread's own database connection
-
-    def stop(self) -> None:
-        self._stop_requested.set()
-        self.join(timeout=10)
 
 
 def _device() -> str:
@@ -105,7 +51,8 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         return {"job": job_id, "outcome": "not claimable"}
     job = Job.objects.select_related("dataset").get(pk=job_id)
     spec = load_spec(job.spec)
-    folder = claim_folder(job)
+    layout = claim_folder(job)
+    run = layout.run
     Job.objects.filter(pk=job_id, lease_token=lease.token).update(total_steps=spec.training.max_steps)
 
     stream = DatabaseStreamSink(lease)
@@ -115,10 +62,10 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         # The local JSON lines first and in this thread (cheap): the file is always at least as far as any
         # checkpoint. The database + stream and TensorBoard on a thread of their own: the training loop never
         # waits for a transaction, the broker or TensorBoard's writes, except at checkpoints (see BackgroundSink).
-        JsonlSink(folder / "metrics.jsonl"),
-        BackgroundSink(FanoutSink(stream, TensorBoardSink(folder / "tensorboard", purge_step=purge_step))),
+        JsonlSink(run.metrics),
+        BackgroundSink(FanoutSink(stream, TensorBoardSink(run.tensorboard, purge_step=purge_step))),
     )
-    beat = Heartbeat(lease)
+    beat = Heartbeat(lifecycle.JOBS, lease, settings.JOB_HEARTBEAT_SECONDS)
     beat.start()
 
     # Checked before every step, so that a cancel stops the run within a step: one indexed read, written as
@@ -134,10 +81,10 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         return row is None or bool(row[0])
 
     try:
-        data_path = resolve_data(job, folder)
+        data_path = resolve_data(job, layout)
         began = time.perf_counter()
         lifecycle.add_event(job_id, "preparing", {"source": job.data_source}, token=lease.token)
-        prepared = prepare(spec, data_path, folder / "run" / "data")
+        prepared = prepare(spec, data_path, run.prepared_data)
         splits = prepared.meta.get("splits", {})
         lifecycle.add_event(
             job_id,
@@ -151,7 +98,7 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
             token=lease.token,
         )
         began = time.perf_counter()
-        result = train(spec, prepared, folder / "run", sink, resume=True, should_stop=should_stop, device=_device())
+        result = train(spec, prepared, run.root, sink, resume=True, should_stop=should_stop, device=_device())
         sink.close()  # the last writes drain before the outcome is recorded: they are part of the run's cost
         train_seconds = time.perf_counter() - began
     except Exception as exc:
@@ -194,10 +141,8 @@ def record_outcome(
     if status in ("completed", "early_stopped"):
         reason = result.reason or status
         if lifecycle.transition(job_id, JobState.SUCCEEDED, token=lease.token, reason=reason, **fields):
-            # The success is committed: queue the evaluation report of the final checkpoint (never raises).
-            from builder.reports.services import after_job_succeeded
-
-            after_job_succeeded(job_id)
+            # The success is committed: apps that act on it (the reports app queues the evaluation) listen.
+            job_succeeded.send(sender=Job, job_id=job_id)
     elif status == "stopped":
         lifecycle.transition(job_id, JobState.CANCELLED, token=lease.token, reason="cancelled by its owner", **fields)
     elif status == "preempted":
@@ -212,29 +157,3 @@ def record_outcome(
             job_id, JobState.FAILED, token=lease.token, reason=result.reason or status, error=result.reason, **fields
         )
     return {"job": job_id, "outcome": status, **summary}
-
-
-def resolve_data(job: Job, folder: Path) -> Path:
-    """A local file with the job's training data, copied from storage when storage is not the local disk.
-
-    The engine reads the format from the file name's extension; when the dataset says otherwise (an upload
-    named ``notes`` declared as JSONL), the file is linked under a name with the right extension.
-    """
-    from builder.datasets.storage import fetch, local_path
-    from workers.engine.data import detect_format
-
-    name = job.data_source
-    local = local_path(name)
-    if local is None:
-        # Remote storage (S3): stream the object into the job folder once; later attempts reuse it.
-        local = folder / "data" / Path(name).name
-        if not local.exists():
-            fetch(name, local)
-    declared = job.dataset.format if job.dataset is not None else ""
-    if declared and detect_format(local) != declared:
-        linked = folder / "data" / f"source.{declared}"
-        linked.parent.mkdir(parents=True, exist_ok=True)
-        linked.unlink(missing_ok=True)
-        linked.symlink_to(local.resolve())
-        return linked
-    return local

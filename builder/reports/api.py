@@ -25,10 +25,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from builder.core.durable import WorkState
 from builder.core.errors import Refusal
 from builder.datasets.storage import download_response
 from builder.jobs.access import can_control, get_visible_job
-from builder.reports.models import Report, ReportState
+from builder.reports.models import Report
 from builder.reports.schema import REPORT_SCHEMA
 from builder.reports.serializers import ARTIFACT_FILES, REPORT_FILES, ReportRequestSerializer, ReportSerializer
 from builder.reports.services import get_visible_report, request_report, visible_reports
@@ -50,7 +51,7 @@ class ReportListView(APIView):
     @extend_schema(
         parameters=[
             OpenApiParameter("job", int, description="Only this job's reports."),
-            OpenApiParameter("state", str, enum=ReportState.values, description="Only reports in this state."),
+            OpenApiParameter("state", str, enum=WorkState.values, description="Only reports in this state."),
         ],
         responses=ReportSerializer(many=True),
         summary="Reports of the jobs you own or that are shared with you, newest first",
@@ -62,8 +63,8 @@ class ReportListView(APIView):
             reports = reports.filter(job_id=job)
         state = request.query_params.get("state")
         if state is not None:
-            if state not in ReportState.values:
-                raise ValidationError({"state": [f"must be one of {', '.join(ReportState.values)}"]})
+            if state not in WorkState.values:
+                raise ValidationError({"state": [f"must be one of {', '.join(WorkState.values)}"]})
             reports = reports.filter(state=state)
         return Response(ReportSerializer(reports.defer("figures")[:LIST_LIMIT], many=True).data)
 
@@ -116,7 +117,7 @@ class ReportSchemaView(APIView):
 
 
 def _stored_download(report: Report, name: str, content_type: str) -> HttpResponseBase:
-    stored = report.artifacts.get(name) if report.state == ReportState.SUCCEEDED else None
+    stored = report.artifacts.get(name) if report.state == WorkState.SUCCEEDED else None
     if not stored:
         raise Http404(f"report {report.pk} is {report.state}: its files exist once it succeeds")
     filename = f"job-{report.job_id}-step-{report.checkpoint_step}-{name}"

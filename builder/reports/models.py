@@ -1,9 +1,8 @@
 """Evaluation reports: one per (job, checkpoint step), computed by a worker, then read by every format.
 
-A report's state changes only through conditional updates (``builder.reports.runner``): a worker claims a queued
-report (or one whose previous worker has been silent for ``REPORT_TIMEOUT_SECONDS``) by incrementing ``attempts``,
-and every later write is conditional on that number still being the report's, so a worker that lost its claim
-can record nothing. What the worker records is final: the document (the JSON format without its timestamp), the
+A report is durable work (``builder.core.durable``, described by ``builder.reports.work``): a worker claims a queued
+report (a conditional update that yields a fencing token), and every later write is conditional on that token
+still being the report's, so a worker that lost its claim can record nothing. What the worker records is final: the document (the JSON format without its timestamp), the
 figures (SVG) and the storage names of the artifacts; every format is rendered from them.
 """
 
@@ -14,12 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 
-
-class ReportState(models.TextChoices):
-    QUEUED = "queued", "Queued"
-    RUNNING = "running", "Running"
-    SUCCEEDED = "succeeded", "Succeeded"
-    FAILED = "failed", "Failed"
+from builder.core.durable import DurableWork, WorkState
 
 
 class ReportTrigger(models.TextChoices):
@@ -27,17 +21,14 @@ class ReportTrigger(models.TextChoices):
     REQUESTED = "requested", "Requested"
 
 
-class Report(models.Model):
+class Report(DurableWork):
     job = models.ForeignKey("jobs.Job", on_delete=models.CASCADE, related_name="reports")
     checkpoint_step = models.PositiveIntegerField(help_text="The step of the checkpoint evaluated.")
     trigger = models.CharField(max_length=12, choices=ReportTrigger.choices, default=ReportTrigger.REQUESTED)
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
-    state = models.CharField(max_length=12, choices=ReportState.choices, default=ReportState.QUEUED, db_index=True)
-    # The claim: incremented by every claim; a worker writes only while its number is still the report's.
-    attempts = models.PositiveIntegerField(default=0)
-    worker = models.CharField(max_length=200, blank=True)
+    state = models.CharField(max_length=12, choices=WorkState.choices, default=WorkState.QUEUED, db_index=True)
     error = models.TextField(blank=True)
     document: models.JSONField[Any] = models.JSONField(
         default=dict, blank=True, help_text="The report as JSON (schema_version 1) without generated_at."
@@ -62,4 +53,4 @@ class Report(models.Model):
 
     @property
     def is_finished(self) -> bool:
-        return self.state in (ReportState.SUCCEEDED, ReportState.FAILED)
+        return self.state in (WorkState.SUCCEEDED, WorkState.FAILED)

@@ -15,9 +15,10 @@ from typing import Any
 
 from django.conf import settings
 
+from builder.core.durable import WorkState
 from builder.core.errors import Refusal
 from builder.jobs.models import Job
-from builder.reports.models import Report, ReportState
+from builder.reports.models import Report
 from builder.reports.services import checkpoint_path
 
 MAX_TEMPERATURE = 5.0  # workers.engine.evaluate.MAX_TEMPERATURE (not imported here: that module imports torch)
@@ -42,7 +43,7 @@ def find_source(job: Job, report_id: int | None) -> Source:
         if report is None:
             raise Refusal("report", f"job {job.pk} has no report {report_id}")
     else:
-        succeeded = Report.objects.filter(job=job, state=ReportState.SUCCEEDED)
+        succeeded = Report.objects.filter(job=job, state=WorkState.SUCCEEDED)
         report = succeeded.order_by("-checkpoint_step").first()
     step = report.checkpoint_step if report is not None else job.last_checkpoint_step
     if step is None:

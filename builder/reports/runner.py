@@ -1,6 +1,7 @@
 """Evaluate one report's checkpoint on this worker: the orchestration behind the thin ``evaluate_report`` task.
 
-Claim the report (a conditional update: queued, or running with a silent worker, → running with ``attempts + 1``),
+Claim the report (durable work, ``builder.reports.work``: queued → running with a fencing token, renewed by a
+heartbeat while the worker evaluates),
 evaluate the checkpoint on the run's validation data (``workers.engine.evaluate``), export and time the model
 (``workers.engine.export``), store the artifacts through Django's storage (local disk or S3), build the document
 and its figures, render the stored formats (PDF, one-file HTML, Markdown, JSON), and record the outcome. Every
@@ -22,17 +23,18 @@ from typing import Any
 from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db import close_old_connections
-from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from builder.core.durable import Heartbeat, WorkState
 from builder.datasets.storage import save_local_file
-from builder.jobs.runner import job_dir, resolve_data
+from builder.jobs.files import job_layout, resolve_data
 from builder.reports import render
 from builder.reports.document import build_document, clean
-from builder.reports.models import Report, ReportState
+from builder.reports.models import Report
 from builder.reports.serializers import ARTIFACT_FILES, REPORT_FILES
-from builder.reports.services import checkpoint_path, stale_before
+from builder.reports.services import checkpoint_path
+from builder.reports.work import REPORTS
 from workers.engine.estimate import active_parameters, count_parameters
 from workers.engine.spec import load_spec
 
@@ -45,29 +47,6 @@ LATENCY_BATCHES = (1, 8)
 def storage_name(report: Report, name: str) -> str:
     """The storage name of a report's file: stable, so that a second run replaces the first one's files."""
     return f"reports/job-{report.job_id}/report-{report.pk}/{name}"
-
-
-def claim(report_id: int, worker: str) -> int | None:
-    """Take the report for ``worker``; returns the attempt number that fences later writes, or None."""
-    now = timezone.now()
-    claimable = Q(state=ReportState.QUEUED) | Q(state=ReportState.RUNNING, started_at__lt=stale_before())
-    attempts = Report.objects.filter(pk=report_id).filter(claimable).values_list("attempts", flat=True).first()
-    if attempts is None:
-        return None
-    attempt = attempts + 1
-    # Conditional on the attempts read just now: of two workers claiming at once, one update matches.
-    taken = (
-        Report.objects.filter(pk=report_id, attempts=attempts)
-        .filter(claimable)
-        .update(state=ReportState.RUNNING, attempts=attempt, worker=worker, started_at=now, error="")
-    )
-    return attempt if taken else None
-
-
-def _finish(report_id: int, attempt: int, **fields: Any) -> bool:
-    fields.setdefault("finished_at", timezone.now())
-    mine = Report.objects.filter(pk=report_id, attempts=attempt, state=ReportState.RUNNING)
-    return bool(mine.update(**fields))
 
 
 def _device() -> str:
@@ -105,12 +84,12 @@ def _evaluation_data(report: Report) -> Path:
     job's source file (the engine prepares it again and checks the tokenizer comes out the same)."""
     from workers.engine.data import PreparedData
 
-    folder = job_dir(report.job_id)
-    prepared = folder / "run" / "data"
+    layout = job_layout(report.job_id)
+    prepared = layout.run.prepared_data
     try:
         PreparedData.load(prepared)
     except FileNotFoundError:
-        return resolve_data(report.job, folder)
+        return resolve_data(report.job, layout)
     return prepared
 
 
@@ -161,20 +140,21 @@ def normalize_deployment(latency: Mapping[str, Any], advice: list[dict[str, Any]
 def run_report(report_id: int, worker: str) -> dict[str, Any]:
     """Claim and compute report ``report_id``; returns a small JSON-able outcome for the task result."""
     close_old_connections()
-    attempt = claim(report_id, worker)
-    if attempt is None:
+    taken = REPORTS.claim(report_id, worker)
+    if taken is None:
         return {"report": report_id, "outcome": "not claimable"}
     report = Report.objects.select_related("job", "job__owner", "job__dataset").get(pk=report_id)
     began = time.perf_counter()
     try:
-        outcome = _compute(report)
+        with Heartbeat(REPORTS, taken, settings.JOB_HEARTBEAT_SECONDS):
+            outcome = _compute(report)
     except Exception as exc:
         log.exception("report %s failed", report_id)
         message = f"{type(exc).__name__}: {exc}"
         # The reason for the people who read the report; the traceback is in the worker's log (above).
-        _finish(report_id, attempt, state=ReportState.FAILED, error=message)
+        REPORTS.finish(taken, WorkState.FAILED, error=message)
         return {"report": report_id, "outcome": "failed", "error": message}
-    if not _finish(report_id, attempt, state=ReportState.SUCCEEDED, **outcome):
+    if not REPORTS.finish(taken, WorkState.SUCCEEDED, **outcome):
         return {"report": report_id, "outcome": "claim lost"}
     return {"report": report_id, "outcome": "succeeded", "seconds": round(time.perf_counter() - began, 3)}
 

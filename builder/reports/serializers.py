@@ -8,7 +8,8 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from builder.reports.models import Report, ReportState
+from builder.core.durable import WorkState
+from builder.reports.models import Report
 
 # The files a report stores besides the model's artifacts, in the order the pages list them.
 REPORT_FILES = {
@@ -31,7 +32,7 @@ ARTIFACT_FILES = {
 def download_links(report: Report) -> list[dict[str, Any]]:
     """Every download of a succeeded report (none before): the report's formats, the model's artifacts and the
     job's TensorBoard logs, each with its URL (relative to the site), size and SHA-256 where known."""
-    if report.state != ReportState.SUCCEEDED:
+    if report.state != WorkState.SUCCEEDED:
         return []
     links = []
     for name, (content_type, title) in {**REPORT_FILES, **ARTIFACT_FILES}.items():
@@ -108,7 +109,7 @@ class ReportSerializer(serializers.ModelSerializer[Report]):
 
     @extend_schema_field(MetricsSerializer(allow_null=True))
     def get_metrics(self, report: Report) -> dict[str, float | None] | None:
-        if report.state != ReportState.SUCCEEDED:
+        if report.state != WorkState.SUCCEEDED:
             return None
         metrics = report.document.get("evaluation", {})
         keys = ("val_loss", "perplexity", "bleu4", "rouge_l", "accuracy", "macro_f1")
@@ -118,7 +119,7 @@ class ReportSerializer(serializers.ModelSerializer[Report]):
         return reverse("reports:detail", args=(report.pk,))
 
     def get_playground(self, report: Report) -> str | None:
-        return reverse("reports:playground", args=(report.pk,)) if report.state == ReportState.SUCCEEDED else None
+        return reverse("reports:playground", args=(report.pk,)) if report.state == WorkState.SUCCEEDED else None
 
     @extend_schema_field(DownloadSerializer(many=True))
     def get_downloads(self, report: Report) -> list[dict[str, Any]]:

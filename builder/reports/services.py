@@ -6,15 +6,14 @@ time), like cancel and resume.
 
 ``request_report`` is idempotent: one report per (job, checkpoint step). Asking again for a checkpoint whose
 report is queued, running or done returns that report (a queued one's task is sent again); a failed one (or one
-whose worker went silent for ``REPORT_TIMEOUT_SECONDS``) is queued again. Tasks are sent once the row is
-committed.
+whose worker went silent for ``REPORT_TIMEOUT_SECONDS``) is queued again with fresh attempts. Tasks are sent once
+the row is committed. Reports are durable work (``builder.reports.work``): the reaper and redelivery are there.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,14 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.http import Http404
-from django.utils import timezone
 
+from builder.core.durable import WorkState
 from builder.core.errors import Refusal
 from builder.jobs.access import visible_jobs
+from builder.jobs.files import job_layout
 from builder.jobs.models import Job, JobState
-from builder.jobs.runner import job_dir
-from builder.reports.models import Report, ReportState, ReportTrigger
+from builder.reports.models import Report, ReportTrigger
+from builder.reports.work import REPORTS
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,9 @@ def get_visible_report(user: Any, report_id: int) -> Report:
 
 
 def checkpoint_path(job_id: int, step: int) -> Path:
-    """Where the trainer commits job ``job_id``'s checkpoint of ``step`` (``<job dir>/run/checkpoints/step-N``,
-    see ``workers.engine.train``), on the machine that trained it."""
-    from workers.engine.checkpoint import checkpoint_dir_name
-
-    return job_dir(job_id) / "run" / "checkpoints" / checkpoint_dir_name(step)
-
-
-def stale_before() -> Any:
-    return timezone.now() - timedelta(seconds=settings.REPORT_TIMEOUT_SECONDS)
+    """Where the trainer commits job ``job_id``'s checkpoint of ``step`` (``workers.engine.layout``), on the
+    machine that trained it."""
+    return job_layout(job_id).run.checkpoint(step)
 
 
 def request_report(
@@ -97,18 +91,18 @@ def request_report(
             except IntegrityError:
                 report = Report.objects.get(job=job, checkpoint_step=step)
             else:
-                _dispatch(report)
+                REPORTS.dispatch(report)
                 return Requested(report, created=True)
-        # Queued again: a failure, or a claim whose worker has been silent too long (it died mid-evaluation).
-        requeued = Report.objects.filter(pk=report.pk).filter(
-            Q(state=ReportState.FAILED) | Q(state=ReportState.RUNNING, started_at__lt=stale_before())
-        )
-        requeued.update(state=ReportState.QUEUED, error="", finished_at=None)
+        # Queued again, with fresh attempts: a failure, or a claim whose worker has been silent too long (it died
+        # mid-evaluation; the reaper would do the same at its next round).
+        stale = REPORTS.stale_rows().order_by().values("pk")
+        requeued = Report.objects.filter(pk=report.pk).filter(Q(state=WorkState.FAILED) | Q(pk__in=stale))
+        requeued.update(state=WorkState.QUEUED, error="", finished_at=None, attempts=0, lease_owner="")
         report.refresh_from_db()
-        if report.state == ReportState.QUEUED:
+        if report.state == WorkState.QUEUED:
             # Queued again just now, or still waiting, perhaps for a message lost in a broker restart: send the
             # task (again). A duplicate is harmless: the claim is a conditional update.
-            _dispatch(report)
+            REPORTS.dispatch(report)
     return Requested(report, created=False)
 
 
@@ -126,61 +120,8 @@ def _check_kept(job: Job, step: int) -> None:
         raise Refusal("step", f"no checkpoint of step {step} is kept; the job's checkpoints: {steps}")
 
 
-def _dispatch(report: Report) -> None:
-    """Send the evaluation once the row is committed, to the queue the job trained on: the worker there has the
-    job's folder (checkpoints, prepared data), and the latency measured is that of the device that trained."""
-    from workers.tasks import evaluate_report
-
-    report_id, queue = report.pk, report.job.queue
-    transaction.on_commit(lambda: evaluate_report.apply_async(args=(report_id,), queue=queue))
-
-
-# A report whose worker died is sent again this many times in all before it is failed with the reason.
-MAX_ATTEMPTS = 3
-
-
-def reap_stale_reports() -> list[int]:
-    """Reports left ``running`` by a worker that went silent (past ``REPORT_TIMEOUT_SECONDS``; run by beat).
-
-    One with attempts left is sent again: a stale running report is claimable, so the next worker takes it over.
-    One that used its attempts is failed with the reason (conditional on its state and attempts, so a worker
-    finishing at that moment keeps its result). Returns the ids handled.
-    """
-    from workers.tasks import evaluate_report
-
-    handled = []
-    for report in Report.objects.filter(state=ReportState.RUNNING, started_at__lt=stale_before()).select_related("job"):
-        if report.attempts >= MAX_ATTEMPTS:
-            Report.objects.filter(pk=report.pk, state=ReportState.RUNNING, attempts=report.attempts).update(
-                state=ReportState.FAILED,
-                error=f"its worker stopped answering {report.attempts} times (no result within "
-                f"{settings.REPORT_TIMEOUT_SECONDS} s); request it again",
-                finished_at=timezone.now(),
-            )
-        else:
-            evaluate_report.apply_async(args=(report.pk,), queue=report.job.queue)
-        handled.append(report.pk)
-    return handled
-
-
-def redeliver_queued(queues: list[str]) -> list[int]:
-    """Send the evaluation of every queued report whose job trained on one of ``queues`` again (at worker start:
-    a report queued while the broker was down has no message). Duplicates are harmless: the claim is conditional.
-    Returns the report ids."""
-    from workers.tasks import evaluate_report
-
-    rows = list(
-        Report.objects.filter(state=ReportState.QUEUED, job__queue__in=queues)
-        .order_by("created_at", "id")
-        .values_list("pk", "job__queue")
-    )
-    for report_id, queue in rows:
-        evaluate_report.apply_async(args=(report_id,), queue=queue)
-    return [report_id for report_id, _ in rows]
-
-
-def after_job_succeeded(job_id: int) -> None:
-    """The hook the training runner calls once a job's success is committed: evaluate its final checkpoint.
+def after_job_succeeded(job_id: int, **_: Any) -> None:
+    """Receiver of ``builder.jobs.signals.job_succeeded`` (connected by the app): evaluate the final checkpoint.
 
     Never raises: a report that cannot be queued must not turn a finished training run into a failure.
     """

@@ -12,10 +12,10 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from builder.core.durable import WorkState
 from builder.core.errors import Refusal
 from builder.jobs.access import can_control, get_visible_job
 from builder.reports import render as formats
-from builder.reports.models import ReportState
 from builder.reports.serializers import download_links
 from builder.reports.services import get_visible_report, request_report, visible_reports
 
@@ -38,7 +38,7 @@ def report_detail(request: HttpRequest, report_id: int) -> HttpResponse:
         "can_control": can_control(request.user, report.job),
         "status_api": f"/api/reports/{report.pk}",
     }
-    if report.state == ReportState.SUCCEEDED and report.generated_at is not None:
+    if report.state == WorkState.SUCCEEDED and report.generated_at is not None:
         context.update(formats.context(report.document, report.figures, report.generated_at, links=True))
     return render(request, "reports/detail.html", context)
 

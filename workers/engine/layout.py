@@ -14,9 +14,11 @@ A *job* folder (on a worker, under ``JOBS_WORK_DIR``) wraps one run with what th
     <job>/
       owner.json             which job row the folder belongs to (id and creation time)
       data/                  the training file, fetched from remote storage (or linked under its declared format)
-      run/                   the run folder above
+      run/                   the run folder above (jobs started before this layout kept metrics.jsonl and
+                             tensorboard/ beside it: ``adopt_legacy_files`` moves them in)
 
-Nothing here touches the disk except ``JobLayout.adopt_legacy_files``; the rest only names paths.
+Only ``JobLayout.adopt_legacy_files`` changes the disk (and ``JobLayout.tensorboard`` looks at it); the rest only
+names paths.
 """
 
 from __future__ import annotations

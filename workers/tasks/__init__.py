@@ -1,0 +1,11 @@
+"""The Celery tasks, one module per kind of work. Each is a thin adapter: it takes an id, calls one plain function
+of the app that owns the row (which claims the row, does the work and records the outcome), and returns a small
+JSON-able summary.
+
+Only workers import this package (the Celery app lists it in ``include``); the web side sends tasks by name
+(``builder.core.enqueue``), so the two never import each other in a circle.
+"""
+
+from workers.tasks import calibration, datasets, jobs, legacy, maintenance, reports
+
+__all__ = ["calibration", "datasets", "jobs", "legacy", "maintenance", "reports"]
