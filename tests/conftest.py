@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import pytest
 from django.conf import settings
+from django.test import Client
 
 from tests.services import (
     ARTIFACTS,
@@ -120,19 +121,61 @@ def page(browser: Any) -> Iterator[Any]:
     context.close()
 
 
-@pytest.fixture
-def alice(django_user_model: Any) -> Any:
-    """Alice owns things in tests; her password is per-run, never fixed in the repository."""
+# --- The named people of every test, and how they sign in ---------------------------------------------------------
+
+ClientT = TypeVar("ClientT", bound=Client)
+
+
+def _person(django_user_model: Any, username: str) -> Any:
+    """A user with a per-run password (never fixed in the repository), kept as ``raw_password`` for sign-in forms."""
     password = os.urandom(9).hex()
-    user = django_user_model.objects.create_user(username="alice", password=password)
+    user = django_user_model.objects.create_user(username=username, password=password)
     user.raw_password = password
     return user
+
+
+@pytest.fixture
+def alice(django_user_model: Any) -> Any:
+    """Alice owns things in tests."""
+    return _person(django_user_model, "alice")
+
+
+@pytest.fixture
+def bob(django_user_model: Any) -> Any:
+    """Bob is alice's colleague: she shares things with him (he sees them, he controls nothing)."""
+    return _person(django_user_model, "bob")
 
 
 @pytest.fixture
 def charlie(django_user_model: Any) -> Any:
-    """Charlie is the outsider: signed in, but owns nothing of alice's."""
-    password = os.urandom(9).hex()
-    user = django_user_model.objects.create_user(username="charlie", password=password)
-    user.raw_password = password
-    return user
+    """Charlie is the outsider: signed in, but owns nothing of alice's and is shared nothing."""
+    return _person(django_user_model, "charlie")
+
+
+@overload
+def signed_in(user: Any) -> Client: ...
+
+
+@overload
+def signed_in(user: Any, client_class: type[ClientT]) -> ClientT: ...
+
+
+def signed_in(user: Any, client_class: type[Client] = Client) -> Client:
+    """A test client (Django's, or e.g. DRF's ``APIClient``) with ``user`` signed in by session, as a browser is."""
+    client = client_class()
+    client.force_login(user)
+    return client
+
+
+def session_cookie(user: Any) -> str:
+    """The ``Cookie`` header of a session of ``user``: for websocket clients outside Django's test client."""
+    return f"sessionid={signed_in(user).cookies['sessionid'].value}"
+
+
+def sign_in(page: Any, base_url: str, user: Any) -> None:
+    """Sign ``user`` in through the login form of the server at ``base_url``, in a Playwright ``page``."""
+    page.goto(f"{base_url}/accounts/login/")
+    page.fill("#id_username", user.get_username())
+    page.fill("#id_password", user.raw_password)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base_url}/")

@@ -13,6 +13,7 @@ from rest_framework.test import APIClient
 
 from builder.configs.models import Config, ConfigVersion
 from builder.configs.presets import PRESETS
+from tests.conftest import signed_in
 from workers.engine.estimate import count_parameters
 from workers.engine.spec import json_schema, load_spec
 
@@ -32,32 +33,29 @@ TINY: dict[str, Any] = {
 }
 
 
-def api(user: Any) -> APIClient:
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
-
-
 def paths(response: Any) -> list[str]:
     return [e["path"] for e in response.json()["errors"]]
 
 
 def make_config(user: Any, name: str = "tiny") -> dict[str, Any]:
-    response = api(user).post("/api/configs", {"name": name, "description": "d", "spec": TINY}, format="json")
+    response = signed_in(user, APIClient).post(
+        "/api/configs", {"name": name, "description": "d", "spec": TINY}, format="json"
+    )
     assert response.status_code == 201, response.json()
     body: dict[str, Any] = response.json()
     return body
 
 
 def test_create_list_and_read_a_config(alice: Any) -> None:
+    client = signed_in(alice, APIClient)
     body = make_config(alice)
     assert body["latest_version"] == 1 and body["versions"] == 1
     # Stored complete: defaults filled in, equal to what the engine would load.
     assert body["spec"] == load_spec(TINY).model_dump(mode="json")
-    listing = api(alice).get("/api/configs").json()
+    listing = client.get("/api/configs").json()
     assert [c["name"] for c in listing] == ["tiny"]
-    assert api(alice).get(f"/api/configs/{body['id']}").json()["description"] == "d"
-    version = api(alice).get(f"/api/configs/{body['id']}/versions/1").json()
+    assert client.get(f"/api/configs/{body['id']}").json()["description"] == "d"
+    version = client.get(f"/api/configs/{body['id']}/versions/1").json()
     assert version["number"] == 1 and version["source"] == "api"
 
 
@@ -74,7 +72,7 @@ def test_create_list_and_read_a_config(alice: Any) -> None:
     ],
 )
 def test_errors_name_the_field_path(alice: Any, spec: Any, expected: str) -> None:
-    response = api(alice).post("/api/configs", {"name": "x", "spec": spec}, format="json")
+    response = signed_in(alice, APIClient).post("/api/configs", {"name": "x", "spec": spec}, format="json")
     assert response.status_code == 400
     assert expected in paths(response), response.json()
     assert all(e["message"] for e in response.json()["errors"])
@@ -82,68 +80,68 @@ def test_errors_name_the_field_path(alice: Any, spec: Any, expected: str) -> Non
 
 
 def test_missing_fields_and_taken_names_are_named(alice: Any, charlie: Any) -> None:
-    response = api(alice).post("/api/configs", {"spec": TINY}, format="json")
+    client = signed_in(alice, APIClient)
+    response = client.post("/api/configs", {"spec": TINY}, format="json")
     assert response.status_code == 400 and paths(response) == ["name"]
     make_config(alice, "mine")
-    response = api(alice).post("/api/configs", {"name": "mine", "spec": TINY}, format="json")
+    response = client.post("/api/configs", {"name": "mine", "spec": TINY}, format="json")
     assert response.status_code == 400 and paths(response) == ["name"]
     make_config(charlie, "mine")  # names are per owner
 
 
 def test_every_save_is_a_new_version_and_versions_diff(alice: Any) -> None:
+    client = signed_in(alice, APIClient)
     config = make_config(alice)
     cid = config["id"]
     changed = {**TINY, "training": {**TINY["training"], "batch_size": 8}}
-    response = api(alice).post(f"/api/configs/{cid}/versions", {"spec": changed, "note": "bigger batch"}, format="json")
+    response = client.post(f"/api/configs/{cid}/versions", {"spec": changed, "note": "bigger batch"}, format="json")
     assert response.status_code == 201 and response.json()["number"] == 2
     more = {**changed, "model": {**TINY["model"], "num_layers": 3}}
-    response = api(alice).patch(f"/api/configs/{cid}", {"spec": more, "description": "three layers"}, format="json")
+    response = client.patch(f"/api/configs/{cid}", {"spec": more, "description": "three layers"}, format="json")
     assert response.status_code == 200
     assert response.json()["latest_version"] == 3 and response.json()["description"] == "three layers"
     # Renaming alone does not make a version.
-    assert api(alice).patch(f"/api/configs/{cid}", {"name": "renamed"}, format="json").json()["latest_version"] == 3
-    versions = api(alice).get(f"/api/configs/{cid}/versions").json()
+    assert client.patch(f"/api/configs/{cid}", {"name": "renamed"}, format="json").json()["latest_version"] == 3
+    versions = client.get(f"/api/configs/{cid}/versions").json()
     assert [v["number"] for v in versions] == [1, 2, 3]
     assert versions[1]["note"] == "bigger batch"
-    diff = api(alice).get(f"/api/configs/{cid}/diff?a=1&b=3").json()
+    diff = client.get(f"/api/configs/{cid}/diff?a=1&b=3").json()
     assert {c["path"]: (c["before"], c["after"]) for c in diff["changes"]} == {
         "model.num_layers": (2, 3),
         "training.batch_size": (4, 8),
     }
-    assert api(alice).get(f"/api/configs/{cid}/diff?a=2&b=2").json()["changes"] == []
-    bad = api(alice).get(f"/api/configs/{cid}/diff?a=1&b=9")
+    assert client.get(f"/api/configs/{cid}/diff?a=2&b=2").json()["changes"] == []
+    bad = client.get(f"/api/configs/{cid}/diff?a=1&b=9")
     assert bad.status_code == 400 and paths(bad) == ["b"]
-    assert paths(api(alice).get(f"/api/configs/{cid}/diff?b=1")) == ["a"]
+    assert paths(client.get(f"/api/configs/{cid}/diff?b=1")) == ["a"]
     # A bad spec on PATCH makes no version and names the field.
-    response = api(alice).patch(f"/api/configs/{cid}", {"spec": {"model": {"num_layers": 0}}}, format="json")
+    response = client.patch(f"/api/configs/{cid}", {"spec": {"model": {"num_layers": 0}}}, format="json")
     assert response.status_code == 400 and paths(response) == ["spec.model.num_layers"]
     assert ConfigVersion.objects.filter(config_id=cid).count() == 3
 
 
 def test_validate_reports_errors_and_advice(alice: Any) -> None:
-    ok = api(alice).post("/api/specs/validate", {"spec": TINY}, format="json").json()
+    client = signed_in(alice, APIClient)
+    ok = client.post("/api/specs/validate", {"spec": TINY}, format="json").json()
     assert ok["valid"] and ok["errors"] == [] and ok["spec"]["model"]["num_layers"] == 2
-    bad = (
-        api(alice)
-        .post(
-            "/api/specs/validate",
-            {"spec": {"model": {"hidden_size": 250, "num_heads": 6}, "training": {"schedule": {"warmup_steps": 0}}}},
-            format="json",
-        )
-        .json()
-    )
+    bad = client.post(
+        "/api/specs/validate",
+        {"spec": {"model": {"hidden_size": 250, "num_heads": 6}, "training": {"schedule": {"warmup_steps": 0}}}},
+        format="json",
+    ).json()
     assert not bad["valid"] and bad["spec"] is None
     assert "model.num_heads" in [e["path"] for e in bad["errors"]]
     codes = {w["code"]: w for w in bad["warnings"]}
     # Advice still comes for a spec that breaks a cross-field rule, with what to change.
     assert codes["heads_divide_hidden"]["path"] == "model.num_heads" and codes["heads_divide_hidden"]["fix"]
     assert "no_warmup" in codes
-    malformed = api(alice).post("/api/specs/validate", {"hardware": "tpu"}, format="json")
+    malformed = client.post("/api/specs/validate", {"hardware": "tpu"}, format="json")
     assert malformed.status_code == 400 and set(paths(malformed)) == {"spec", "hardware"}
 
 
 def test_estimate_predicts_and_names_bad_fields(alice: Any) -> None:
-    response = api(alice).post("/api/specs/estimate", {"spec": TINY, "hardware": "t4"}, format="json")
+    client = signed_in(alice, APIClient)
+    response = client.post("/api/specs/estimate", {"spec": TINY, "hardware": "t4"}, format="json")
     assert response.status_code == 200
     est = response.json()["estimate"]
     assert est["parameters"]["total"] == count_parameters(load_spec(TINY))
@@ -158,17 +156,17 @@ def test_estimate_predicts_and_names_bad_fields(alice: Any) -> None:
     }
     warnings = response.json()["warnings"]
     assert any(w["code"] == "fp32_on_gpu" for w in warnings)  # the hardware-aware advice
-    bad = api(alice).post(
+    bad = client.post(
         "/api/specs/estimate", {"spec": {"model": {"num_layers": -1}}, "hardware": "tpu", "num_gpus": 0}, format="json"
     )
     assert bad.status_code == 400
     assert set(paths(bad)) == {"spec.model.num_layers", "hardware", "num_gpus"}
-    too_many = api(alice).post("/api/specs/estimate", {"spec": TINY, "hardware": "cpu", "num_gpus": 2}, format="json")
+    too_many = client.post("/api/specs/estimate", {"spec": TINY, "hardware": "cpu", "num_gpus": 2}, format="json")
     assert too_many.status_code == 400 and paths(too_many) == ["num_gpus"]
 
 
 def test_schema_templates_and_hardware(alice: Any) -> None:
-    client = api(alice)
+    client = signed_in(alice, APIClient)
     assert client.get("/api/specs/schema").json() == json_schema()
     templates = client.get("/api/templates").json()
     assert [t["name"] for t in templates] == list(PRESETS)
@@ -182,7 +180,8 @@ def test_schema_templates_and_hardware(alice: Any) -> None:
 
 
 def test_every_endpoint_is_in_the_openapi_schema(alice: Any) -> None:
-    schema = api(alice).get("/api/schema", HTTP_ACCEPT="application/json").json()
+    client = signed_in(alice, APIClient)
+    schema = client.get("/api/schema", HTTP_ACCEPT="application/json").json()
     for p in (
         "/api/configs",
         "/api/configs/{config_id}",
@@ -199,13 +198,13 @@ def test_every_endpoint_is_in_the_openapi_schema(alice: Any) -> None:
         "/api/hardware/calibrations/{calibration_id}",
     ):
         assert p in schema["paths"], p
-    assert api(alice).get("/api/docs").status_code == 200
+    assert client.get("/api/docs").status_code == 200
 
 
 def test_the_outsider_cannot_see_or_change_configs(alice: Any, charlie: Any) -> None:
     config = make_config(alice)
     cid = config["id"]
-    outsider = api(charlie)
+    outsider = signed_in(charlie, APIClient)
     assert outsider.get("/api/configs").json() == []
     for response in (
         outsider.get(f"/api/configs/{cid}"),
@@ -220,7 +219,7 @@ def test_the_outsider_cannot_see_or_change_configs(alice: Any, charlie: Any) -> 
     # Same answer as for a config that does not exist.
     assert outsider.get("/api/configs/999999").status_code == 404
     assert Config.objects.get(pk=cid).name == "tiny" and ConfigVersion.objects.filter(config_id=cid).count() == 1
-    assert api(alice).delete(f"/api/configs/{cid}").status_code == 204
+    assert signed_in(alice, APIClient).delete(f"/api/configs/{cid}").status_code == 204
     assert not Config.objects.filter(pk=cid).exists()
 
 

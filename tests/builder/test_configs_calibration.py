@@ -9,7 +9,8 @@ import pytest
 from rest_framework.test import APIClient
 
 from builder.configs.models import HardwareCalibration
-from tests.builder.test_configs_api import TINY, api
+from tests.builder.test_configs_api import TINY
+from tests.conftest import signed_in
 from tests.services import Stack
 from workers.engine.estimate import estimate_time
 from workers.engine.hardware import get_profile
@@ -29,7 +30,7 @@ def wait_done(client: APIClient, calibration_id: int, timeout: float = 180) -> d
 
 
 def test_a_worker_run_calibrates_the_profile_for_everyone(stack: Stack, alice: Any, charlie: Any) -> None:
-    client = api(alice)
+    client = signed_in(alice, APIClient)
     response = client.post("/api/hardware/calibrations", {"spec": TINY, "steps": 3}, format="json")
     assert response.status_code == 202, response.json()
     assert response.json()["state"] == "queued"
@@ -47,14 +48,18 @@ def test_a_worker_run_calibrates_the_profile_for_everyone(stack: Stack, alice: A
     assert hardware["cpu"]["calibration_factor"] == pytest.approx(factor)
     assert hardware["t4"]["calibration_factor"] == 1.0
     for user in (alice, charlie):
-        est = api(user).post("/api/specs/estimate", {"spec": TINY, "hardware": "cpu"}, format="json").json()
+        est = (
+            signed_in(user, APIClient)
+            .post("/api/specs/estimate", {"spec": TINY, "hardware": "cpu"}, format="json")
+            .json()
+        )
         time_estimate = est["estimate"]["time"]
         assert time_estimate["calibration_factor"] == pytest.approx(factor)
         assert time_estimate["step_seconds"] == pytest.approx(done["measured_step_seconds"], rel=1e-6)
 
     # The run itself (with its spec) is alice's: charlie neither sees nor lists it.
-    assert api(charlie).get(f"/api/hardware/calibrations/{done['id']}").status_code == 404
-    assert api(charlie).get("/api/hardware/calibrations").json() == []
+    assert signed_in(charlie, APIClient).get(f"/api/hardware/calibrations/{done['id']}").status_code == 404
+    assert signed_in(charlie, APIClient).get("/api/hardware/calibrations").json() == []
     assert [c["id"] for c in client.get("/api/hardware/calibrations").json()] == [done["id"]]
 
     # A bad request names its field; a duplicate delivery of the task does nothing.

@@ -7,11 +7,11 @@ import json
 from typing import Any
 
 import pytest
-from django.test import Client
 
 from builder.configs.forms import TWEAKS
 from builder.configs.models import Config
 from builder.configs.wizard import DATA_SIZES, GPU_COUNTS, HOURS_CHOICES, Answers, estimate_proposal, propose
+from tests.conftest import signed_in
 from workers.engine.hardware import PROFILES
 from workers.engine.lint import lint
 from workers.engine.spec import load_spec
@@ -108,12 +108,6 @@ ANSWERS = {
     "hours": "0.25",
     "priority": "quality",
 }
-
-
-def signed_in(user: Any) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.mark.django_db

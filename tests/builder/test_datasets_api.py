@@ -14,6 +14,7 @@ import pytest
 from django.test import Client, override_settings
 
 from builder.datasets.models import Dataset, DatasetState, UploadSession
+from tests.conftest import signed_in
 from tests.services import Stack, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -26,12 +27,6 @@ CSV = (
     "Great little kettle,5\n"
     "Too loud,2\n"
 )
-
-
-def _client(user: Any) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def _settle(dataset_id: int, timeout: float = 60) -> Dataset:
@@ -56,7 +51,7 @@ def _put(client: Client, session_id: str, offset: int, chunk: bytes) -> Any:
 
 
 def test_chunked_upload_resumes_and_the_worker_describes_it(stack: Stack, alice: Any, charlie: Any) -> None:
-    client = _client(alice)
+    client = signed_in(alice)
     data = CSV.encode()
     started = _start(client, filename="reviews.csv", size=len(data), text_field="review", label_field="stars")
     assert started.status_code == 201, started.content
@@ -98,7 +93,7 @@ def test_chunked_upload_resumes_and_the_worker_describes_it(stack: Stack, alice:
     assert client.get(f"/datasets/{dataset.pk}/status?shown=ready").get("HX-Refresh") is None
 
     # Charlie, the outsider, cannot tell that any of it exists.
-    outsider = _client(charlie)
+    outsider = signed_in(charlie)
     sid = session["id"]
     for method, url in [
         ("get", f"/api/datasets/{dataset.pk}"),
@@ -127,7 +122,7 @@ def test_chunked_upload_resumes_and_the_worker_describes_it(stack: Stack, alice:
 
 
 def test_a_malformed_upload_names_its_line_and_can_be_read_with_other_fields(stack: Stack, alice: Any) -> None:
-    client = _client(alice)
+    client = signed_in(alice)
     upload = client.post(
         "/api/datasets",
         {"file": _named(b'{"body": "first"}\n{"body": "second", "topic": "x"}\n', "notes.jsonl")},
@@ -148,7 +143,7 @@ def test_a_malformed_upload_names_its_line_and_can_be_read_with_other_fields(sta
 
 
 def test_cleaning_through_the_api(stack: Stack, alice: Any, charlie: Any) -> None:
-    client = _client(alice)
+    client = signed_in(alice)
     text = "\n\n".join(["the same paragraph", "the same paragraph", "a different one", "tiny", "yet another text"])
     upload = client.post("/api/datasets", {"file": _named(text.encode(), "notes.txt")})
     source = _settle(upload.json()["id"])
@@ -178,7 +173,7 @@ def test_cleaning_through_the_api(stack: Stack, alice: Any, charlie: Any) -> Non
     assert client.get(f"/api/datasets/{version.pk}/download?part=nope").status_code == 404
     page = client.get(f"/datasets/{version.pk}/")
     assert b'data-testid="cleaning-report"' in page.content and b"Exact duplicate" in page.content
-    assert _client(charlie).get(f"/api/datasets/{version.pk}").status_code == 404
+    assert signed_in(charlie).get(f"/api/datasets/{version.pk}").status_code == 404
 
     assert client.delete(f"/api/datasets/{version.pk}").status_code == 204
     assert not Dataset.objects.filter(pk=version.pk).exists()
@@ -191,7 +186,7 @@ def _named(content: bytes, name: str) -> Any:
 
 
 def test_refusals_name_the_field(stack: Stack, alice: Any, media_root: Path) -> None:
-    client = _client(alice)
+    client = signed_in(alice)
     assert _start(client, size=10).json() == {"filename": ["This field is required."]}
     assert set(_start(client, filename="a.jsonl", size=-1).json()) == {"size"}
     too_big = _start(client, filename="a.jsonl", size=3 * 1024**3)

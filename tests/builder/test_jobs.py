@@ -20,6 +20,7 @@ from websockets.typing import Origin
 
 from builder.datasets.models import Dataset
 from builder.jobs.models import Job, JobEvent, MetricPoint
+from tests.conftest import session_cookie, signed_in
 from tests.services import (
     Stack,
     service_env,
@@ -88,12 +89,6 @@ def wait_state(job_id: int, states: set[str], timeout: float = 120) -> Job:
 
 def ws_url(stack: Stack, job_id: int) -> str:
     return stack.base_url.replace("http://", "ws://") + f"/ws/jobs/{job_id}/"
-
-
-def session_cookie(user: Any) -> str:
-    client = Client()
-    client.force_login(user)
-    return f"sessionid={client.cookies['sessionid'].value}"
 
 
 def test_api_validates_and_names_the_field(client: Client, alice: Any, charlie: Any, dataset: Dataset) -> None:
@@ -172,8 +167,7 @@ def test_a_job_runs_end_to_end_and_the_socket_gets_every_point(
     assert tb.status_code == 200 and tb["Content-Type"] == "application/gzip"
 
     # The outsider sees nothing: API 404, socket refused.
-    outsider = Client()
-    outsider.force_login(charlie)
+    outsider = signed_in(charlie)
     assert outsider.get(f"/api/jobs/{job['id']}").status_code == 404
     assert outsider.get(f"/api/jobs/{job['id']}/metrics").status_code == 404
     assert outsider.post(f"/api/jobs/{job['id']}/cancel").status_code == 404

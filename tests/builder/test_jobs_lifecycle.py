@@ -12,7 +12,6 @@ from itertools import product
 from typing import Any
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 
 from builder.core.errors import NON_FIELD, Refusal
@@ -21,6 +20,7 @@ from builder.jobs import history, lifecycle
 from builder.jobs.models import Job, JobEvent, JobState, MetricPoint
 from builder.jobs.sink import BackgroundSink, DatabaseStreamSink
 from builder.jobs.submit import Submission, submit_job
+from tests.conftest import signed_in
 
 pytestmark = pytest.mark.django_db
 
@@ -255,8 +255,7 @@ def test_the_per_user_limit_of_active_jobs(alice: Any, charlie: Any, dataset: Da
         submit_job(alice, Submission(name="c", dataset=dataset, spec=SPEC))
     assert "limit 2" in refused.value.by_field()[NON_FIELD][0]
     # Through the API: 400 with the reason, no job created.
-    client = Client()
-    client.force_login(alice)
+    client = signed_in(alice)
     response = client.post(
         "/api/jobs", {"name": "c", "spec": SPEC, "dataset": dataset.pk}, content_type="application/json"
     )
@@ -276,8 +275,7 @@ def test_the_per_user_limit_of_active_jobs(alice: Any, charlie: Any, dataset: Da
 def test_a_dataset_in_use_cannot_be_deleted_and_a_job_without_one_cannot_resume(
     alice: Any, dataset: Dataset, media_root: Any
 ) -> None:
-    client = Client()
-    client.force_login(alice)
+    client = signed_in(alice)
     job = submit_job(alice, Submission(name="a", dataset=dataset, spec=SPEC))
     # A queued job will read the file: deleting the dataset under it is refused, and says which job holds it.
     response = client.delete(f"/api/datasets/{dataset.pk}")
@@ -310,8 +308,7 @@ def test_the_dataset_sets_the_spec_data_fields(alice: Any) -> None:
 
 
 def test_the_api_refuses_datasets_that_are_not_ready_or_not_yours(alice: Any, charlie: Any, dataset: Dataset) -> None:
-    client = Client()
-    client.force_login(alice)
+    client = signed_in(alice)
     busy = Dataset.objects.create(owner=alice, name="b", format="txt", file_name="b.txt", state="validating")
     for dataset_id, words in ((busy.pk, "validating"), (999999, "no dataset")):
         response = client.post(

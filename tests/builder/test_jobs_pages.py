@@ -10,13 +10,12 @@ import re
 from typing import Any
 
 import pytest
-from django.contrib.auth import get_user_model
-from django.test import Client
 
 from builder.configs.models import Config, ConfigVersion
 from builder.datasets.models import Dataset
 from builder.jobs.models import Job, MetricPoint
 from tests.builder.test_jobs_lifecycle import SPEC
+from tests.conftest import signed_in
 from workers.engine.spec import load_spec
 
 pytestmark = pytest.mark.django_db
@@ -31,12 +30,6 @@ def dataset(alice: Any) -> Dataset:
 def version(alice: Any) -> ConfigVersion:
     config = Config.objects.create(owner=alice, name="Tiny MoE")
     return ConfigVersion.objects.create(config=config, number=1, spec=SPEC)
-
-
-def client_for(user: Any) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def json_script(html: str, element_id: str) -> Any:
@@ -55,24 +48,24 @@ def job_with_points(owner: Any, name: str, losses: list[float]) -> Job:
     return job
 
 
-def test_the_list_shows_only_visible_jobs(alice: Any, charlie: Any) -> None:
+def test_the_list_shows_only_visible_jobs(alice: Any, bob: Any, charlie: Any) -> None:
     mine = job_with_points(alice, "alice-run", [3.0, 2.0])
     theirs = job_with_points(charlie, "charlie-run", [1.0])
-    page = client_for(alice).get("/jobs/")
+    page = signed_in(alice).get("/jobs/")
     assert page.status_code == 200
     html = page.content.decode()
     assert "alice-run" in html and "charlie-run" not in html
     assert f'data-job-row="{mine.pk}"' in html and f'data-job-row="{theirs.pk}"' not in html
     assert 'aria-current="page">Jobs' in html
     # The home page's card for the section leads here, not to a placeholder.
-    assert 'href="/jobs/"' in client_for(alice).get("/").content.decode()
-    empty = client_for(get_user_model().objects.create_user("bob", password="x" * 12)).get("/jobs/")
+    assert 'href="/jobs/"' in signed_in(alice).get("/").content.decode()
+    empty = signed_in(bob).get("/jobs/")  # bob has no job and is shared none
     assert 'data-testid="no-jobs"' in empty.content.decode()
 
 
-def test_the_dashboard_is_the_owners_and_the_shared_users_only(alice: Any, charlie: Any) -> None:
+def test_the_dashboard_is_the_owners_and_the_shared_users_only(alice: Any, bob: Any, charlie: Any) -> None:
     job = job_with_points(alice, "watch-me", [3.0])
-    page = client_for(alice).get(f"/jobs/{job.pk}/")
+    page = signed_in(alice).get(f"/jobs/{job.pk}/")
     assert page.status_code == 200
     html = page.content.decode()
     config = json_script(html, "job-dashboard-config")
@@ -81,39 +74,40 @@ def test_the_dashboard_is_the_owners_and_the_shared_users_only(alice: Any, charl
     assert config["moe"]["balancing"] == "aux_free" and config["moe"]["bias_update_speed"] > 0
     assert config["job"]["state"] == "succeeded"
     assert 'data-action="cancel"' in html and f"/api/jobs/{job.pk}/metrics.csv" in html
-    assert client_for(charlie).get(f"/jobs/{job.pk}/").status_code == 404
-    assert client_for(charlie).get(f"/api/jobs/{job.pk}/metrics.csv").status_code == 404
-    assert client_for(charlie).get(f"/api/jobs/{job.pk}/tensorboard.tar.gz").status_code == 404
-    assert client_for(charlie).get(f"/api/jobs/{job.pk}/events").status_code == 404
-    # Shared with charlie: he watches, but has no controls and cannot cancel.
-    job.shared_with.add(charlie)
-    shared = client_for(charlie).get(f"/jobs/{job.pk}/").content.decode()
+    assert signed_in(charlie).get(f"/jobs/{job.pk}/").status_code == 404
+    assert signed_in(charlie).get(f"/api/jobs/{job.pk}/metrics.csv").status_code == 404
+    assert signed_in(charlie).get(f"/api/jobs/{job.pk}/tensorboard.tar.gz").status_code == 404
+    assert signed_in(charlie).get(f"/api/jobs/{job.pk}/events").status_code == 404
+    # Shared with bob: he watches, but has no controls and cannot cancel; charlie still sees nothing.
+    job.shared_with.add(bob)
+    shared = signed_in(bob).get(f"/jobs/{job.pk}/").content.decode()
     assert "watch-me" in shared and 'data-action="cancel"' not in shared
-    assert client_for(charlie).post(f"/api/jobs/{job.pk}/cancel").status_code == 403
-    assert client_for(alice).get("/jobs/999999/").status_code == 404
+    assert signed_in(bob).post(f"/api/jobs/{job.pk}/cancel").status_code == 403
+    assert signed_in(charlie).get(f"/jobs/{job.pk}/").status_code == 404
+    assert signed_in(alice).get("/jobs/999999/").status_code == 404
 
 
 def test_the_overlay_plots_two_runs_and_refuses_what_it_cannot(alice: Any, charlie: Any) -> None:
     a = job_with_points(alice, "run-a", [3.0, 2.5, 2.0])
     b = job_with_points(alice, "run-b", [3.1, 2.9])
     c = job_with_points(charlie, "run-c", [1.0])
-    page = client_for(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&metric=loss")
+    page = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&metric=loss")
     assert page.status_code == 200
     overlay = json_script(page.content.decode(), "job-overlay-data")
     assert [run["name"] for run in overlay["runs"]] == ["run-a", "run-b"]
     assert overlay["runs"][0]["series"] == {"step": [1, 2, 3], "value": [3.0, 2.5, 2.0]}
     # Someone else's run among them: nothing is shown, and nothing says which one.
-    assert client_for(alice).get(f"/jobs/compare/?ids={a.pk}&ids={c.pk}").status_code == 404
-    assert client_for(charlie).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}").status_code == 404
-    assert client_for(alice).get("/jobs/compare/?ids=x").status_code == 404
-    one = client_for(alice).get(f"/jobs/compare/?ids={a.pk}")
+    assert signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={c.pk}").status_code == 404
+    assert signed_in(charlie).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}").status_code == 404
+    assert signed_in(alice).get("/jobs/compare/?ids=x").status_code == 404
+    one = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}")
     assert one.status_code == 400 and "ids: select at least two" in one.content.decode()
-    bad = client_for(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&metric=nope")
+    bad = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&metric=nope")
     assert bad.status_code == 400 and "metric: choose one of" in bad.content.decode()
 
 
 def test_launch_from_a_saved_configuration(alice: Any, charlie: Any, dataset: Dataset, version: ConfigVersion) -> None:
-    client = client_for(alice)
+    client = signed_in(alice)
     form = client.get(f"/jobs/new/?config_version={version.pk}")
     assert form.status_code == 200
     assert f'<option value="{version.pk}" selected>Tiny MoE v1</option>' in form.content.decode()
@@ -123,9 +117,9 @@ def test_launch_from_a_saved_configuration(alice: Any, charlie: Any, dataset: Da
     assert (job.name, job.config_version, job.dataset, job.queue) == ("Tiny MoE v1", version, dataset, "gpu")
     assert job.spec["model"] == load_spec(version.spec).model_dump(mode="json")["model"] and job.state == "queued"
     # Charlie can use neither alice's configuration nor her dataset; each error is at its field.
-    other = Client()
-    other.force_login(charlie)
-    refused = other.post("/jobs/new/", {"config_version": version.pk, "dataset": dataset.pk, "queue": "tpu"})
+    refused = signed_in(charlie).post(
+        "/jobs/new/", {"config_version": version.pk, "dataset": dataset.pk, "queue": "tpu"}
+    )
     html = refused.content.decode()
     assert refused.status_code == 400
     for field in ("config_version", "dataset", "queue"):
@@ -135,7 +129,7 @@ def test_launch_from_a_saved_configuration(alice: Any, charlie: Any, dataset: Da
 
 def test_launch_past_the_limit_says_why(alice: Any, dataset: Dataset, version: ConfigVersion, settings: Any) -> None:
     settings.JOBS_MAX_ACTIVE_PER_USER = 1
-    client = client_for(alice)
+    client = signed_in(alice)
     client.post("/jobs/new/", {"config_version": version.pk, "dataset": dataset.pk, "queue": "cpu"})
     refused = client.post("/jobs/new/", {"config_version": version.pk, "dataset": dataset.pk, "queue": "cpu"})
     assert refused.status_code == 400 and "limit 1" in refused.content.decode()
@@ -145,7 +139,7 @@ def test_launch_past_the_limit_says_why(alice: Any, dataset: Dataset, version: C
 def test_the_api_takes_a_saved_configuration(
     alice: Any, charlie: Any, dataset: Dataset, version: ConfigVersion
 ) -> None:
-    client = client_for(alice)
+    client = signed_in(alice)
     body = {"config_version": version.pk, "dataset": dataset.pk}
     created = client.post("/api/jobs", body, content_type="application/json")
     assert created.status_code == 201, created.content
@@ -156,7 +150,7 @@ def test_the_api_takes_a_saved_configuration(
     assert both.status_code == 400 and "not both" in both.json()["spec"][0]
     nameless = client.post("/api/jobs", {"spec": SPEC, "dataset": dataset.pk}, content_type="application/json")
     assert nameless.status_code == 400 and set(nameless.json()) == {"name"}
-    outsider = client_for(charlie).post("/api/jobs", body, content_type="application/json")
+    outsider = signed_in(charlie).post("/api/jobs", body, content_type="application/json")
     assert outsider.status_code == 400 and set(outsider.json()) == {"config_version", "dataset"}
     schema = client.get("/api/schema?format=json").json()
     for route in ("/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/cancel", "/api/jobs/{job_id}/resume",

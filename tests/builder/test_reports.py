@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ from builder.reports.models import Report, ReportState
 from builder.reports.schema import REPORT_SCHEMA
 from builder.reports.services import request_report
 from tests.builder.test_jobs import CORPUS, tiny_spec
+from tests.conftest import signed_in
 from workers.engine.evaluate import evaluate
 from workers.engine.export import VARIANTS, deployment_advice
 from workers.engine.sinks import MemorySink
@@ -162,21 +162,9 @@ def pdf_text(data: bytes) -> tuple[int, str]:
     return len(reader.pages), "\n".join(page.extract_text() for page in reader.pages)
 
 
-def client_for(user: Any) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 def body(response: Any) -> bytes:
     """The bytes of a download (a FileResponse streams)."""
     return b"".join(response.streaming_content) if response.streaming else bytes(response.content)
-
-
-@pytest.fixture
-def bob(django_user_model: Any) -> Any:
-    """Bob is a colleague: alice shares her job with him."""
-    return django_user_model.objects.create_user(username="bob", password=os.urandom(9).hex())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -246,7 +234,7 @@ def test_json_follows_its_schema_for_both_tasks(engine_runs: dict[str, Any], ali
         broken = {**document, "checkpoint": {"step": 20}}
         assert any("sha256" in e.message for e in validator.iter_errors(broken))
     # The schema is served, and documented in the API schema.
-    client = client_for(alice)
+    client = signed_in(alice)
     served = client.get("/api/reports/schema")
     assert served.status_code == 200 and served.json() == REPORT_SCHEMA
     paths = client.get("/api/schema", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["paths"]
@@ -277,7 +265,7 @@ def test_a_classifier_report_has_its_confusion_matrix(
     _, text = pdf_text(files["report.pdf"])
     assert "Confusion matrix" in text and "Accuracy" in text and "Macro-F1" in text and "predicted" in text
     assert "### Confusion matrix" in files["report.md"].decode()
-    page = client_for(alice).get(f"/reports/{report.pk}/").content.decode()
+    page = signed_in(alice).get(f"/reports/{report.pk}/").content.decode()
     assert 'data-figure="confusion"' in page and page.count("<svg") == 4
 
 
@@ -319,7 +307,7 @@ def test_requests_are_idempotent_and_refusals_name_the_reason(alice: Any, bob: A
     assert refused.value.field == "step"
 
     running = make_job(alice, tiny_spec(20), state="running")
-    owner, colleague, outsider = client_for(alice), client_for(bob), client_for(charlie)
+    owner, colleague, outsider = signed_in(alice), signed_in(bob), signed_in(charlie)
     response = owner.post(f"/api/jobs/{running.pk}/reports", {}, content_type="application/json")
     assert response.status_code == 409 and "running" in response.json()["detail"]
     response = owner.post(f"/api/jobs/{job.pk}/reports", {"step": "x"}, content_type="application/json")
@@ -380,7 +368,7 @@ def test_pages_and_downloads_are_for_the_owner_and_shared_users_only(
     job = make_job(alice, run["spec"])
     job.shared_with.add(bob)
     report = finished_report(job, run)
-    owner, colleague, outsider = client_for(alice), client_for(bob), client_for(charlie)
+    owner, colleague, outsider = signed_in(alice), signed_in(bob), signed_in(charlie)
 
     page = owner.get(f"/reports/{report.pk}/")
     assert page.status_code == 200

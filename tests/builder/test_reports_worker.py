@@ -28,8 +28,9 @@ from websockets.typing import Origin
 from builder.datasets.models import Dataset
 from builder.reports import runner
 from builder.reports.models import Report
-from tests.builder.test_jobs import corpus, session_cookie, submit, wait_state  # noqa: F401  (corpus: a fixture)
+from tests.builder.test_jobs import corpus, submit, wait_state  # noqa: F401  (corpus: a fixture)
 from tests.builder.test_jobs import dataset as dataset  # a fixture: alice's ready tiny corpus
+from tests.conftest import session_cookie, signed_in
 from tests.services import Stack, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -143,8 +144,7 @@ def test_a_succeeded_job_is_evaluated_on_the_worker_and_its_report_downloads(
         assert receive(ws)["field"] == "type"
 
     # The outsider: 404 everywhere, and the socket refuses him.
-    outsider = Client()
-    outsider.force_login(charlie)
+    outsider = signed_in(charlie)
     for url in [
         f"/reports/{report.pk}/",
         f"/reports/{report.pk}/playground/",
@@ -187,16 +187,14 @@ def test_artifacts_on_s3_download_through_presigned_urls(
         again = runner._store(report, "model.safetensors", weights, "application/octet-stream")
         assert first["storage"] == again["storage"] == f"reports/job-{job.pk}/report-{report.pk}/model.safetensors"
         Report.objects.filter(pk=report.pk).update(artifacts={"model.safetensors": again})
-        owner = Client()
-        owner.force_login(alice)
+        owner = signed_in(alice)
         response = owner.get(f"/api/reports/{report.pk}/artifacts/model.safetensors")
         assert response.status_code == 302 and response["Cache-Control"] == "no-store"
         location = response["Location"]
         assert location.startswith(moto_s3) and "X-Amz-Expires=60" in location and "X-Amz-Signature" in location
         with urllib.request.urlopen(location, timeout=30) as fetched:
             assert fetched.read() == weights.read_bytes()
-        outsider = Client()
-        outsider.force_login(charlie)
+        outsider = signed_in(charlie)
         assert outsider.get(f"/api/reports/{report.pk}/artifacts/model.safetensors").status_code == 404
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == [first["storage"]]  # the second store replaced the first object, under the same name

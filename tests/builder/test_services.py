@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.test import Client
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 from websockets.typing import Origin
 
+from tests.conftest import session_cookie
 from tests.services import (
     Stack,
     service_env,
@@ -65,15 +65,9 @@ def test_celery_round_trip_through_the_real_worker(stack: Stack) -> None:
     assert ping.apply_async(args=("on-gpu",), queue="gpu").get(timeout=30)["payload"] == "on-gpu"
 
 
-def _session_cookie(user: Any) -> str:
-    client = Client()
-    client.force_login(user)
-    return f"sessionid={client.cookies['sessionid'].value}"
-
-
 def test_websocket_accepts_a_signed_in_user(stack: Stack, alice: Any) -> None:
     ws_url = stack.base_url.replace("http://", "ws://") + "/ws/status/"
-    headers = {"Cookie": _session_cookie(alice)}
+    headers = {"Cookie": session_cookie(alice)}
     with connect(ws_url, additional_headers=headers, origin=Origin(stack.base_url), open_timeout=10) as ws:
         hello = json.loads(ws.recv(timeout=10))
         assert hello == {"type": "hello", "user": "alice"}
@@ -98,7 +92,7 @@ def test_websocket_refuses_an_anonymous_user(stack: Stack) -> None:
 
 def test_websocket_refuses_a_foreign_origin(stack: Stack, alice: Any) -> None:
     ws_url = stack.base_url.replace("http://", "ws://") + "/ws/status/"
-    headers = {"Cookie": _session_cookie(alice)}
+    headers = {"Cookie": session_cookie(alice)}
     with pytest.raises(InvalidStatus) as refused:
         connect(ws_url, additional_headers=headers, origin=Origin("http://evil.example"), open_timeout=10)
     assert refused.value.response.status_code == 403

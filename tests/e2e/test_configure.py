@@ -12,21 +12,14 @@ import pytest
 from builder.configs.models import Config
 from builder.configs.presets import PRESETS
 from builder.configs.services import create_config
+from tests.conftest import sign_in
 from tests.services import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-def sign_in(page: Any, stack: Stack, user: Any) -> None:
-    page.goto(f"{stack.base_url}/accounts/login/")
-    page.fill("#id_username", user.username)
-    page.fill("#id_password", user.raw_password)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{stack.base_url}/")
-
-
 def test_wizard_end_to_end(stack: Stack, page: Any, alice: Any, artifacts: Path) -> None:
-    sign_in(page, stack, alice)
+    sign_in(page, stack.base_url, alice)
     page.click("nav.nav >> text=Configure")
     page.click("[data-testid=start-wizard]")
     page.check("input[name=task][value=generation]")
@@ -87,7 +80,7 @@ def _set_doc(page: Any, text: str) -> None:
 def test_json_editor_marks_a_bad_value_and_saves_a_good_one(
     stack: Stack, page: Any, alice: Any, artifacts: Path, tmp_path: Path
 ) -> None:
-    sign_in(page, stack, alice)
+    sign_in(page, stack.base_url, alice)
     page.goto(f"{stack.base_url}/configure/editor/?template=tiny-cpu-demo")
     page.wait_for_selector("[data-testid=editor-status][data-valid=true]", timeout=20000)
     page.wait_for_selector("#editor-estimate [data-testid=estimate]", timeout=20000)
@@ -170,7 +163,7 @@ def test_json_editor_marks_a_bad_value_and_saves_a_good_one(
 
 def test_comparison_shows_differences_and_memory_bars(stack: Stack, page: Any, alice: Any, artifacts: Path) -> None:
     config = create_config(alice, "my small MoE", "", PRESETS["tiny-cpu-demo"].spec, source="template")
-    sign_in(page, stack, alice)
+    sign_in(page, stack.base_url, alice)
     page.goto(
         f"{stack.base_url}/configure/compare/?c=config:{config.pk}&c=template:small-moe&c=template:moe-1b&hw=a100-80gb"
     )

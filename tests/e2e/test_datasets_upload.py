@@ -13,17 +13,10 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 
+from tests.conftest import sign_in
 from tests.services import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-def _sign_in(page: Any, base: str, user: Any) -> None:
-    page.goto(f"{base}/accounts/login/")
-    page.fill("#id_username", user.get_username())
-    page.fill("#id_password", user.raw_password)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/")
 
 
 def _reviews(path: Path, rows: int) -> None:
@@ -57,7 +50,7 @@ def test_upload_shows_progress_then_statistics(
 ) -> None:
     upload = tmp_path / "kettle-reviews.jsonl"
     _reviews(upload, 6000)  # about 2.5 MB
-    _sign_in(page, stack.base_url, alice)
+    sign_in(page, stack.base_url, alice)
     page.click("nav.nav >> text=Datasets")
     page.wait_for_url(f"{stack.base_url}/datasets/")
     assert page.locator("nav.nav a[aria-current=page]").inner_text() == "Datasets"
@@ -126,7 +119,7 @@ def test_upload_shows_progress_then_statistics(
 def test_a_malformed_file_shows_its_line(stack: Stack, page: Any, alice: Any, artifacts: Path, tmp_path: Path) -> None:
     bad = tmp_path / "broken.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "fine too"}\n{"text": "oops", }\n')
-    _sign_in(page, stack.base_url, alice)
+    sign_in(page, stack.base_url, alice)
     page.goto(f"{stack.base_url}/datasets/")
     page.set_input_files("#upload-file", str(bad))
     page.click("#upload-submit")

@@ -15,17 +15,10 @@ from builder.configs.models import Config, ConfigVersion
 from builder.datasets.models import Dataset
 from builder.jobs.models import Job, MetricPoint
 from tests.builder.test_jobs import CORPUS, tiny_spec
+from tests.conftest import sign_in
 from tests.services import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-def sign_in(page: Any, stack: Stack, user: Any) -> None:
-    page.goto(f"{stack.base_url}/accounts/login/")
-    page.fill("#id_username", user.username)
-    page.fill("#id_password", user.raw_password)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{stack.base_url}/")
 
 
 def loss_points(page: Any) -> int:
@@ -45,7 +38,7 @@ def test_launch_watch_cancel_and_overlay(stack: Stack, page: Any, alice: Any, ar
     # Long enough to still be running when cancelled; tokens per step small so that steps come quickly.
     version = saved_config(alice, "Tiny MoE", max_steps=100000)
     short = saved_config(alice, "Tiny MoE, short", max_steps=40)
-    sign_in(page, stack, alice)
+    sign_in(page, stack.base_url, alice)
 
     # Launch from the comparison of the saved configurations, on alice's dataset.
     page.goto(f"{stack.base_url}/configure/compare/?c=config:{version.config_id}&c=config:{short.config_id}")
@@ -137,7 +130,7 @@ def test_the_dashboard_recovers_from_a_gap_and_a_reconnect(stack: Stack, page: A
     name = default_storage.save("datasets/e2e/gap.txt", ContentFile(CORPUS.encode()))
     dataset = Dataset.objects.create(owner=alice, name="gap", format="txt", file_name=name, state="ready")
     version = saved_config(alice, "Gap", max_steps=30)
-    sign_in(page, stack, alice)
+    sign_in(page, stack.base_url, alice)
     page.goto(f"{stack.base_url}/jobs/new/?config_version={version.pk}")
     page.select_option("#id_dataset", str(dataset.pk))
     page.click("[data-testid=launch-form] button[type=submit]")

@@ -10,13 +10,12 @@ from typing import Any
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.test import Client
 from pypdf import PdfReader
 
 from builder.datasets.models import Dataset
 from builder.reports.models import Report
 from tests.builder.test_jobs import CORPUS, submit
-from tests.e2e.test_jobs_dashboard import sign_in
+from tests.conftest import sign_in, signed_in
 from tests.services import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -27,10 +26,9 @@ def test_open_the_report_download_the_pdf_and_generate_text(
 ) -> None:
     name = default_storage.save("datasets/e2e/report-corpus.txt", ContentFile(CORPUS.encode()))
     dataset = Dataset.objects.create(owner=alice, name="Routing corpus", format="txt", file_name=name, state="ready")
-    api = Client()
-    api.force_login(alice)
+    api = signed_in(alice)
     job = submit(api, dataset, max_steps=20)
-    sign_in(page, stack, alice)
+    sign_in(page, stack.base_url, alice)
 
     # The dashboard: when the job succeeds its report appears (queued by the worker), and leads to the report.
     page.goto(f"{stack.base_url}/jobs/{job['id']}/")
@@ -109,7 +107,7 @@ def test_evaluate_a_stopped_job_from_its_dashboard(stack: Stack, page: Any, alic
         owner=alice, name="stopped early", spec=tiny_spec(20), data_source="datasets/none.txt", state="cancelled",
         step=10, total_steps=20, last_checkpoint_step=10,
     )  # fmt: skip
-    sign_in(page, stack, alice)
+    sign_in(page, stack.base_url, alice)
     page.goto(f"{stack.base_url}/jobs/{job.pk}/")
     page.wait_for_function("() => document.querySelector('[data-job-dashboard]').dataset.state === 'cancelled'")
     button = page.locator("[data-testid=evaluate]")
