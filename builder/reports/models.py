@@ -2,8 +2,9 @@
 
 A report is durable work (``builder.core.durable``, described by ``builder.reports.work``): a worker claims a queued
 report (a conditional update that yields a fencing token), and every later write is conditional on that token
-still being the report's, so a worker that lost its claim can record nothing. What the worker records is final: the document (the JSON format without its timestamp), the
-figures (SVG) and the storage names of the artifacts; every format is rendered from them.
+still being the report's, so a worker that lost its claim can record nothing. What the worker records is final:
+the document (the JSON format without its timestamp), the figures (SVG) and the storage names of the artifacts;
+every format is rendered from them.
 """
 
 from __future__ import annotations

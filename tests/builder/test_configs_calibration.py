@@ -68,27 +68,37 @@ def test_a_worker_run_calibrates_the_profile_for_everyone(stack: Stack, alice: A
     assert {e["path"] for e in bad.json()["errors"]} == {"steps", "spec.model.top_k"}
     from builder.configs.calibration import run_calibration
 
-    assert "skipped" in run_calibration(done["id"])
+    assert "skipped" in run_calibration(done["id"], "duplicate@host:1")
     assert HardwareCalibration.objects.get(pk=done["id"]).factor == pytest.approx(factor)
 
 
-@pytest.mark.django_db
-def test_a_calibration_whose_worker_died_is_failed_with_the_reason(alice: Any, settings: Any) -> None:
+def test_a_calibration_whose_worker_died_is_run_again_then_failed_after_its_attempts(
+    stack: Stack, alice: Any, settings: Any
+) -> None:
+    """The reaper hands a silent worker's calibration back to the queue (the real worker then runs it), and fails
+    one that used its attempts with the reason; a live one and a queued one are left alone."""
     from datetime import timedelta
 
     from django.utils import timezone
 
-    from builder.configs.calibration import fail_stale_calibrations
+    from builder.configs.work import CALIBRATIONS
 
     settings.CALIBRATION_TIMEOUT_SECONDS = 60
     now = timezone.now()
-    running = dict(requested_by=alice, spec=TINY, state="running")
-    stale = HardwareCalibration.objects.create(**running, started_at=now - timedelta(seconds=61))
-    fresh = HardwareCalibration.objects.create(**running, started_at=now - timedelta(seconds=30))
+    running = dict(requested_by=alice, spec=TINY, steps=3, state="running", lease_owner="dead@host:1", lease_token=1)
+    orphan = HardwareCalibration.objects.create(**running, attempts=1, heartbeat_at=now - timedelta(seconds=61))
+    spent = HardwareCalibration.objects.create(**running, attempts=3, heartbeat_at=now - timedelta(seconds=61))
+    live = HardwareCalibration.objects.create(**running, attempts=1, heartbeat_at=now - timedelta(seconds=30))
     queued = HardwareCalibration.objects.create(requested_by=alice, spec=TINY)
-    assert fail_stale_calibrations() == [stale.pk]
-    stale.refresh_from_db()
-    assert stale.state == "failed" and "worker stopped" in stale.error and stale.finished_at is not None
-    assert HardwareCalibration.objects.get(pk=fresh.pk).state == "running"
+    assert CALIBRATIONS.reap() == [orphan.pk, spent.pk]
+    spent.refresh_from_db()
+    assert spent.state == "failed" and spent.finished_at is not None
+    assert spent.error.startswith("gave up after 3 attempts: its worker dead@host:1 stopped")
+    assert HardwareCalibration.objects.get(pk=live.pk).state == "running"
     assert HardwareCalibration.objects.get(pk=queued.pk).state == "queued"
-    assert fail_stale_calibrations() == []  # failed once; a later sweep leaves it alone
+    # The orphan was sent again: the real worker claims it (a second attempt, by another worker) and measures.
+    done = wait_done(signed_in(alice, APIClient), orphan.pk)
+    assert done["state"] == "succeeded", done["error"]
+    again = HardwareCalibration.objects.get(pk=orphan.pk)
+    assert again.attempts == 2 and again.lease_owner != "dead@host:1" and again.lease_token == 2
+    assert CALIBRATIONS.reap() == []  # nothing silent is left; the failed one stays failed

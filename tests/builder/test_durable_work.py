@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,6 @@ def test_dataset_work_lost_with_its_message_or_its_worker_is_done_by_the_real_wo
         return None if dataset.is_busy else dataset
 
     for dataset_id, attempts in ((lost.pk, 1), (orphan.pk, 2)):
-        done: Dataset = wait_for(lambda pk=dataset_id: settled(pk), 60, f"dataset {dataset_id}", interval=0.2)
+        done: Dataset = wait_for(partial(settled, dataset_id), 60, f"dataset {dataset_id}", interval=0.2)
         assert done.state == DatasetState.READY, done.error_message
         assert done.stats["examples"] == 2 and done.attempts == attempts and done.lease_owner != "dead@host:1"

@@ -183,9 +183,9 @@ def test_a_job_runs_end_to_end_and_the_socket_gets_every_point(
 
 
 def _last_logged_step(job_id: int) -> int:
-    from builder.jobs.runner import job_dir
+    from builder.jobs.files import job_layout
 
-    path = job_dir(job_id) / "metrics.jsonl"
+    path = job_layout(job_id).run.metrics
     steps = [0]
     for line in path.read_text().splitlines():
         try:
@@ -241,7 +241,7 @@ def test_a_killed_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
         services.append(first)
         wait_worker_ready(first, url)
         services.append(start_beat(env, tmp_path))
-        from workers.tasks import train_job
+        from workers.tasks.jobs import train
 
         client.force_login(alice)
         # Submitted through this stack's broker: create the row, then send the task to this Redis.
@@ -249,7 +249,7 @@ def test_a_killed_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
             owner=alice, name="crash", spec=tiny_spec(200), data_source=corpus, queue="gpu", total_steps=200
         )
         # celery-types does not list apply_async's ``connection`` option (Celery accepts it).
-        train_job.apply_async(args=(job.pk,), queue="gpu", connection=_connection(url))  # type: ignore[call-arg]
+        train.apply_async(args=(job.pk,), queue="gpu", connection=_connection(url))  # type: ignore[call-arg]
         wait_for(
             lambda: (Job.objects.get(pk=job.pk).last_checkpoint_step or 0) >= 20 and _last_logged_step(job.pk) >= 25,
             120,
@@ -288,12 +288,12 @@ def test_a_stopping_worker_preempts_its_job_and_the_next_worker_continues_it(
         first = start_worker(env, tmp_path, "stopping")
         services.append(first)
         wait_worker_ready(first, url)
-        from workers.tasks import train_job
+        from workers.tasks.jobs import train
 
         job = Job.objects.create(
             owner=alice, name="preempt", spec=tiny_spec(150), data_source=corpus, queue="gpu", total_steps=150
         )
-        train_job.apply_async(args=(job.pk,), queue="gpu", connection=_connection(url))  # type: ignore[call-arg]
+        train.apply_async(args=(job.pk,), queue="gpu", connection=_connection(url))  # type: ignore[call-arg]
         wait_for(lambda: _last_logged_step(job.pk) >= 15, 120, "some steps")
         assert first.proc is not None
         os.kill(first.proc.pid, signal.SIGTERM)  # the main process alone, not its process group

@@ -358,19 +358,20 @@ def test_history_leaves_out_points_newer_than_its_sequence_number(alice: Any) ->
 
 
 def test_a_new_job_never_finds_the_folder_of_a_deleted_one_with_the_same_id(alice: Any, settings: Any) -> None:
-    from builder.jobs.runner import claim_folder, job_dir
+    from builder.jobs.files import claim_folder, job_layout
 
     job = make_job(alice)
-    folder = claim_folder(job)
-    (folder / "run" / "checkpoints" / "step-000020").mkdir(parents=True)
-    assert claim_folder(job) == folder and (folder / "run" / "checkpoints" / "step-000020").exists()  # its own
+    layout = claim_folder(job)
+    folder = layout.root
+    layout.run.checkpoint(20).mkdir(parents=True)
+    assert claim_folder(job) == layout and (folder / "run" / "checkpoints" / "step-000020").exists()  # its own
     job_id = job.pk
     job.delete()
     # SQLite hands the id of the deleted last row to the next one: its folder must start empty.
     reused = Job.objects.create(
         pk=job_id, owner=alice, name="j2", spec=SPEC, data_source="datasets/x/d.txt", queue="gpu"
     )
-    assert claim_folder(reused) == job_dir(job_id)
+    assert claim_folder(reused) == job_layout(job_id)
     assert not (folder / "run").exists()
     # A folder with no owner file (written by an older version, or by hand) is not trusted either.
     (folder / "owner.json").unlink()

@@ -23,18 +23,21 @@ from django.test import Client
 from django.utils import timezone
 from pypdf import PdfReader
 
+from builder.core.durable import WorkState
 from builder.core.errors import Refusal
 from builder.jobs.models import Job, JobEvent, MetricPoint
 from builder.reports import figures as draw
 from builder.reports import playground, render, runner
 from builder.reports.document import clean, iso
-from builder.reports.models import Report, ReportState
+from builder.reports.models import Report
 from builder.reports.schema import REPORT_SCHEMA
 from builder.reports.services import request_report
+from builder.reports.work import REPORTS
 from tests.builder.test_jobs import CORPUS, tiny_spec
 from tests.conftest import signed_in
 from workers.engine.evaluate import evaluate
 from workers.engine.export import VARIANTS, deployment_advice
+from workers.engine.layout import RunLayout
 from workers.engine.sinks import MemorySink
 from workers.engine.spec import load_spec
 from workers.engine.train import train
@@ -152,7 +155,7 @@ def finished_report(job: Job, run: dict[str, Any]) -> Report:
         exported=exported,
         timings={"evaluate_s": 0.5, "export_s": 11.0, "latency_s": 3.0},
     )
-    Report.objects.filter(pk=report.pk).update(state=ReportState.SUCCEEDED, finished_at=timezone.now(), **fields)
+    Report.objects.filter(pk=report.pk).update(state=WorkState.SUCCEEDED, finished_at=timezone.now(), **fields)
     report.refresh_from_db()
     return report
 
@@ -300,7 +303,7 @@ def test_requests_are_idempotent_and_refusals_name_the_reason(alice: Any, bob: A
     # A failed report is queued again by the next request; one that is running is left alone.
     Report.objects.filter(pk=first.report.pk).update(state="failed", error="boom")
     assert request_report(job).report.state == "queued"
-    Report.objects.filter(pk=first.report.pk).update(state="running", started_at=timezone.now())
+    Report.objects.filter(pk=first.report.pk).update(state="running", heartbeat_at=timezone.now())
     assert request_report(job).report.state == "running"
     with pytest.raises(Refusal) as refused:
         request_report(job, step=21)
@@ -340,13 +343,18 @@ def test_requests_are_idempotent_and_refusals_name_the_reason(alice: Any, bob: A
 def test_a_claim_fences_every_later_write(alice: Any) -> None:
     job = make_job(alice, tiny_spec(20))
     report = Report.objects.create(job=job, checkpoint_step=20)
-    assert runner.claim(report.pk, "w1") == 1
-    assert runner.claim(report.pk, "w2") is None  # running, with a live worker
+    first = REPORTS.claim(report.pk, "w1")
+    assert first is not None and (first.attempt, first.token) == (1, 1)
+    assert REPORTS.claim(report.pk, "w2") is None  # running, with a live worker
     # The first worker went silent past REPORT_TIMEOUT_SECONDS: another takes over, and the first writes nothing.
-    Report.objects.filter(pk=report.pk).update(started_at=timezone.now() - timedelta(hours=2))
-    assert runner.claim(report.pk, "w2") == 2
-    assert not runner._finish(report.pk, 1, state=ReportState.SUCCEEDED)
-    assert runner._finish(report.pk, 2, state=ReportState.FAILED, error="x")
+    Report.objects.filter(pk=report.pk).update(heartbeat_at=timezone.now() - timedelta(hours=2))
+    assert REPORTS.claim(report.pk, "w2") is None  # silent, but still held until the reaper hands it back
+    assert REPORTS.reap() == [report.pk]
+    second = REPORTS.claim(report.pk, "w2")
+    assert second is not None and (second.attempt, second.token) == (2, 2)
+    assert not REPORTS.heartbeat(first)
+    assert not REPORTS.finish(first, WorkState.SUCCEEDED)
+    assert REPORTS.finish(second, WorkState.FAILED, error="x")
     assert runner.run_report(report.pk, "w3") == {"report": report.pk, "outcome": "not claimable"}
 
 
@@ -464,12 +472,12 @@ def test_playground_defaults_and_off_values() -> None:
 
 def _trained_job(owner: Any, run: dict[str, Any]) -> Job:
     """A job whose folder holds ``run``'s checkpoint, where the runner and the playground look for it."""
-    from builder.jobs.runner import job_dir
+    from builder.jobs.files import job_layout
 
     job = make_job(owner, run["spec"])
-    folder = job_dir(job.pk)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "run").symlink_to(Path(run["checkpoint"]).parent.parent, target_is_directory=True)
+    layout = job_layout(job.pk)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.run.root.symlink_to(RunLayout.of_checkpoint(run["checkpoint"]).root, target_is_directory=True)
     return job
 
 

@@ -206,7 +206,7 @@ def test_a_report_whose_worker_died_is_taken_over_then_failed_after_its_attempts
     from django.utils import timezone
 
     from builder.jobs.models import Job
-    from builder.reports.services import MAX_ATTEMPTS, reap_stale_reports
+    from builder.reports.work import REPORTS
 
     job = Job.objects.create(
         owner=alice,
@@ -218,10 +218,10 @@ def test_a_report_whose_worker_died_is_taken_over_then_failed_after_its_attempts
         last_checkpoint_step=20,
     )
     long_ago = timezone.now() - timedelta(hours=2)  # stale for this process and for the worker (30 min default)
-    running = {"job": job, "state": "running", "worker": "dead@host:1", "started_at": long_ago}
+    running = {"job": job, "state": "running", "lease_owner": "dead@host:1", "lease_token": 1, "heartbeat_at": long_ago}
     orphan = Report.objects.create(checkpoint_step=20, attempts=1, **running)
-    spent = Report.objects.create(checkpoint_step=10, attempts=MAX_ATTEMPTS, **running)
-    assert sorted(reap_stale_reports()) == sorted([orphan.pk, spent.pk])
+    spent = Report.objects.create(checkpoint_step=10, attempts=REPORTS.max_attempts, **running)
+    assert sorted(REPORTS.reap()) == sorted([orphan.pk, spent.pk])
     spent.refresh_from_db()
     assert spent.state == "failed" and "stopped answering" in spent.error and spent.finished_at is not None
     # The orphan was sent again: the real worker takes it over (a second attempt, by another worker) and ends it
@@ -229,5 +229,5 @@ def test_a_report_whose_worker_died_is_taken_over_then_failed_after_its_attempts
     taken: Report = wait_for(
         lambda: (r := Report.objects.get(pk=orphan.pk)).state in ("succeeded", "failed") and r, 120, "the takeover"
     )
-    assert taken.attempts == 2 and taken.worker != "dead@host:1"
-    assert reap_stale_reports() == []
+    assert taken.attempts == 2 and taken.lease_owner != "dead@host:1" and taken.lease_token == 2
+    assert REPORTS.reap() == []
