@@ -269,7 +269,18 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+# Every JSON input (API bodies, form fields holding JSON, websocket messages) is refused past these limits before
+# it is parsed (builder.core.parsers): Python's json recurses per nesting level and fails with RecursionError near
+# 5,000 levels; a spec nests 4 deep.
+JSON_MAX_DEPTH = env_int("JSON_MAX_DEPTH", 64, minimum=2, maximum=500)
+JSON_MAX_BYTES = env_int("JSON_MAX_BYTES", 1024**2, minimum=1024, maximum=64 * 1024**2)
+
 REST_FRAMEWORK = {
+    "DEFAULT_PARSER_CLASSES": [
+        "builder.core.parsers.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # Token first: its WWW-Authenticate header makes unauthenticated API calls 401 rather than 403.
         "rest_framework.authentication.TokenAuthentication",

@@ -9,11 +9,12 @@ from rest_framework import serializers
 from builder.configs.models import Config, ConfigVersion, HardwareCalibration, VersionSource
 from builder.configs.services import parse_spec
 from builder.core.errors import Refusal
+from builder.core.parsers import BoundedJSONField
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import Spec
 
 
-class SpecField(serializers.JSONField):
+class SpecField(BoundedJSONField):
     """A spec as JSON, validated into a ``Spec``. Errors are keyed by the field path inside the spec, so the
     API reports ``spec.model.moe.top_k``."""
 
@@ -107,7 +108,7 @@ class DiffSerializer(serializers.Serializer[dict[str, Any]]):
 
 
 class SpecRequestSerializer(serializers.Serializer[dict[str, Any]]):
-    spec = serializers.JSONField(help_text="The spec to check (any JSON: errors are reported, not raised).")
+    spec = BoundedJSONField(help_text="The spec to check (any JSON: errors are reported, not raised).")
     hardware = serializers.ChoiceField(choices=list(PROFILES), required=False, help_text="Profile for advice.")
     num_gpus = serializers.IntegerField(min_value=1, max_value=64, default=1)
 

@@ -33,6 +33,7 @@ from builder.configs.services import (
 from builder.configs.specdiff import align, diff_specs, flatten
 from builder.configs.wizard import DATA_SIZES, propose
 from builder.core.errors import Refusal
+from builder.core.parsers import load_json
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import json_schema
 
@@ -309,10 +310,7 @@ def estimate_panel(request: HttpRequest) -> HttpResponse:
     """The estimate panel (HTML) for a JSON spec posted as ``spec`` with ``hw`` and ``gpus``."""
     hw, gpus, errors = _hardware_choice(request)
     try:
-        raw = json.loads(request.POST.get("spec", ""))
-        spec = parse_spec(raw)
-    except json.JSONDecodeError as exc:
-        errors.append(f"spec: not JSON ({exc.msg} at line {exc.lineno})")
+        spec = parse_spec(load_json(request.POST.get("spec", ""), "spec"))
     except Refusal as exc:
         errors.extend(f"{e.path or 'spec'}: {e.message}" for e in exc.errors)
     if errors:
@@ -361,9 +359,9 @@ def compare(request: HttpRequest) -> HttpResponse:
         edited = False
         if inline:
             try:
-                candidate = json.loads(inline)
-            except json.JSONDecodeError as exc:
-                errors.append(f"inline_{i}: column {i + 1} is not JSON ({exc.msg} at line {exc.lineno})")
+                candidate = load_json(inline, f"inline_{i}")
+            except Refusal as exc:
+                errors.append(f"{exc.field}: column {i + 1}: {exc.message}")
                 candidate = None
             if candidate is not None and candidate != spec_dict:
                 try:

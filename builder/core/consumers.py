@@ -16,6 +16,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 
 from builder.core.health import check_all
+from builder.core.parsers import JSONInputError, parse_bounded
 
 PUSH_INTERVAL_S = 5.0
 # Close code for an anonymous connection (4000-4999 are for applications; 4401 mirrors HTTP 401).
@@ -40,8 +41,8 @@ class StatusConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
-            message = json.loads(text_data or "")
-        except ValueError:
+            message = parse_bounded(text_data or "")
+        except JSONInputError:  # not JSON, or over the JSON limits (a deeply nested frame)
             await self.send_json({"type": "error", "field": "", "message": "messages must be JSON objects"})
             return
         if not isinstance(message, dict):

@@ -8,7 +8,7 @@ Services never build responses. A refusal becomes:
 - in the API, through ``exception_handler`` (``REST_FRAMEWORK["EXCEPTION_HANDLER"]``), the answer ``status`` with
   ``{field: [message, ...], **extra}``, or ``{"detail": message, **extra}`` when its one problem names no field.
   Views that set ``errors_as_paths = True`` (the configs API) answer ``{"errors": [{"path", "message"}], **extra}``
-  instead, and DRF's own validation errors in the same flat shape;
+  instead, and DRF's own validation and parse errors in the same flat shape;
 - on a websocket, ``error_frame``: ``{"type": "error", "field", "message"}`` (the socket stays open);
 - on a page, whatever the view shows beside its form: ``str(refusal)`` is ``"field: message"`` (``"message"``
   for no field), problems joined by ``"; "``.
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
@@ -131,6 +131,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return Response(exc.as_paths() if as_paths else exc.as_fields(), status=exc.status)
     if as_paths and isinstance(exc, ValidationError):
         set_rollback()
+        return Response({"errors": flatten_errors(exc.detail)}, status=exc.status_code)
+    if as_paths and isinstance(exc, ParseError):
+        # A body that is not JSON (or is too large or too deep: builder.core.parsers) is a problem with the
+        # request as a whole: path "", in the shape these views document for every 400.
         return Response({"errors": flatten_errors(exc.detail)}, status=exc.status_code)
     return drf_exception_handler(exc, context)
 

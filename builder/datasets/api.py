@@ -21,12 +21,13 @@ from django.urls import path
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from builder.core.errors import NON_FIELD, Refusal
+from builder.core.parsers import BoundedJSONParser
 from builder.datasets import services, storage, uploads
 from builder.datasets.models import Dataset
 from builder.datasets.serializers import (
@@ -107,7 +108,7 @@ class DatasetDetailView(APIView):
 
 
 class DatasetCleanView(APIView):
-    parser_classes = [JSONParser]
+    parser_classes = [BoundedJSONParser]
 
     @extend_schema(
         request=OpenApiTypes.OBJECT,
@@ -177,7 +178,7 @@ class QuotaView(APIView):
 
 
 class UploadStartView(APIView):
-    parser_classes = [JSONParser]
+    parser_classes = [BoundedJSONParser]
 
     @extend_schema(
         request=UploadStartSerializer, responses={201: UploadSessionSerializer}, summary="Start a chunked upload"

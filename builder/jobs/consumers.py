@@ -23,6 +23,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from builder.core.errors import Refusal, error_frame
+from builder.core.parsers import JSONInputError, parse_bounded
 from builder.jobs import history, lifecycle
 from builder.jobs.access import visible_jobs
 from builder.jobs.models import Job, JobEvent
@@ -34,10 +35,11 @@ RESYNC_LIMIT = 20000
 
 
 def json_object(text: str | None) -> dict[str, Any] | None:
-    """A websocket text frame as a JSON object, or None when it is not one (bad JSON, a list, a number...)."""
+    """A websocket text frame as a JSON object, or None when it is not one (bad JSON, a list, a number, or over the
+    JSON limits: a deeply nested frame would otherwise crash the consumer with RecursionError)."""
     try:
-        message = json.loads(text or "")
-    except ValueError:
+        message = parse_bounded(text or "")
+    except JSONInputError:
         return None
     return message if isinstance(message, dict) else None
 

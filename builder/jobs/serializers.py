@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from rest_framework import serializers
 
 from builder.configs.models import ConfigVersion
+from builder.core.parsers import BoundedJSONField
 from builder.datasets.models import DatasetState
 from builder.datasets.services import visible_datasets
 from builder.jobs import lifecycle
@@ -76,7 +77,7 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
     """
 
     name = serializers.CharField(max_length=200, required=False, help_text="Default: the configuration's name.")
-    spec = serializers.JSONField(
+    spec = BoundedJSONField(
         required=False, help_text="An inline spec (see GET /api/specs/schema); or give config_version."
     )
     config_version = serializers.IntegerField(

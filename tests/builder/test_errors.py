@@ -111,16 +111,19 @@ def test_several_field_errors_keep_their_order_in_both_shapes() -> None:
     )
 
 
-def test_drf_errors_keep_drf_shapes_except_validation_errors_of_path_views() -> None:
+def test_drf_errors_keep_drf_shapes_except_validation_and_parse_errors_of_path_views() -> None:
     nested = ValidationError({"spec": {"model.moe.top_k": ["too big"]}, "non_field_errors": ["whole"]})
     assert answer(Raises, nested) == (400, {"spec": {"model.moe.top_k": ["too big"]}, "non_field_errors": ["whole"]})
     assert answer(RaisesAsPaths, nested) == (
         400,
         {"errors": [{"path": "spec.model.moe.top_k", "message": "too big"}, {"path": "", "message": "whole"}]},
     )
-    for view in (Raises, RaisesAsPaths):
-        status, body = answer(view, Refusal("", "never raised: parsing fails first"), body="{not json")
-        assert status == 400 and set(body) == {"detail"} and "JSON parse error" in body["detail"]
+    status, body = answer(Raises, Refusal("", "never raised: parsing fails first"), body="{not json")
+    assert status == 400 and set(body) == {"detail"} and "JSON parse error" in body["detail"]
+    # A body that does not parse is a problem with the request as a whole: path "" in the flat shape.
+    status, body = answer(RaisesAsPaths, Refusal("", "never raised: parsing fails first"), body="{not json")
+    assert status == 400 and [e["path"] for e in body["errors"]] == [""]
+    assert "JSON parse error" in body["errors"][0]["message"]
     response = SignedInOnly.as_view()(factory.get("/x"))
     assert (response.status_code, response["WWW-Authenticate"]) == (401, "Token")
     assert response.data == {"detail": "Authentication credentials were not provided."}
