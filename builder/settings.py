@@ -248,6 +248,9 @@ if S3_BUCKET:
 # --- Datasets --------------------------------------------------------------------------------------------------
 DATASET_MAX_UPLOAD_BYTES = env_int("DATASET_MAX_UPLOAD_BYTES", 2 * 1024**3, minimum=1)
 DATASET_QUOTA_BYTES = env_int("DATASET_QUOTA_BYTES", 10 * 1024**3, minimum=0)
+# One example (a JSONL line, a CSV record, a TXT paragraph) longer than this is refused by line, both when a dataset is
+# validated and when a job reads it: the readers never hold more of one example than this, whatever the file.
+DATASET_MAX_EXAMPLE_BYTES = env_int("DATASET_MAX_EXAMPLE_BYTES", 1024**2, minimum=1024, maximum=1024**3)
 # Browsers upload in chunks of at most this size, one request each, so that no request body is ever large
 # (daphne queues a whole request body in memory before Django reads it).
 DATASET_UPLOAD_CHUNK_BYTES = env_int("DATASET_UPLOAD_CHUNK_BYTES", 8 * 1024**2, minimum=64 * 1024, maximum=64 * 1024**2)

@@ -2,7 +2,9 @@
 
 Pure Python (no Django): it reads local files through the engine's readers (``workers.engine.data``), so the web
 validates exactly what the trainer will read, and every problem is the readers' ``DataFormatError`` with its line.
-Memory grows with the number of examples (a 4-byte length and an 8-byte hash each), never with the file size.
+Memory grows with the number of examples (a 4-byte length and an 8-byte hash each), never with the file size, and
+never with the length of a line: a source's ``max_example_bytes`` refuses a longer example, by line, after reading
+no more of it than the limit.
 """
 
 from __future__ import annotations
@@ -41,9 +43,16 @@ class Source:
     text_field: str = "text"
     label_field: str = ""  # empty: no labels
     split: str | None = None
+    max_example_bytes: int | None = None  # the web's DATASET_MAX_EXAMPLE_BYTES; None: no limit
 
     def records(self) -> Iterator[Record]:
-        return iter_records(self.path, self.format, self.text_field, self.label_field or NO_LABEL_FIELD)
+        return iter_records(
+            self.path,
+            self.format,
+            self.text_field,
+            self.label_field or NO_LABEL_FIELD,
+            max_example_bytes=self.max_example_bytes,
+        )
 
 
 def scan_file(path: Path) -> tuple[int, str]:

@@ -63,6 +63,7 @@ def local_sources(dataset: Dataset) -> Iterator[list[Source]]:
                 dataset.text_field,
                 dataset.label_field,
                 part if part != "data" else None,
+                settings.DATASET_MAX_EXAMPLE_BYTES,
             )
             for part, name in parts
         ]

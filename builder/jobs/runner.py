@@ -84,7 +84,8 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         data_path = resolve_data(job, layout)
         began = time.perf_counter()
         lifecycle.add_event(job_id, "preparing", {"source": job.data_source}, token=lease.token)
-        prepared = prepare(spec, data_path, run.prepared_data)
+        # The same per-example limit as the dataset's validation: one huge line cannot exhaust the worker either.
+        prepared = prepare(spec, data_path, run.prepared_data, max_example_bytes=settings.DATASET_MAX_EXAMPLE_BYTES)
         splits = prepared.meta.get("splits", {})
         lifecycle.add_event(
             job_id,

@@ -22,7 +22,10 @@ Formats:
   Quoted fields may span lines (the record's line is where it starts). Labels are strings.
 
 All files must be UTF-8 (a leading byte-order mark is accepted). Readers hold one line (one CSV record,
-one TXT paragraph) at a time, so a 2 GB upload is never held whole.
+one TXT paragraph) at a time, so a 2 GB upload is never held whole. With ``max_example_bytes`` (the readers'
+parameter; the web passes its ``DATASET_MAX_EXAMPLE_BYTES``) they also never hold more than that many bytes of one
+example: a longer JSONL line, CSV record or TXT paragraph is refused with the line where it starts, after reading at
+most the limit (plus a line terminator) of it, so memory stays bounded even by a file that is one 2 GB line.
 
 Tokenizers (both are standard ``tokenizer.json`` files loadable with ``tokenizers.Tokenizer.from_file``):
 
@@ -127,22 +130,36 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
     return "jsonl" if head.startswith(b"{") else "txt"
 
 
-def _iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
-    """``(line number, decoded line with its terminator)``, one line in memory at a time.
+def _too_long(limit: int, what: str = "the example on this line") -> str:
+    return f"{what} is longer than {limit} bytes, the limit per example"
+
+
+def _iter_lines(path: str | os.PathLike[str], max_line_bytes: int | None = None) -> Iterator[tuple[int, str, int]]:
+    """``(line number, decoded line with its terminator, its size in bytes)``, one line in memory at a time.
 
     Decoding per line (rather than through a text wrapper) is what lets an invalid byte be reported with
-    its line number.
+    its line number. With ``max_line_bytes`` a longer line (terminator excluded) is a ``DataFormatError``, raised
+    after reading no more of it than the limit and its terminator (``readline`` with a size: iterating a file
+    reads a whole line, however long, into memory).
     """
+    # Room for the limit and a "\r\n" terminator: a line that fills it without ending is over the limit.
+    chunk = -1 if max_line_bytes is None else max_line_bytes + 2
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        for number, raw in enumerate(iter(lambda: f.readline(chunk), b""), start=1):
+            if max_line_bytes is not None and len(raw) - _terminator_length(raw) > max_line_bytes:
+                raise DataFormatError(path, number, _too_long(max_line_bytes))
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # UTF-8 byte-order mark, written by some spreadsheet exports
             try:
-                yield number, raw.decode("utf-8")
+                yield number, raw.decode("utf-8"), len(raw)
             except UnicodeDecodeError as exc:
                 raise DataFormatError(
                     path, number, f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
                 ) from None
+
+
+def _terminator_length(raw: bytes) -> int:
+    return 2 if raw.endswith(b"\r\n") else 1 if raw.endswith((b"\n", b"\r")) else 0
 
 
 def _strip_eol(line: str) -> str:
@@ -175,10 +192,10 @@ def _json_type(value: Any) -> str:
 
 
 def _iter_jsonl(
-    path: str | os.PathLike[str], text_field: str, label_field: str, require_label: bool
+    path: str | os.PathLike[str], text_field: str, label_field: str, require_label: bool, max_bytes: int | None
 ) -> Iterator[Record]:
     kinds = _LabelKinds(path)
-    for number, raw in _iter_lines(path):
+    for number, raw, _ in _iter_lines(path, max_bytes):
         line = raw.strip()
         if not line:
             continue
@@ -188,6 +205,8 @@ def _iter_jsonl(
             if number == 1 and line.startswith("["):
                 raise DataFormatError(path, number, "a JSON array is not JSON Lines: one object per line") from None
             raise DataFormatError(path, number, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:  # json recurses per nesting level: thousands of brackets exhaust the stack
+            raise DataFormatError(path, number, "invalid JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataFormatError(path, number, f"expected a JSON object, found {_json_type(obj)}")
         if text_field not in obj:
@@ -209,15 +228,18 @@ def _iter_jsonl(
         yield Record(text, label, number)
 
 
-def _iter_txt(path: str | os.PathLike[str]) -> Iterator[Record]:
+def _iter_txt(path: str | os.PathLike[str], max_bytes: int | None) -> Iterator[Record]:
     lines: list[str] = []
-    start = 0
-    for number, raw in _iter_lines(path):
+    start = size = 0
+    for number, raw, size_of_line in _iter_lines(path, max_bytes):
         line = _strip_eol(raw)
         if line.strip():
             if not lines:
-                start = number
+                start, size = number, 0
             lines.append(line)
+            size += size_of_line
+            if max_bytes is not None and size > max_bytes:
+                raise DataFormatError(path, start, _too_long(max_bytes, "the document starting on this line"))
         elif lines:
             yield Record("\n".join(lines), None, start)
             lines = []
@@ -225,15 +247,28 @@ def _iter_txt(path: str | os.PathLike[str]) -> Iterator[Record]:
         yield Record("\n".join(lines), None, start)
 
 
-def _iter_csv(path: str | os.PathLike[str], text_field: str, label_field: str, require_label: bool) -> Iterator[Record]:
+def _iter_csv(
+    path: str | os.PathLike[str], text_field: str, label_field: str, require_label: bool, max_bytes: int | None
+) -> Iterator[Record]:
     # A long document is one long field; the default limit (128 KiB) would reject it. The limit is
-    # process-global, and raising it cannot break another reader.
+    # process-global, and raising it cannot break another reader. max_bytes bounds a record instead (below).
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    reader = csv.reader((raw for _, raw in _iter_lines(path)), strict=True)
+    record_bytes = 0  # bytes of the record being read: csv reads a record's lines one by one, never ahead
+
+    def lines() -> Iterator[str]:
+        nonlocal record_bytes
+        for _, raw, size_of_line in _iter_lines(path, max_bytes):
+            record_bytes += size_of_line
+            if max_bytes is not None and record_bytes > max_bytes:
+                raise DataFormatError(path, previous_end + 1, _too_long(max_bytes, "the record starting on this line"))
+            yield raw
+
+    reader = csv.reader(lines(), strict=True)
     header: list[str] | None = None
     text_col = label_col = -1
     previous_end = 0
     while True:
+        record_bytes = 0
         try:
             row = next(reader)
         except StopIteration:
@@ -271,10 +306,13 @@ def iter_records(
     label_field: str = "label",
     *,
     require_label: bool = False,
+    max_example_bytes: int | None = None,
 ) -> Iterator[Record]:
     """Stream the documents of ``path``; raise ``DataFormatError`` at the first problem.
 
     ``fmt`` None: ``detect_format``. ``require_label``: every record must carry a label (classification).
+    ``max_example_bytes``: a JSONL line, CSV record or TXT paragraph longer than this is refused with its line,
+    having read no more of it than the limit (None: no limit, as before).
     A file without any record raises ``DataFormatError(path, None, "empty file ...")`` once the stream ends.
     """
     fmt = fmt or detect_format(path)
@@ -282,13 +320,13 @@ def iter_records(
         raise DataFormatError(path, None, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     records: Iterator[Record]
     if fmt == "jsonl":
-        records = _iter_jsonl(path, text_field, label_field, require_label)
+        records = _iter_jsonl(path, text_field, label_field, require_label, max_example_bytes)
     elif fmt == "csv":
-        records = _iter_csv(path, text_field, label_field, require_label)
+        records = _iter_csv(path, text_field, label_field, require_label, max_example_bytes)
     else:
         if require_label:
             raise DataFormatError(path, None, "TXT files carry no labels: use JSONL or CSV for classification")
-        records = _iter_txt(path)
+        records = _iter_txt(path, max_example_bytes)
     count = 0
     for record in records:
         count += 1
@@ -341,11 +379,15 @@ def summarize(
     label_field: str = "label",
     *,
     require_label: bool = False,
+    max_example_bytes: int | None = None,
 ) -> DatasetSummary:
-    """Read the whole file (validating every record) and count records, characters and labels."""
+    """Read the whole file (validating every record, see ``iter_records``) and count records, characters and labels."""
     fmt = fmt or detect_format(path)
     summary = DatasetSummary(fmt, 0, 0, os.path.getsize(path))
-    for record in iter_records(path, fmt, text_field, label_field, require_label=require_label):
+    records = iter_records(
+        path, fmt, text_field, label_field, require_label=require_label, max_example_bytes=max_example_bytes
+    )
+    for record in records:
         summary.num_records += 1
         summary.num_chars += len(record.text)
         if record.label is not None:
@@ -524,10 +566,14 @@ def validation_mask(num_documents: int, val_fraction: float, seed: int) -> np.nd
     return mask
 
 
-def _split_texts(source: Path, fmt: Format, spec: Spec, is_val: np.ndarray, want_val: bool) -> Iterator[Record]:
+def _split_texts(
+    source: Path, fmt: Format, spec: Spec, is_val: np.ndarray, want_val: bool, max_example_bytes: int | None
+) -> Iterator[Record]:
     classification = spec.model.task == "classification"
     d = spec.data
-    records = iter_records(source, fmt, d.text_field, d.label_field, require_label=classification)
+    records = iter_records(
+        source, fmt, d.text_field, d.label_field, require_label=classification, max_example_bytes=max_example_bytes
+    )
     for index, record in enumerate(records):
         if bool(is_val[index]) == want_val:
             yield record
@@ -579,7 +625,13 @@ def _write_split(
     return {"documents": documents, "tokens": tokens}
 
 
-def prepare(spec: Spec, source_path: str | os.PathLike[str], work_dir: str | os.PathLike[str]) -> PreparedData:
+def prepare(
+    spec: Spec,
+    source_path: str | os.PathLike[str],
+    work_dir: str | os.PathLike[str],
+    *,
+    max_example_bytes: int | None = None,
+) -> PreparedData:
     """Validate, split, train/build the tokenizer and tokenize ``source_path`` into ``work_dir``.
 
     Idempotent: a previous complete preparation of the same file content with the same settings
@@ -587,8 +639,8 @@ def prepare(spec: Spec, source_path: str | os.PathLike[str], work_dir: str | os.
     prepared again from scratch. Concurrent callers on one ``work_dir`` are serialised by a file lock.
 
     The split is by document: ``validation_mask(n, data.val_fraction, training.seed)``. Raises
-    ``DataFormatError`` for a bad file, fewer than 2 documents, or (classification) more distinct labels
-    than ``model.num_labels``.
+    ``DataFormatError`` for a bad file, fewer than 2 documents, an example over ``max_example_bytes`` (see
+    ``iter_records``), or (classification) more distinct labels than ``model.num_labels``.
     """
     source = Path(source_path)
     root = Path(work_dir)
@@ -606,16 +658,25 @@ def prepare(spec: Spec, source_path: str | os.PathLike[str], work_dir: str | os.
         if marker.is_file() and marker.read_text().strip() == fingerprint:
             return PreparedData.load(root)
         marker.unlink(missing_ok=True)  # from here on the directory is incomplete until the marker returns
-        return _prepare_unlocked(spec, source, root, fmt, settings, source_sha, fingerprint)
+        return _prepare_unlocked(spec, source, root, fmt, settings, source_sha, fingerprint, max_example_bytes)
 
 
 def _prepare_unlocked(
-    spec: Spec, source: Path, root: Path, fmt: Format, settings: dict[str, Any], source_sha: str, fingerprint: str
+    spec: Spec,
+    source: Path,
+    root: Path,
+    fmt: Format,
+    settings: dict[str, Any],
+    source_sha: str,
+    fingerprint: str,
+    max_example_bytes: int | None,
 ) -> PreparedData:
     classification = spec.model.task == "classification"
     d = spec.data
     # Pass 1: validate every record before spending time on a tokenizer, and learn the labels.
-    summary = summarize(source, fmt, d.text_field, d.label_field, require_label=classification)
+    summary = summarize(
+        source, fmt, d.text_field, d.label_field, require_label=classification, max_example_bytes=max_example_bytes
+    )
     if summary.num_records < 2:
         raise DataFormatError(
             source, None, "at least 2 documents are needed to hold out validation data (TXT: separate "
@@ -636,7 +697,8 @@ def _prepare_unlocked(
     # Pass 2 (bpe only): train the tokenizer on the training documents, so validation stays unseen.
     if d.tokenizer == "bpe":
         vocab = d.bpe_vocab_size or spec.model.vocab_size
-        tokenizer = train_bpe_tokenizer((r.text for r in _split_texts(source, fmt, spec, is_val, False)), vocab)
+        texts = (r.text for r in _split_texts(source, fmt, spec, is_val, False, max_example_bytes))
+        tokenizer = train_bpe_tokenizer(texts, vocab)
     else:
         tokenizer = build_byte_tokenizer()
     tokenizer.save(str(root / "tokenizer.json"))
@@ -649,7 +711,13 @@ def _prepare_unlocked(
     # Pass 3: tokenize each split into its memory-mappable files.
     splits = {
         split: _write_split(
-            tokenizer, _split_texts(source, fmt, spec, is_val, split == "val"), root, split, dtype, eos_id, label_ids
+            tokenizer,
+            _split_texts(source, fmt, spec, is_val, split == "val", max_example_bytes),
+            root,
+            split,
+            dtype,
+            eos_id,
+            label_ids,
         )
         for split in ("train", "val")
     }
