@@ -13,7 +13,9 @@ when the source has labels, ``label``) into a folder. Steps, in order, for each 
    (fewer than ``min_chars`` characters), ``too_long`` (more than ``max_chars``), ``exact_duplicate`` (the same
    text, after the steps above, as a kept example), ``near_duplicate`` (MinHash estimate of the Jaccard similarity
    of word 3-gram sets with a kept example at or above ``near_duplicate_threshold``; datasketch's LSH finds the
-   candidates, the estimate confirms them).
+   candidates, the estimate confirms them). Words are compared normalised (``comparison_words``: NFKC, case-folded,
+   punctuation and symbols removed, any whitespace a separator), so copies that differ only in punctuation, casing
+   or spacing share every 3-gram; a text with no word left is never a near duplicate.
 5. Split: ``validation_mask(kept, val_fraction, seed)`` from the engine, the same rule the trainer uses to hold
    out data, writes ``train.jsonl`` and ``validation.jsonl``; without a split everything goes to ``train.jsonl``.
 
@@ -49,6 +51,8 @@ MINHASH_SEED = 1  # fixed: the same texts always get the same signatures, so cle
 _UNICODE_SPACES = re.compile(r"[^\S\n\t]")  # any whitespace except newline and tab, e.g. U+00A0, U+2009, U+3000
 _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# Underscore is a word character to \w, but a separator like other punctuation here.
+_NOT_WORD = re.compile(r"[^\w\s]|_")
 
 
 class CleaningOptions(BaseModel):
@@ -105,9 +109,22 @@ def normalize_whitespace(text: str) -> str:
     return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
+def comparison_words(text: str) -> list[str]:
+    """The words of ``text`` as near-duplicate detection compares them: NFKC (fullwidth and ligature forms fold to
+    plain letters), case-folded, every character that is neither a word character nor whitespace (punctuation,
+    symbols) turned into a separator, split on any whitespace.
+
+    Without this, ``"Hello, world."`` and ``"hello world"`` shared no 3-gram: such copies scored below unrelated rows.
+    """
+    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split()
+
+
 def shingles(text: str) -> set[bytes]:
-    """Word 3-grams of ``text`` (case-folded); a text of fewer words is one shingle of all its words."""
-    words = text.casefold().split()
+    """Word 3-grams of ``comparison_words(text)``; a text of fewer words is one shingle of all its words, a text of
+    none has no shingle (nothing to compare: never a near duplicate)."""
+    words = comparison_words(text)
+    if not words:
+        return set()
     if len(words) < SHINGLE_WORDS:
         return {" ".join(words).encode("utf-8")}
     return {" ".join(words[i : i + SHINGLE_WORDS]).encode("utf-8") for i in range(len(words) - SHINGLE_WORDS + 1)}
@@ -124,9 +141,13 @@ class NearDuplicateIndex:
         # Signatures of kept texts, to confirm LSH candidates (affine32 hash values are uint32: 512 bytes a text).
         self._signatures: dict[int, np.ndarray] = {}
 
-    def signature(self, text: str) -> MinHash:
+    def signature(self, text: str) -> MinHash | None:
+        """The MinHash of ``text``'s shingles; None when it has none (an empty set's MinHash equals every other's)."""
+        grams = shingles(text)
+        if not grams:
+            return None
         minhash = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, permutations=self._permutations, scheme=MINHASH_SCHEME)
-        minhash.update_batch(list(shingles(text)))
+        minhash.update_batch(list(grams))
         return minhash
 
     def find(self, minhash: MinHash) -> int | None:
@@ -208,8 +229,8 @@ def clean(
                     drop("exact_duplicate", text, {**where, "duplicate_of": {"line": line, "split": split}})
                     continue
                 key = len(kept_where)
-                if near is not None:
-                    signature = near.signature(text)
+                signature = near.signature(text) if near is not None else None
+                if near is not None and signature is not None:
                     match = near.find(signature)
                     if match is not None:
                         split, line = kept_where[match]
