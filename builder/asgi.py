@@ -1,4 +1,6 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels (signed-in sessions, checked origin)."""
+"""ASGI entry point: HTTP through Django (request bodies refused before they are read when over their address's limit
+or sent by nobody signed in: ``builder.core.body_limits``), websockets through Channels (signed-in sessions,
+checked origin). Served by uvicorn, which hands bodies over in chunks with flow control."""
 
 import os
 
@@ -12,11 +14,12 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from builder.core.body_limits import RequestBodyLimits  # noqa: E402
 from builder.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": RequestBodyLimits(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

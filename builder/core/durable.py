@@ -15,7 +15,10 @@ The database is the record and the broker only delivers:
   the row's, so a worker that was presumed dead (its row reaped and claimed by another) can change nothing.
 - **reap** (beat) hands rows whose worker went silent back to the queue, or fails them with the reason once their
   attempts are spent; **redeliver** sends the task again for every queued row (at worker start: a row queued
-  while the broker was down has no message).
+  while the broker was down has no message), and beat sends it again for a row that has waited in the queue
+  longer than ``REDELIVER_AFTER_SECONDS`` since it was last sent (a message lost with a Redis that restarted).
+  A duplicate costs one claim that finds the row taken; a row waits that long only behind long work, so each
+  queued row is sent at most once per ``REDELIVER_AFTER_SECONDS``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class DurableWork(models.Model):
     lease_owner = models.CharField(max_length=200, blank=True)
     lease_token = models.PositiveBigIntegerField(default=0)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # When the row's task was last sent: beat sends it again when the row is still queued long after.
+    dispatched_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         abstract = True
@@ -123,8 +128,23 @@ class WorkKind(Generic[W]):
     # -- sending ---------------------------------------------------------------------------------------------------
 
     def dispatch(self, row: W) -> None:
-        """Send the row's task once the current transaction commits."""
+        """Send the row's task once the current transaction commits (and note when, for redelivery)."""
+        self.model._default_manager.filter(pk=row.pk).update(dispatched_at=timezone.now())
         enqueue_on_commit(self.task_of(row), row.pk, queue=self.queue_of(row))
+
+    def redeliver_overdue(self, after_seconds: float) -> list[int]:
+        """Send the task again for every row still queued ``after_seconds`` after it was last sent (beat)."""
+        cutoff = timezone.now() - timedelta(seconds=after_seconds)
+        overdue = Q(dispatched_at__lt=cutoff) | Q(dispatched_at__isnull=True)
+        sent = []
+        for row in self.queued_rows().filter(overdue):
+            # Conditional on the time read, so that two beats (or a beat and a worker start) send it once.
+            if self.model._default_manager.filter(pk=row.pk, dispatched_at=row.dispatched_at).update(
+                dispatched_at=timezone.now()
+            ):
+                send(self.task_of(row), row.pk, queue=self.queue_of(row))
+                sent.append(row.pk)
+        return sent
 
     def redeliver_queued(self, queues: Iterable[str] | None = None) -> list[int]:
         """Send the task again for every queued row (on ``queues``, when given), oldest first; returns their ids.
@@ -136,11 +156,12 @@ class WorkKind(Generic[W]):
         for row in self.queued_rows():
             queue = self.queue_of(row)
             if wanted is None or queue in wanted:
+                self.model._default_manager.filter(pk=row.pk).update(dispatched_at=timezone.now())
                 send(self.task_of(row), row.pk, queue=queue)
                 sent.append(row.pk)
         return sent
 
-    def queued_rows(self) -> Iterable[W]:
+    def queued_rows(self) -> models.QuerySet[W]:
         return self.model._default_manager.filter(state=self.queued_state).order_by("pk")
 
     # -- the claimant's writes ------------------------------------------------------------------------------------
@@ -241,9 +262,14 @@ def kinds() -> list[WorkKind[Any]]:
     return list(_registry.values())
 
 
-def reap_all() -> dict[str, list[int]]:
-    """Run every registered kind's reaper (beat's periodic task); returns the ids handled per kind."""
-    return {kind.label: kind.reap() for kind in kinds()}
+def reap_all(redeliver_after: float | None = None) -> dict[str, list[int]]:
+    """Beat's periodic round: every registered kind's reaper, then (with ``redeliver_after``) the redelivery of
+    rows queued that long since they were last sent. Returns the ids handled per kind ("<label>" for the reaped,
+    "<label>.redelivered" for the sent again)."""
+    handled = {kind.label: kind.reap() for kind in kinds()}
+    if redeliver_after is not None:
+        handled.update({f"{kind.label}.redelivered": kind.redeliver_overdue(redeliver_after) for kind in kinds()})
+    return handled
 
 
 def redeliver_all(queues: Iterable[str] | None = None) -> dict[str, list[int]]:

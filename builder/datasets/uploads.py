@@ -1,7 +1,7 @@
 """Uploads: chunked sessions (what the browser uses) and single multipart requests (small files from the API).
 
 A session reserves its declared size from the owner's quota and assembles the file in a staging folder on the web
-host (``DATASET_UPLOAD_DIR``), one chunk per request, so that no request body is ever large: daphne queues a whole
+host (``DATASET_UPLOAD_DIR``), one chunk per request, so that no request body is ever large: a proxy may queue a whole
 request body in memory before Django reads it. Completing a session moves the file into storage (a rename on local
 storage, a streamed multipart upload on S3), creates the dataset and queues its validation.
 """

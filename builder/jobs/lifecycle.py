@@ -21,7 +21,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q, Value
+from django.db.models import F, Q, QuerySet, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -164,7 +164,7 @@ class JobWork(WorkKind[Job]):
             "step": Coalesce(F("last_checkpoint_step"), Value(0)),
         }
 
-    def queued_rows(self) -> Any:
+    def queued_rows(self) -> QuerySet[Job]:
         return Job.objects.filter(state=JobState.QUEUED).order_by("created_at", "id")
 
     def stale_reason(self, row: Job) -> str:

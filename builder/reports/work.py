@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.db.models import QuerySet
 
 from builder.core.durable import WorkKind, WorkState, register
 from builder.reports.models import Report
@@ -31,7 +32,7 @@ class ReportWork(WorkKind[Report]):
     def claim_fields(self, now: Any) -> dict[str, Any]:
         return {"started_at": now, "error": ""}
 
-    def queued_rows(self) -> Any:
+    def queued_rows(self) -> QuerySet[Report]:
         return Report.objects.filter(state=WorkState.QUEUED).select_related("job").order_by("created_at", "id")
 
     def stale_reason(self, row: Report) -> str:

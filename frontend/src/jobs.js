@@ -263,6 +263,12 @@ class Dashboard {
         this.job.state = message.state;
         this.refreshSummary();
         break;
+      case "live":
+        // The server could not reach the message broker: it sends what the database records until it can.
+        this._live(message.paused ? "paused" : "live", message.paused ? "live updates paused" : "live");
+        if (message.paused) this.field("live").title = message.reason;
+        else this.field("live").removeAttribute("title");
+        break;
       case "error":
         console.warn("job socket:", message.field, message.message);
         break;

@@ -9,9 +9,10 @@ import os
 import signal
 from typing import Any
 
-from celery.signals import worker_shutting_down
+from celery.signals import worker_process_init, worker_shutting_down
 
 from builder.core.durable import this_worker
+from builder.core.process import die_with_parent
 from builder.jobs.lifecycle import TRAIN_TASK
 from workers.celery import app
 
@@ -31,12 +32,20 @@ def train(self: Any, job_id: int) -> dict[str, Any]:
     return run_job(job_id, this_worker(self.request.hostname))
 
 
+@worker_process_init.connect
+def stop_with_the_worker(**_: Any) -> None:
+    """A pool process gets SIGTERM when its worker dies, even by SIGKILL: a training run then checkpoints and is
+    recorded preempted and queued again (as at a warm shutdown), so the restarted worker continues it, instead of
+    an orphan training on unsupervised."""
+    die_with_parent(signal.SIGTERM)
+
+
 @worker_shutting_down.connect
 def preempt_training(**_: Any) -> None:
     """On a warm shutdown (SIGTERM or Ctrl-C to the worker), ask every pool process that is training to stop.
 
     Celery waits for running tasks but never signals them, and its pool processes are killed anyway by whoever
-    stops the worker a few seconds later (honcho, systemd, Kubernetes). SIGTERM reaches the engine's handler in
+    stops the worker a few seconds later (supervisord, systemd, Kubernetes). SIGTERM reaches the engine's handler in
     the pool process: it finishes its step, writes a checkpoint and returns "preempted"; the runner records the
     preemption and queues the job again, so the next worker continues from that checkpoint instead of waiting
     for the lease to expire and repeating every step since the last periodic checkpoint.

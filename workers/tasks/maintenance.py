@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from celery.signals import worker_ready
+from django.conf import settings
 
 from builder.core.durable import reap_all, redeliver_all
 from workers.celery import app
@@ -34,8 +35,9 @@ def ping(payload: str = "") -> dict[str, Any]:
 @app.task(name=REAP_TASK)
 def reap() -> dict[str, list[int]]:
     """Queue again (or fail, once out of attempts) the jobs, reports, calibrations and dataset processing whose
-    worker went silent (run by Celery beat)."""
-    return reap_all()
+    worker went silent, and send again what has waited in the queue past ``REDELIVER_AFTER_SECONDS`` since it was
+    last sent (run by Celery beat)."""
+    return reap_all(redeliver_after=settings.REDELIVER_AFTER_SECONDS)
 
 
 @worker_ready.connect

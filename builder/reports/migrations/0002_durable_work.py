@@ -32,5 +32,10 @@ class Migration(migrations.Migration):
             name="lease_token",
             field=models.PositiveBigIntegerField(default=0),
         ),
+        migrations.AddField(
+            model_name="report",
+            name="dispatched_at",
+            field=models.DateTimeField(blank=True, null=True),
+        ),
         migrations.RunPython(heartbeat_from_last_sign_of_life, migrations.RunPython.noop),
     ]
