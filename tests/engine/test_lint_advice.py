@@ -74,6 +74,14 @@ def test_a_sound_spec_gets_no_warning() -> None:
         (spec(data={"seq_len": 512}), "seq_len_above_max", "data.seq_len", {}),
         (spec(training={"precision": "bf16"}), "precision_unsupported", "training.precision", {"hardware": T4}),
         (spec(training={"precision": "fp16"}), "precision_unsupported", "training.precision", {"hardware": CPU}),
+        (spec(model={"moe": {"num_routed_experts": 8, "n_group": 3}}), "groups_divide_experts", MOE + "n_group", {}),
+        (spec(model={"moe": {"n_group": 2, "topk_group": 3}}), "topk_group_above_groups", MOE + "topk_group", {}),
+        (spec(model={"moe": {"num_routed_experts": 16, "top_k": 4, "n_group": 8, "topk_group": 1}}),
+         "too_few_eligible_experts", MOE + "topk_group", {}),
+        (spec(model={"mtp_depth": 1}, training={"mtp_loss_weight": 0}), "mtp_weight_zero", "training.mtp_loss_weight",
+         {}),
+        (spec(training={"optimizer": {"name": "muon", "adjust_lr": "original", "lr": 3e-4}}), "muon_original_lr_low",
+         "training.optimizer.lr", {}),
     ],
 )  # fmt: skip
 def test_each_warning_names_the_field_and_the_fix(raw: dict[str, Any], code: str, path: str, kwargs: Any) -> None:
@@ -100,6 +108,22 @@ def test_information_items() -> None:
     assert advice["vocab_multiple_of_64"].patch == {"model.vocab_size": 50304}
     assert advice["prefer_swiglu"].severity == "info"
     assert advice["no_weight_decay"].severity == "info"
+    # The new DeepSeek-V3 parts have reasons too: one device does not need group-limited routing, several MTP
+    # modules cost more than they give, a latent as wide as full keys and values saves no cache.
+    grouped = codes(spec(model={"moe": {"num_routed_experts": 16, "top_k": 2, "n_group": 4, "topk_group": 2}}))
+    assert grouped["groups_on_one_device"].patch == {"model.moe.n_group": 1, "model.moe.topk_group": 1}
+    assert "groups_on_one_device" not in codes(spec(model={"moe": {"n_group": 4, "topk_group": 2}}), num_gpus=4)
+    assert codes(spec(model={"mtp_depth": 2}))["mtp_deep"].patch == {"model.mtp_depth": 1}
+    wide = codes(spec(model={"attention": "mla", "mla": {"kv_lora_rank": 512}}))["mla_cache_not_smaller"]
+    assert wide.patch == {"model.mla.kv_lora_rank": 128}
+    assert "mla_cache_not_smaller" not in codes(spec(model={"attention": "mla"}))
+    assert codes(spec(model={"attention": "gqa", "num_kv_heads": 4}))["gqa_is_mha"].severity == "info"
+    sgd = codes(spec(training={"optimizer": {"name": "sgd", "lr": 0.5}}))
+    assert sgd["sgd_for_transformer"].patch == {"training.optimizer": {"name": "adamw"}}
+    assert "lr_high_for_size" not in sgd  # the AdamW table says nothing about SGD's rates
+    assert "lr_high_for_size" in codes(spec(training={"optimizer": {"name": "muon", "lr": 0.02}}))
+    muon_betas = codes(spec(training={"optimizer": {"name": "muon", "adamw_betas": [0.9, 0.9999]}}))
+    assert muon_betas["beta2_high"].path == "training.optimizer.adamw_betas"
     classifier = spec(model={"task": "classification", "num_labels": 3})
     assert "classification_smoothing" in codes(classifier)
     assert "fp32_on_gpu" in codes(spec(), hardware=get_profile("a100-80gb"))
@@ -140,6 +164,15 @@ def test_the_registry_holds_every_rule_once_and_each_advice_code_belongs_to_one_
         spec(training={"schedule": {"warmup_steps": 0, "kind": "constant"}, "grad_clip": None}),
         spec(training={"precision": "fp16", "eval_interval": 5000, "checkpoint_interval": 5000}),
         AUX_HIGH,
+        spec(
+            model={"attention": "mla", "mla": {"kv_lora_rank": 1024}, "mtp_depth": 3},
+            training={"optimizer": {"name": "muon", "adjust_lr": "original", "weight_decay": 0}},
+        ),
+        spec(
+            model={"moe": {"num_routed_experts": 8, "n_group": 4, "topk_group": 2}},
+            training={"optimizer": {"name": "sgd"}},
+        ),
+        spec(model={"attention": "gqa", "num_kv_heads": 4, "mtp_depth": 1}, training={"mtp_loss_weight": 0}),
     ]
     seen: set[str] = set()
     for raw in raws:

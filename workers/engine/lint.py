@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from workers.engine.estimate import parameter_breakdown
 from workers.engine.hardware import HardwareProfile
-from workers.engine.spec import DataSpec, ModelSpec, Spec, TrainingSpec, migrate
+from workers.engine.spec import AdamWSpec, DataSpec, ModelSpec, MuonSpec, SGDSpec, Spec, TrainingSpec, migrate
 
 Severity = Literal["warning", "info"]
 
@@ -247,6 +247,69 @@ def rule_kv_heads_divide_heads(ctx: LintContext) -> Iterator[Advice]:
         )
 
 
+@rule("gqa_is_mha")
+def rule_gqa_is_mha(ctx: LintContext) -> Iterator[Advice]:
+    m = ctx.model
+    if m.attention == "gqa" and m.num_kv_heads == m.num_heads:
+        yield Advice(
+            "gqa_is_mha",
+            "info",
+            "model.num_kv_heads",
+            f"Grouped-query attention with {m.num_kv_heads} key/value heads for {m.num_heads} query heads is "
+            "plain multi-head attention: no group shares a key/value head, so the KV cache is not smaller.",
+            f"Use fewer key/value heads (e.g. {max(1, m.num_heads // 4)}: a quarter of the cache), or attention mha.",
+            {"model.num_kv_heads": max(1, m.num_heads // 4)},
+        )
+
+
+@rule("mla_cache_not_smaller")
+def rule_mla_cache_not_smaller(ctx: LintContext) -> Iterator[Advice]:
+    m = ctx.model
+    if m.attention != "mla":
+        return
+    latent = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
+    mha = 2 * m.num_heads * m.head_dim
+    if latent >= mha:
+        suggested = max(1, min(4 * m.mla.qk_rope_head_dim, mha // 2))
+        yield Advice(
+            "mla_cache_not_smaller",
+            "info",
+            "model.mla.kv_lora_rank",
+            f"The latent (kv_lora_rank {m.mla.kv_lora_rank} + rotary key {m.mla.qk_rope_head_dim} = {latent} numbers "
+            f"per token and layer) is no smaller than multi-head attention's keys and values ({mha}): latent "
+            "attention then costs extra projections and saves no cache.",
+            f"Use a kv_lora_rank of about {suggested} (DeepSeek-V2: 4 × the rotary key width, a cache ~1/14 of "
+            "multi-head attention's).",
+            {"model.mla.kv_lora_rank": suggested},
+        )
+
+
+@rule("mtp_weight_zero", "mtp_deep")
+def rule_multi_token_prediction(ctx: LintContext) -> Iterator[Advice]:
+    m, t = ctx.model, ctx.training
+    if m.mtp_depth and t.mtp_loss_weight == 0:
+        yield Advice(
+            "mtp_weight_zero",
+            "warning",
+            "training.mtp_loss_weight",
+            f"{m.mtp_depth} multi-token prediction module(s) with a loss weight of 0: they cost a block and an "
+            "output head per token in every step and teach the model nothing.",
+            "Set mtp_loss_weight to 0.3 (DeepSeek-V3), or mtp_depth to 0.",
+            {"training.mtp_loss_weight": 0.3},
+        )
+    elif m.mtp_depth > 1:
+        yield Advice(
+            "mtp_deep",
+            "info",
+            "model.mtp_depth",
+            f"Multi-token prediction {m.mtp_depth} tokens ahead: each module costs another block and output head "
+            "per token, and the further ahead the prediction the less it helps the next-token loss "
+            "(DeepSeek-V3 predicts one extra token).",
+            "Use mtp_depth 1.",
+            {"model.mtp_depth": 1},
+        )
+
+
 @rule("hidden_multiple_of_64")
 def rule_hidden_multiple_of_64(ctx: LintContext) -> Iterator[Advice]:
     m = ctx.model
@@ -383,6 +446,60 @@ def rule_top_k_all_experts(ctx: LintContext) -> Iterator[Advice]:
         )
 
 
+@rule("groups_divide_experts", "topk_group_above_groups", "too_few_eligible_experts", "groups_on_one_device")
+def rule_group_limited_routing(ctx: LintContext) -> Iterator[Advice]:
+    moe = ctx.model.moe
+    E, G, g, k = moe.num_routed_experts, moe.n_group, moe.topk_group, moe.top_k
+    if G == 1 and g == 1:
+        return
+    if E % G:
+        divisors = [d for d in range(1, E + 1) if E % d == 0]
+        nearest = min(divisors, key=lambda d: (abs(d - G), d))
+        yield Advice(
+            "groups_divide_experts",
+            "warning",
+            "model.moe.n_group",
+            f"{E} routed experts cannot be split into {G} equal groups: group-limited routing compares groups "
+            "of the same size (one per device or node).",
+            f"Use {nearest} groups (a divisor of num_routed_experts).",
+            {"model.moe.n_group": nearest},
+        )
+        return
+    if g > G:
+        yield Advice(
+            "topk_group_above_groups",
+            "warning",
+            "model.moe.topk_group",
+            f"topk_group ({g}) is more than the {G} groups there are.",
+            f"Use at most {G} (DeepSeek-V3: 4 of 8 groups).",
+            {"model.moe.topk_group": max(1, G // 2)},
+        )
+        return
+    eligible = g * (E // G)
+    if eligible < k <= E:
+        needed = math.ceil(k / (E // G))
+        yield Advice(
+            "too_few_eligible_experts",
+            "warning",
+            "model.moe.topk_group",
+            f"Only {eligible} experts are eligible ({g} of {G} groups of {E // G}) but each token needs {k}.",
+            f"Raise topk_group to {needed}.",
+            {"model.moe.topk_group": needed},
+        )
+        return
+    if ctx.num_gpus == 1 and g < G:
+        yield Advice(
+            "groups_on_one_device",
+            "info",
+            "model.moe.n_group",
+            f"Group-limited routing ({g} of {G} groups per token) exists to bound how many devices or nodes a "
+            "token's experts live on, and so the all-to-all traffic (DeepSeek-V3: 8 groups, one per node, 4 per "
+            "token); on one device it only narrows the router's choice.",
+            "Use n_group 1 and topk_group 1 unless the experts will be spread over devices.",
+            {"model.moe.n_group": 1, "model.moe.topk_group": 1},
+        )
+
+
 @rule("capacity_below_one")
 def rule_capacity_below_one(ctx: LintContext) -> Iterator[Advice]:
     moe = ctx.model.moe
@@ -449,8 +566,12 @@ def rule_no_moe_layers(ctx: LintContext) -> Iterator[Advice]:
 
 @rule("lr_high_for_size")
 def rule_lr_high_for_size(ctx: LintContext) -> Iterator[Advice]:
-    b, lr = ctx.breakdown, ctx.training.optimizer.lr
-    if b is not None:
+    o = ctx.training.optimizer
+    b, lr = ctx.breakdown, o.lr
+    # The table is of AdamW rates; Muon's match_rms_adamw scale makes its rate mean the same. Adafactor's is
+    # relative to each parameter's scale and SGD's has no common scale: the table says nothing about them.
+    adamw_scaled = isinstance(o, AdamWSpec) or (isinstance(o, MuonSpec) and o.adjust_lr == "match_rms_adamw")
+    if b is not None and adamw_scaled:
         non_embedding = b["active"] - b["embedding"]
         typical = typical_learning_rate(non_embedding)
         if lr > 2.5 * typical:
@@ -523,28 +644,65 @@ def rule_no_grad_clip(ctx: LintContext) -> Iterator[Advice]:
 
 @rule("no_weight_decay")
 def rule_no_weight_decay(ctx: LintContext) -> Iterator[Advice]:
-    if ctx.training.optimizer.weight_decay == 0:
+    o = ctx.training.optimizer
+    if isinstance(o, AdamWSpec | MuonSpec) and o.weight_decay == 0:
         yield Advice(
             "no_weight_decay",
             "info",
             "training.optimizer.weight_decay",
-            "No weight decay: AdamW's decoupled decay regularises and keeps weights from growing.",
+            f"No weight decay: {'AdamW' if isinstance(o, AdamWSpec) else 'Muon'}'s decoupled decay regularises "
+            "and keeps weights from growing (Moonlight found it necessary for Muon at scale).",
             "Use 0.01-0.1.",
-            {"training.optimizer.weight_decay": 0.01},
+            {"training.optimizer.weight_decay": 0.01 if isinstance(o, AdamWSpec) else 0.1},
         )
 
 
 @rule("beta2_high")
 def rule_beta2_high(ctx: LintContext) -> Iterator[Advice]:
-    betas = ctx.training.optimizer.betas
+    o = ctx.training.optimizer
+    if isinstance(o, AdamWSpec):
+        path, betas = "training.optimizer.betas", o.betas
+    elif isinstance(o, MuonSpec):
+        path, betas = "training.optimizer.adamw_betas", o.adamw_betas
+    else:
+        return
     if betas[1] > 0.999 and ctx.model.num_moe_layers:
         yield Advice(
             "beta2_high",
             "info",
-            "training.optimizer.betas",
+            path,
             f"beta2 = {betas[1]} adapts slowly to the gradient spikes MoE routing causes.",
             "Use 0.95 (LLaMA, DeepSeek).",
-            {"training.optimizer.betas": [betas[0], 0.95]},
+            {path: [betas[0], 0.95]},
+        )
+
+
+@rule("sgd_for_transformer")
+def rule_sgd_for_transformer(ctx: LintContext) -> Iterator[Advice]:
+    if isinstance(ctx.training.optimizer, SGDSpec):
+        yield Advice(
+            "sgd_for_transformer",
+            "info",
+            "training.optimizer.name",
+            "SGD trains transformers markedly worse than adaptive optimizers: the gradients of embeddings, "
+            "attention and routers differ by orders of magnitude, and one learning rate cannot suit them all.",
+            "Use adamw, or muon for the hidden matrices.",
+            {"training.optimizer": {"name": "adamw"}},
+        )
+
+
+@rule("muon_original_lr_low")
+def rule_muon_original_lr_low(ctx: LintContext) -> Iterator[Advice]:
+    o = ctx.training.optimizer
+    if isinstance(o, MuonSpec) and o.adjust_lr == "original" and o.lr < 2e-3:
+        yield Advice(
+            "muon_original_lr_low",
+            "warning",
+            "training.optimizer.lr",
+            f"With the original scale Muon's orthogonalised update has unit spectral norm, and learning rates "
+            f"around 0.02 work (Keller Jordan); {o.lr:g} is an AdamW-sized rate and barely moves the matrices.",
+            "Use lr 0.02, or adjust_lr match_rms_adamw to keep an AdamW-sized rate (Moonlight).",
+            {"training.optimizer.lr": 0.02},
         )
 
 

@@ -16,7 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 SPEC_VERSION = 1
@@ -85,6 +94,29 @@ class MoESpec(_Strict):
         description="Token dropping: an expert takes at most capacity_factor × tokens × top_k / experts "
         "assignments per batch; null means no dropping.",
     )
+    n_group: int = Field(
+        1,
+        ge=1,
+        le=512,
+        description="Group-limited routing (DeepSeek-V3's node-limited routing): the routed experts are split "
+        "into n_group equal groups of consecutive experts and each token chooses only within topk_group of "
+        "them. 1: no groups.",
+    )
+    topk_group: int = Field(
+        1,
+        ge=1,
+        le=512,
+        description="Groups a token may route to: the topk_group groups with the best scores (a group's score "
+        "is the sum of its two best expert scores with sigmoid scoring, its best expert score with softmax). "
+        "Equal to n_group: no limit.",
+    )
+    routed_scaling_factor: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="Multiplies the routed experts' weighted output (not the shared experts'); DeepSeek-V3 uses "
+        "2.5 with 8 of 256 experts, so that normalised sigmoid weights do not shrink the routed part.",
+    )
 
     @property
     def resolved_dense_hidden_size(self) -> int:
@@ -92,6 +124,40 @@ class MoESpec(_Strict):
         if self.dense_hidden_size is not None:
             return self.dense_hidden_size
         return self.expert_hidden_size * (self.top_k + self.num_shared_experts)
+
+
+class MLASpec(_Strict):
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values are up-projected from a small latent per
+    token, which is all the KV cache keeps (with one rotary key shared by every head)."""
+
+    q_lora_rank: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="Rank of the compressed query (down-projection, RMSNorm, per-head up-projection); "
+        "0: queries are projected directly from the residual stream (DeepSeek-V2-Lite).",
+    )
+    kv_lora_rank: int = Field(
+        128,
+        ge=1,
+        le=65536,
+        description="Rank of the key/value latent c_kv (RMS-normalised); with qk_rope_head_dim it is what the "
+        "KV cache stores per token and layer.",
+    )
+    qk_nope_head_dim: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Per-head query/key dimensions without position encoding (keys up-projected from the latent).",
+    )
+    qk_rope_head_dim: int = Field(
+        32,
+        ge=2,
+        le=1024,
+        description="Per-head query/key dimensions with rotary encoding (decoupled RoPE); the rotary key is "
+        "computed once per token from the input and shared by every head. Must be even.",
+    )
+    v_head_dim: int = Field(64, ge=1, le=1024, description="Per-head value dimensions (up-projected from the latent).")
 
 
 class ModelSpec(_Strict):
@@ -113,6 +179,15 @@ class ModelSpec(_Strict):
         le=256,
         description="Key/value heads for grouped-query attention; must divide num_heads. Null: same as num_heads.",
     )
+    attention: Literal["mha", "gqa", "mla"] = Field(
+        "mha",
+        description="Attention: multi-head (a key/value head per query head), grouped-query (num_kv_heads "
+        "key/value heads, each shared by a group of query heads) or multi-head latent attention (DeepSeek-V2/V3: "
+        "keys and values from a compressed latent, see mla).",
+    )
+    mla: MLASpec = Field(
+        default_factory=MLASpec, description="Multi-head latent attention settings (used when attention is mla)."
+    )
     max_seq_len: int = Field(256, ge=8, le=131072, description="Longest sequence the position encoding supports.")
     activation: Literal["swiglu", "gelu", "relu"] = Field(
         "swiglu", description="Feed-forward activation (SwiGLU uses a gated pair of input projections)."
@@ -124,11 +199,36 @@ class ModelSpec(_Strict):
     tie_embeddings: bool = Field(True, description="Share the input embedding and the output projection.")
     rope_theta: float = Field(10000.0, gt=1.0, le=1e8, description="Base of the rotary position encoding.")
     init_std: float = Field(0.02, gt=0.0, le=1.0, description="Standard deviation of the weight initialisation.")
+    mtp_depth: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="Multi-token prediction (DeepSeek-V3): extra sequential modules, module d predicting the "
+        "token d+1 positions after the next one; they share the embedding and output head, are trained with "
+        "training.mtp_loss_weight and are ignored by generation. 0: next-token prediction only.",
+    )
     moe: MoESpec = Field(default_factory=MoESpec, description="Mixture-of-experts feed-forward settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _grouped_query_from_num_kv_heads(cls, data: Any) -> Any:
+        # Specs written before ``attention`` existed asked for grouped-query attention with num_kv_heads alone:
+        # they keep meaning what they meant (an explicit ``attention`` is never overridden).
+        if isinstance(data, dict) and "attention" not in data:
+            kv = data.get("num_kv_heads")
+            if kv is not None and kv != data.get("num_heads", cls.model_fields["num_heads"].default):
+                data = {**data, "attention": "gqa"}
+        return data
 
     @property
     def kv_heads(self) -> int:
+        """Key/value heads of MHA/GQA attention (MLA up-projects one key and value per query head)."""
         return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotary encoding: the head dimension, or MLA's decoupled rotary part."""
+        return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     @property
     def head_dim(self) -> int:
@@ -142,22 +242,132 @@ class ModelSpec(_Strict):
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-class OptimizerSpec(_Strict):
-    """AdamW with decoupled weight decay."""
+_OPTIMIZER_NAME = "Optimizer: adamw (the default when name is left out), adafactor, sgd or muon."
 
-    name: Literal["adamw"] = Field("adamw", description="Optimizer.")
+
+class AdamWSpec(_Strict):
+    """AdamW with decoupled weight decay (fused where torch has it)."""
+
+    name: Literal["adamw"] = Field("adamw", description=_OPTIMIZER_NAME)
     lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas (each in [0, 1)).")
     eps: float = Field(1e-8, gt=0.0, le=1e-2, description="AdamW epsilon.")
     weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="Decoupled weight decay (not on norms/biases).")
 
 
+class AdafactorSpec(_Strict):
+    """Adafactor (``torch.optim.Adafactor``): factored second moments, so its state is a row and a column per
+    matrix instead of a full copy; each update is relative to the parameter's scale."""
+
+    name: Literal["adafactor"] = Field(description=_OPTIMIZER_NAME)
+    lr: float = Field(
+        1e-2,
+        gt=0.0,
+        le=1.0,
+        description="Peak relative step size: an update moves a parameter by about lr × its RMS (at least eps), "
+        "and torch caps the step at 1/sqrt(step).",
+    )
+    beta2_decay: float = Field(
+        -0.8,
+        ge=-1.0,
+        le=0.0,
+        description="Second-moment decay exponent: the running average uses beta2 = 1 - step^beta2_decay.",
+    )
+    eps: float = Field(
+        1e-3,
+        gt=0.0,
+        le=1.0,
+        description="Floor of the parameter scale that multiplies each update (lets zero-initialised parameters move).",
+    )
+    clip_threshold: float = Field(
+        1.0, gt=0.0, le=100.0, description="An update whose RMS exceeds this is scaled down to it."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=1.0, description="Decoupled weight decay on matrices (not on norms, biases or embeddings)."
+    )
+
+
+class SGDSpec(_Strict):
+    """Stochastic gradient descent with (Nesterov) momentum."""
+
+    name: Literal["sgd"] = Field(description=_OPTIMIZER_NAME)
+    lr: float = Field(0.1, gt=0.0, le=10.0, description="Peak learning rate.")
+    momentum: float = Field(0.9, gt=0.0, lt=1.0, description="Momentum factor.")
+    nesterov: bool = Field(True, description="Nesterov momentum (the gradient step looks ahead along the momentum).")
+    weight_decay: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="L2 penalty added to the gradients of matrices (not norms, biases or embeddings).",
+    )
+
+
+class MuonSpec(_Strict):
+    """Muon for the hidden weight matrices (attention, feed-forward and expert projections: their update is
+    orthogonalised by Newton-Schulz iterations) and AdamW for the rest (embeddings, head, norms, router, biases),
+    as Moonlight trains."""
+
+    name: Literal["muon"] = Field(description=_OPTIMIZER_NAME)
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate of the matrices Muon updates.")
+    momentum: float = Field(0.95, ge=0.0, lt=1.0, description="Muon's momentum factor.")
+    nesterov: bool = Field(True, description="Nesterov momentum for Muon's matrices.")
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0, description="Decoupled weight decay of Muon's matrices.")
+    ns_steps: int = Field(5, ge=1, le=20, description="Newton-Schulz iterations that orthogonalise each update.")
+    adjust_lr: Literal["original", "match_rms_adamw"] = Field(
+        "match_rms_adamw",
+        description="Per-matrix learning-rate scale: match_rms_adamw (Moonlight: 0.2 × sqrt(max dimension), so "
+        "AdamW's learning rate and weight decay carry over) or original (Keller Jordan's sqrt(max(1, out/in))).",
+    )
+    adamw_lr: float = Field(
+        3e-4, gt=0.0, le=1.0, description="Peak learning rate of the AdamW part (embeddings, head, norms, router)."
+    )
+    adamw_betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="Betas of the AdamW part (each in [0, 1)).")
+    adamw_weight_decay: float = Field(
+        0.1, ge=0.0, le=1.0, description="Decoupled weight decay of the AdamW part's matrices (not norms, biases)."
+    )
+
+
+OptimizerSpec = AdamWSpec | AdafactorSpec | SGDSpec | MuonSpec
+OPTIMIZER_NAMES = ("adamw", "adafactor", "sgd", "muon")
+
+
+def _optimizer_name(value: Any) -> Any:
+    """The discriminator of ``training.optimizer``: its ``name``, ``adamw`` when left out (older specs)."""
+    if isinstance(value, dict):
+        return value.get("name", "adamw")
+    return getattr(value, "name", None)
+
+
+_Optimizer = Annotated[
+    Annotated[AdamWSpec, Tag("adamw")]
+    | Annotated[AdafactorSpec, Tag("adafactor")]
+    | Annotated[SGDSpec, Tag("sgd")]
+    | Annotated[MuonSpec, Tag("muon")],
+    Discriminator(
+        _optimizer_name,
+        custom_error_type="optimizer_name",
+        custom_error_message="name must be one of 'adamw', 'adafactor', 'sgd', 'muon'",
+    ),
+]
+
+
 class ScheduleSpec(_Strict):
     """Learning rate as a pure function of the step: linear warmup, then decay to a floor."""
 
-    kind: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    kind: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine",
+        description="Learning-rate decay after warmup: cosine or linear to the floor at max_steps, constant, or "
+        "warmup-stable-decay (the peak until the last decay_fraction of the run, then linear to the floor).",
+    )
     warmup_steps: int = Field(100, ge=0, le=10_000_000, description="Linear warmup from 0 to the peak LR.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Floor of the decay, as a fraction of the peak LR.")
+    decay_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="wsd: fraction of max_steps at the end of the run over which the rate decays (never "
+        "before warmup ends).",
+    )
 
 
 class PlateauSpec(_Strict):
@@ -195,7 +405,10 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(8, ge=1, le=65536, description="Micro-batch size (sequences per forward pass).")
     grad_accum_steps: int = Field(1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step.")
     max_steps: int = Field(1000, ge=1, le=100_000_000, description="Optimizer steps to train.")
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer settings.")
+    optimizer: _Optimizer = Field(
+        default_factory=AdamWSpec,
+        description="Optimizer and its settings; name chooses it (adamw when left out).",
+    )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
     grad_clip: float | None = Field(1.0, gt=0.0, le=1000.0, description="Clip the global gradient norm; null: off.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -203,6 +416,13 @@ class TrainingSpec(_Strict):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy.")
+    mtp_loss_weight: float = Field(
+        0.3,
+        ge=0.0,
+        le=10.0,
+        description="Weight of the multi-token prediction loss (the mean over model.mtp_depth modules) added to "
+        "the next-token loss; DeepSeek-V3 uses 0.3, then 0.1. Unused when mtp_depth is 0.",
+    )
     loss: Literal["cross_entropy", "focal"] = Field(
         "cross_entropy", description="Loss; focal is for classification only."
     )
@@ -285,11 +505,57 @@ def cross_field_problems(spec: Spec) -> list[tuple[str, str]]:
         out.append(("model.num_heads", f"head dimension {m.head_dim} must be even for rotary embeddings"))
     if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
         out.append(("model.num_kv_heads", f"num_kv_heads ({m.num_kv_heads}) must divide num_heads ({m.num_heads})"))
+    if m.attention == "mha" and m.num_kv_heads not in (None, m.num_heads):
+        out.append(
+            (
+                "model.num_kv_heads",
+                f"multi-head attention has one key/value head per query head: num_kv_heads must be null or "
+                f"{m.num_heads}; use attention gqa for {m.num_kv_heads} key/value heads",
+            )
+        )
+    if m.attention == "gqa" and m.num_kv_heads is None:
+        out.append(("model.num_kv_heads", "grouped-query attention needs num_kv_heads (a divisor of num_heads)"))
+    if m.attention == "mla" and m.num_kv_heads is not None:
+        out.append(
+            (
+                "model.num_kv_heads",
+                "multi-head latent attention up-projects keys and values per query head: num_kv_heads must be null",
+            )
+        )
+    if m.attention == "mla" and m.mla.qk_rope_head_dim % 2:
+        out.append(
+            (
+                "model.mla.qk_rope_head_dim",
+                f"qk_rope_head_dim ({m.mla.qk_rope_head_dim}) must be even for rotary embeddings",
+            )
+        )
+    if m.mtp_depth > 0 and m.task != "causal_lm":
+        out.append(("model.mtp_depth", "multi-token prediction predicts tokens: use mtp_depth 0 for classification"))
     if m.moe.top_k > m.moe.num_routed_experts:
         out.append(
             (
                 "model.moe.top_k",
                 f"top_k ({m.moe.top_k}) cannot exceed num_routed_experts ({m.moe.num_routed_experts})",
+            )
+        )
+    moe = m.moe
+    if moe.num_routed_experts % moe.n_group:
+        out.append(
+            (
+                "model.moe.n_group",
+                f"n_group ({moe.n_group}) must divide num_routed_experts ({moe.num_routed_experts})",
+            )
+        )
+    elif moe.topk_group > moe.n_group:
+        out.append(("model.moe.topk_group", f"topk_group ({moe.topk_group}) cannot exceed n_group ({moe.n_group})"))
+    elif moe.num_routed_experts >= moe.top_k > moe.topk_group * (moe.num_routed_experts // moe.n_group):
+        # (top_k above the expert count is the top_k rule's problem, not the groups')
+        eligible = moe.topk_group * (moe.num_routed_experts // moe.n_group)
+        out.append(
+            (
+                "model.moe.topk_group",
+                f"top_k ({moe.top_k}) experts cannot come from {moe.topk_group} of {moe.n_group} groups "
+                f"({eligible} eligible experts): raise topk_group",
             )
         )
     if m.moe.first_dense_layers > m.num_layers:
@@ -326,16 +592,29 @@ def cross_field_problems(spec: Spec) -> list[tuple[str, str]]:
     return out
 
 
+def _field_path(loc: tuple[int | str, ...], error_type: str) -> str:
+    """The dotted path a person writes for an error location: pydantic puts the chosen optimizer's tag in the
+    location (``training.optimizer.muon.lr``), which is not a key of the spec; an unknown optimizer is an
+    error of ``training.optimizer.name``."""
+    parts = [str(p) for p in loc]
+    for i in range(2, len(parts)):
+        if parts[i - 2 : i] == ["training", "optimizer"] and parts[i] in OPTIMIZER_NAMES:
+            del parts[i]
+            break
+    if error_type == "optimizer_name":
+        parts.append("name")
+    return ".".join(parts)
+
+
 def spec_errors(exc: ValidationError) -> list[dict[str, str]]:
     """Flatten a ``ValidationError`` into ``[{"path": "model.moe.top_k", "message": ...}]``."""
     out: list[dict[str, str]] = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"])
         ctx = err.get("ctx") or {}
         if err["type"] == "cross_field":
             out.extend({"path": p["path"], "message": p["message"]} for p in ctx["problems"])
         else:
-            out.append({"path": loc, "message": err["msg"]})
+            out.append({"path": _field_path(err["loc"], err["type"]), "message": err["msg"]})
     return out
 
 
