@@ -8,8 +8,16 @@ from typing import Any
 
 import pytest
 
-from workers.engine.estimate import active_parameters, count_parameters, parameter_breakdown
-from workers.engine.model import build_model
+from workers.engine.estimate import (
+    active_parameters,
+    count_parameters,
+    estimate,
+    estimate_memory,
+    kv_cache_bytes_per_token,
+    parameter_breakdown,
+)
+from workers.engine.hardware import get_profile
+from workers.engine.model import MoEFeedForward, build_model
 from workers.engine.spec import Spec
 
 
@@ -41,6 +49,12 @@ SPECS = [
     pytest.param({"num_layers": 5, "hidden_size": 48, "num_heads": 6}, {"first_dense_layers": 2}, id="deeper"),
     pytest.param({"vocab_size": 1000, "hidden_size": 64, "num_heads": 2}, {"expert_hidden_size": 6}, id="odd-width"),
     pytest.param({"num_layers": 1}, {"scoring": "sigmoid", "balancing": "aux_loss"}, id="single-layer"),
+    pytest.param({"attention": "mla"}, {}, id="mla"),
+    pytest.param(
+        {"attention": "mla", "mla": {"q_lora_rank": 24, "v_head_dim": 8}, "norm": "layernorm"}, {}, id="mla-q"
+    ),
+    pytest.param({"mtp_depth": 2, "tie_embeddings": False}, {"n_group": 4, "topk_group": 2}, id="mtp-moe"),
+    pytest.param({"mtp_depth": 1, "attention": "mla"}, {"first_dense_layers": 2}, id="mtp-dense"),
 ]
 
 
@@ -50,7 +64,17 @@ def test_count_parameters_equals_the_built_model(model: dict[str, Any], moe: dic
     built = build_model(spec)
     assert count_parameters(spec) == sum(p.numel() for p in built.parameters())
     breakdown = parameter_breakdown(spec)
-    parts = ["embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router", "norms", "head"]
+    parts = [
+        "embedding",
+        "attention",
+        "dense_ffn",
+        "routed_experts",
+        "shared_experts",
+        "router",
+        "norms",
+        "head",
+        "mtp",
+    ]
     assert sum(breakdown[p] for p in parts) == breakdown["total"]
 
 
@@ -59,7 +83,7 @@ def test_active_parameters_leave_out_only_the_unchosen_experts(model: dict[str, 
     spec = _spec(model, moe)
     built = build_model(spec)
     unchosen = 0
-    for layer in built.moe_layers:
+    for layer in [m for m in built.modules() if isinstance(m, MoEFeedForward)]:  # the MTP modules' too
         per_expert = (layer.w_in.numel() + layer.w_out.numel()) // layer.num_experts
         unchosen += (layer.num_experts - layer.top_k) * per_expert
     assert active_parameters(spec) == count_parameters(spec) - unchosen
@@ -76,6 +100,35 @@ def test_active_parameters_by_hand() -> None:
     assert active_parameters(spec) == embedding + attention + 2 * per_layer_active + norms
     # Matmul parameters (for FLOPs): no embedding lookup or norms, but the tied output projection.
     assert parameter_breakdown(spec)["active_matmul"] == attention + 2 * per_layer_active + 300 * 32
+
+
+def test_mla_parameters_by_hand() -> None:
+    spec = _spec({"attention": "mla", "mla": {"q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                                               "qk_rope_head_dim": 4, "v_head_dim": 6}})  # fmt: skip
+    per_layer = 32 * 24 + 24 * 4 * 12 + 32 * (16 + 4) + 16 * 4 * (8 + 6) + 4 * 6 * 32  # q down/up, kv down/up, out
+    b = parameter_breakdown(spec)
+    assert b["attention"] == 2 * per_layer
+    assert b["norms"] == 5 * 32 + 2 * (24 + 16)  # the latents' RMSNorms are norms, not matmuls
+    assert b["mtp"] == 0
+
+
+def test_the_estimate_reports_the_kv_cache_and_each_optimizer_s_state() -> None:
+    cpu = get_profile("cpu")
+    mha, mla = _spec(), _spec({"attention": "mla"})
+    assert estimate(mha, cpu).kv_cache == {
+        "bytes_per_token": kv_cache_bytes_per_token(mha),
+        "bytes_per_token_16bit": kv_cache_bytes_per_token(mha) // 2,
+        "bytes_per_sequence": kv_cache_bytes_per_token(mha) * 32,
+    }
+    assert estimate(mla, cpu).as_dict()["kv_cache"]["bytes_per_token"] == 2 * (128 + 32) * 4
+    n = count_parameters(mha)
+    memory = {}
+    for name in ("adamw", "adafactor", "sgd", "muon"):
+        raw = mha.model_dump(mode="json")
+        raw["training"]["optimizer"] = {"name": name}
+        memory[name] = estimate_memory(Spec.model_validate(raw), cpu).optimizer
+    assert memory["adamw"] == 8 * n and memory["sgd"] == 4 * n
+    assert memory["adafactor"] < memory["sgd"] < memory["muon"] < memory["adamw"]
 
 
 def test_estimate_does_not_import_torch() -> None:

@@ -32,7 +32,7 @@ from workers.engine.estimate import (
     suggest_memory_fixes,
 )
 from workers.engine.hardware import PROFILES, get_profile, profile_for_device
-from workers.engine.model import build_model
+from workers.engine.model import MoEFeedForward, build_model
 from workers.engine.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,24 @@ SHAPES = {
     "gqa-untied-dense": make({"num_kv_heads": 2, "tie_embeddings": False, "moe": {"first_dense_layers": 1}}),
     "gelu-layernorm-noshared": make({"activation": "gelu", "norm": "layernorm", "moe": {"num_shared_experts": 0}}),
     "sigmoid-many-experts": make({"moe": {"num_routed_experts": 16, "top_k": 4, "scoring": "sigmoid"}}),
-}
+    "mla-mtp": make(
+        {
+            "attention": "mla",
+            "mla": {"q_lora_rank": 24, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                    "v_head_dim": 12},
+            "mtp_depth": 2,
+            "moe": {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5},
+        }
+    ),
+    "mla-dense-mtp": make(
+        {
+            "attention": "mla",
+            "mla": {"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 16},
+            "mtp_depth": 1,
+            "moe": {"first_dense_layers": 2},
+        }
+    ),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -75,8 +92,10 @@ def test_parameters_are_exact(name: str) -> None:
     assert est.parameters["total"] == numel == count_parameters(spec)
     # Active: every parameter except the routed experts a token is not sent to.
     m = spec.model
-    one_expert = sum(p[0].numel() for p in (model.moe_layers[0].w_in, model.moe_layers[0].w_out))
-    assert est.parameters["active"] == numel - m.num_moe_layers * (m.moe.num_routed_experts - m.moe.top_k) * one_expert
+    moe_layers = [module for module in model.modules() if isinstance(module, MoEFeedForward)]  # MTP's included
+    unchosen = sum((m.moe.num_routed_experts - m.moe.top_k) * (layer.w_in[0].numel() + layer.w_out[0].numel())
+                   for layer in moe_layers)  # fmt: skip
+    assert est.parameters["active"] == numel - unchosen
 
 
 def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -90,17 +109,20 @@ def _addmm_flops(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_sh
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # (M, K) @ (K, N) added into (M, N)
 
 
-def _causal_attention_flops(q_shape: Any, k_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _causal_attention_flops(q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, **kwargs: Any) -> int:
     B, H, T, D = q_shape
-    return 2 * 2 * B * H * D * T * (T + 1) // 2  # QK^T and AV over the (T+1)/2 keys a query sees on average
+    # QK^T and AV over the (T+1)/2 keys a query sees on average (MLA's values are narrower than its keys)
+    return 2 * B * H * (D + v_shape[-1]) * T * (T + 1) // 2
 
 
-def _causal_attention_backward_flops(grad_shape: Any, q_shape: Any, *args: Any, **kwargs: Any) -> int:
-    return 2 * _causal_attention_flops(q_shape, q_shape)
+def _causal_attention_backward_flops(
+    grad_shape: Any, q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, **kwargs: Any
+) -> int:
+    return 2 * _causal_attention_flops(q_shape, k_shape, v_shape)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("name", ["default", "gqa-untied-dense", "sigmoid-many-experts"])
+@pytest.mark.parametrize("name", ["default", "gqa-untied-dense", "sigmoid-many-experts", "mla-mtp", "mla-dense-mtp"])
 def test_flops_match_the_operations_the_model_runs(name: str, checkpointing: bool) -> None:
     """Count every matmul the model dispatches (dense, grouped expert matmuls, attention) in forward and
     backward and compare with the estimate per token."""
@@ -176,7 +198,8 @@ def test_saved_activations_match_the_model(name: str) -> None:
     a = activation_bytes_per_token(spec)
     m = spec.model
     dense = m.num_layers - m.num_moe_layers
-    predicted = B * T * (m.num_layers * a.attention + m.num_moe_layers * a.moe + dense * a.dense + a.head)
+    mtp = m.mtp_depth * (a.mtp_outside_block + a.mtp_block)
+    predicted = B * T * (m.num_layers * a.attention + m.num_moe_layers * a.moe + dense * a.dense + a.head + mtp)
     assert measured == pytest.approx(predicted, rel=0.05)
 
 

@@ -263,6 +263,23 @@ def test_int8_keeps_an_untied_output_head_in_fp32_and_generates() -> None:
     assert generate(int8, ids[:, :4], 5, temperature=0.0).shape == (2, 9)
 
 
+def test_an_mla_model_with_mtp_exports_to_onnx_and_int8_and_generates_from_its_compressed_cache(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    mla = {"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6}
+    model = build_model(make_spec(attention="mla", num_kv_heads=None, mla=mla, mtp_depth=1, num_layers=1)).eval()
+    ids = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(5))
+    path = export_onnx(model, tmp_path / "mla.onnx")  # the logits only: no MTP module in the graph
+    assert max_abs_diff(model, path, ids) <= 1e-4
+    int8 = quantize_int8(model)
+    assert type(int8.blocks[0].attn.kv_up) is nn.Linear  # cached decoding reads its weight as a matrix
+    with torch.no_grad():
+        ref, got = model(ids).logits, int8(ids).logits
+    assert float((got - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    assert generate(int8, ids[:, :4], 5, temperature=0.0).shape == (2, 9)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Latency and advice
 # --------------------------------------------------------------------------------------------------------

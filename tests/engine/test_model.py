@@ -13,7 +13,7 @@ from torch import Tensor
 from workers.engine import kernels
 from workers.engine.generation import generate
 from workers.engine.kernels import grouped_matmul, linear_cross_entropy
-from workers.engine.model import MoEFeedForward, MoETransformer, build_model
+from workers.engine.model import Attention, MoEFeedForward, MoETransformer, build_model
 from workers.engine.spec import Spec
 
 
@@ -65,10 +65,19 @@ def reference_moe(layer: MoEFeedForward, x: Tensor, training: bool) -> tuple[Ten
         logits = (x[t] @ layer.router.weight.T) / moe.router_temperature
         scores = logits.softmax(-1) if moe.scoring == "softmax" else logits.sigmoid()
         bias = layer.router.bias if moe.balancing == "aux_free" else torch.zeros(E)
-        chosen = sorted(range(E), key=lambda e: -float((scores[e] + bias[e]).detach()))[:k]
+        selection = [float((scores[e] + bias[e]).detach()) for e in range(E)]
+        eligible = list(range(E))
+        if moe.n_group > 1:  # group-limited: a group scores its best two (sigmoid) or its best (softmax)
+            size = E // moe.n_group
+            members = [sorted(selection[g * size : (g + 1) * size], reverse=True) for g in range(moe.n_group)]
+            group_score = [sum(m[:2]) if moe.scoring == "sigmoid" else m[0] for m in members]
+            best = sorted(range(moe.n_group), key=lambda g: -group_score[g])[: moe.topk_group]
+            eligible = [e for e in range(E) if e // size in best]
+        chosen = sorted(eligible, key=lambda e: -selection[e])[:k]
         weights = torch.stack([scores[e] for e in chosen])
         if moe.scoring == "sigmoid":
             weights = weights / weights.sum()
+        weights = weights * moe.routed_scaling_factor
         for slot, e in enumerate(chosen):
             assignments.append((t * k + slot, t, e, weights[slot]))
     kept_by_expert: dict[int, list[tuple[int, int, int, Tensor]]] = {e: [] for e in range(E)}
@@ -103,6 +112,10 @@ MOE_CASES = [
     pytest.param({"capacity_factor": 0.75, "scoring": "sigmoid", "balancing": "aux_loss"}, id="capacity-sigmoid"),
     pytest.param({"router_temperature": 2.0, "top_k": 3}, id="temperature-top3"),
     pytest.param({"expert_hidden_size": 6}, id="loop-fallback"),  # 24-byte rows: not grouped_mm-aligned
+    pytest.param({"n_group": 4, "topk_group": 2, "scoring": "sigmoid", "routed_scaling_factor": 2.5}, id="groups-v3"),
+    pytest.param({"n_group": 2, "topk_group": 1, "balancing": "aux_loss"}, id="groups-softmax-auxloss"),
+    pytest.param({"n_group": 4, "topk_group": 3, "top_k": 3, "capacity_factor": 0.75}, id="groups-capacity"),
+    pytest.param({"routed_scaling_factor": 1.5, "balancing": "none"}, id="scaled"),
 ]
 
 
@@ -469,6 +482,7 @@ def test_init_std_and_scaled_residual_projections() -> None:
     model = build_model(make_spec({"init_std": 0.05, "num_layers": 8, "hidden_size": 64}))
     assert abs(float(model.embed.weight.detach().std()) - 0.05) < 0.005
     block = model.blocks[0]
+    assert isinstance(block.attn, Attention)
     assert abs(float(block.attn.qkv.weight.detach().std()) - 0.05) < 0.005
     assert abs(float(block.attn.out.weight.detach().std()) - 0.05 / 4) < 0.002  # / sqrt(2 * 8)
 
@@ -519,3 +533,66 @@ def test_generate_sampling_and_eos() -> None:
     first = int(generate(model, prompt[:1], 1, temperature=0.0)[0, -1])
     out = generate(model, prompt, 8, temperature=0.0, eos_id=first)
     assert torch.all(out[0, 4:] == first)  # stays at eos once produced
+
+
+# --------------------------------------------------------------------------------------------------------
+# Group-limited routing (DeepSeek-V3)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _scored_layer(scoring: str, **moe: Any) -> MoEFeedForward:
+    """An MoE layer over 8 experts whose router logits are its input (hidden size 8, identity router)."""
+    spec = make_spec(
+        {"hidden_size": 8, "num_heads": 2},
+        {"num_routed_experts": 8, "scoring": scoring, "balancing": "none", **moe},
+    )
+    layer = build_model(spec).moe_layers[0]
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(8))
+    return layer
+
+
+def test_group_limited_routing_picks_only_experts_of_the_best_groups() -> None:
+    # 4 groups of 2 experts. Expert 0 has the single best score, but its partner is poor: with sigmoid scoring
+    # a group counts its best two, so groups 1 (experts 2, 3) and 2 (experts 4, 5) win and expert 0 is never
+    # chosen although it would be by plain top-k.
+    logits = torch.tensor([[4.0, -4.0, 2.0, 1.9, 1.5, 1.4, -1.0, -1.2]])
+    grouped = _scored_layer("sigmoid", n_group=4, topk_group=2, top_k=2)
+    _, _, chosen, _ = grouped.route(logits)
+    assert set(chosen[0].tolist()) == {2, 3}
+    _, _, chosen, _ = _scored_layer("sigmoid", n_group=4, topk_group=2, top_k=3).route(logits)
+    assert set(chosen[0].tolist()) == {2, 3, 4}  # the third comes from the second-best group, not group 0
+    plain = _scored_layer("sigmoid", top_k=2)
+    _, _, chosen, _ = plain.route(logits)
+    assert set(chosen[0].tolist()) == {0, 2}
+
+    # With softmax a group counts its best expert only: group 0 (expert 0) and group 1 win.
+    _, _, chosen, _ = _scored_layer("softmax", n_group=4, topk_group=2, top_k=2).route(logits)
+    assert set(chosen[0].tolist()) == {0, 2}
+    _, _, chosen, _ = _scored_layer("softmax", n_group=4, topk_group=1, top_k=2).route(logits)
+    assert set(chosen[0].tolist()) == {0, 1}  # one group: both of its experts, the poor one included
+
+
+def test_the_aux_free_bias_also_steers_which_groups_are_eligible() -> None:
+    logits = torch.tensor([[4.0, -4.0, 2.0, 1.9, 1.5, 1.4, -1.0, -1.2]])
+    layer = _scored_layer("sigmoid", n_group=4, topk_group=2, top_k=2)
+    layer.moe = layer.moe.model_copy(update={"balancing": "aux_free"})
+    with torch.no_grad():
+        layer.router.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0]))  # lift group 3
+    _, scores, chosen, weights = layer.route(logits)
+    assert set(chosen[0].tolist()) <= {2, 3, 6, 7} and set(chosen[0].tolist()) & {6, 7}
+    # The weights stay the unbiased scores (normalised): the bias chooses, it does not weigh.
+    torch.testing.assert_close(weights[0], scores[0, chosen[0]] / scores[0, chosen[0]].sum())
+
+
+def test_routed_scaling_factor_scales_the_routed_output_only() -> None:
+    spec = make_spec(moe={"scoring": "sigmoid", "num_shared_experts": 1})
+    layer = moe_layer(spec).eval()
+    scaled = moe_layer(make_spec(moe={"scoring": "sigmoid", "num_shared_experts": 1, "routed_scaling_factor": 2.5}))
+    scaled.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 5, 32)
+    assert layer.shared is not None
+    shared = layer.shared(x)
+    out, _ = layer(x)
+    out_scaled, _ = scaled.eval()(x)
+    torch.testing.assert_close(out_scaled - shared, 2.5 * (out - shared), atol=1e-5, rtol=1e-5)

@@ -13,71 +13,174 @@ from typing import Any, Literal
 from workers.engine.hardware import PRECISIONS, HardwareProfile
 from workers.engine.spec import ModelSpec, Spec
 
+Role = Literal["hidden_matrices", "expert_stacks", "other_matrices", "embeddings", "vectors"]
+
+
+@dataclass(frozen=True)
+class ParameterShape:
+    """``count`` parameters of ``shape`` in ``component`` (a key of ``parameter_breakdown``), with their ``role``
+    for the optimizers (``workers.engine.optimizers.split_parameters``: which of them Muon orthogonalises, which
+    Adafactor factors)."""
+
+    component: str
+    role: Role
+    shape: tuple[int, ...]
+    count: int = 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) * self.count
+
+
+def _ffn_in_width(activation: str, hidden: int) -> int:
+    """SwiGLU's input projection is twice as wide (gate and up)."""
+    return 2 * hidden if activation == "swiglu" else hidden
+
 
 def _ffn_params(d_model: int, hidden: int, activation: str) -> int:
-    """A feed-forward without biases; SwiGLU's input projection is twice as wide (gate and up)."""
-    in_width = 2 * hidden if activation == "swiglu" else hidden
-    return d_model * in_width + hidden * d_model
+    """A feed-forward without biases."""
+    return d_model * _ffn_in_width(activation, hidden) + hidden * d_model
 
 
 def _norm_params(m: ModelSpec) -> int:
     return m.hidden_size if m.norm == "rmsnorm" else 2 * m.hidden_size  # LayerNorm has a bias
 
 
+def _norm_shapes(m: ModelSpec, component: str, count: int) -> list[ParameterShape]:
+    n = count * (1 if m.norm == "rmsnorm" else 2)  # LayerNorm has a bias
+    return [ParameterShape(component, "vectors", (m.hidden_size,), n)] if n else []
+
+
+def _attention_shapes(m: ModelSpec, component: str, norms: str) -> list[ParameterShape]:
+    """One block's attention: its projections in ``component``, MLA's latent norms in ``norms``."""
+    C, H = m.hidden_size, m.num_heads
+
+    def matrix(out: int, inp: int) -> ParameterShape:
+        return ParameterShape(component, "hidden_matrices", (out, inp))
+
+    if m.attention != "mla":
+        KV, D = m.kv_heads, m.head_dim
+        return [matrix((H + 2 * KV) * D, C), matrix(C, H * D)]
+    a = m.mla
+    qk = H * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+    shapes: list[ParameterShape] = []
+    if a.q_lora_rank:
+        shapes += [matrix(a.q_lora_rank, C), ParameterShape(norms, "vectors", (a.q_lora_rank,))]
+    shapes += [
+        matrix(qk, a.q_lora_rank or C),
+        matrix(a.kv_lora_rank + a.qk_rope_head_dim, C),
+        ParameterShape(norms, "vectors", (a.kv_lora_rank,)),
+        matrix(H * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank),
+        matrix(C, H * a.v_head_dim),
+    ]
+    return shapes
+
+
+def _ffn_shapes(m: ModelSpec, component: str, hidden: int) -> list[ParameterShape]:
+    C = m.hidden_size
+    return [
+        ParameterShape(component, "hidden_matrices", (_ffn_in_width(m.activation, hidden), C)),
+        ParameterShape(component, "hidden_matrices", (C, hidden)),
+    ]
+
+
+def _block_shapes(m: ModelSpec, use_moe: bool, mtp: bool = False) -> list[ParameterShape]:
+    """One transformer block (an MTP module's block: every part in ``mtp``)."""
+    moe, C = m.moe, m.hidden_size
+
+    def part(name: str) -> str:
+        return "mtp" if mtp else name
+
+    shapes = _norm_shapes(m, part("norms"), 2) + _attention_shapes(m, part("attention"), part("norms"))
+    if not use_moe:
+        return shapes + _ffn_shapes(m, part("dense_ffn"), moe.resolved_dense_hidden_size)
+    E, H = moe.num_routed_experts, moe.expert_hidden_size
+    shapes += [
+        ParameterShape(part("router"), "other_matrices", (E, C)),
+        ParameterShape(part("routed_experts"), "expert_stacks", (E, C, _ffn_in_width(m.activation, H))),
+        ParameterShape(part("routed_experts"), "expert_stacks", (E, H, C)),
+    ]
+    if moe.num_shared_experts:
+        shapes += _ffn_shapes(m, part("shared_experts"), moe.num_shared_experts * H)
+    return shapes
+
+
+def parameter_shapes(spec: Spec) -> list[ParameterShape]:
+    """Every parameter of ``build_model(spec)`` by shape (a tied matrix once), grouped by component and role."""
+    m = spec.model
+    C = m.hidden_size
+    shapes = [ParameterShape("embedding", "embeddings", (m.vocab_size, C))]
+    for i in range(m.num_layers):
+        shapes += _block_shapes(m, use_moe=i >= m.moe.first_dense_layers)
+    shapes += _norm_shapes(m, "norms", 1)
+    if m.task == "classification":
+        assert m.num_labels is not None  # guaranteed by the spec's cross-field rules
+        shapes += [
+            ParameterShape("head", "other_matrices", (m.num_labels, C)),
+            ParameterShape("head", "vectors", (m.num_labels,)),
+        ]
+    elif not m.tie_embeddings:
+        shapes.append(ParameterShape("head", "other_matrices", (m.vocab_size, C)))
+    for _ in range(m.mtp_depth):
+        shapes += _norm_shapes(m, "mtp", 2)  # the previous hidden state's and the embedding's
+        shapes.append(ParameterShape("mtp", "hidden_matrices", (C, 2 * C)))
+        shapes += _block_shapes(m, use_moe=m.num_moe_layers > 0, mtp=True)
+        shapes += _norm_shapes(m, "mtp", 1)  # before the shared head
+    return shapes
+
+
+COMPONENTS = (
+    "embedding",
+    "attention",
+    "dense_ffn",
+    "routed_experts",
+    "shared_experts",
+    "router",
+    "norms",
+    "head",
+    "mtp",
+)
+
+
 def parameter_breakdown(spec: Spec) -> dict[str, int]:
     """Parameters by component, plus the totals that matter for cost.
 
     Keys: ``embedding``, ``attention``, ``dense_ffn``, ``routed_experts``, ``shared_experts``, ``router``,
-    ``norms``, ``head`` (components, summed over layers; ``head`` is 0 when tied to the embedding) and:
+    ``norms``, ``head`` (components of the main model, summed over layers; ``head`` is 0 when tied to the
+    embedding; MLA's latent norms are in ``norms``), ``mtp`` (every parameter of the multi-token prediction
+    modules, which only training runs) and:
 
     - ``total``: every distinct parameter (a tied matrix once) = ``sum(p.numel() for p in parameters())``;
-    - ``active``: parameters one token uses: everything except the routed experts it is not sent to
-      (``num_routed_experts - top_k`` per MoE layer); embeddings counted once, as in ``total``;
-    - ``active_matmul``: the active parameters that take part in a matrix multiply per token, the basis of
-      FLOP estimates: ``active`` minus the input embedding (a lookup) and the norms (elementwise), plus the
-      output projection when it is tied (the shared matrix is then used twice: looked up and multiplied).
+    - ``active``: parameters one trained token uses: everything except the routed experts it is not sent to
+      (``num_routed_experts - top_k`` per MoE layer, the MTP modules' included); embeddings counted once;
+    - ``active_matmul``: the main model's active parameters that take part in a matrix multiply per token,
+      the basis of FLOP estimates: ``active`` minus the input embedding (a lookup), the norms (elementwise) and
+      the MTP modules, plus the output projection when it is tied (the shared matrix is then used twice:
+      looked up and multiplied).
     """
     m = spec.model
     moe = m.moe
-    C, H, KV, D = m.hidden_size, m.num_heads, m.kv_heads, m.head_dim
-    dense_layers = min(moe.first_dense_layers, m.num_layers)
-    moe_layers = m.num_moe_layers
-
-    embedding = m.vocab_size * C
-    attention = m.num_layers * (C * (H + 2 * KV) * D + H * D * C)
-    dense_ffn = dense_layers * _ffn_params(C, moe.resolved_dense_hidden_size, m.activation)
-    one_expert = _ffn_params(C, moe.expert_hidden_size, m.activation)
-    routed_experts = moe_layers * moe.num_routed_experts * one_expert
-    shared_experts = 0
-    if moe.num_shared_experts > 0:
-        shared_experts = moe_layers * _ffn_params(C, moe.num_shared_experts * moe.expert_hidden_size, m.activation)
-    router = moe_layers * moe.num_routed_experts * C
-    norms = (2 * m.num_layers + 1) * _norm_params(m)
+    out = dict.fromkeys(COMPONENTS, 0)
+    for shape in parameter_shapes(spec):
+        out[shape.component] += shape.numel
+    total = sum(out.values())
+    one_expert = _ffn_params(m.hidden_size, moe.expert_hidden_size, m.activation)
+    main_inactive = m.num_moe_layers * (moe.num_routed_experts - moe.top_k) * one_expert
+    mtp_inactive = (m.mtp_depth if m.num_moe_layers else 0) * (moe.num_routed_experts - moe.top_k) * one_expert
     if m.task == "classification":
-        assert m.num_labels is not None  # guaranteed by the spec's cross-field rules
-        head = C * m.num_labels + m.num_labels
-        head_matmul = C * m.num_labels
+        assert m.num_labels is not None
+        head_matmul = m.hidden_size * m.num_labels
     else:
-        head = 0 if m.tie_embeddings else m.vocab_size * C
-        head_matmul = m.vocab_size * C
-
-    total = embedding + attention + dense_ffn + routed_experts + shared_experts + router + norms + head
-    inactive = moe_layers * (moe.num_routed_experts - moe.top_k) * one_expert
-    active = total - inactive
-    active_matmul = attention + dense_ffn + (routed_experts - inactive) + shared_experts + router + head_matmul
-    return {
-        "embedding": embedding,
-        "attention": attention,
-        "dense_ffn": dense_ffn,
-        "routed_experts": routed_experts,
-        "shared_experts": shared_experts,
-        "router": router,
-        "norms": norms,
-        "head": head,
-        "total": total,
-        "active": active,
-        "active_matmul": active_matmul,
-    }
+        head_matmul = m.vocab_size * m.hidden_size
+    active_matmul = (
+        out["attention"]
+        + out["dense_ffn"]
+        + (out["routed_experts"] - main_inactive)
+        + out["shared_experts"]
+        + out["router"]
+        + head_matmul
+    )
+    return {**out, "total": total, "active": total - main_inactive - mtp_inactive, "active_matmul": active_matmul}
 
 
 def count_parameters(spec: Spec) -> int:
@@ -100,7 +203,8 @@ def active_parameters(spec: Spec) -> int:
 #
 # The memory model mirrors what ``workers.engine.model`` saves for backward (a test walks the autograd graph of
 # built models and compares) under the training loop's contract (``workers.engine.train``): parameters, gradients
-# and AdamW state in fp32; autocast for bf16/fp16, whose low-precision weight copies are cached through the
+# and optimizer state in fp32 (how much state depends on the optimizer: ``optimizer_state_elements``); autocast
+# for bf16/fp16, whose low-precision weight copies are cached through the
 # forward and saved for backward (with checkpointing, re-made one block at a time). The peak is weights +
 # gradients + optimizer state + activations (+ the allocator's overhead on them) + the runtime: a real CPU run's
 # peak resident set matches that sum within a few percent (tests/engine/test_estimate_costs.py), because
@@ -108,10 +212,12 @@ def active_parameters(spec: Spec) -> int:
 
 _FP32 = 4
 _INT64 = 8
-_ADAMW_STATE_BYTES = 2 * _FP32  # exp_avg and exp_avg_sq per parameter
-# Memory traffic of one optimizer step per parameter: AdamW reads p, g, m, v and writes p, m, v (28 B), plus
-# gradient clipping (a norm read and a scale) and zeroing: ~48 B, all fp32.
-_OPTIMIZER_TRAFFIC_BYTES = 48
+# Memory traffic of one optimizer step per parameter, all fp32, with gradient clipping (a norm read and a scale)
+# and zeroing (~20 B): AdamW reads p, g, m, v and writes p, m, v (28 B); SGD with momentum reads p, g, b and
+# writes p, b (20 B); Adafactor reads p and g twice (the update's RMS, then the step) and writes p (20 B, its
+# factored state is small); Muon's matrices read g, b and write b, p (16 B, plus its bf16 Newton-Schulz
+# matmuls, counted as FLOPs) and AdamW's 28 B for the rest.
+_OPTIMIZER_TRAFFIC_BYTES = {"adamw": 48, "sgd": 40, "adafactor": 40, "muon": 36}
 # Elementwise work (norms, activations, rotary, routing gathers) is bandwidth-bound, not FLOP-bound: each
 # saved activation byte costs about two bytes of traffic over the step (fitted on the reference CPU).
 _ACTIVATION_TRAFFIC_FACTOR = 2
@@ -146,7 +252,8 @@ def _ffn_saved(activation: str, hidden: int) -> int:
 @dataclass(frozen=True)
 class ActivationBytes:
     """Bytes saved for backward per token: one attention sub-block, one MoE or dense feed-forward sub-block,
-    and the head and loss (``head``).
+    the head and loss (``head``), and an MTP module's parts outside its block (``mtp_outside_block``; its block
+    saves ``mtp_block``).
     ``checkpoint_input`` is what gradient checkpointing keeps per token per layer (the block input)."""
 
     attention: float
@@ -155,6 +262,8 @@ class ActivationBytes:
     head: float
     checkpoint_input: float
     expert_rows: float  # of ``moe``: the part proportional to routed rows (top_k of them per token)
+    mtp_outside_block: float = 0.0  # one MTP module without its block: norms, projection, its head and loss
+    mtp_block: float = 0.0  # one MTP module's block (the same kind as the model's top block)
 
 
 def activation_bytes_per_token(spec: Spec, precision: str | None = None) -> ActivationBytes:
@@ -167,16 +276,19 @@ def activation_bytes_per_token(spec: Spec, precision: str | None = None) -> Acti
     T = spec.data.seq_len
     mask = 1 if m.dropout > 0 else 0  # a dropout keeps a one-byte mask per element
 
-    attention: float = (
-        _norm_saved(m) * _FP32
-        + cast_copy * C
-        + (H + 2 * KV) * D * low  # the fused qkv output (values are read from it)
-        + (H + KV) * D * (_FP32 if cast_copy else low)  # rotated queries and keys (fp32 tables promote)
-        + cast_copy * (H + KV) * D  # attention's low-precision copy of them
-        + H * D * low  # attention output, the out projection's input
-        + H * _FP32  # log-sum-exp per head
-        + mask * C
-    )
+    if m.attention == "mla":
+        attention = _FP32 * _norm_saved(m) + H * _FP32 + mask * C + _latent_attention_saved(m, low, cast_copy)
+    else:
+        attention = (
+            _norm_saved(m) * _FP32
+            + cast_copy * C
+            + (H + 2 * KV) * D * low  # the fused qkv output (values are read from it)
+            + (H + KV) * D * (_FP32 if cast_copy else low)  # rotated queries and keys (fp32 tables promote)
+            + cast_copy * (H + KV) * D  # attention's low-precision copy of them
+            + H * D * low  # attention output, the out projection's input
+            + H * _FP32  # log-sum-exp per head
+            + mask * C
+        )
     if m.attention_dropout > 0:
         # The math path keeps the attention probabilities, their dropout mask and the dropped probabilities.
         attention += H * T * (2 * low + 1) / 2  # causal: on average half the row is kept
@@ -201,6 +313,11 @@ def activation_bytes_per_token(spec: Spec, precision: str | None = None) -> Acti
         # The logits. The fused head + loss (workers.engine.kernels.linear_cross_entropy) upcasts them for the
         # loss and computes their gradient a chunk of ~8 MB at a time: no (N, V) fp32 copy or gradient.
         head += V * low
+    mtp_outside = 0.0
+    if m.mtp_depth:
+        # Two norms and the concatenation the projection reads, the token ids ahead (the embedding's indices),
+        # and a head like the main one (its final norm, the logits, the targets).
+        mtp_outside = 2 * _norm_saved(m) * _FP32 + 2 * C * (low + cast_copy) + _INT64 + mask * C + head - _INT64
     return ActivationBytes(
         attention=float(attention),
         moe=float(moe_bytes),
@@ -208,7 +325,30 @@ def activation_bytes_per_token(spec: Spec, precision: str | None = None) -> Acti
         head=float(head),
         checkpoint_input=float(C * _FP32),
         expert_rows=float(rows),
+        mtp_outside_block=float(mtp_outside),
+        mtp_block=float(attention + (moe_bytes if m.num_moe_layers else dense)) if m.mtp_depth else 0.0,
     )
+
+
+def _latent_attention_saved(m: ModelSpec, low: int, cast_copy: int) -> float:
+    """Bytes per token multi-head latent attention saves between its input norm and its output projection."""
+    a, H = m.mla, m.num_heads
+    r, R, N, V = a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim, a.v_head_dim
+    saved = 2 * cast_copy * m.hidden_size  # the query and latent projections each read the normed input
+    if a.q_lora_rank:
+        q = a.q_lora_rank
+        saved += q * low + (2 * q + 1) * _FP32 + cast_copy * q  # compressed query, its norm, its cast
+    saved += (r + R) * low  # the latent and rotary key (the latent norm reads the whole projection output)
+    saved += (2 * r + 1) * _FP32 + cast_copy * r  # the latent's norm (normalised input, rstd, output), its cast
+    # Queries, keys and values are zero-padded to one head width for the fused attention kernel.
+    width = H * max(N + R, V)
+    # Values: the up-projection's output (values are a view of it), or their padded copy.
+    saved += (H * (N + V) if width == H * V else width) * low
+    saved += 2 * width * (_FP32 if cast_copy else low)  # queries and keys, rotary parts joined (fp32 tables promote)
+    saved += cast_copy * 2 * width  # attention's low-precision copies of them
+    saved += width * low  # attention output
+    saved += 0 if width == H * V else H * V * low  # its unpadded part, the out projection's input
+    return float(saved)
 
 
 @dataclass(frozen=True)
@@ -223,34 +363,60 @@ class FlopsPerToken:
     training: float  # forward + backward + recompute
 
 
+def _attention_score_flops(m: ModelSpec, T: int) -> float:
+    """Forward FLOPs per token of one block's attention scores and weighted values (causal: a query sees
+    (T + 1) / 2 keys on average)."""
+    if m.attention == "mla":
+        # Keys and values are zero-padded to one width for the fused kernel, which then does that much work.
+        qk = v = max(m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim)
+    else:
+        qk = v = m.head_dim
+    return 2 * m.num_heads * (qk + v) * (T + 1) / 2  # QK^T and AV
+
+
 def flops_per_token(spec: Spec, checkpointing: bool | None = None) -> FlopsPerToken:
-    """FLOPs per token of a training step (backward = 2 × forward: gradients of inputs and of weights)."""
-    m = spec.model
+    """FLOPs per token of a training step (backward = 2 × forward: gradients of inputs and of weights).
+
+    Multi-token prediction adds per module its projection, one block of the top block's kind and the output
+    head again."""
+    m, moe = spec.model, spec.model.moe
     b = parameter_breakdown(spec)
     T = spec.data.seq_len
     ckpt = spec.training.gradient_checkpointing if checkpointing is None else checkpointing
-    active_routed = b["routed_experts"] - m.num_moe_layers * (m.moe.num_routed_experts - m.moe.top_k) * (
-        b["routed_experts"] // max(1, m.num_moe_layers * m.moe.num_routed_experts)
-    )
+    one_expert = _ffn_params(m.hidden_size, moe.expert_hidden_size, m.activation)
+    active_routed = b["routed_experts"] - m.num_moe_layers * (moe.num_routed_experts - moe.top_k) * one_expert
     blocks_matmul = b["attention"] + b["dense_ffn"] + active_routed + b["shared_experts"] + b["router"]
-    attention = 2 * 2 * m.num_layers * m.num_heads * m.head_dim * (T + 1) / 2  # QK^T and AV
+    attention = m.num_layers * _attention_score_flops(m, T)
     if m.task == "causal_lm":
         head: float = 2 * m.vocab_size * m.hidden_size
     else:
         assert m.num_labels is not None
         head = 2 * m.hidden_size * m.num_labels / T  # one pooled token per sequence
+    # What the block of each kind leaves out of a recompute: PyTorch's non-reentrant checkpoint stops once
+    # backward has every tensor it needs, so the block's last matmul (the dense or shared experts' output
+    # projection, whose output nothing saves) is not run again.
+    dense_trailing = moe.resolved_dense_hidden_size * m.hidden_size
+    moe_trailing = moe.num_shared_experts * moe.expert_hidden_size * m.hidden_size
     blocks_forward = 2 * blocks_matmul + attention
-    forward = blocks_forward + head
+    trailing = (m.num_layers - m.num_moe_layers) * dense_trailing + m.num_moe_layers * moe_trailing
+
+    mtp_forward = 0.0
+    if m.mtp_depth:
+        attention_per_layer = b["attention"] / max(1, m.num_layers)
+        if m.num_moe_layers:
+            ffn = moe.top_k * one_expert + b["shared_experts"] / m.num_moe_layers + b["router"] / m.num_moe_layers
+            block_trailing = moe_trailing
+        else:
+            ffn = _ffn_params(m.hidden_size, moe.resolved_dense_hidden_size, m.activation)
+            block_trailing = dense_trailing
+        mtp_block = 2 * (attention_per_layer + ffn) + _attention_score_flops(m, T)
+        mtp_forward = m.mtp_depth * (mtp_block + 2 * 2 * m.hidden_size * m.hidden_size + head)
+        blocks_forward += m.mtp_depth * mtp_block  # (for the recompute below)
+        trailing += m.mtp_depth * block_trailing
+        attention += m.mtp_depth * _attention_score_flops(m, T)
+    forward = 2 * blocks_matmul + m.num_layers * _attention_score_flops(m, T) + head + mtp_forward
     backward = 2 * forward
-    recompute = 0.0
-    if ckpt:
-        # PyTorch's non-reentrant checkpoint stops recomputing once backward has every tensor it needs: the
-        # block's last matmul (the dense or shared experts' output projection, whose output nothing saves)
-        # is not run again.
-        moe = m.moe
-        trailing = (m.num_layers - m.num_moe_layers) * moe.resolved_dense_hidden_size * m.hidden_size
-        trailing += m.num_moe_layers * moe.num_shared_experts * moe.expert_hidden_size * m.hidden_size
-        recompute = blocks_forward - 2 * trailing
+    recompute = blocks_forward - 2 * trailing if ckpt else 0.0
     return FlopsPerToken(
         forward=float(forward),
         backward=float(backward),
@@ -338,6 +504,8 @@ class Estimate:
     time: TimeEstimate
     risk: Risk
     data: dict[str, float | None]
+    # Generation: bytes per token in the KV cache (fp32 and a 2-byte dtype) and for a full max_seq_len sequence.
+    kv_cache: dict[str, int]
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -352,16 +520,73 @@ def _devices(num_gpus: int, hardware: HardwareProfile) -> int:
 
 
 def _device_parameters(spec: Spec, num_devices: int, parallelism: str) -> tuple[int, int]:
-    """(parameters held per device, of which take part in autocast matmuls) for the parallel layout."""
+    """(parameters held per device, of which take part in autocast matmuls) for the parallel layout.
+
+    Expert parallelism shards the main blocks' routed experts (the MTP modules' stay whole: they are few)."""
     b = parameter_breakdown(spec)
-    E = spec.model.moe.num_routed_experts
-    routed = b["routed_experts"]
-    if parallelism == "expert" and num_devices > 1:
-        routed = routed * math.ceil(E / num_devices) // E
-    per_device = b["total"] - b["routed_experts"] + routed
+    routed = b["routed_experts"] * _expert_share(spec, num_devices, parallelism)
+    per_device = b["total"] - b["routed_experts"] + int(routed)
     head_matmul = b["head"] if spec.model.task == "classification" or b["head"] else b["embedding"]
-    matmul = b["attention"] + b["dense_ffn"] + routed + b["shared_experts"] + head_matmul
+    matmul = b["attention"] + b["dense_ffn"] + int(routed) + b["shared_experts"] + head_matmul + b["mtp"]
     return per_device, matmul
+
+
+def _expert_share(spec: Spec, num_devices: int, parallelism: str) -> float:
+    """The fraction of the routed experts one device holds."""
+    E = spec.model.moe.num_routed_experts
+    if parallelism == "expert" and num_devices > 1:
+        return math.ceil(E / num_devices) / E
+    return 1.0
+
+
+def optimizer_state_elements(spec: Spec, num_devices: int = 1, parallelism: Parallelism = "ddp") -> int:
+    """fp32 numbers of optimizer state one device holds for ``training.optimizer`` (its step counters aside):
+
+    - adamw: 2 per parameter (first and second moments);
+    - adafactor: a row and a column of second moments per matrix (the last two dimensions of a stack, per
+      expert), a full second moment per vector;
+    - sgd: 1 per parameter (the momentum buffer);
+    - muon: 1 per parameter of the matrices Muon updates (hidden and expert matrices), 2 for the rest (AdamW).
+    """
+    name = spec.training.optimizer.name
+    share = _expert_share(spec, num_devices, parallelism)
+    total = 0.0
+    for p in parameter_shapes(spec):
+        scale = share if p.component == "routed_experts" else 1.0
+        if name == "adamw" or (name == "muon" and p.role not in ("hidden_matrices", "expert_stacks")):
+            total += 2 * p.numel * scale
+        elif name == "adafactor" and len(p.shape) >= 2:
+            total += p.count * math.prod(p.shape[:-2]) * (p.shape[-2] + p.shape[-1]) * scale
+        else:
+            total += p.numel * scale
+    return int(total)
+
+
+def optimizer_flops_per_step(spec: Spec, num_devices: int = 1, parallelism: Parallelism = "ddp") -> float:
+    """Matmul FLOPs one optimizer step adds on one device: Muon's Newton-Schulz iterations (each, for an
+    ``m × n`` matrix with ``s = min(m, n)``, ``l = max(m, n)``: the Gram matrix ``2s²l``, its square ``2s³`` and
+    the update ``2s²l``); 0 for the others (elementwise, counted as memory traffic)."""
+    o = spec.training.optimizer
+    if o.name != "muon":
+        return 0.0
+    share = _expert_share(spec, num_devices, parallelism)
+    total = 0.0
+    for p in parameter_shapes(spec):
+        if p.role not in ("hidden_matrices", "expert_stacks"):
+            continue
+        short, long = sorted(p.shape[-2:])
+        matrices = p.count * math.prod(p.shape[:-2]) * (share if p.component == "routed_experts" else 1.0)
+        total += matrices * o.ns_steps * (4 * short * short * long + 2 * short**3)
+    return total
+
+
+def kv_cache_bytes_per_token(spec: Spec, bytes_per_element: int = _FP32) -> int:
+    """Bytes a generated or prompt token adds to the KV cache, over all layers: keys and values of every
+    key/value head (mha, gqa), or the latent and the shared rotary key (mla's compressed cache)."""
+    m = spec.model
+    mla = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
+    per_layer = mla if m.attention == "mla" else 2 * m.kv_heads * m.head_dim
+    return m.num_layers * per_layer * bytes_per_element
 
 
 def _imbalance_factor(spec: Spec, num_devices: int, parallelism: str) -> float:
@@ -401,7 +626,7 @@ def estimate_memory(
     low = _act_bytes(p)
 
     gradients = params * _FP32
-    optimizer = params * _ADAMW_STATE_BYTES
+    optimizer = optimizer_state_elements(spec, g, parallelism) * _FP32
     m = spec.model
     a = activation_bytes_per_token(spec, p)
     N = t.batch_size * spec.data.seq_len
@@ -412,18 +637,20 @@ def estimate_memory(
     b = parameter_breakdown(spec)
     layers = max(1, m.num_layers)
     head_matmul = b["head"] or b["embedding"]  # the output projection (the embedding when tied)
-    block_copies = (matmul_params - head_matmul) // layers * low if copies else 0
+    block_copies = (matmul_params - head_matmul - b["mtp"]) // layers * low if copies else 0
     head_copies = head_matmul * low if copies else 0
 
     def phases(imbalance: float) -> tuple[int, int]:
         """(activations at the peak of backward, the larger forward-end total with checkpointing or 0)."""
         moe_block = a.moe + a.expert_rows * (imbalance - 1.0)
         dense_layers = m.num_layers - m.num_moe_layers
+        mtp_outside = m.mtp_depth * a.mtp_outside_block
         if not ckpt:
             saved = m.num_layers * a.attention + m.num_moe_layers * moe_block + dense_layers * a.dense + a.head
+            saved += mtp_outside + m.mtp_depth * a.mtp_block
             return int(N * saved * overhead), 0
         block = a.attention + (moe_block if m.num_moe_layers else a.dense)
-        kept = m.num_layers * a.checkpoint_input + a.head
+        kept = (m.num_layers + m.mtp_depth) * a.checkpoint_input + a.head + mtp_outside
         backward = int(N * (kept + block) * overhead)
         # At the end of the forward every block's weight copy is still cached, but no block is recomputed yet.
         forward_end = params * _FP32 + copies + int(N * kept * overhead)
@@ -495,15 +722,21 @@ def estimate_time(
     one_expert = b["routed_experts"] // max(1, m.num_moe_layers * m.moe.num_routed_experts)
     saved = m.num_layers * act.attention + m.num_moe_layers * act.moe
     saved += (m.num_layers - m.num_moe_layers) * act.dense + act.head  # bytes per token
+    saved += m.mtp_depth * (act.mtp_outside_block + act.mtp_block)
     bandwidth = hardware.bandwidth_bytes_per_s
+    # Muon orthogonalises in bf16 (where the device has it) once per step, whatever the batch.
+    ns_rate = (hardware.peak_flops.get("bf16") or hardware.peak_flops["fp32"] or rate) * hardware.efficiency
+    optimizer_seconds = optimizer_flops_per_step(spec, g, parallelism) / ns_rate
+    optimizer_traffic = _OPTIMIZER_TRAFFIC_BYTES[t.optimizer.name] * params
+    blocks = m.num_layers + m.mtp_depth
 
     def step(imbalance: float) -> tuple[float, float]:
         # On the busiest device the routed experts' share of the work grows with the imbalance.
         expert_flops = 6 * m.num_moe_layers * m.moe.top_k * one_expert  # forward + backward, per token
         flops = (fl.training + expert_flops * (imbalance - 1.0)) * N * t.grad_accum_steps
-        traffic = _ACTIVATION_TRAFFIC_FACTOR * saved * N * t.grad_accum_steps + _OPTIMIZER_TRAFFIC_BYTES * params
-        dispatch = hardware.layer_overhead_seconds * m.num_layers * t.grad_accum_steps
-        return flops / rate, traffic / bandwidth + dispatch
+        traffic = _ACTIVATION_TRAFFIC_FACTOR * saved * N * t.grad_accum_steps + optimizer_traffic
+        dispatch = hardware.layer_overhead_seconds * blocks * t.grad_accum_steps
+        return flops / rate + optimizer_seconds, traffic / bandwidth + dispatch
 
     compute, memory = step(1.0)
     worst_compute, worst_memory = step(_imbalance_factor(spec, g, parallelism))
@@ -511,7 +744,7 @@ def estimate_time(
     tokens_per_step = spec.tokens_per_step * g
     # An evaluation micro-batch is a forward only: a third of the FLOPs, activations written once.
     eval_batch_seconds = (
-        fl.forward * N / rate + saved * N / bandwidth + hardware.layer_overhead_seconds * m.num_layers / 3
+        fl.forward * N / rate + saved * N / bandwidth + hardware.layer_overhead_seconds * blocks / 3
     ) * calibration
     eval_seconds = (t.max_steps // t.eval_interval) * t.eval_batches * eval_batch_seconds
     return TimeEstimate(
@@ -695,4 +928,9 @@ def estimate(
         time=time,
         risk=Risk(level=level, used_fraction=memory.used_fraction, message=message, fixes=fixes),
         data=data,
+        kv_cache={
+            "bytes_per_token": kv_cache_bytes_per_token(spec),
+            "bytes_per_token_16bit": kv_cache_bytes_per_token(spec, 2),
+            "bytes_per_sequence": kv_cache_bytes_per_token(spec) * spec.model.max_seq_len,
+        },
     )

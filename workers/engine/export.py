@@ -229,10 +229,16 @@ def quantize_int8(model: MoETransformer) -> MoETransformer:
     projections, shared experts, dense feed-forwards, every routed expert (via ``ExpertLoopMoE``) and the
     classifier. Stay fp32: the embedding and the output head, tied or not (the model multiplies by the head's
     weight directly, and the logits are what rounding would hurt most), the routers (so expert choices do not
-    move with rounding), the norms and the rotary tables. ``model`` is not changed.
+    move with rounding), MLA's key/value up-projection (see below), the norms and the rotary tables. ``model`` is not changed.
     """
     loop = expert_loop_model(model).cpu().float()
-    names = {name for name, module in loop.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"}
+    # MLA's key/value up-projection stays fp32 too: cached decoding reads its weight as a matrix (to absorb it
+    # into the query and output), which a dynamically quantized linear does not expose.
+    names = {
+        name
+        for name, module in loop.named_modules()
+        if isinstance(module, nn.Linear) and name != "lm_head" and not name.endswith(".kv_up")
+    }
     with warnings.catch_warnings():
         # torch.ao.quantization warns that it is deprecated in favour of torchao (not a dependency here).
         warnings.simplefilter("ignore")

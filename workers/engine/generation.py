@@ -51,8 +51,9 @@ def generate_tokens(
     step at a time, up to ``max_new_tokens`` steps: what ``generate`` concatenates, and what a playground
     streams.
 
-    Uses a KV cache. Once the sequence would exceed ``max_seq_len``, each step re-reads the last
-    ``max_seq_len`` tokens without a cache (a sliding window). A sequence that produced ``eos_id``
+    Uses a KV cache (MLA models: the compressed cache of latents, see ``LatentAttention``); the
+    multi-token prediction modules are not run. Once the sequence would exceed ``max_seq_len``, each step
+    re-reads the last ``max_seq_len`` tokens without a cache (a sliding window). A sequence that produced ``eos_id``
     keeps emitting ``eos_id``; the iteration stops early once all have (after yielding that step). Runs in
     eval mode and restores the model's mode when the iteration ends or the iterator is closed.
     """
@@ -62,7 +63,7 @@ def generate_tokens(
     model.eval()
     try:
         max_len = model.spec.model.max_seq_len
-        weight = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        weight = model.head_weight
         tokens = input_ids
         caches: list[KVCache] | None = [KVCache() for _ in model.layers]
         pending = input_ids[:, -max_len:]  # tokens not yet in the cache

@@ -21,6 +21,24 @@ expert, one gather of the token rows, one ``torch.nn.functional.grouped_mm`` per
 the kernel requires) a custom autograd function runs the same per-expert matmuls into preallocated outputs, so
 its backward still allocates each weight gradient once instead of once per expert.
 
+Attention (``model.attention``): ``mha``/``gqa`` is ``Attention`` (one fused qkv projection, rotary keys,
+``num_kv_heads`` key/value heads); ``mla`` is ``LatentAttention``, DeepSeek-V2/V3's multi-head latent attention
+(see its docstring), whose KV cache holds a latent and one shared rotary key per token instead of keys and values.
+
+Group-limited routing (``moe.n_group > 1``, DeepSeek-V3): the experts are split into ``n_group`` groups of
+consecutive experts; a group's score is the sum of its two best selection scores (sigmoid scoring) or its best
+one (softmax), selection scores being ``scores + bias``; only experts of the ``topk_group`` best groups can be
+chosen. ``moe.routed_scaling_factor`` multiplies the chosen experts' weights (after the sigmoid normalisation),
+so it scales the routed output and not the shared experts'.
+
+Multi-token prediction (``model.mtp_depth = D > 0``, DeepSeek-V3): module ``d`` (1..D) combines the previous
+hidden state ``h^{d-1}_t`` (``h^0``: the last block's output, before the final norm) with the embedding of token
+``t + d``: ``h'_t = W [norm(h^{d-1}_t); norm(embed(x_{t+d}))]``, runs one block (the same kind as the model's
+top block) and predicts token ``t + d + 1`` through its own final norm and the shared output head. The MTP loss
+is the mean of the D cross-entropies; ``loss`` adds ``training.mtp_loss_weight`` times it. Generation and
+inference never run the MTP modules. Their MoE layers' aux loss joins ``aux_loss`` and their routers' biases
+are balanced like the others, but ``expert_load`` and ``dropped_fraction`` describe the main blocks only.
+
 The autograd kernels (SwiGLU, rotary encoding, grouped matmul, the fused output head + cross-entropy) live in
 ``workers.engine.kernels``; sampling and generation in ``workers.engine.generation``.
 
@@ -72,12 +90,13 @@ class ModelOutput:
     without dropping). ``dropped_fraction`` is over all MoE layers together.
     """
 
-    loss: Tensor | None  # task_loss + aux_loss: what backward uses; None without labels
+    loss: Tensor | None  # task_loss + aux_loss (+ mtp_loss_weight * mtp_loss): what backward uses; None without labels
     logits: Tensor  # (B, T, V) for causal_lm, (B, num_labels) for classification
     task_loss: Tensor | None
     aux_loss: Tensor  # scalar: balance loss + router z-loss summed over MoE layers
     expert_load: Tensor  # (num_moe_layers, num_routed_experts), detached
     dropped_fraction: Tensor  # scalar
+    mtp_loss: Tensor | None = None  # mean cross-entropy of the MTP modules (unweighted); None without MTP or labels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,23 +130,36 @@ class FeedForward(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one block during generation."""
+    """What one block keeps of the positions seen so far during generation: two tensors ``(B, heads, T_past, D)``
+    that grow along the time axis. MHA/GQA: keys and values ``(B, KV, T, head_dim)``. MLA (the compressed
+    cache): the normalised latent ``(B, 1, T, kv_lora_rank)`` and the rotated shared key
+    ``(B, 1, T, qk_rope_head_dim)``."""
 
     def __init__(self) -> None:
-        self.k: Tensor | None = None  # (B, KV, T_past, D)
-        self.v: Tensor | None = None
+        self.tensors: tuple[Tensor, Tensor] | None = None
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return 0 if self.tensors is None else self.tensors[0].shape[2]
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k is None or self.v is None:
-            self.k, self.v = k, v
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (both tensors)."""
+        return 0 if self.tensors is None else sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def append(self, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new positions of both tensors; returns everything cached, the new positions included."""
+        if self.tensors is None:
+            self.tensors = (first, second)
         else:
-            self.k = torch.cat((self.k, k), dim=2)
-            self.v = torch.cat((self.v, v), dim=2)
-        return self.k, self.v
+            self.tensors = (torch.cat((self.tensors[0], first), dim=2), torch.cat((self.tensors[1], second), dim=2))
+        return self.tensors
+
+
+def _check_cache_step(cache: KVCache, T: int) -> None:
+    if cache.length and T > 1:
+        # SDPA's is_causal mask is top-left aligned, wrong for several new queries after a prefix.
+        raise ValueError("a KV cache with a prefix accepts one new token at a time")
 
 
 class Attention(nn.Module):
@@ -153,9 +185,7 @@ class Attention(nn.Module):
         k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         if cache is not None:
-            if cache.length and T > 1:
-                # SDPA's is_causal mask is top-left aligned, wrong for several new queries after a prefix.
-                raise ValueError("a KV cache with a prefix accepts one new token at a time")
+            _check_cache_step(cache, T)
             k, v = cache.append(k, v)  # (B, KV, T_total, D)
         y = F.scaled_dot_product_attention(
             q,
@@ -168,6 +198,99 @@ class Attention(nn.Module):
             enable_gqa=KV != H,
         )  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3) with decoupled rotary encoding.
+
+    Per token ``x`` ``(C,)``, with ``H`` heads, ``N = qk_nope_head_dim``, ``R = qk_rope_head_dim``,
+    ``V = v_head_dim`` and ``r = kv_lora_rank``:
+
+    - queries: ``q = W_q x`` (``q_lora_rank = 0``) or ``W_uq RMSNorm(W_dq x)``, ``(H, N + R)``; the last ``R`` of
+      each head are rotated by position;
+    - keys and values: ``[c, k_r] = W_dkv x`` with ``c`` ``(r,)`` the latent and ``k_r`` ``(R,)``;
+      ``c = RMSNorm(c)``; ``[k_nope, v] = W_ukv c`` ``(H, N + V)``; every head's key is ``[k_nope_h; rot(k_r)]``:
+      the rotary part is one per token, shared by all heads (it cannot be absorbed into a latent);
+    - attention with scale ``1 / sqrt(N + R)``, causal, then ``W_o`` over the ``H × V`` outputs.
+
+    Training and prefill up-project the latent into per-head keys and values. With a KV cache the block keeps
+    only ``c`` and ``rot(k_r)`` per token (``r + R`` numbers instead of ``2 × H × head_dim``), and a decoding step
+    absorbs ``W_uk`` into the query and ``W_uv`` into the output: it attends over the latents directly, as
+    DeepSeek-V2's inference does. Both compute the same function (tests compare them).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        a = spec.mla
+        C, H = spec.hidden_size, spec.num_heads
+        self.num_heads = H
+        self.nope, self.rope = a.qk_nope_head_dim, a.qk_rope_head_dim
+        self.v_dim, self.rank = a.v_head_dim, a.kv_lora_rank
+        self.scale = 1.0 / math.sqrt(self.nope + self.rope)
+        self.dropout = spec.attention_dropout
+        self.q_down: nn.Linear | None = None
+        self.q_norm: nn.RMSNorm | None = None
+        if a.q_lora_rank:
+            self.q_down = nn.Linear(C, a.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(a.q_lora_rank, eps=spec.norm_eps)
+        # The query projection proper: from the compressed query, or from the residual stream directly.
+        self.q_proj = nn.Linear(a.q_lora_rank or C, H * (self.nope + self.rope), bias=False)
+        self.kv_down = nn.Linear(C, self.rank + self.rope, bias=False)  # the latent and the shared rotary key
+        self.kv_norm = nn.RMSNorm(self.rank, eps=spec.norm_eps)
+        self.kv_up = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
+        self.out = nn.Linear(H * self.v_dim, C, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, N, R, V, r = self.num_heads, self.nope, self.rope, self.v_dim, self.rank
+        q_in = x if self.q_down is None or self.q_norm is None else self.q_norm(self.q_down(x))
+        q_nope, q_rope = self.q_proj(q_in).view(B, T, H, N + R).split([N, R], dim=-1)  # (B, T, H, N), (.., R)
+        q_rope = apply_rope(q_rope, cos, sin)  # (B, T, H, R)
+        latent, k_rope = self.kv_down(x).split([r, R], dim=-1)  # (B, T, r), (B, T, R)
+        c_kv = self.kv_norm(latent)  # (B, T, r)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)  # (B, T, 1, R): one rotary key for every head
+        if cache is not None:
+            _check_cache_step(cache, T)
+            decoding = cache.length > 0
+            c_all, k_rope_all = cache.append(c_kv.unsqueeze(1), k_rope.transpose(1, 2))  # (B, 1, S, r), (B, 1, S, R)
+            if decoding:
+                return self._attend_to_latents(q_nope, q_rope, c_all, k_rope_all)
+
+        k_nope, v = self.kv_up(c_kv).view(B, T, H, N + V).split([N, V], dim=-1)  # (B, T, H, N), (B, T, H, V)
+        q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, N + R)
+        k = torch.cat((k_nope, k_rope.expand(B, T, H, R)), dim=-1)  # (B, T, H, N + R)
+        # The fused (flash) kernels need one head width for queries, keys and values; otherwise SDPA falls back
+        # to materialising the (T, T) scores (measured on CPU at T=256: 4x slower). Zero padding changes
+        # neither the scores nor the kept part of the output (as DeepSeek's own implementation does).
+        width = max(N + R, V)
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # (B, H, T, width)
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=True,  # a prefill (the only cached call that gets here) starts at position 0
+            scale=self.scale,
+        )  # (B, H, T, width)
+        return self.out(y[..., :V].transpose(1, 2).reshape(B, T, H * V))
+
+    def _attend_to_latents(self, q_nope: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor) -> Tensor:
+        """One decoding step over the compressed cache: ``q_nope`` ``(B, 1, H, N)``, ``q_rope`` ``(B, 1, H, R)``,
+        ``c_kv`` ``(B, 1, S, r)``, ``k_rope`` ``(B, 1, S, R)`` -> ``(B, 1, C)``.
+
+        ``q_nope · (W_uk c) = (W_uk^T q_nope) · c``: the query moves into the latent space, every head attends
+        over the same latents (a single shared key/value head), and ``W_uv`` maps the attended latent to values.
+        """
+        B = q_nope.shape[0]
+        H, N, V = self.num_heads, self.nope, self.v_dim
+        w = self.kv_up.weight.view(H, N + V, self.rank)
+        w_k, w_v = w[:, :N], w[:, N:]  # (H, N, r), (H, V, r)
+        q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_k)  # (B, H, 1, r)
+        q = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, 1, r + R)
+        k = torch.cat((c_kv, k_rope), dim=-1)  # (B, 1, S, r + R)
+        o = F.scaled_dot_product_attention(q, k, c_kv, scale=self.scale, enable_gqa=True)  # (B, H, 1, r)
+        y = torch.einsum("bhtr,hvr->bthv", o, w_v)  # (B, 1, H, V)
+        return self.out(y.reshape(B, 1, H * V))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,20 +361,40 @@ class MoEFeedForward(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Choose experts for ``x`` ``(N, C)``.
 
-        Returns ``(logits (N, E), scores (N, E), chosen (N, k) int64, weights (N, k) fp32)``.
+        Returns ``(logits (N, E), scores (N, E), chosen (N, k) int64, weights (N, k) fp32)``; the weights include
+        ``routed_scaling_factor``.
         """
         moe = self.moe
         logits = self.router(x, moe.router_temperature)  # (N, E) fp32
         scores = logits.softmax(dim=-1) if moe.scoring == "softmax" else logits.sigmoid()
-        if moe.balancing == "aux_free":
+        if moe.n_group > 1 and moe.topk_group < moe.n_group:
             # The bias steers selection only; the weights stay the unbiased scores.
+            selection = scores.detach() + self.router.bias if moe.balancing == "aux_free" else scores.detach()
+            chosen = torch.topk(self._limit_to_groups(selection), self.top_k, dim=-1).indices  # (N, k)
+            weights = scores.gather(1, chosen)  # (N, k)
+        elif moe.balancing == "aux_free":
             chosen = torch.topk(scores.detach() + self.router.bias, self.top_k, dim=-1).indices  # (N, k)
             weights = scores.gather(1, chosen)  # (N, k)
         else:
             weights, chosen = torch.topk(scores, self.top_k, dim=-1)  # (N, k) each
         if moe.scoring == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if moe.routed_scaling_factor != 1.0:
+            weights = weights * moe.routed_scaling_factor
         return logits, scores, chosen, weights
+
+    def _limit_to_groups(self, selection: Tensor) -> Tensor:
+        """``selection`` ``(N, E)`` with the experts outside each token's ``topk_group`` best groups at -inf."""
+        moe = self.moe
+        N, E = selection.shape
+        grouped = selection.view(N, moe.n_group, E // moe.n_group)  # (N, G, E/G)
+        if moe.scoring == "sigmoid":
+            group_scores = grouped.topk(min(2, E // moe.n_group), dim=-1).values.sum(dim=-1)  # (N, G)
+        else:
+            group_scores = grouped.amax(dim=-1)  # (N, G)
+        best = group_scores.topk(moe.topk_group, dim=-1).indices  # (N, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:  # (B, T, C) -> (B, T, C)
         B, T, C = x.shape
@@ -317,7 +460,7 @@ class Block(nn.Module):
     def __init__(self, spec: ModelSpec, use_moe: bool) -> None:
         super().__init__()
         self.attn_norm = _make_norm(spec)
-        self.attn = Attention(spec)
+        self.attn: Attention | LatentAttention = LatentAttention(spec) if spec.attention == "mla" else Attention(spec)
         self.ffn_norm = _make_norm(spec)
         self.ffn: MoEFeedForward | FeedForward
         if use_moe:
@@ -336,6 +479,22 @@ class Block(nn.Module):
         else:
             y = self.ffn(self.ffn_norm(x))
         return x + self.drop(y), stats
+
+
+class MTPModule(nn.Module):
+    """One multi-token prediction depth (DeepSeek-V3; see the module docstring): ``(h_prev, embedding of the
+    token d ahead)`` -> hidden state ``(B, T, C)`` before the module's own final ``norm``."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.hidden_norm = _make_norm(spec)
+        self.embed_norm = _make_norm(spec)
+        self.proj = nn.Linear(2 * spec.hidden_size, spec.hidden_size, bias=False)
+        self.block = Block(spec, use_moe=spec.num_moe_layers > 0)
+        self.norm = _make_norm(spec)
+
+    def combine(self, h_prev: Tensor, embedded: Tensor) -> Tensor:  # (B, T, C) twice -> (B, T, C)
+        return self.proj(torch.cat((self.hidden_norm(h_prev), self.embed_norm(embedded)), dim=-1))
 
 
 class MoETransformer(nn.Module):
@@ -357,7 +516,9 @@ class MoETransformer(nn.Module):
             self.classifier = nn.Linear(m.hidden_size, m.num_labels)
         elif not m.tie_embeddings:
             self.lm_head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
-        cos, sin = rope_tables(m.head_dim, m.max_seq_len, m.rope_theta)
+        # Never run by generation; their parameters are trained (and checkpointed) like the rest.
+        self.mtp = nn.ModuleList(MTPModule(m) for _ in range(m.mtp_depth))
+        cos, sin = rope_tables(m.rope_dim, m.max_seq_len, m.rope_theta)
         # Not persistent: derived from the spec, so checkpoints need not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -381,7 +542,7 @@ class MoETransformer(nn.Module):
             elif isinstance(module, MoEFeedForward):
                 nn.init.normal_(module.w_in, 0.0, std)
                 nn.init.normal_(module.w_out, 0.0, residual_std)
-        for block in self.blocks:
+        for block in [*self.blocks, *(module.block for module in self.mtp_modules)]:
             nn.init.normal_(block.attn.out.weight, 0.0, residual_std)
             if isinstance(block.ffn, FeedForward):
                 nn.init.normal_(block.ffn.w_out.weight, 0.0, residual_std)
@@ -396,9 +557,19 @@ class MoETransformer(nn.Module):
         return [cast(Block, b) for b in self.layers]
 
     @property
+    def mtp_modules(self) -> list[MTPModule]:
+        """The multi-token prediction modules, depth 1 first."""
+        return [cast(MTPModule, module) for module in self.mtp]
+
+    @property
     def moe_layers(self) -> list[MoEFeedForward]:
-        """The MoE feed-forwards, bottom to top."""
+        """The MoE feed-forwards of the main blocks, bottom to top (not the MTP modules')."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
+
+    def _all_moe_layers(self) -> list[MoEFeedForward]:
+        """Every MoE feed-forward, the MTP modules' included (all of them balance their routers)."""
+        blocks = [*self.blocks, *(module.block for module in self.mtp_modules)]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoEFeedForward)]
 
     def router_biases(self) -> dict[str, Tensor]:
         """``state_dict`` name -> router bias buffer (the live tensor), one per MoE layer."""
@@ -412,7 +583,7 @@ class MoETransformer(nn.Module):
         the router's choices before capacity dropping. A no-op (besides the reset) unless ``aux_free``.
         """
         moe = self.spec.model.moe
-        for layer in self.moe_layers:
+        for layer in self._all_moe_layers():
             if moe.balancing == "aux_free":
                 layer.router.update_bias(moe.bias_update_speed)
             else:
@@ -433,28 +604,42 @@ class MoETransformer(nn.Module):
 
         With ``caches`` (generation), positions continue after the cached ones.
         """
-        T = input_ids.shape[1]
-        start = caches[0].length if caches else 0
+        x, aux, stats = self._trunk(input_ids, caches)
+        return self.norm(x), aux, stats
+
+    def _rope(self, start: int, T: int) -> tuple[Tensor, Tensor]:
+        """cos/sin tables ``(T, rope_dim / 2)`` of positions ``start .. start + T - 1``."""
         if start + T > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, D/2)
+        return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+
+    def _run_block(
+        self, block: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None
+    ) -> tuple[Tensor, MoEStats | None]:
+        """One block, with gradient checkpointing when training asks for it; its routed load counted once."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            x, stats = checkpoint(block, x, cos, sin, use_reentrant=False)
+        else:
+            x, stats = block(x, cos, sin, cache)
+        # Accumulated here rather than inside the layer: checkpointing re-runs the layer's forward during
+        # backward, which must not count the same tokens twice.
+        if stats is not None and self.training and isinstance(block.ffn, MoEFeedForward):
+            block.ffn.router.load_accum += stats.routed
+        return x, stats
+
+    def _trunk(self, input_ids: Tensor, caches: list[KVCache] | None = None) -> tuple[Tensor, Tensor, list[MoEStats]]:
+        """The blocks' output ``(B, T, C)`` before the final norm, the summed aux loss and per-layer stats."""
+        start = caches[0].length if caches else 0
+        cos, sin = self._rope(start, input_ids.shape[1])  # (T, rope_dim/2)
         x = self.drop(self.embed(input_ids))  # (B, T, C)
         aux = x.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats] = []
         for i, block in enumerate(self.blocks):
-            cache = caches[i] if caches else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-                x, layer_stats = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x, layer_stats = block(x, cos, sin, cache)
+            x, layer_stats = self._run_block(block, x, cos, sin, caches[i] if caches else None)
             if layer_stats is not None:
-                # Accumulated here rather than inside the layer: checkpointing re-runs the layer's forward
-                # during backward, which must not count the same tokens twice.
-                if self.training and isinstance(block.ffn, MoEFeedForward):
-                    block.ffn.router.load_accum += layer_stats.routed
                 aux = aux + layer_stats.aux
                 stats.append(layer_stats)
-        return self.norm(x), aux, stats
+        return x, aux, stats
 
     def forward(
         self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None
@@ -463,13 +648,16 @@ class MoETransformer(nn.Module):
 
         causal_lm: ``labels`` ``(B, T)`` aligned with ``input_ids`` (shifted here: position t predicts
         label t+1); ``IGNORE_INDEX`` (-100) is ignored. ``attention_mask`` is not needed (pads sit on the
-        right, and causal attention never lets a real token see them); give pad labels -100.
+        right, and causal attention never lets a real token see them); give pad labels -100. With
+        ``mtp_depth > 0`` and labels, the MTP modules run too (``mtp_loss``; see the module docstring).
         classification: ``labels`` ``(B,)`` int64; ``attention_mask`` ``(B, T)`` with 1 for real tokens
         (pads on the right) picks the last real token, whose hidden state is pooled; None: the last token.
         """
-        x, aux, stats = self.hidden_states(input_ids)  # (B, T, C)
+        h, aux, stats = self._trunk(input_ids)  # (B, T, C) before the final norm
+        x = self.norm(h)  # (B, T, C)
         B, T, _ = x.shape
         task_loss: Tensor | None = None
+        mtp_loss: Tensor | None = None
         if self.classifier is not None:
             if attention_mask is None:
                 last = torch.full((B,), T - 1, dtype=torch.long, device=x.device)
@@ -480,7 +668,7 @@ class MoETransformer(nn.Module):
             if labels is not None:
                 task_loss = self._classification_loss(logits, labels)
         else:
-            weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            weight = self.head_weight
             if labels is not None:
                 # Head and loss in one function: its backward never holds the (N, V) logits' gradient.
                 task_loss, flat = linear_cross_entropy(
@@ -490,10 +678,15 @@ class MoETransformer(nn.Module):
                     self.spec.training.label_smoothing,
                 )
                 logits = flat.view(B, T, -1)  # (B, T, V)
+                if self.mtp_modules:
+                    mtp_loss, mtp_aux = self._mtp_loss(h, input_ids, labels)
+                    aux = aux + mtp_aux
             else:
                 logits = F.linear(x, weight)  # (B, T, V)
 
         loss = None if task_loss is None else task_loss + aux
+        if loss is not None and mtp_loss is not None:
+            loss = loss + self.spec.training.mtp_loss_weight * mtp_loss
         return ModelOutput(
             loss=loss,
             logits=logits,
@@ -501,7 +694,40 @@ class MoETransformer(nn.Module):
             aux_loss=aux,
             expert_load=self._expert_load(stats),
             dropped_fraction=self._dropped_fraction(stats),
+            mtp_loss=mtp_loss,
         )
+
+    @property
+    def head_weight(self) -> Tensor:
+        """The output head's ``(V, C)`` weight: the embedding when tied (causal_lm)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def _mtp_loss(self, h: Tensor, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean cross-entropy over the MTP depths, their MoE aux loss)`` from the main blocks' output ``h``.
+
+        Depth d works on the whole ``(B, T)`` grid: position t sees the embedding of token t + d (padded past
+        the end) and is scored against label t + d + 1 (``IGNORE_INDEX`` past the end). Causal attention keeps
+        the padded tail from reaching the scored positions, so this equals running each depth on the
+        ``T - d`` positions that have a token ahead.
+        """
+        B, T = input_ids.shape
+        cos, sin = self._rope(0, T)
+        aux = h.new_zeros((), dtype=torch.float32)
+        losses = []
+        for d, module in enumerate(self.mtp_modules, start=1):
+            ahead = F.pad(input_ids[:, d:], (0, d), value=0)  # (B, T): token t + d at position t
+            targets = F.pad(labels[:, d + 1 :], (0, d + 1), value=IGNORE_INDEX)  # (B, T): label t + d + 1
+            h, stats = self._run_block(module.block, module.combine(h, self.drop(self.embed(ahead))), cos, sin)
+            if stats is not None:
+                aux = aux + stats.aux
+            loss, _ = linear_cross_entropy(
+                module.norm(h).reshape(B * T, -1),
+                self.head_weight,
+                targets.reshape(-1),
+                self.spec.training.label_smoothing,
+            )
+            losses.append(loss)
+        return torch.stack(losses).mean(), aux
 
     @staticmethod
     def _lm_targets(labels: Tensor) -> Tensor:
