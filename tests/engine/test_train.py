@@ -29,7 +29,7 @@ from workers.engine.checkpoint import latest_checkpoint, verify_checkpoint
 from workers.engine.data import PreparedData, prepare
 from workers.engine.sinks import MemorySink, latest_points, read_jsonl
 from workers.engine.spec import Spec
-from workers.engine.train import EngineConfigError, FaultInjection, TrainResult, lr_at, train
+from workers.engine.train import EngineConfigError, FaultInjection, TrainResult, lr_at, scheduled_lr, train
 
 REPO = Path(__file__).resolve().parents[2]
 LETTERS = "abcdefghijklmnop"
@@ -142,6 +142,14 @@ def test_lr_schedule_is_a_pure_function_of_the_step() -> None:
     assert lr_at(1, constant) == lr_at(110, constant) == peak
     values = [lr_at(s, spec) for s in range(11, 111)]
     assert values == sorted(values, reverse=True)  # monotone decay after warmup
+    # Warmup-stable-decay: the peak until the last 20% of the run (from step 88), then linear to the floor.
+    wsd = make_spec(training={"max_steps": 110, "schedule": {"kind": "wsd", "warmup_steps": 10, "decay_fraction": 0.2}})
+    assert lr_at(5, wsd) == pytest.approx(peak / 2)
+    assert lr_at(10, wsd) == lr_at(50, wsd) == lr_at(88, wsd) == peak
+    assert lr_at(99, wsd) == pytest.approx(0.1 * peak + 0.5 * 0.9 * peak)
+    assert lr_at(110, wsd) == lr_at(200, wsd) == pytest.approx(0.1 * peak)
+    # Every parameter group follows the schedule from its own peak (Muon's AdamW part from adamw_lr).
+    assert scheduled_lr(99, 3e-4, wsd) == pytest.approx(lr_at(99, wsd) * 3e-4 / peak)
 
 
 def test_refuses_configurations_that_cannot_run(corpus: Path, prepared: PreparedData, tmp_path: Path) -> None:
@@ -192,6 +200,79 @@ def test_tiny_model_learns_the_pattern_and_reports_every_metric(prepared: Prepar
     assert [e["step"] for e in sink.events_of("checkpoint")] == [0, 30, 60]
     assert result.checkpoint == tmp_path / "run" / "checkpoints" / "step-000060"
     assert json.loads((tmp_path / "run" / "spec.json").read_text()) == spec.model_dump(mode="json")
+
+
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "adamw": {"lr": 1e-2},
+    "adafactor": {"name": "adafactor", "lr": 0.1},
+    "sgd": {"name": "sgd", "lr": 0.3},
+    "muon": {"name": "muon", "lr": 0.02, "adamw_lr": 1e-2},
+}
+
+
+def _assert_same_state(a: Any, b: Any, where: str = "") -> None:
+    """Nested optimizer state dicts equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_each_optimizer_trains_the_tiny_model_down_and_resumes_exactly(
+    name: str, prepared: PreparedData, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        training={
+            "optimizer": OPTIMIZERS[name],
+            "schedule": {"kind": "wsd", "warmup_steps": 2},
+            "checkpoint_interval": 5,
+        }
+    )
+    whole = MemorySink()
+    assert train(spec, prepared, tmp_path / "whole", whole).status == "completed"
+    loss = losses(whole)
+    first, last = [loss[s] for s in (1, 2, 3)], [loss[s] for s in (18, 19, 20)]
+    assert sum(last) < 0.5 * sum(first), (first, last)  # measured: 5.6 -> 0.7 (sgd) .. 2.2 (adafactor)
+
+    # Stop at step 7 (between checkpoints), resume: the same steps as the uninterrupted run, bit for bit.
+    split_first = MemorySink()
+    assert train(spec, prepared, tmp_path / "split", split_first, stop_after_step=7).step == 7
+    split_second = MemorySink()
+    assert train(spec, prepared, tmp_path / "split", split_second).status == "completed"
+    assert split_second.events_of("resume")[0]["step"] == 7
+    assert {**losses(split_first), **losses(split_second)} == loss
+    a, b = tmp_path / "whole" / "checkpoints" / "step-000020", tmp_path / "split" / "checkpoints" / "step-000020"
+    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    state_a = torch.load(a / "optimizer.pt", weights_only=True)["optimizer"]
+    _assert_same_state(state_a, torch.load(b / "optimizer.pt", weights_only=True)["optimizer"])
+    if name == "muon":
+        # Muon's matrices and AdamW's rest each follow the schedule from their own peak.
+        assert set(state_a) == {"muon", "muon_experts", "adamw"}
+        assert state_a["muon"]["param_groups"][0]["lr"] == scheduled_lr(20, 0.02, spec)
+        assert state_a["adamw"]["param_groups"][0]["lr"] == scheduled_lr(20, 1e-2, spec)
+
+
+def test_multi_token_prediction_streams_its_loss(prepared: PreparedData, tmp_path: Path) -> None:
+    spec = make_spec(model={"mtp_depth": 1}, training={"max_steps": 6, "eval_interval": 6})
+    sink = MemorySink()
+    assert train(spec, prepared, tmp_path / "run", sink).status == "completed"
+    mtp = dict(sink.series("mtp_loss"))
+    assert sorted(mtp) == list(range(1, 7)) and all(math.isfinite(v) and v > 0 for v in mtp.values())
+    assert mtp[6] < mtp[1]  # the modules learn too
+    plain = MemorySink()
+    train(make_spec(training={"max_steps": 2}), prepared, tmp_path / "plain", plain)
+    assert not plain.series("mtp_loss")  # no metric without MTP
 
 
 def test_classification_reports_accuracy(tmp_path: Path) -> None:

@@ -32,8 +32,9 @@ import torch
 from workers.engine.allocator import keep_freed_memory
 from workers.engine.hardware import profile_for_device
 from workers.engine.model import build_model
+from workers.engine.optimizers import as_torch_optimizer, build_optimizer
 from workers.engine.spec import Spec, load_spec
-from workers.engine.train import autocast_context, build_optimizer
+from workers.engine.train import autocast_context
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,11 @@ class TrainingSteps:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             del out, loss
         if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(as_torch_optimizer(self.optimizer))
         if t.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(as_torch_optimizer(self.optimizer))
             self.scaler.update()
         else:
             self.optimizer.step()

@@ -4,7 +4,8 @@ A checkpoint is a directory ``<root>/step-000123/`` holding:
 
 - ``model.safetensors``: the model's ``state_dict`` (parameters and persistent buffers, so the aux-free
   router biases); tied weights are stored once (``safetensors.torch.save_model``).
-- ``optimizer.pt``: ``{"optimizer": ..., "scaler": ...}`` (the fp16 ``GradScaler``, else None).
+- ``optimizer.pt``: ``{"optimizer": ..., "scaler": ...}``: the optimizer's ``state_dict()`` (one torch optimizer's,
+  or ``{part: state dict}`` for Muon's ``OptimizerSet``) and the fp16 ``GradScaler``'s (else None).
 - ``rng.pt``: Python, NumPy, torch CPU and (when present) every CUDA generator's state.
 - ``state.json``: ``{"step", "loop": <trainer loop state>, "data": <data cursor>}``.
 - ``spec.json``: the ``Spec`` the run used.
@@ -35,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -48,6 +49,14 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _SCRATCH_PREFIXES = (".tmp-step-", ".trash-step-")
+
+
+class OptimizerState(Protocol):
+    """What a checkpoint needs of an optimizer: a ``torch.optim.Optimizer`` or an ``OptimizerSet``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 class CheckpointError(RuntimeError):
@@ -225,7 +234,7 @@ def save_checkpoint(
     step: int,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: OptimizerState,
     spec: Spec,
     loop_state: dict[str, Any],
     data_state: dict[str, Any],
@@ -313,7 +322,7 @@ def load_checkpoint(
     path: str | os.PathLike[str],
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: OptimizerState | None = None,
     scaler: torch.amp.GradScaler | None = None,
     restore_rng: bool = True,
     verify: bool = True,

@@ -1,8 +1,9 @@
 """The training loop: one function, ``train(spec, data, out_dir, sink)``, readable top to bottom.
 
-Per optimizer step: set the LR from the pure schedule ``lr_at(step, spec)`` (times the plateau scale), run
-``grad_accum_steps`` micro-batches under autocast, check the loss for anomalies, unscale/clip the global
-gradient norm, step AdamW, update the aux-free router biases, log, evaluate every ``eval_interval``,
+Per optimizer step: set the LR from the pure schedule ``lr_at(step, spec)`` (times the plateau scale; every
+parameter group follows the same schedule from its own peak, see ``scheduled_lr``), run ``grad_accum_steps``
+micro-batches under autocast, check the loss for anomalies, unscale/clip the global gradient norm, step the
+optimizer (``workers.engine.optimizers``), update the aux-free router biases, log, evaluate every ``eval_interval``,
 react to plateaus, and checkpoint every ``checkpoint_interval``. Anomalies (and rollbacks) and plateaus (and
 early stopping) are judged by the loop's two collaborators in ``workers.engine.interventions``.
 
@@ -16,7 +17,9 @@ Run directory ``out_dir`` (its names are ``workers.engine.layout.RunLayout``'s):
 Metrics (``sink.emit(step, ...)``), every ``log_interval`` steps:
 
 - ``loss``: the task loss of this step (mean over micro-batches; what ``val_loss`` compares with);
-  ``aux_loss``: balance loss + router z-loss (``loss + aux_loss`` is what backward minimises);
+  ``aux_loss``: balance loss + router z-loss (``loss + aux_loss`` is what backward minimises, plus
+  ``mtp_loss_weight × mtp_loss`` with multi-token prediction);
+- ``mtp_loss`` (only with ``model.mtp_depth > 0``): the mean cross-entropy of the MTP modules, unweighted;
 - ``lr``, ``grad_norm`` (global, before clipping), ``tokens_per_s``, ``step_time_s`` (means over the
   steps since the previous log, counting training steps only, not evaluations or checkpoints),
   ``memory_bytes`` (CUDA max allocated, or process RSS on CPU), ``dropped_fraction``,
@@ -57,7 +60,7 @@ from typing import Any, Literal
 import numpy as np
 import psutil
 import torch
-from torch import nn
+from pydantic import ValidationError
 
 from workers.engine.allocator import keep_freed_memory
 from workers.engine.checkpoint import (
@@ -79,8 +82,9 @@ from workers.engine.data import (
 from workers.engine.interventions import Anomaly, AnomalyGuard, PlateauWatch
 from workers.engine.layout import RunLayout
 from workers.engine.model import ModelOutput, MoETransformer, build_model
+from workers.engine.optimizers import as_torch_optimizer, build_optimizer, peak_learning_rates
 from workers.engine.sinks import MetricsSink
-from workers.engine.spec import Spec
+from workers.engine.spec import Spec, load_spec
 
 TrainStatus = Literal["completed", "early_stopped", "stopped", "preempted", "failed"]
 
@@ -167,13 +171,14 @@ class LoopState:
 # --------------------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, spec: Spec) -> float:
-    """Learning rate of optimizer step ``step`` (1-based, the number its metrics are logged under).
+def scheduled_lr(step: int, peak: float, spec: Spec) -> float:
+    """The learning rate of optimizer step ``step`` (1-based) for a parameter group whose peak is ``peak``.
 
-    Linear warmup to the peak over ``warmup_steps`` (step ``warmup_steps`` is at the peak), then
-    ``cosine`` or ``linear`` decay reaching ``peak * min_lr_ratio`` at ``max_steps``, or ``constant``.
+    Linear warmup to the peak over ``warmup_steps`` (step ``warmup_steps`` is at the peak), then ``cosine`` or
+    ``linear`` decay reaching ``peak * min_lr_ratio`` at ``max_steps``, ``constant``, or ``wsd``
+    (warmup-stable-decay): the peak until the last ``decay_fraction`` of ``max_steps`` (never before warmup
+    ends), then linear to the floor at ``max_steps``. Past ``max_steps`` the rate stays at the floor.
     """
-    peak = spec.training.optimizer.lr
     schedule = spec.training.schedule
     warmup = schedule.warmup_steps
     if step <= warmup:
@@ -181,10 +186,23 @@ def lr_at(step: int, spec: Spec) -> float:
     if schedule.kind == "constant":
         return peak
     floor = peak * schedule.min_lr_ratio
-    progress = min(1.0, (step - warmup) / max(1, spec.training.max_steps - warmup))
+    max_steps = spec.training.max_steps
+    if schedule.kind == "wsd":
+        decay_start = max(warmup, max_steps - math.ceil(schedule.decay_fraction * max_steps))
+        if step <= decay_start:
+            return peak
+        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        return peak - (peak - floor) * progress
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     if schedule.kind == "cosine":
         return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
     return peak - (peak - floor) * progress
+
+
+def lr_at(step: int, spec: Spec) -> float:
+    """Learning rate of optimizer step ``step`` (1-based, the number its metrics are logged under): the schedule
+    of ``scheduled_lr`` from ``training.optimizer.lr`` (Muon's AdamW part follows it from ``adamw_lr``)."""
+    return scheduled_lr(step, spec.training.optimizer.lr, spec)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -212,32 +230,6 @@ def autocast_context(spec: Spec, device: torch.device) -> Callable[[], contextli
         raise EngineConfigError("this GPU does not support bf16; use fp16 or fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def build_optimizer(model: nn.Module, spec: Spec, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: not on norms, biases or embeddings.
-
-    ``fused=True`` (one kernel for all parameters; on CPU it takes ~1/7 of the default's time at 64
-    experts, see STACK.md) whenever torch supports it on the device.
-    """
-    o = spec.training.optimizer
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.ndim >= 2 and id(param) not in embedding_params else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": o.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = {"lr": o.lr, "betas": o.betas, "eps": o.eps}
-    try:
-        return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **kwargs)
-    except (RuntimeError, ValueError):
-        # Older torch or an unusual dtype: the multi-tensor path is correct, only slower.
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
@@ -407,6 +399,7 @@ class _StepOutcome:
     aux_loss: float
     grad_norm: float
     dropped_fraction: float
+    mtp_loss: float | None  # None without multi-token prediction
     expert_load: list[list[float]]  # (num_moe_layers, E)
     micro_batches: list[int]  # the micro-batch numbers this step trained on
     anomaly: Anomaly | None = None  # why the step was refused (not applied), if it was
@@ -439,6 +432,7 @@ class _Trainer:
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.model.train()
         self.optimizer = build_optimizer(self.model, spec, device)
+        self.peak_lrs = peak_learning_rates(self.optimizer)  # before a checkpoint's groups replace them
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.batches = Batches(prepared, "train", t.batch_size, spec.data.seq_len, t.seed)
         self.state = LoopState.initial(spec)
@@ -482,9 +476,14 @@ class _Trainer:
     def _restore(self, path: Path) -> LoadedCheckpoint:
         # A previous run may have saved a different architecture or data settings; its weights, cursor
         # and token ids would then be meaningless here. Training settings may change (e.g. max_steps).
-        saved = checkpoint_spec(path)
+        # Compared as validated specs: fields added to the schema since the checkpoint was written take their
+        # defaults, which keep the behaviour the run had.
+        try:
+            saved = load_spec(checkpoint_spec(path))
+        except ValidationError as exc:
+            raise EngineConfigError(f"checkpoint {path.name} holds a spec that no longer validates: {exc}") from None
         for section in ("model", "data"):
-            if saved.get(section) != getattr(self.spec, section).model_dump(mode="json"):
+            if getattr(saved, section) != getattr(self.spec, section):
                 raise EngineConfigError(
                     f"checkpoint {path.name} was trained with a different '{section}' section; "
                     "train into a new directory"
@@ -553,15 +552,15 @@ class _Trainer:
     def _train_step(self) -> _StepOutcome:
         t = self.spec.training
         step = self.state.step + 1
-        lr = lr_at(step, self.spec) * self.state.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
+            group["lr"] = scheduled_lr(step, peak, self.spec) * self.state.lr_scale
 
         accum = t.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)
         task_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
         dropped_sum = torch.zeros((), device=self.device)
+        mtp_sum = torch.zeros((), device=self.device)
         load_sum: torch.Tensor | None = None
         numbers = []
         for micro in range(accum):
@@ -583,6 +582,8 @@ class _Trainer:
             task_sum += out.task_loss.detach().float()
             aux_sum += out.aux_loss.detach().float()
             dropped_sum += out.dropped_fraction.detach().float()
+            if out.mtp_loss is not None:
+                mtp_sum += out.mtp_loss.detach().float()
             load = out.expert_load.detach().float()
             load_sum = load if load_sum is None else load_sum + load
 
@@ -594,6 +595,7 @@ class _Trainer:
             aux_loss=aux_sum.item() / accum,
             grad_norm=float("nan"),
             dropped_fraction=dropped_sum.item() / accum,
+            mtp_loss=mtp_sum.item() / accum if self.spec.model.mtp_depth else None,
             expert_load=[] if load_sum is None else (load_sum / accum).tolist(),
             micro_batches=numbers,
         )
@@ -604,7 +606,7 @@ class _Trainer:
             return outcome
 
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip and report the true gradient norm
+            self.scaler.unscale_(as_torch_optimizer(self.optimizer))  # clip and report the true gradient norm
         clip = self.state.grad_clip
         # max_norm=inf measures without clipping (the scale factor is clamped to exactly 1).
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf)
@@ -615,7 +617,7 @@ class _Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return outcome
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(as_torch_optimizer(self.optimizer))
             self.scaler.update()
         else:
             self.optimizer.step()
@@ -645,6 +647,8 @@ class _Trainer:
             "tokens_seen": float(self.state.tokens_seen),
             "epoch": self.batches.epoch_progress,
         }
+        if outcome.mtp_loss is not None:
+            metrics["mtp_loss"] = outcome.mtp_loss
         for keys, row in zip(self.load_keys, outcome.expert_load, strict=True):
             metrics.update(zip(keys, row, strict=True))
         self.sink.emit(self.state.step, metrics)
