@@ -92,3 +92,24 @@ def env_url(name: str, default: str, schemes: tuple[str, ...], environ: Mapping[
     if not sep or scheme not in schemes or not rest:
         raise ImproperlyConfigured(f"{name}={value!r} is not a URL with scheme {' or '.join(schemes)}")
     return value
+
+
+# The periods of a rate, by the words DRF's throttles accept ("10/min", "100/hour", "5/s").
+RATE_PERIODS = {
+    **dict.fromkeys(("s", "sec", "second"), 1),
+    **dict.fromkeys(("m", "min", "minute"), 60),
+    **dict.fromkeys(("h", "hour"), 3600),
+    **dict.fromkeys(("d", "day"), 86400),
+}
+
+
+def env_rate(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+    """A rate ``"<count>/<period>"`` (period s/sec/second, m/min/minute, h/hour, d/day; count ≥ 1), as DRF's
+    throttles write it."""
+    value = env_str(name, default, environ)
+    count, sep, period = value.partition("/")
+    if not sep or not count.strip().isdigit() or int(count) < 1 or period.strip() not in RATE_PERIODS:
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a rate like 10/min (a count of at least 1, then s, min, hour or day)"
+        )
+    return f"{int(count)}/{period.strip()}"

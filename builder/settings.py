@@ -15,7 +15,7 @@ from typing import Any
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from builder.env import env_bool, env_choice, env_int, env_list, env_str, env_url
+from builder.env import env_bool, env_choice, env_int, env_list, env_rate, env_str, env_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -133,6 +133,17 @@ CHANNEL_LAYERS = {
             "capacity": env_int("CHANNEL_CAPACITY", 2000, minimum=100),
             "expiry": 60,
         },
+    }
+}
+
+# The cache holds the rate-limit counters (builder.core.ratelimit): Redis, so that every web process counts into
+# the same counters. Short timeouts: a limit lets requests through while Redis is unreachable rather than hang them.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "cache",
+        "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
     }
 }
 
@@ -305,6 +316,16 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     # Every app's refusals (builder.core.errors.Refusal) become responses here, in one place.
     "EXCEPTION_HANDLER": "builder.core.errors.exception_handler",
+    # Rate limits (builder.core.ratelimit; 429 with Retry-After past them), for the API and the forms alike:
+    # failed sign-ins (form or token) per client address and username, job submissions per user.
+    "DEFAULT_THROTTLE_RATES": {
+        "signin": env_rate("SIGNIN_FAILURE_RATE", "20/hour"),
+        "jobs": env_rate("JOB_SUBMISSION_RATE", "60/hour"),
+    },
+    # Proxies in front of the web server whose X-Forwarded-For is trusted for the client's address (rate limits,
+    # the audit log); 0 (the default) uses the connection's address. Never unset: DRF would then take the whole
+    # header, which any client can write, and escape its rate limit by changing it.
+    "NUM_PROXIES": env_int("NUM_PROXIES", 0, minimum=0, maximum=10),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "MoE Builder API",

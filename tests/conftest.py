@@ -33,6 +33,16 @@ def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> No
         settings.DATABASES["default"]["TEST"]["NAME"] = str(path)
 
 
+@pytest.fixture(autouse=True)
+def _cache_of_its_own(settings: Any) -> None:
+    """Each test counts rate limits in a cache of its own (a local one), so that no test is throttled by the
+    attempts of another, nor by a Redis left over from ``make run``. Tests of the limits themselves point
+    ``CACHES`` at a real Redis (tests/builder/test_rate_limits.py); the services' processes use their Redis."""
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": os.urandom(8).hex()}
+    }
+
+
 @pytest.fixture(scope="session")
 def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from django.test.signals import setting_changed

@@ -20,6 +20,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from builder.accounts import audit
+from builder.accounts.models import AuditAction
 from builder.configs import serializers as s
 from builder.configs.models import Config, ConfigVersion, HardwareCalibration, VersionSource
 from builder.configs.presets import PRESETS
@@ -117,7 +119,10 @@ class ConfigDetailView(PathErrorView):
 
     @extend_schema(responses={204: None}, summary="Delete a config and all its versions")
     def delete(self, request: Request, config_id: int) -> Response:
-        _config_for(request, config_id).delete()
+        config = _config_for(request, config_id)
+        target = audit.Target.of(config)
+        config.delete()
+        audit.record(request, AuditAction.DELETION, target)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

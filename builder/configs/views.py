@@ -17,6 +17,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from builder.accounts import audit
+from builder.accounts.models import AuditAction
 from builder.configs.forms import STEPS, TWEAKS, SaveForm, WizardForm, apply_tweaks, read_tweaks
 from builder.configs.models import Config, VersionSource
 from builder.configs.presets import PRESETS
@@ -133,7 +135,10 @@ def detail(request: HttpRequest, config_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def delete(request: HttpRequest, config_id: int) -> HttpResponse:
-    get_object_or_404(visible_configs(request.user), pk=config_id).delete()
+    config = get_object_or_404(visible_configs(request.user), pk=config_id)
+    target = audit.Target.of(config)
+    config.delete()
+    audit.record(request, AuditAction.DELETION, target)
     return redirect("configs:index")
 
 

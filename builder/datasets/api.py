@@ -26,6 +26,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from builder.accounts import audit
+from builder.accounts.models import AuditAction
 from builder.core.errors import NON_FIELD, Refusal
 from builder.core.parsers import BoundedJSONParser
 from builder.datasets import services, storage, uploads
@@ -103,7 +105,9 @@ class DatasetDetailView(APIView):
     def delete(self, request: Request, dataset_id: int) -> Response:
         dataset = services.get_visible_dataset(request.user, dataset_id)
         services.require_owner(request.user, dataset, "deleted")
+        target = audit.Target.of(dataset)
         services.delete_dataset(dataset)
+        audit.record(request, AuditAction.DELETION, target)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -151,15 +155,17 @@ class DatasetDownloadView(APIView):
     )
     def get(self, request: Request, dataset_id: int) -> HttpResponseBase:
         dataset = services.get_visible_dataset(request.user, dataset_id)
-        return download(dataset, request.query_params.get("part", ""))
+        return download(request, dataset, request.query_params.get("part", ""))
 
 
-def download(dataset: Dataset, part: str) -> HttpResponseBase:
-    """The file of ``part`` (default: the only part, or train); 404 for a part the dataset does not have."""
+def download(request: Any, dataset: Dataset, part: str) -> HttpResponseBase:
+    """The file of ``part`` (default: the only part, or train); 404 for a part the dataset does not have. The
+    download is in the audit log (of the downloader, and of the owner)."""
     parts = dataset.parts
     part = part or next(iter(parts), "")
     if part not in parts:
         raise Http404(f"this dataset has no part {part!r}" if part else "this dataset has no file")
+    audit.record(request, AuditAction.DOWNLOAD, dataset, part=part)
     stem = dataset.original_filename.rsplit(".", 1)[0] if dataset.original_filename else f"dataset-{dataset.pk}"
     suffix = "jsonl" if dataset.format == "jsonl" else dataset.format
     filename = f"{stem}.{suffix}" if part == "data" else f"{stem}-v{dataset.version}-{part}.{suffix}"

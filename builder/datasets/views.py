@@ -20,6 +20,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from pydantic import ValidationError as PydanticValidationError
 
+from builder.accounts import audit
+from builder.accounts.models import AuditAction
 from builder.core.errors import Refusal
 from builder.datasets import api, charts, services
 from builder.datasets.cleaning import REMOVAL_REASONS, CleaningOptions
@@ -150,7 +152,7 @@ def dataset_status(request: HttpRequest, dataset_id: int) -> HttpResponse:
 @require_GET
 def dataset_download(request: HttpRequest, dataset_id: int, part: str) -> HttpResponseBase:
     dataset = services.get_visible_dataset(request.user, dataset_id)
-    return api.download(dataset, part)
+    return api.download(request, dataset, part)
 
 
 @login_required
@@ -205,9 +207,11 @@ def dataset_delete(request: HttpRequest, dataset_id: int) -> HttpResponse:
     dataset = services.get_visible_dataset(request.user, dataset_id)
     try:
         services.require_owner(request.user, dataset, "deleted")
+        target = audit.Target.of(dataset)
         services.delete_dataset(dataset)
     except Refusal as exc:
         _refusal_message(request, exc)
         return redirect("datasets:detail", dataset_id=dataset.pk)
+    audit.record(request, AuditAction.DELETION, target)
     messages.success(request, f"Deleted {dataset.name!r}.")
     return HttpResponseRedirect(reverse("datasets:list"))

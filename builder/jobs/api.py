@@ -16,6 +16,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from builder.accounts import audit
+from builder.accounts.models import AuditAction
 from builder.core.errors import Refusal
 from builder.jobs import history, lifecycle
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
@@ -23,6 +25,7 @@ from builder.jobs.files import job_layout
 from builder.jobs.models import JobEvent
 from builder.jobs.serializers import JobCreateSerializer, JobSerializer, MetricsPageSerializer
 from builder.jobs.submit import resume_job, submit_job
+from builder.jobs.throttling import SubmissionThrottle
 
 
 def _int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
@@ -39,6 +42,10 @@ def _int_param(request: Request, name: str, default: int, minimum: int = 0, maxi
 
 
 class JobListView(APIView):
+    def get_throttles(self) -> list[Any]:
+        # Submissions are limited; reading the list is not.
+        return [SubmissionThrottle()] if self.request.method == "POST" else super().get_throttles()
+
     @extend_schema(responses=JobSerializer(many=True), summary="Jobs you own or that are shared with you")
     def get(self, request: Request) -> Response:
         jobs = visible_jobs(request.user).select_related("owner")[:200]
@@ -49,12 +56,14 @@ class JobListView(APIView):
         responses={201: JobSerializer},
         summary="Submit a training job",
         description="The job is queued on `gpu` (default) or `cpu` and dispatched once it is stored. 400 names the "
-        "field at fault; `non_field_errors` when you already have JOBS_MAX_ACTIVE_PER_USER active jobs.",
+        "field at fault; `non_field_errors` when you already have JOBS_MAX_ACTIVE_PER_USER active jobs. 429 (with "
+        "Retry-After) past the submission rate (JOB_SUBMISSION_RATE, per user).",
     )
     def post(self, request: Request) -> Response:
         serializer = JobCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
         job = submit_job(request.user, serializer.submission())
+        audit.record(request, AuditAction.JOB_LAUNCHED, job, queue=job.queue)
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
 
@@ -116,6 +125,7 @@ class JobMetricsCsvView(APIView):
     @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR}, summary="The metric record as CSV")
     def get(self, request: Request, job_id: int) -> StreamingHttpResponse:
         job = get_visible_job(request.user, job_id)
+        audit.record(request, AuditAction.DOWNLOAD, job, file="metrics.csv")
         response = StreamingHttpResponse(history.csv_rows(job), content_type="text/csv")
         response["Content-Disposition"] = f'attachment; filename="job-{job.pk}-metrics.csv"'
         return response
@@ -134,6 +144,7 @@ class JobTensorBoardView(APIView):
         with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
             archive.add(folder, arcname=f"job-{job.pk}-tensorboard")
         buffer.seek(0)
+        audit.record(request, AuditAction.DOWNLOAD, job, file="tensorboard.tar.gz")
         return FileResponse(buffer, as_attachment=True, filename=f"job-{job.pk}-tensorboard.tar.gz")
 
 

@@ -18,13 +18,17 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 from pydantic import ValidationError
 
+from builder.accounts import audit
+from builder.accounts.models import AuditAction
 from builder.core.errors import Refusal
+from builder.core.ratelimit import retry_message
 from builder.jobs import history
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
 from builder.jobs.forms import LaunchForm
 from builder.jobs.models import ACTIVE_STATES, MetricPoint
 from builder.jobs.serializers import job_summary
 from builder.jobs.submit import submit_job
+from builder.jobs.throttling import submission_wait
 from workers.engine.spec import load_spec
 
 LIST_LIMIT = 200
@@ -150,16 +154,24 @@ def job_launch(request: HttpRequest) -> HttpResponse:
     """The launch form: a saved configuration version, a dataset (the built-in corpus by default) and a queue.
 
     GET shows it (``?config_version=<id>`` preselects one); POST creates the job and redirects to its dashboard,
-    or shows the form again with each error next to its field.
+    or shows the form again with each error next to its field; past the submission rate (shared with the API's),
+    429 with ``Retry-After`` and the form as it was.
     """
     if request.method == "POST":
         form = LaunchForm(request.user, request.POST)
+        wait = submission_wait(request.user)
+        if wait is not None:
+            form.add_refusal(Refusal("", retry_message(wait), 429))
+            response = render(request, "jobs/launch.html", {"form": form}, status=429)
+            response["Retry-After"] = str(wait)
+            return response
         if form.is_valid():
             try:
                 job = submit_job(request.user, form.submission())
             except Refusal as exc:
                 form.add_refusal(exc)
             else:
+                audit.record(request, AuditAction.JOB_LAUNCHED, job, queue=job.queue)
                 return redirect("jobs:detail", job_id=job.pk)
         status = 400
     else:

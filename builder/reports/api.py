@@ -25,6 +25,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from builder.accounts import audit
+from builder.accounts.models import AuditAction
 from builder.core.durable import WorkState
 from builder.core.errors import Refusal
 from builder.datasets.storage import download_response
@@ -116,11 +118,15 @@ class ReportSchemaView(APIView):
         return response
 
 
-def _stored_download(report: Report, name: str, content_type: str) -> HttpResponseBase:
+def _stored_download(request: Request, report: Report, name: str, content_type: str) -> HttpResponseBase:
     stored = report.artifacts.get(name) if report.state == WorkState.SUCCEEDED else None
     if not stored:
         raise Http404(f"report {report.pk} is {report.state}: its files exist once it succeeds")
     filename = f"job-{report.job_id}-step-{report.checkpoint_step}-{name}"
+    target = audit.Target(
+        "report", report.pk, f"job {report.job_id} step {report.checkpoint_step}", report.job.owner_id
+    )
+    audit.record(request, AuditAction.DOWNLOAD, target, file=name)
     return download_response(stored["storage"], filename, content_type)
 
 
@@ -141,7 +147,7 @@ class ReportFileView(APIView):
         report = get_visible_report(request.user, report_id)
         if name not in REPORT_FILES:
             raise Http404(f"no such format; choose one of {', '.join(REPORT_FILES)}")
-        return _stored_download(report, name, REPORT_FILES[name][0])
+        return _stored_download(request, report, name, REPORT_FILES[name][0])
 
 
 class ReportArtifactView(APIView):
@@ -159,7 +165,7 @@ class ReportArtifactView(APIView):
         report = get_visible_report(request.user, report_id)
         if name not in ARTIFACT_FILES:
             raise Http404(f"no such artifact; choose one of {', '.join(ARTIFACT_FILES)}")
-        return _stored_download(report, name, ARTIFACT_FILES[name][0])
+        return _stored_download(request, report, name, ARTIFACT_FILES[name][0])
 
 
 urlpatterns = [

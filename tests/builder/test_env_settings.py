@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from builder.env import env_bool, env_choice, env_int, env_list, env_str, env_url
+from builder.env import env_bool, env_choice, env_int, env_list, env_rate, env_str, env_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +32,14 @@ def test_env_defaults_apply_only_when_unset_or_blank() -> None:
     assert env_int("N", 7, environ={}) == 7
     assert env_str("S", "d", environ={"S": ""}) == "d"
     assert env_list("L", ["a"], environ={}) == ["a"]
+
+
+def test_env_rate_accepts_drf_rates_and_names_the_variable_otherwise() -> None:
+    assert env_rate("R", "10/min", environ={}) == "10/min"
+    assert env_rate("R", "10/min", environ={"R": " 5/hour "}) == "5/hour"
+    for bad in ("5", "five/min", "0/min", "5/fortnight", "-1/s"):
+        with pytest.raises(ImproperlyConfigured, match=r"^SIGNIN_FAILURE_RATE='.*' is not a rate like 10/min"):
+            env_rate("SIGNIN_FAILURE_RATE", "10/min", environ={"SIGNIN_FAILURE_RATE": bad})
 
 
 def test_env_int_checks_type_and_bounds() -> None:
