@@ -1,6 +1,7 @@
-"""ASGI entry point: HTTP through Django (request bodies refused before they are read when over their address's limit
-or sent by nobody signed in: ``builder.core.body_limits``), websockets through Channels (signed-in sessions,
-checked origin). Served by uvicorn, which hands bodies over in chunks with flow control."""
+"""ASGI entry point: HTTP through Django (request bodies refused before they are read when over their address's
+limit or sent by nobody signed in: ``builder.core.body_limits``), websockets through Channels (signed-in sessions,
+checked origin, port included: ``builder.core.origin``). Served by uvicorn, which hands bodies over in chunks with
+flow control."""
 
 import os
 
@@ -15,11 +16,16 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from builder.core.body_limits import RequestBodyLimits  # noqa: E402
+from builder.core.origin import SameOriginValidator  # noqa: E402
 from builder.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": RequestBodyLimits(django_asgi_app),
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # The Origin's host must be allowed, and the Origin must be the address the socket was opened to (its port
+        # included), or a trusted origin.
+        "websocket": AllowedHostsOriginValidator(
+            SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+        ),
     }
 )

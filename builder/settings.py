@@ -17,6 +17,23 @@ from django.core.exceptions import ImproperlyConfigured
 
 from builder.env import env_bool, env_choice, env_int, env_list, env_rate, env_str, env_url
 
+
+def _queue_hardware(pairs: list[str]) -> dict[str, str]:
+    """``["gpu=a100-80gb", "cpu=cpu"]`` → ``{"gpu": "a100-80gb", "cpu": "cpu"}``, every profile key checked."""
+    from workers.engine.hardware import PROFILES  # pure Python, no torch
+
+    hardware = {"gpu": "cpu", "cpu": "cpu"}
+    for pair in pairs:
+        queue, _, profile = pair.partition("=")
+        if queue not in hardware or profile not in PROFILES:
+            raise ImproperlyConfigured(
+                f"QUEUE_HARDWARE: {pair!r} must be queue=profile with a queue of gpu, cpu and a profile of "
+                f"{', '.join(sorted(PROFILES))}"
+            )
+        hardware[queue] = profile
+    return hardware
+
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var"))).resolve()
 
@@ -191,6 +208,10 @@ JOB_LEASE_SECONDS = env_int("JOB_LEASE_SECONDS", 45, minimum=2)
 if JOB_LEASE_SECONDS <= 2 * JOB_HEARTBEAT_SECONDS:
     raise ImproperlyConfigured("JOB_LEASE_SECONDS must be more than twice JOB_HEARTBEAT_SECONDS")
 JOBS_MAX_ACTIVE_PER_USER = env_int("JOBS_MAX_ACTIVE_PER_USER", 3, minimum=1)
+# The hardware each queue's workers train on (a profile key of workers.engine.hardware), as ``queue=profile`` pairs:
+# a launch whose predicted peak memory cannot fit it is refused before dispatch, with the estimate and the fix.
+# Default: this machine's CPU for both (the embedded platform trains on the CPU without a GPU).
+QUEUE_HARDWARE = _queue_hardware(env_list("QUEUE_HARDWARE", ["gpu=cpu", "cpu=cpu"]))
 # Where workers keep job folders (checkpoints, TensorBoard logs, tokenized data) while they train.
 JOBS_WORK_DIR = Path(env_str("JOBS_WORK_DIR", str(VAR_DIR / "jobs"))).resolve()
 # A hardware calibration (a few timed training steps) still "running" after this long lost its worker.

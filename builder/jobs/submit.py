@@ -92,6 +92,7 @@ def submit_job(owner: Any, submission: Submission) -> Job:
     version = submission.config_version
     raw_spec = version.spec if version is not None else submission.spec
     spec = resolve_spec(raw_spec, submission.dataset)
+    check_fits(spec, submission.queue)
     with transaction.atomic():
         check_active_limit(owner)
         job = Job.objects.create(
@@ -107,6 +108,18 @@ def submit_job(owner: Any, submission: Submission) -> Job:
         lifecycle.add_event(job.pk, "state", {"from": None, "to": "queued", "reason": "submitted"})
         lifecycle.dispatch(job)
     return job
+
+
+def check_fits(spec: dict[str, Any], queue: str) -> None:
+    """Refuse a spec whose predicted peak memory does not fit the hardware of ``queue`` (``QUEUE_HARDWARE``): it
+    would only fail on the worker, after waiting its turn. The refusal carries the estimate and the fix."""
+    from workers.engine.estimate import estimate
+    from workers.engine.hardware import get_profile
+
+    hardware = get_profile(settings.QUEUE_HARDWARE[queue])
+    risk = estimate(load_spec(spec), hardware).risk
+    if risk.level == "will_not_fit":
+        raise Refusal("spec", f"it cannot train on the {queue} queue's hardware ({hardware.name}). {risk.message}")
 
 
 def check_active_limit(owner: Any) -> None:
