@@ -19,6 +19,7 @@ from builder.configs.models import HardwareCalibration
 from builder.configs.services import stored_spec
 from builder.configs.work import CALIBRATIONS
 from builder.core.durable import Heartbeat, WorkState
+from builder.core.redaction import describe_failure, hide_server_paths
 from workers.engine.estimate import estimate_time
 from workers.engine.hardware import get_profile
 from workers.engine.spec import Spec, load_spec
@@ -62,7 +63,7 @@ def run_calibration(calibration_id: int, worker: str) -> dict[str, Any]:
         log.exception("calibration %s failed", calibration_id)
         outcome = {
             "state": WorkState.FAILED,
-            "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"[:4000],
+            "error": hide_server_paths(f"{describe_failure(exc)}\n{traceback.format_exc(limit=3)}")[:4000],
         }
     # Fenced: a worker presumed dead (its calibration reaped and run elsewhere) records nothing.
     if not CALIBRATIONS.finish(claimed, **outcome):

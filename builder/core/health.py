@@ -17,6 +17,8 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import connection
 
+from builder.core.redaction import describe_failure
+
 CheckResult = dict[str, Any]
 
 
@@ -25,7 +27,7 @@ def _timed(fn: Callable[[], dict[str, Any]]) -> CheckResult:
     try:
         result = {"ok": True, **fn()}
     except Exception as exc:  # a health check reports every failure instead of raising it
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        result = {"ok": False, "error": describe_failure(exc)}
     result["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
     return result
 

@@ -22,6 +22,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from builder.core.durable import Claim, Heartbeat, this_worker
+from builder.core.redaction import describe_failure
 from builder.datasets import storage
 from builder.datasets.analysis import Source, analyze
 from builder.datasets.cleaning import CleaningError, CleaningOptions, clean
@@ -111,7 +112,7 @@ def _analyze(dataset: Dataset, claim: Claim) -> dict[str, Any]:
         return {"dataset": dataset_id, "outcome": "invalid", "line": exc.line, "message": exc.message}
     except Exception as exc:  # storage down, a bug: recorded on the row, so the page says what happened
         log.exception("analysis of dataset %s failed", dataset_id)
-        _finish(claim, DatasetState.FAILED, error_message=f"{type(exc).__name__}: {exc}")
+        _finish(claim, DatasetState.FAILED, error_message=describe_failure(exc))
         return {"dataset": dataset_id, "outcome": "failed", "error": str(exc)}
     _finish(
         claim,
@@ -179,7 +180,7 @@ def _clean(dataset: Dataset, claim: Claim) -> dict[str, Any]:
         return {"dataset": dataset_id, "outcome": "failed", "error": message}
     except Exception as exc:
         log.exception("cleaning of dataset %s failed", dataset_id)
-        message = f"{type(exc).__name__}: {exc}"
+        message = describe_failure(exc)
         _finish(claim, DatasetState.FAILED, size_bytes=0, error_message=message)
         return {"dataset": dataset_id, "outcome": "failed", "error": str(exc)}
     # The same claim goes on to validate and describe the cleaned data.

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 
 from builder.core.durable import Heartbeat
+from builder.core.redaction import describe_failure, hide_server_paths
 from builder.jobs import lifecycle
 from builder.jobs.files import claim_folder, resolve_data
 from builder.jobs.models import Job, JobState
@@ -109,10 +110,10 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         except Exception:  # the same failure, raised again by the sink: already being reported
             log.warning("job %s: the metrics sink failed while closing", job_id, exc_info=True)
         beat.stop()
-        message = f"{type(exc).__name__}: {exc}"
-        lifecycle.add_event(
-            job_id, "error", {"message": message, "traceback": traceback.format_exc(limit=8)}, token=lease.token
-        )
+        message = describe_failure(exc)
+        # For the job's owner: what failed and where in the code, without the server's paths (builder.core.redaction).
+        trace = hide_server_paths(traceback.format_exc(limit=8), layout.root)
+        lifecycle.add_event(job_id, "error", {"message": message, "traceback": trace}, token=lease.token)
         lifecycle.transition(job_id, JobState.FAILED, token=lease.token, reason=message, error=message)
         return {"job": job_id, "outcome": "failed", "error": message}
     beat.stop()
@@ -125,15 +126,18 @@ def record_outcome(
     """Map the engine's result onto the job's state (fenced: a worker that lost the lease records nothing).
 
     ``train_seconds`` is how long this attempt's ``train()`` call and the last metric writes took (data
-    preparation excluded).
+    preparation excluded). The summary names the last checkpoint by its step (``checkpoint_step``), never by its
+    folder on this worker: the summary is the job's ``result``, which the API shows.
     """
+    from workers.engine.checkpoint import checkpoint_step
+
     status = result.status
     summary = {
         "status": status,
         "step": result.step,
         "best_val_loss": result.best_val_loss,
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-        "reason": result.reason,
+        "checkpoint_step": checkpoint_step(result.checkpoint) if result.checkpoint else None,
+        "reason": hide_server_paths(result.reason),
         "train_seconds": None if train_seconds is None else round(train_seconds, 3),
     }
     if lost:

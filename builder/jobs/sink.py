@@ -23,7 +23,9 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models import F
 
+from builder.core.redaction import hide_server_paths
 from builder.jobs import lifecycle
+from builder.jobs.files import job_layout
 from builder.jobs.models import Job, MetricPoint
 from workers.engine.sinks import REPLAY_EVENTS, MetricsSink
 
@@ -60,6 +62,8 @@ class DatabaseStreamSink:
     def __init__(self, lease: lifecycle.Lease, flush_interval: float = 1.0) -> None:
         self.lease = lease
         self.flush_interval = flush_interval
+        # Events name local paths (a checkpoint's folder): stored relative to the job's folder (builder.core.redaction).
+        self._job_folder = job_layout(lease.job_id).root
         self._buffer: list[tuple[int, str, float]] = []
         self._last_flush = time.monotonic()
         self._started = False
@@ -81,7 +85,8 @@ class DatabaseStreamSink:
         # Points first, so that an event never arrives before the points it refers to.
         self.flush()
         event_step = step if step is not None else int(data.get("step", 0) or 0)
-        if not lifecycle.add_event(self.lease.job_id, kind, _jsonable(data), step=event_step, token=self.lease.token):
+        stored = hide_server_paths(_jsonable(data), self._job_folder)
+        if not lifecycle.add_event(self.lease.job_id, kind, stored, step=event_step, token=self.lease.token):
             self.lost = True
         if self.lost:
             return

@@ -34,6 +34,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from builder.core.errors import Refusal, error_frame
+from builder.core.redaction import describe_failure
 from builder.jobs.consumers import json_object, visible_job_or_close
 from builder.reports import playground
 
@@ -78,7 +79,7 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
             return
         except Exception as exc:  # a checkpoint that does not verify, a missing tokenizer: say so, stay open
             log.warning("playground of job %s could not load step %s", self.job_id, source.step, exc_info=True)
-            failure = Refusal("report", f"the checkpoint could not be loaded: {type(exc).__name__}: {exc}")
+            failure = Refusal("report", f"the checkpoint could not be loaded: {describe_failure(exc)}")
             await self._send(error_frame(failure))
             return
         self.task = inference.spec.model.task
@@ -151,7 +152,7 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
                 await self._generate(inference, request, began)
         except Exception as exc:  # never a crashed socket: the client hears what went wrong
             log.warning("playground request on job %s failed", self.job_id, exc_info=True)
-            await self._send(error_frame(Refusal("", f"{type(exc).__name__}: {exc}")))
+            await self._send(error_frame(Refusal("", describe_failure(exc))))
 
     async def _classify(self, inference: Any, request: playground.ClassifyRequest, began: float) -> None:
         from workers.engine.evaluate import classify

@@ -27,6 +27,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from builder.core.durable import Heartbeat, WorkState
+from builder.core.redaction import describe_failure
 from builder.datasets.storage import save_local_file
 from builder.jobs.files import job_layout, resolve_data
 from builder.reports import render
@@ -150,7 +151,7 @@ def run_report(report_id: int, worker: str) -> dict[str, Any]:
             outcome = _compute(report)
     except Exception as exc:
         log.exception("report %s failed", report_id)
-        message = f"{type(exc).__name__}: {exc}"
+        message = describe_failure(exc)
         # The reason for the people who read the report; the traceback is in the worker's log (above).
         REPORTS.finish(taken, WorkState.FAILED, error=message)
         return {"report": report_id, "outcome": "failed", "error": message}
