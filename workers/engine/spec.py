@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    Strict,
     Tag,
     ValidationError,
     field_validator,
@@ -37,7 +38,11 @@ BYTE_VOCAB_SIZE = 256 + len(BYTE_SPECIAL_TOKENS)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+    """Every section: unknown fields are refused, and values are not coerced (strict mode): ``"2"`` and ``true`` are
+    not integers, ``1`` is not a boolean. A person who wrote them meant something the spec cannot guess; the error
+    names the field. (An integer is still a number where a float is asked for.)"""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False, strict=True)
 
 
 class MoESpec(_Strict):
@@ -239,7 +244,8 @@ class ModelSpec(_Strict):
         return max(0, self.num_layers - self.moe.first_dense_layers)
 
 
-Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+# Each beta is checked strictly (a number); the pair may come as a JSON list (strict mode wants a Python tuple).
+Beta = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
 
 
 _OPTIMIZER_NAME = "Optimizer: adamw (the default when name is left out), adafactor, sgd or muon."
@@ -250,7 +256,7 @@ class AdamWSpec(_Strict):
 
     name: Literal["adamw"] = Field("adamw", description=_OPTIMIZER_NAME)
     lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas (each in [0, 1)).")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), strict=False, description="AdamW betas (each in [0, 1)).")
     eps: float = Field(1e-8, gt=0.0, le=1e-2, description="AdamW epsilon.")
     weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="Decoupled weight decay (not on norms/biases).")
 
@@ -321,7 +327,9 @@ class MuonSpec(_Strict):
     adamw_lr: float = Field(
         3e-4, gt=0.0, le=1.0, description="Peak learning rate of the AdamW part (embeddings, head, norms, router)."
     )
-    adamw_betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="Betas of the AdamW part (each in [0, 1)).")
+    adamw_betas: tuple[Beta, Beta] = Field(
+        (0.9, 0.95), strict=False, description="Betas of the AdamW part (each in [0, 1))."
+    )
     adamw_weight_decay: float = Field(
         0.1, ge=0.0, le=1.0, description="Decoupled weight decay of the AdamW part's matrices (not norms, biases)."
     )
