@@ -72,6 +72,12 @@ def test_deeply_nested_json_is_a_400_naming_the_problem_in_the_endpoints_shape(
     assert "nested deeper than 64 levels" in message
 
 
+def test_the_token_endpoint_bounds_json_too() -> None:
+    # DRF's token view names its own JSON parser; ours replaces it. Anonymous: the body is parsed before any check.
+    response = APIClient().post("/api/auth/token", DEEP_BODY, content_type="application/json")
+    assert response.status_code == 400 and "nested deeper than 64 levels" in response.json()["detail"]
+
+
 def test_json_given_as_a_form_field_is_bounded_too(alice: Any) -> None:
     # Form-encoded, the spec is text that DRF's JSONField would hand to json.loads.
     client = signed_in(alice, APIClient)
