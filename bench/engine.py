@@ -12,6 +12,12 @@ count, untied embeddings, no shared experts, and all layers MoE, so the active p
 fused AdamW (what Hugging Face's Trainer uses by default) in one process with the same allocator settings
 (freed memory kept, transparent huge pages), and transformers picks its own default kernels (recorded in
 ``hugging_face_setup``: grouped_mm experts and SDPA attention in transformers 5.24).
+
+A second section, ``deepseek_v3`` (``--deepseek-only`` runs just it, ``--no-deepseek`` skips it), times this
+engine's DeepSeek-V3 options against its own default at the same shape and 8 experts, interleaved the same way:
+multi-head latent attention and grouped-query attention against multi-head attention (tokens/s and KV-cache
+bytes per token), one multi-token prediction module against none (step time), and each optimizer (its step time
+and the state it holds, measured and as the estimator predicts).
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ import torch
 from torch import nn
 
 from workers.engine.allocator import keep_freed_memory
-from workers.engine.estimate import parameter_breakdown
-from workers.engine.model import build_model
+from workers.engine.estimate import kv_cache_bytes_per_token, optimizer_state_elements, parameter_breakdown
+from workers.engine.model import KVCache, build_model
+from workers.engine.optimizers import Optimizer, build_optimizer
 from workers.engine.spec import Spec
 
 
@@ -161,7 +168,7 @@ class Runner:
     name: str
     experts: int
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     is_ours: bool
     times: list[tuple[float, float, float]]  # per timed step: forward, backward, optimizer (seconds)
 
@@ -205,6 +212,108 @@ def measure_matmul_peak(size: int, reps: int) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def _variant(spec: Spec, model: dict[str, Any] | None = None, training: dict[str, Any] | None = None) -> Spec:
+    raw = spec.model_dump(mode="json")
+    raw["model"].update(model or {})
+    raw["training"].update(training or {})
+    return Spec.model_validate(raw)
+
+
+def deepseek_variants(shape: Shape, experts: int = 8) -> dict[str, Spec]:
+    """The engine's default at ``shape`` and its DeepSeek-V3 options, one change each. MLA is configured as
+    the Hugging Face DeepSeek-V3 model of the main section (no query compression, latent 2 x head_dim,
+    rotary and non-rotary halves of a head, values a head wide)."""
+    base = our_spec(shape, experts)
+    head_dim = shape.d_model // shape.heads
+    mla = {
+        "q_lora_rank": 0,
+        "kv_lora_rank": 2 * head_dim,
+        "qk_rope_head_dim": head_dim // 2,
+        "qk_nope_head_dim": head_dim // 2,
+        "v_head_dim": head_dim,
+    }
+    return {
+        "default": base,  # multi-head attention, no MTP, AdamW
+        "attention_gqa": _variant(base, {"attention": "gqa", "num_kv_heads": max(1, shape.heads // 4)}),
+        "attention_mla": _variant(base, {"attention": "mla", "mla": mla}),
+        "mtp_depth_1": _variant(base, {"mtp_depth": 1}),
+        **{
+            f"optimizer_{name}": _variant(base, training={"optimizer": {"name": name}})
+            for name in ("adafactor", "sgd", "muon")
+        },
+    }
+
+
+def _state_bytes(optimizer: Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for key, v in state.items()
+        if key != "step" and isinstance(v, torch.Tensor)
+    )
+
+
+def _measured_kv_bytes_per_token(spec: Spec, tokens: int = 16) -> float:
+    model = build_model(spec).eval()
+    caches = [KVCache() for _ in model.layers]
+    with torch.no_grad():
+        model.hidden_states(torch.zeros(1, tokens, dtype=torch.long), caches)
+    return sum(c.nbytes for c in caches) / tokens
+
+
+def deepseek_section(shape: Shape, rounds: int, warmup: int, ids: torch.Tensor) -> dict[str, Any]:
+    """Time the DeepSeek-V3 options (``deepseek_variants``) in interleaved rounds; medians per variant."""
+    specs = deepseek_variants(shape)
+    runners: list[Runner] = []
+    for name, spec in specs.items():
+        torch.manual_seed(0)
+        model = build_model(spec).train()
+        runners.append(Runner(name, 8, model, build_optimizer(model, spec, torch.device("cpu")), True, []))
+    for r in range(warmup + rounds):
+        shift = r % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            elapsed = runner.step(ids)
+            if r >= warmup:
+                runner.times.append(elapsed)
+        print(f"deepseek_v3 round {r + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
+    tokens = ids.numel()
+    out: dict[str, Any] = {}
+    for runner in runners:
+        spec = specs[runner.name]
+        step_s = statistics.median(sum(t) for t in runner.times)
+        entry: dict[str, Any] = {
+            "tokens_per_s": round(tokens / step_s, 1),
+            "step_ms_median": round(step_s * 1000, 1),
+            "step_ms_min": round(min(sum(t) for t in runner.times) * 1000, 1),
+            "phase_ms_median": {
+                phase: round(statistics.median(t[i] for t in runner.times) * 1000, 1) for i, phase in enumerate(PHASES)
+            },
+            "parameters": sum(p.numel() for p in runner.model.parameters()),
+            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(spec),
+            "kv_cache_bytes_per_token_measured": _measured_kv_bytes_per_token(spec),
+            "optimizer": spec.training.optimizer.name,
+            "optimizer_state_bytes": _state_bytes(runner.optimizer),
+            "optimizer_state_bytes_predicted": optimizer_state_elements(spec) * 4,
+        }
+        out[runner.name] = entry
+    default = out["default"]["step_ms_median"]
+    for entry in out.values():
+        entry["step_over_default"] = round(entry["step_ms_median"] / default, 3)
+    return out
+
+
+DEEPSEEK_NOTES = [
+    "deepseek_v3: this engine at the shape above with 8 experts (untied, no shared experts, all layers MoE, "
+    "aux-free), forward + backward + optimizer step, fp32; 'default' is multi-head attention, no MTP, fused "
+    "AdamW; every other variant changes one thing (gqa: heads/4 key/value heads; mla: kv_lora_rank 2 x head_dim, "
+    "rotary and non-rotary halves of a head, values a head wide, no query compression; mtp_depth_1; each "
+    "optimizer with its spec defaults)",
+    "kv_cache_bytes_per_token: fp32, all layers, as the estimator predicts it and as a real cache holds it",
+    "optimizer_state_bytes: the state tensors the optimizer holds after the timed steps (step counters aside), "
+    "and the estimator's prediction",
+]
+
+
 def training_flops_per_token(spec: Spec) -> float:
     """Model FLOPs per trained token: 6 x active matmul parameters + causal attention scores and values.
 
@@ -225,6 +334,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a figure")
     parser.add_argument("--no-hf", action="store_true", help="run this engine only")
+    parser.add_argument("--no-deepseek", action="store_true", help="skip the DeepSeek-V3 options section")
+    parser.add_argument("--deepseek-only", action="store_true", help="run only the DeepSeek-V3 options section")
     parser.add_argument(
         "--no-keep-freed",
         action="store_true",
@@ -277,7 +388,28 @@ def main(argv: list[str] | None = None) -> int:
     # Freed memory stays in the process, as in a training run (workers.engine.train.train): for every model
     # alike, so the figures are the engine's, not glibc's unmapping and re-faulting of large buffers.
     keep = contextlib.nullcontext(False) if args.no_keep_freed else keep_freed_memory()
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len), generator=torch.Generator().manual_seed(0))
+    device = f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads"
+    if args.deepseek_only:
+        with keep:
+            started = time.perf_counter()
+            section = deepseek_section(shape, rounds, warmup, ids)
+        only = {
+            "bench": "engine_deepseek_v3_options",
+            "quick": args.quick,
+            "device": device,
+            "torch": torch.__version__,
+            "shape": shape.__dict__,
+            "rounds": rounds,
+            "warmup": warmup,
+            "seconds": round(time.perf_counter() - started, 1),
+            "deepseek_v3": section,
+            "notes": DEEPSEEK_NOTES,
+        }
+        print(json.dumps(only, indent=2))
+        return 0
     hf_setup: dict[str, dict[str, Any]] = {}
+    deepseek: dict[str, Any] | None = None
     with keep as kept_freed:
         runners: list[Runner] = []
         for experts in expert_counts:
@@ -291,7 +423,6 @@ def main(argv: list[str] | None = None) -> int:
                     hf_setup.setdefault(name, _hf_implementations(model))
 
         huge_kib = _anon_huge_pages_kib()
-        ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len), generator=torch.Generator().manual_seed(0))
         peak_size = 256 if args.quick else 1024
         peaks: list[float] = []
         started = time.perf_counter()
@@ -308,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
                 if timed:
                     runner.times.append(elapsed)
             print(f"round {r + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
+        seconds = time.perf_counter() - started
+        load_end = round(os.getloadavg()[0], 2)
+        if not args.no_deepseek:
+            deepseek = deepseek_section(shape, rounds, warmup, ids)
 
     tokens = shape.batch * shape.seq_len
     peak_gflops = statistics.median(peaks)
@@ -382,15 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "bench": "engine_training_step",
         "quick": args.quick,
-        "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "device": device,
         "torch": torch.__version__,
         "transformers": hf_version,
         "hugging_face_setup": hf_setup,
         "shape": shape.__dict__,
         "rounds": rounds,
         "warmup": warmup,
-        "seconds": round(time.perf_counter() - started, 1),
-        "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+        "seconds": round(seconds, 1),
+        "load_average_1min": {"start": load_start, "end": load_end},
         "allocator": {
             "keep_freed_memory": kept_freed,
             "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
@@ -407,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": scaling,
         "notes": notes,
     }
+    if deepseek is not None:
+        report["deepseek_v3"] = {"results": deepseek, "notes": DEEPSEEK_NOTES}
     print(json.dumps(report, indent=2))
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 
 from workers.engine.interventions import AnomalyGuard, PlateauWatch
 from workers.engine.sinks import MemorySink
-from workers.engine.spec import AnomalySpec, TrainingSpec
+from workers.engine.spec import AnomalySpec, PlateauSpec, TrainingSpec
 from workers.engine.train import LoopState
 
 
@@ -61,7 +61,7 @@ def test_a_plateau_changes_lr_dropout_and_clip_once_patience_runs_out_then_early
     training = TrainingSpec(
         grad_clip=None,
         early_stopping_patience=3,
-        plateau={"patience": 2, "min_delta": 0.1, "dropout_to": 0.3, "clip_to": 0.5, "max_interventions": 1},
+        plateau=PlateauSpec(patience=2, min_delta=0.1, dropout_to=0.3, clip_to=0.5, max_interventions=1),
     )
     sink, dropouts = MemorySink(), list[float]()
     watch = PlateauWatch(training, sink, lambda step: 0.01, dropouts.append)

@@ -906,7 +906,7 @@ def test_migration_chain_runs_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_optimizer_without_a_name_is_adamw_with_the_same_values() -> None:
     old = {"lr": 1e-3, "betas": [0.8, 0.99], "eps": 1e-7, "weight_decay": 0.05}
     spec = load_spec(_raw({"training.optimizer": old}))
-    assert spec.training.optimizer == spec_mod.AdamWSpec(name="adamw", **old)
+    assert spec.training.optimizer == spec_mod.AdamWSpec.model_validate({"name": "adamw", **old})
     assert spec.training.optimizer.model_dump(mode="json") == {"name": "adamw", **old}
     assert Spec().training.optimizer.name == "adamw"
 

@@ -213,11 +213,12 @@ def active_parameters(spec: Spec) -> int:
 _FP32 = 4
 _INT64 = 8
 # Memory traffic of one optimizer step per parameter, all fp32, with gradient clipping (a norm read and a scale)
-# and zeroing (~20 B): AdamW reads p, g, m, v and writes p, m, v (28 B); SGD with momentum reads p, g, b and
-# writes p, b (20 B); Adafactor reads p and g twice (the update's RMS, then the step) and writes p (20 B, its
-# factored state is small); Muon's matrices read g, b and write b, p (16 B, plus its bf16 Newton-Schulz
-# matmuls, counted as FLOPs) and AdamW's 28 B for the rest.
-_OPTIMIZER_TRAFFIC_BYTES = {"adamw": 48, "sgd": 40, "adafactor": 40, "muon": 36}
+# and zeroing: AdamW reads p, g, m, v and writes p, m, v (28 B), ~48 B in all. The others are scaled from their
+# optimizer phase measured beside fused AdamW's at the bench shape (17.8M parameters, `python -m bench.engine
+# --deepseek-only`): SGD with momentum (foreach) took as long as fused AdamW (48 ms), Adafactor (foreach: squares,
+# row and column means, the update's RMS and clipping, the parameter's RMS) 2.6x as long. Muon's matrices read
+# g, b and write b, p (plus AdamW's 48 B for the rest, and its bf16 Newton-Schulz matmuls, counted as FLOPs).
+_OPTIMIZER_TRAFFIC_BYTES = {"adamw": 48, "sgd": 48, "adafactor": 126, "muon": 36}
 # Elementwise work (norms, activations, rotary, routing gathers) is bandwidth-bound, not FLOP-bound: each
 # saved activation byte costs about two bytes of traffic over the step (fitted on the reference CPU).
 _ACTIVATION_TRAFFIC_FACTOR = 2

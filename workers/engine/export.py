@@ -229,7 +229,8 @@ def quantize_int8(model: MoETransformer) -> MoETransformer:
     projections, shared experts, dense feed-forwards, every routed expert (via ``ExpertLoopMoE``) and the
     classifier. Stay fp32: the embedding and the output head, tied or not (the model multiplies by the head's
     weight directly, and the logits are what rounding would hurt most), the routers (so expert choices do not
-    move with rounding), MLA's key/value up-projection (see below), the norms and the rotary tables. ``model`` is not changed.
+    move with rounding), MLA's key/value up-projection (see below), the norms and the rotary
+    tables. ``model`` is not changed.
     """
     loop = expert_loop_model(model).cpu().float()
     # MLA's key/value up-projection stays fp32 too: cached decoding reads its weight as a matrix (to absorb it
