@@ -100,7 +100,9 @@ def test_large_bodies_are_refused_before_they_are_read_with_bounded_memory(stack
         assert status == expected, (who, path, status, body)
         assert "detail" in body, body
         assert took < 10, (who, path, took)  # answered without receiving 200 MB (and without waiting for it)
+        print(f"{who} {path}: {status} in {took:.2f} s")
     growth = peak.stop() - before
+    print(f"server RSS growth over the six 200 MB requests: {growth / MiB:.1f} MiB")
     assert growth < 50 * MiB, f"the server grew by {growth / MiB:.0f} MiB"
     # Small anonymous requests still get Django's own answers (a login page, a 401 naming the problem).
     status, body = _post(stack.base_url, "/api/datasets", {}, 10)
