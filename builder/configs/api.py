@@ -38,16 +38,16 @@ from builder.configs.services import (
 )
 from builder.configs.specdiff import diff_specs
 from builder.core.errors import Refusal
+from builder.core.openapi import PATH_ERRORS, PathErrorSerializer
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import json_schema
 
-ERRORS = inline_serializer("PathErrors", {"errors": s.PathErrorSerializer(many=True)})
-# Declared inline: a serializer class cannot have a field called "errors" (it is a Serializer property).
+ERRORS = PATH_ERRORS
 VALIDATE_RESPONSE = inline_serializer(
     "ValidateResponse",
     {
         "valid": serializers.BooleanField(),
-        "errors": s.PathErrorSerializer(many=True),
+        "errors": PathErrorSerializer(many=True),
         "warnings": s.AdviceSerializer(many=True),
         "spec": serializers.JSONField(allow_null=True, help_text="The complete spec (defaults filled in) if valid."),
     },

@@ -113,11 +113,6 @@ class SpecRequestSerializer(serializers.Serializer[dict[str, Any]]):
     num_gpus = serializers.IntegerField(min_value=1, max_value=64, default=1)
 
 
-class PathErrorSerializer(serializers.Serializer[dict[str, Any]]):
-    path = serializers.CharField(help_text="Dotted field path, e.g. model.moe.top_k ('' for the whole spec).")
-    message = serializers.CharField()
-
-
 class AdviceSerializer(serializers.Serializer[dict[str, Any]]):
     code = serializers.CharField()
     severity = serializers.ChoiceField(choices=["warning", "info"])

@@ -150,7 +150,11 @@ class DatasetAnalyzeView(APIView):
 class DatasetDownloadView(APIView):
     @extend_schema(
         parameters=[OpenApiParameter("part", str, description="data (default), train or validation")],
-        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 302: None},
+        # The file's own type (storage.CONTENT_TYPES: by the dataset's format).
+        responses={
+            **{(200, content_type): OpenApiTypes.BINARY for content_type in storage.CONTENT_TYPES.values()},
+            302: None,
+        },
         summary="Download a dataset's file (S3: a redirect to a presigned URL that expires in minutes)",
     )
     def get(self, request: Request, dataset_id: int) -> HttpResponseBase:
@@ -241,9 +245,9 @@ urlpatterns = [
     path("datasets", DatasetListView.as_view(), name="api-datasets"),
     path("datasets/quota", QuotaView.as_view(), name="api-datasets-quota"),
     path("datasets/uploads", UploadStartView.as_view(), name="api-dataset-uploads"),
-    path("datasets/uploads/<uuid:session_id>", UploadSessionView.as_view(), name="api-dataset-upload"),
+    path("datasets/uploads/<str:session_id>", UploadSessionView.as_view(), name="api-dataset-upload"),
     path(
-        "datasets/uploads/<uuid:session_id>/complete", UploadCompleteView.as_view(), name="api-dataset-upload-complete"
+        "datasets/uploads/<str:session_id>/complete", UploadCompleteView.as_view(), name="api-dataset-upload-complete"
     ),
     path("datasets/<int:dataset_id>", DatasetDetailView.as_view(), name="api-dataset"),
     path("datasets/<int:dataset_id>/clean", DatasetCleanView.as_view(), name="api-dataset-clean"),

@@ -9,6 +9,7 @@ storage, a streamed multipart upload on S3), creates the dataset and queues its 
 from __future__ import annotations
 
 import fcntl
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,10 @@ COPY_BLOCK = 1 << 20
 
 
 def get_own_session(user: Any, session_id: Any) -> UploadSession:
+    try:  # the URL takes any segment, so that a malformed id answers the API's JSON 404 too
+        session_id = uuid.UUID(str(session_id))
+    except ValueError:
+        raise Http404("no such upload") from None
     session = UploadSession.objects.filter(pk=session_id, owner=user).first() if user.is_authenticated else None
     if session is None:
         raise Http404("no such upload")

@@ -27,6 +27,10 @@ from builder.jobs.serializers import JobCreateSerializer, JobSerializer, Metrics
 from builder.jobs.submit import resume_job, submit_job
 from builder.jobs.throttling import SubmissionThrottle
 
+# The bounds ``_int_param`` enforces, published so that a client knows them.
+NON_NEGATIVE = {"type": "integer", "minimum": 0}
+LIMIT = {"type": "integer", "minimum": 1, "maximum": 100000}
+
 
 def _int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = request.query_params.get(name)
@@ -94,8 +98,8 @@ class JobControlView(APIView):
 class JobMetricsView(APIView):
     @extend_schema(
         parameters=[
-            OpenApiParameter("after", int, description="Return points with a sequence number above this."),
-            OpenApiParameter("limit", int, description="At most this many points (default 10000)."),
+            OpenApiParameter("after", NON_NEGATIVE, description="Return points with a sequence number above this."),
+            OpenApiParameter("limit", LIMIT, description="At most this many points (default 10000)."),
         ],
         responses=MetricsPageSerializer,
         summary="The metric record after a sequence number (for gap recovery and exports)",
@@ -110,7 +114,7 @@ class JobMetricsView(APIView):
 
 class JobEventsView(APIView):
     @extend_schema(
-        parameters=[OpenApiParameter("after", int, description="Events with a sequence number above this.")],
+        parameters=[OpenApiParameter("after", NON_NEGATIVE, description="Events with a sequence number above this.")],
         responses=OpenApiTypes.OBJECT,
         summary="The job's events: state changes, checkpoints, interventions, anomalies",
     )

@@ -49,7 +49,7 @@ class JobSerializer(serializers.ModelSerializer[Job]):
     queue_position = serializers.SerializerMethodField(help_text="1 = next on its queue; null unless queued.")
     eta_seconds = serializers.SerializerMethodField(help_text="Seconds left (running jobs), from the step time.")
     owner = serializers.CharField(source="owner.username", read_only=True)
-    dataset_name = serializers.CharField(source="dataset.name", read_only=True, default=None)
+    dataset_name = serializers.CharField(source="dataset.name", read_only=True, default=None, allow_null=True)
 
     class Meta:
         model = Job

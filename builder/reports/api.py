@@ -154,7 +154,10 @@ class ReportArtifactView(APIView):
     @extend_schema(
         parameters=[OpenApiParameter("name", str, OpenApiParameter.PATH, enum=list(ARTIFACT_FILES))],
         responses={
-            (200, "application/octet-stream"): OpenApiTypes.BINARY,
+            **{
+                (200, content_type): OpenApiTypes.OBJECT if content_type == "application/json" else OpenApiTypes.BINARY
+                for content_type, _ in ARTIFACT_FILES.values()
+            },
             302: OpenApiResponse(description="S3 storage: a redirect to a presigned URL of the file."),
         },
         summary="A model artifact of the report's checkpoint: weights, tokenizer, ONNX model, spec",

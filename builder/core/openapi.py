@@ -1,0 +1,102 @@
+"""The API's published contract: every operation documents the refusals it can answer, in their real shapes.
+
+``AutoSchema`` (``REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"]``) adds, to what a view declares with ``extend_schema``,
+the error answers that ``builder.core.errors.exception_handler`` and DRF give every view of its kind:
+
+- 400 for a request with a body or query parameters; 413 for one with a body (``builder.core.parsers``,
+  ``builder.core.body_limits``); 409 for a change to an object whose state does not allow it;
+- 401 and 403 for a view that needs a signed-in user; 404 for a URL that names an object (another person's object
+  answers 404 too); 429 for a view with a rate limit (``Retry-After`` says when to try again).
+
+Their bodies: ``Detail`` (``{"detail": message, ...}``) for 401/403/404/429; for 400/409/413 ``FieldErrors``
+(``{field: [message, ...]}`` or ``{"detail": message}``), or ``PathErrors`` (``{"errors": [{"path", "message"}]}``)
+in views that set ``errors_as_paths``, which answer their own refusals in that shape at every status. A code a view
+declares itself is left as the view declares it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular import openapi
+from drf_spectacular.utils import OpenApiResponse, inline_serializer
+from rest_framework import serializers
+from rest_framework.permissions import AllowAny
+
+UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
+
+
+class PathErrorSerializer(serializers.Serializer[dict[str, Any]]):
+    path = serializers.CharField(help_text="Dotted field path, e.g. model.moe.top_k ('' for the request as a whole).")
+    message = serializers.CharField()
+
+
+DETAIL = inline_serializer("Detail", {"detail": serializers.CharField()})
+# Declared inline: a serializer class cannot have a field called "errors" (it is a Serializer property).
+PATH_ERRORS = inline_serializer("PathErrors", {"errors": PathErrorSerializer(many=True)})
+FIELD_ERRORS: dict[str, Any] = {
+    "type": "object",
+    "description": 'Messages by field: {"field": ["message", ...]}, "non_field_errors" for the data as a whole; '
+    'or {"detail": "message"} for a refusal of the request itself. Figures that help to recover may accompany '
+    "either.",
+    "properties": {
+        "detail": {"type": "string"},
+        "non_field_errors": {"type": "array", "items": {"type": "string"}},
+    },
+    "additionalProperties": True,
+}
+DESCRIPTIONS = {
+    "400": "The request is malformed or names a value that is not allowed; each problem names its field.",
+    "401": "Not signed in: send a session cookie or `Authorization: Token <token>`.",
+    "403": "Signed in, but not allowed to do this (for example, only the owner may).",
+    "404": "No such object, or one that is not yours.",
+    "409": "The object's state does not allow this now.",
+    "413": "The request body is over the limit for this URL.",
+    "429": "Too many requests: try again after `Retry-After` seconds.",
+}
+PATHS_ANY: dict[str, Any] = {
+    "anyOf": [{"$ref": "#/components/schemas/Detail"}, {"$ref": "#/components/schemas/PathErrors"}]
+}
+
+
+class AutoSchema(openapi.AutoSchema):
+    """drf-spectacular's schema, plus each operation's error answers (see the module docstring)."""
+
+    def _error_codes(self, operation: dict[str, Any]) -> list[str]:
+        codes = []
+        has_query = any(p.get("in") == "query" for p in operation.get("parameters", []))
+        has_body = "requestBody" in operation or self.method in ("POST", "PUT", "PATCH")
+        if has_body or has_query:
+            codes.append("400")
+        permissions = self.view.get_permissions()
+        if permissions and not any(isinstance(p, AllowAny) for p in permissions):
+            codes += ["401", "403"]
+        if "{" in self.path:
+            codes.append("404")
+            if self.method in UNSAFE:
+                codes.append("409")
+        if has_body:
+            codes.append("413")
+        if self.view.get_throttles():
+            codes.append("429")
+        return codes
+
+    def get_operation(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        operation = super().get_operation(*args, **kwargs)
+        if operation is None:
+            return None
+        as_paths = getattr(self.view, "errors_as_paths", False)
+        responses = operation.setdefault("responses", {})
+        for code in self._error_codes(operation):
+            if code in responses:
+                continue
+            if as_paths:
+                body: Any = PATH_ERRORS if code == "400" else PATHS_ANY
+                if body is PATHS_ANY:
+                    # Register both components before referring to them.
+                    self._get_response_for_code(DETAIL, code)
+                    self._get_response_for_code(PATH_ERRORS, code)
+            else:
+                body = FIELD_ERRORS if code in ("400", "409", "413") else DETAIL
+            responses[code] = self._get_response_for_code(OpenApiResponse(body, description=DESCRIPTIONS[code]), code)
+        return operation
