@@ -264,9 +264,28 @@ def test_evaluate_causal_lm(causal_run: tuple[Path, Path, MemorySink, TrainResul
         assert sum(row) == pytest.approx(1.0)
     assert all(0.0 <= h <= 1.0 for h in routing["entropy"])
 
+    # What generation caches per token: keys and values of 2 heads of 16 in 2 layers, fp32.
+    assert report["kv_cache"] == {"attention": "mha", "bytes_per_token": 512, "bytes_per_token_mha": 512}
+    assert "val_mtp_loss" not in metrics
+
     # Deterministic, and the source file resolves to the run's own preparation.
     again = evaluate(result.checkpoint, source, max_examples=16, prompts=4)
     assert again == report
+
+
+def test_evaluate_reports_the_mtp_loss_and_the_compressed_cache(tmp_path: Path) -> None:
+    source = letters_corpus(tmp_path / "letters.jsonl", labelled=False)
+    mla = {"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+    spec = make_spec(model={"attention": "mla", "mla": mla, "mtp_depth": 1}, training={"max_steps": 2})
+    sink = MemorySink()
+    result = train(spec, source, tmp_path / "run", sink)
+    assert result.checkpoint is not None
+    report = evaluate(result.checkpoint, tmp_path / "run" / "data", max_examples=16, prompts=2)
+    json.dumps(report, allow_nan=False)
+    assert report["metrics"]["val_mtp_loss"] > 0 and math.isfinite(report["metrics"]["val_mtp_loss"])
+    # The latent (8) and the shared rotary key (4) per layer, instead of 2 x 2 heads x 16.
+    assert report["kv_cache"] == {"attention": "mla", "bytes_per_token": 2 * 12 * 4, "bytes_per_token_mha": 512}
+    assert all(s["output"] is not None for s in report["samples"])  # generation from the compressed cache
 
 
 def test_routing_counts_agree_with_the_models_recorded_load(

@@ -50,6 +50,7 @@ from workers.engine.data import (
     preparation_settings,
     prepare,
 )
+from workers.engine.estimate import kv_cache_bytes_per_token
 from workers.engine.generation import generate_tokens
 from workers.engine.layout import RunLayout
 from workers.engine.model import ModelOutput, MoEFeedForward, MoETransformer, build_model
@@ -573,10 +574,13 @@ def evaluate(
     precision used, ``decoding: "greedy"``), ``metrics`` (``val_loss``, ``val_examples`` and, for causal_lm,
     ``val_ppl`` (None when it overflows), ``bleu4`` (0..100) and ``rouge_l`` (0..1), both None without prompts
     and over words or characters as ``metric_level`` picks from the references (``settings.metric_level``);
-    for classification ``accuracy``, ``macro_f1``), ``samples`` (causal_lm ``[{prompt, reference, output}]``;
+    ``val_mtp_loss`` with multi-token prediction (the MTP modules' mean loss over the same batches); for
+    classification ``accuracy``, ``macro_f1``), ``samples`` (causal_lm ``[{prompt, reference, output}]``;
     classification ``[{text, label, predicted, probabilities: {label: p}}]``), ``classification`` (``labels``,
-    ``confusion`` with rows = true labels; classification only) and ``routing`` (``routing_statistics`` over
-    the real tokens of the evaluated examples).
+    ``confusion`` with rows = true labels; classification only), ``routing`` (``routing_statistics`` over
+    the real tokens of the evaluated examples) and, for causal_lm, ``kv_cache`` (what generation caches per
+    token in fp32 over all layers: ``attention``, ``bytes_per_token``, and ``bytes_per_token_mha``, what
+    multi-head attention with the same heads would cache).
     """
     _check_int("max_examples", max_examples, 1)
     _check_int("prompts", prompts, 0)
@@ -596,11 +600,14 @@ def evaluate(
     y_true: list[int] = []
     y_pred: list[int] = []
     rows: list[tuple[list[int], list[float]]] = []  # classification: (tokens, probabilities) per example
+    mtp_losses: list[float] = []
     examples = 0
 
     def on_batch(batch: Batch, out: ModelOutput) -> None:
         nonlocal examples
         examples += batch.input_ids.shape[0]
+        if out.mtp_loss is not None:
+            mtp_losses.append(float(out.mtp_loss))
         if batch.attention_mask is not None:
             real = batch.attention_mask.bool()
             probs = out.logits.float().softmax(dim=-1).cpu()  # (B, num_labels)
@@ -656,6 +663,14 @@ def evaluate(
         ]
     else:
         metrics["val_ppl"] = _json_float(val["val_ppl"])
+        if mtp_losses:
+            metrics["val_mtp_loss"] = sum(mtp_losses) / len(mtp_losses)
+        m = spec.model
+        report["kv_cache"] = {
+            "attention": m.attention,
+            "bytes_per_token": kv_cache_bytes_per_token(spec),
+            "bytes_per_token_mha": 2 * m.num_layers * m.num_heads * m.head_dim * 4,
+        }
         outputs = [
             inference.tokenizer.decode(
                 list(_token_stream(inference, prompt, max_new_tokens, 0.0, None, None, None)),
