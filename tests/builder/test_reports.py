@@ -466,7 +466,7 @@ def test_playground_defaults_and_off_values() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# The playground's socket, in process (tests/builder/test_reports_worker.py drives it through daphne)
+# The playground's socket, in process (tests/builder/test_reports_worker.py drives it through the ASGI server)
 # --------------------------------------------------------------------------------------------------------
 
 
