@@ -41,6 +41,7 @@ def test_a_socket_from_another_port_of_an_allowed_host_is_refused(stack: Stack, 
     ws_url = stack.base_url.replace("http://", "ws://") + "/ws/status/"
     headers = {"Cookie": session_cookie(alice)}
     port = urlsplit(stack.base_url).port
+    assert port is not None
     with pytest.raises(InvalidStatus) as refused:
         connect(ws_url, additional_headers=headers, origin=Origin(f"http://127.0.0.1:{port + 1}"), open_timeout=10)
     assert refused.value.response.status_code == 403

@@ -98,7 +98,11 @@ def test_killed_processes_come_back_and_ctrl_c_leaves_nothing_behind(
             assert old > 0, program
             os.kill(old, signal.SIGKILL)
             began = time.monotonic()
-            wait_for(lambda p=program, o=old: _pid(env, p) not in (0, o) and _healthy(base_url), 30, f"{program} back")
+
+            def back(program: str = program, old: int = old) -> bool:
+                return _pid(env, program) not in (0, old) and _healthy(base_url)
+
+            wait_for(back, 30, f"{program} back")
             recovered[program] = time.monotonic() - began
         print("recovered after kill -9 (s):", {k: round(v, 1) for k, v in recovered.items()})
 
