@@ -29,8 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 VENV_BIN = Path(sys.executable).parent
 # The ASGI server's options, as platform/supervisord.conf runs it: no lifespan (Channels' router has none), the
-# websockets implementation, and a short graceful shutdown.
-UVICORN_OPTIONS = ["--lifespan", "off", "--ws", "websockets", "--timeout-graceful-shutdown", "5", "--no-access-log"]
+# websockets implementation, a short graceful shutdown, and idle connections kept longer than a proxy keeps its
+# own (uvicorn closes them after 5 s by default; a client reusing one then finds it closed).
+UVICORN_OPTIONS = [
+    "--lifespan", "off", "--ws", "websockets", "--timeout-graceful-shutdown", "5", "--timeout-keep-alive", "75",
+    "--no-access-log",
+]  # fmt: skip
 
 
 def free_port() -> int:
