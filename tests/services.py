@@ -260,11 +260,10 @@ def point_at_redis(url: str) -> None:
     layers["default"]["CONFIG"]["hosts"] = [{"address": url, "socket_timeout": 10}]
     channel_layers.backends.clear()
     app.conf.update(broker_url=url, result_backend=url)
-    # A task sent or a result read before this (by a test with no broker, or against another stack's Redis) left
-    # connection pools and the result backend bound to the old URL: drop them so the next use connects to ``url``.
-    pool = getattr(app, "_pool", None)
-    if pool is not None:
-        pool.force_close_all()
+    # A task sent or a result read before this (by a test with no broker, or against another stack's Redis) left the
+    # app holding connection pools and a result backend for the old URL: drop the app's references so the next use
+    # takes kombu's pool for ``url``. (Never close them: kombu keeps one pool per URL for the whole process, and a
+    # test that comes back to the session's Redis gets that same pool again.)
     app._pool = None  # type: ignore[attr-defined]
     app.amqp._producer_pool = None  # type: ignore[attr-defined]
     app._backend_cache = None  # type: ignore[attr-defined]
