@@ -39,6 +39,7 @@ from builder.configs.services import (
 from builder.configs.specdiff import diff_specs
 from builder.core.errors import Refusal
 from builder.core.openapi import PATH_ERRORS, PathErrorSerializer
+from builder.core.parsers import db_int
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import json_schema
 
@@ -166,10 +167,11 @@ class DiffView(PathErrorView):
         errors: list[tuple[str, str]] = []
         for key in ("a", "b"):
             raw = request.query_params.get(key, "")
-            if not raw.isdigit():
+            number = db_int(raw)
+            if number is None:
                 errors.append((key, "a version number is required"))
                 continue
-            numbers[key] = int(raw)
+            numbers[key] = number
             if not config.versions.filter(number=numbers[key]).exists():
                 errors.append((key, f"{config.name} has no version {raw}"))
         if errors:

@@ -165,3 +165,17 @@ class BoundedJSONField(serializers.JSONField):
             except (JSONInputError, UnicodeDecodeError) as exc:
                 raise serializers.ValidationError(str(exc)) from None
         return super().to_internal_value(data)
+
+
+# The largest integer every database here stores (a signed 64-bit column): an id or a count in a URL beyond it
+# can match no row, and SQLite raises OverflowError on it instead of finding nothing.
+MAX_DB_INT = 2**63 - 1
+
+
+def db_int(raw: str) -> int | None:
+    """``raw`` as a non-negative integer that a database column can hold, or None when it is not one."""
+    text = raw.strip()
+    if not text.isdigit() or len(text) > 19:
+        return None
+    value = int(text)
+    return value if value <= MAX_DB_INT else None

@@ -19,6 +19,7 @@ from rest_framework.views import APIView
 from builder.accounts import audit
 from builder.accounts.models import AuditAction
 from builder.core.errors import Refusal
+from builder.core.parsers import MAX_DB_INT
 from builder.jobs import history, lifecycle
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
 from builder.jobs.files import job_layout
@@ -40,7 +41,8 @@ def _int_param(request: Request, name: str, default: int, minimum: int = 0, maxi
         value = int(raw)
     except ValueError:
         raise ValidationError({name: ["must be an integer"]}) from None
-    if value < minimum or (maximum is not None and value > maximum):
+    maximum = MAX_DB_INT if maximum is None else maximum  # beyond it no row can match (SQLite would overflow)
+    if value < minimum or value > maximum:
         raise ValidationError({name: [f"must be between {minimum} and {maximum}"]})
     return value
 

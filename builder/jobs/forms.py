@@ -8,6 +8,7 @@ from typing import Any
 from django import forms
 
 from builder.core.errors import NON_FIELD, Refusal
+from builder.core.parsers import db_int
 from builder.jobs.submit import (
     QUEUES,
     Submission,
@@ -57,9 +58,9 @@ class LaunchForm(forms.Form):
         dataset = default_dataset(user)
         if dataset is not None:
             initial["dataset"] = dataset.pk
-        raw = query.get("config_version", "")
-        if raw.isdigit() and visible_config_versions(user).filter(pk=int(raw)).exists():
-            initial["config_version"] = int(raw)
+        version = db_int(query.get("config_version", ""))
+        if version is not None and visible_config_versions(user).filter(pk=version).exists():
+            initial["config_version"] = version
         return initial
 
     def clean_queue(self) -> str:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from builder.accounts import audit
 from builder.accounts.models import AuditAction
 from builder.core.errors import Refusal
+from builder.core.parsers import db_int
 from builder.core.ratelimit import retry_message
 from builder.jobs import history
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
@@ -105,10 +106,10 @@ def job_compare(request: HttpRequest) -> HttpResponse:
     raw_ids = request.GET.getlist("ids")
     ids: list[int] = []
     for raw in raw_ids:
-        try:
-            ids.append(int(raw))
-        except ValueError:
-            raise Http404("no such job") from None
+        job_id = db_int(raw)
+        if job_id is None:
+            raise Http404("no such job")
+        ids.append(job_id)
     ids = list(dict.fromkeys(ids))[:MAX_OVERLAY_JOBS]
     jobs = {job.pk: job for job in visible_jobs(request.user).filter(pk__in=ids)}
     if len(jobs) != len(ids):

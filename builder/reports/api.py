@@ -29,6 +29,7 @@ from builder.accounts import audit
 from builder.accounts.models import AuditAction
 from builder.core.durable import WorkState
 from builder.core.errors import Refusal
+from builder.core.parsers import db_int
 from builder.datasets.storage import download_response
 from builder.jobs.access import can_control, get_visible_job
 from builder.reports.models import Report
@@ -43,10 +44,10 @@ def _int_query(request: Request, name: str) -> int | None:
     raw = request.query_params.get(name)
     if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValidationError({name: ["must be an integer"]}) from None
+    value = db_int(raw)
+    if value is None:
+        raise ValidationError({name: ["must be an integer"]})
+    return value
 
 
 class ReportListView(APIView):
