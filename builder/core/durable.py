@@ -187,9 +187,14 @@ class WorkKind(Generic[W]):
             token, attempt = manager.filter(pk=pk).values_list("lease_token", "attempts").get()
         return Claim(pk=pk, token=token, attempt=attempt, worker=worker)
 
+    def held(self, pk: int, token: int) -> models.QuerySet[W]:
+        """Row ``pk`` while the lease with ``token`` still holds it (working, with that token): every fenced write
+        goes through this."""
+        return self.model._default_manager.filter(pk=pk, lease_token=token, state__in=self.working_states)
+
     def mine(self, claim: Claim) -> models.QuerySet[W]:
-        """The row, while ``claim`` still holds it (working, with the claim's token)."""
-        return self.model._default_manager.filter(pk=claim.pk, lease_token=claim.token, state__in=self.working_states)
+        """The row, while ``claim`` still holds it."""
+        return self.held(claim.pk, claim.token)
 
     def heartbeat(self, claim: Claim, **fields: Any) -> bool:
         """Renew the lease (and write ``fields``). False: the lease was lost; the worker must stop writing."""
@@ -227,13 +232,10 @@ class WorkKind(Generic[W]):
                 handled.append(row.pk)
         return handled
 
-    def _held(self, row: W) -> models.QuerySet[W]:
-        return self.model._default_manager.filter(pk=row.pk, lease_token=row.lease_token, state__in=self.working_states)
-
     def requeue(self, row: W, reason: str) -> bool:
         """Hand a silent worker's row back to the queue and send its task (hook: jobs record an event)."""
         with transaction.atomic():
-            done = bool(self._held(row).update(state=self.queued_state, lease_owner=""))
+            done = bool(self.held(row.pk, row.lease_token).update(state=self.queued_state, lease_owner=""))
             if done:
                 self.dispatch(row)
         return done
@@ -241,7 +243,7 @@ class WorkKind(Generic[W]):
     def give_up(self, row: W, reason: str) -> bool:
         """Fail a silent worker's row that used its attempts, with the reason (hook)."""
         fields = {**self.final_fields(timezone.now()), self.error_field: reason}
-        return bool(self._held(row).update(state=self.failed_state, **fields))
+        return bool(self.held(row.pk, row.lease_token).update(state=self.failed_state, **fields))
 
 
 def this_worker(hostname: str | None = None) -> str:
