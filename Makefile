@@ -21,14 +21,16 @@ help:
 	@echo "make bench  - throughput figures as JSON"
 
 # Re-installs only when pyproject.toml changes, so a second `make run` starts at once.
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned exactly: a looser pin pulls a multi-GB CUDA build. A torch that is already
 	@# there (for example a CUDA build on a GPU host) is kept.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(PY) -c "import torch" || { echo "torch failed to install"; exit 1; }
-	$(PIP) install -q -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
-	@$(PY) -c "import django, celery, channels, uvicorn" || { echo "the project failed to install"; exit 1; }
+	@# The Python client (clients/python) is a package of its own (no Django, no torch); installed beside the project
+	@# so that its tests and the `moe-builder` command run here. (pip takes no relative path in a pyproject extra.)
+	$(PIP) install -q -e '.[dev]' -e clients/python 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@$(PY) -c "import django, celery, channels, uvicorn, moe_builder_client" || { echo "the project failed to install"; exit 1; }
 	@touch $@
 
 install: $(INSTALLED)
