@@ -75,6 +75,23 @@ def env_list(name: str, default: list[str], environ: Mapping[str, str] | None = 
     return items
 
 
+def env_pairs(name: str, default: dict[str, str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Comma-separated ``key=value`` pairs (``gpu.t4=t4,cpu=cpu``) as a dict in the order given; an item without
+    ``=``, an empty key or value, or a key given twice is an error."""
+    value = _raw(name, environ)
+    if value is None:
+        return dict(default)
+    pairs: dict[str, str] = {}
+    for item in env_list(name, [], environ):
+        key, sep, val = (part.strip() for part in item.partition("="))
+        if not sep or not key or not val:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not key=value")
+        if key in pairs:
+            raise ImproperlyConfigured(f"{name}: {key!r} is given twice")
+        pairs[key] = val
+    return pairs
+
+
 def env_choice(name: str, default: str, choices: tuple[str, ...], environ: Mapping[str, str] | None = None) -> str:
     """One of ``choices`` (case-sensitive)."""
     value = _raw(name, environ)

@@ -15,24 +15,8 @@ from typing import Any
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from builder.env import env_bool, env_choice, env_int, env_list, env_rate, env_str, env_url
-
-
-def _queue_hardware(pairs: list[str]) -> dict[str, str]:
-    """``["gpu=a100-80gb", "cpu=cpu"]`` → ``{"gpu": "a100-80gb", "cpu": "cpu"}``, every profile key checked."""
-    from workers.engine.hardware import PROFILES  # pure Python, no torch
-
-    hardware = {"gpu": "cpu", "cpu": "cpu"}
-    for pair in pairs:
-        queue, _, profile = pair.partition("=")
-        if queue not in hardware or profile not in PROFILES:
-            raise ImproperlyConfigured(
-                f"QUEUE_HARDWARE: {pair!r} must be queue=profile with a queue of gpu, cpu and a profile of "
-                f"{', '.join(sorted(PROFILES))}"
-            )
-        hardware[queue] = profile
-    return hardware
-
+from builder.core import hardware_classes
+from builder.env import env_bool, env_choice, env_int, env_list, env_pairs, env_rate, env_str, env_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var"))).resolve()
@@ -175,12 +159,21 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
+# Hardware classes (builder.core.hardware_classes): one Celery queue per class, ``class=profile[:devices]`` pairs
+# such as ``gpu.a100x8=a100-80gb:8,gpu.t4=t4,cpu=cpu``. A launch chooses a class; one that asks for more devices
+# than the class has, or whose predicted peak memory cannot fit its devices, is refused before dispatch with the
+# estimate and the fix. Default: ``gpu`` and ``cpu``, both this machine's CPU (the embedded platform has no GPU).
+QUEUE_HARDWARE = hardware_classes.parse_classes(env_pairs("QUEUE_HARDWARE", hardware_classes.DEFAULT))
+# The class of a launch that names none (and of calibrations): ``gpu`` when there is one, else the first listed.
+JOBS_DEFAULT_QUEUE = hardware_classes.default_class_name(QUEUE_HARDWARE, env_str("JOBS_DEFAULT_QUEUE"))
+# How often a worker renews its row in the registry of workers (the workers page shows its age).
+WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 5, minimum=1)
 # Every send names its queue (``builder.core.durable.WorkKind.queue_of``); these routes are for a task sent without
 # one (training and evaluation belong with the device).
 CELERY_TASK_ROUTES = {
-    "jobs.train": {"queue": "gpu"},
-    "reports.evaluate": {"queue": "gpu"},
-    "calibration.run": {"queue": "gpu"},
+    "jobs.train": {"queue": JOBS_DEFAULT_QUEUE},
+    "reports.evaluate": {"queue": JOBS_DEFAULT_QUEUE},
+    "calibration.run": {"queue": JOBS_DEFAULT_QUEUE},
 }
 CELERY_RESULT_EXPIRES = 3600
 # Celery beat runs the reaper: jobs, reports, calibrations and dataset processing whose worker stopped
@@ -208,10 +201,6 @@ JOB_LEASE_SECONDS = env_int("JOB_LEASE_SECONDS", 45, minimum=2)
 if JOB_LEASE_SECONDS <= 2 * JOB_HEARTBEAT_SECONDS:
     raise ImproperlyConfigured("JOB_LEASE_SECONDS must be more than twice JOB_HEARTBEAT_SECONDS")
 JOBS_MAX_ACTIVE_PER_USER = env_int("JOBS_MAX_ACTIVE_PER_USER", 3, minimum=1)
-# The hardware each queue's workers train on (a profile key of workers.engine.hardware), as ``queue=profile`` pairs:
-# a launch whose predicted peak memory cannot fit it is refused before dispatch, with the estimate and the fix.
-# Default: this machine's CPU for both (the embedded platform trains on the CPU without a GPU).
-QUEUE_HARDWARE = _queue_hardware(env_list("QUEUE_HARDWARE", ["gpu=cpu", "cpu=cpu"]))
 # Where workers keep job folders (checkpoints, TensorBoard logs, tokenized data) while they train.
 JOBS_WORK_DIR = Path(env_str("JOBS_WORK_DIR", str(VAR_DIR / "jobs"))).resolve()
 # A hardware calibration (a few timed training steps) still "running" after this long lost its worker.

@@ -12,8 +12,6 @@ from builder.configs.models import HardwareCalibration
 from builder.core.durable import WorkKind, register
 
 CALIBRATE_TASK = "calibration.run"  # workers.tasks.calibration
-# The device that trains is the one measured.
-CALIBRATION_QUEUE = "gpu"
 
 
 class CalibrationWork(WorkKind[HardwareCalibration]):
@@ -25,7 +23,8 @@ class CalibrationWork(WorkKind[HardwareCalibration]):
         return int(settings.CALIBRATION_TIMEOUT_SECONDS)
 
     def queue_of(self, row: HardwareCalibration) -> str:
-        return CALIBRATION_QUEUE
+        # The device that trains is the one measured: the default hardware class's.
+        return str(settings.JOBS_DEFAULT_QUEUE)
 
     def claim_fields(self, now: Any) -> dict[str, Any]:
         return {"started_at": now}

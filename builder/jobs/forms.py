@@ -7,12 +7,13 @@ from typing import Any
 
 from django import forms
 
+from builder.core import hardware_classes
 from builder.core.errors import NON_FIELD, Refusal
 from builder.core.parsers import db_int
 from builder.jobs.submit import (
-    QUEUES,
     Submission,
     default_dataset,
+    queues,
     visible_config_versions,
     visible_ready_datasets,
 )
@@ -36,8 +37,7 @@ class LaunchForm(forms.Form):
     config_version = _VersionChoice(queryset=None, label="Configuration", empty_label=None)
     dataset = _DatasetChoice(queryset=None, label="Dataset", empty_label=None)
     queue = forms.ChoiceField(
-        choices=[("gpu", "gpu: a training worker (CUDA when present, else CPU)"), ("cpu", "cpu: the light-work queue")],
-        initial="gpu",
+        choices=lambda: [(name, _class_label(name)) for name in queues()], label="Hardware class", required=False
     )
     name = forms.CharField(max_length=200, required=False, help_text="Default: the configuration's name.")
 
@@ -54,7 +54,7 @@ class LaunchForm(forms.Form):
     @staticmethod
     def initial_for(user: Any, query: Mapping[str, str]) -> dict[str, Any]:
         """Initial values: the configuration named in the query (when it is the user's), the demo corpus."""
-        initial: dict[str, Any] = {"queue": "gpu"}
+        initial: dict[str, Any] = {"queue": hardware_classes.default_class()}
         dataset = default_dataset(user)
         if dataset is not None:
             initial["dataset"] = dataset.pk
@@ -64,9 +64,10 @@ class LaunchForm(forms.Form):
         return initial
 
     def clean_queue(self) -> str:
-        queue = str(self.cleaned_data["queue"])
-        if queue not in QUEUES:
-            raise forms.ValidationError(f"choose one of {', '.join(QUEUES)}")
+        # The quick launch (templates/jobs/_launch_form.html) names no class: the default one.
+        queue = str(self.cleaned_data.get("queue") or hardware_classes.default_class())
+        if queue not in queues():
+            raise forms.ValidationError(f"choose one of {', '.join(queues())}")
         return queue
 
     def submission(self) -> Submission:
@@ -81,6 +82,17 @@ class LaunchForm(forms.Form):
             target = {"spec": "config_version", NON_FIELD: None}.get(field, field)
             for message in messages:
                 self.add_error(target if target in self.fields else None, message)
+
+
+def _class_label(name: str) -> str:
+    """``gpu.t4: 1 × NVIDIA T4 16 GB`` (what each worker of the class has)."""
+    hardware_class = hardware_classes.get_class(name)
+    if hardware_class is None:
+        return name
+    unit = "process" if hardware_class.hardware.kind == "cpu" else "device"
+    plural = "es" if unit == "process" else "s"
+    count = f"{hardware_class.devices} {unit}{plural if hardware_class.devices != 1 else ''}"
+    return f"{name}: {hardware_class.hardware.name}, {count}"
 
 
 def _version_label(version: Any) -> str:

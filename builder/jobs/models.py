@@ -56,7 +56,8 @@ class Job(DurableWork):
     data_source = models.CharField(
         max_length=500, help_text="Storage name of the file the job trains on (copied from the dataset at submit)."
     )
-    queue = models.CharField(max_length=10, choices=[("gpu", "gpu"), ("cpu", "cpu")], default="gpu")
+    # The hardware class it trains on (``builder.core.hardware_classes``; its Celery queue).
+    queue = models.CharField(max_length=40, default="gpu")
 
     state = models.CharField(max_length=12, choices=JobState.choices, default=JobState.QUEUED, db_index=True)
     max_attempts = models.PositiveIntegerField(default=3)
@@ -79,7 +80,11 @@ class Job(DurableWork):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["state", "heartbeat_at"])]
+        indexes = [
+            models.Index(fields=["state", "heartbeat_at"]),
+            # Fair share reads the queued and running jobs of one class (lifecycle.JobWork.choose).
+            models.Index(fields=["queue", "state"]),
+        ]
 
     def __str__(self) -> str:
         return f"job {self.pk} ({self.state})"

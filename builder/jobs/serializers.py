@@ -14,7 +14,7 @@ from builder.datasets.services import visible_datasets
 from builder.jobs import lifecycle
 from builder.jobs.history import eta_seconds
 from builder.jobs.models import Job
-from builder.jobs.submit import QUEUES, Submission, visible_config_versions
+from builder.jobs.submit import Submission, visible_config_versions
 from workers.engine.spec import load_spec, spec_errors
 
 
@@ -86,7 +86,12 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
     dataset = serializers.IntegerField(
         min_value=1, help_text="Id of a ready dataset (yours or built-in); it sets data.text_field/label_field."
     )
-    queue = serializers.ChoiceField(choices=list(QUEUES), default="gpu", help_text="gpu (default) or cpu.")
+    queue = serializers.CharField(
+        required=False,
+        default="",
+        max_length=40,
+        help_text="The hardware class to train on (GET /api/hardware/classes; default: JOBS_DEFAULT_QUEUE, gpu).",
+    )
 
     def validate_spec(self, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):

@@ -7,6 +7,7 @@ one field), so that the API answers 400 with ``{field: [message]}`` and the form
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,17 @@ from pydantic import ValidationError
 
 from builder.configs.models import ConfigVersion
 from builder.configs.services import visible_configs
+from builder.core import hardware_classes
 from builder.core.errors import NON_FIELD, Refusal
 from builder.jobs import lifecycle
 from builder.jobs.models import ACTIVE_STATES, Job, JobState
 from workers.engine.spec import load_spec, spec_errors
 
-QUEUES = ("gpu", "cpu")
+
+def queues() -> tuple[str, ...]:
+    """The hardware classes a launch may choose (``QUEUE_HARDWARE``), the default first."""
+    default = hardware_classes.default_class()
+    return (default, *(name for name in settings.QUEUE_HARDWARE if name != default))
 
 
 def visible_config_versions(user: Any) -> models.QuerySet[ConfigVersion]:
@@ -76,15 +82,16 @@ class Submission:
 
     name: str
     dataset: Any
-    queue: str = "gpu"
+    queue: str = ""  # a hardware class; "" is JOBS_DEFAULT_QUEUE
     spec: dict[str, Any] | None = None
     config_version: ConfigVersion | None = None
 
 
 def submit_job(owner: Any, submission: Submission) -> Job:
     """Create the job and send its task once the row is committed. Refuses past ``JOBS_MAX_ACTIVE_PER_USER``."""
-    if submission.queue not in QUEUES:
-        raise Refusal("queue", f"choose one of {', '.join(QUEUES)}")
+    queue = submission.queue or hardware_classes.default_class()
+    if queue not in settings.QUEUE_HARDWARE:
+        raise Refusal("queue", f"choose a hardware class: one of {', '.join(queues())} (GET /api/hardware/classes)")
     if submission.spec is not None and submission.config_version is not None:
         raise Refusal("spec", "give an inline spec or a saved config_version, not both")
     if submission.spec is None and submission.config_version is None:
@@ -92,7 +99,7 @@ def submit_job(owner: Any, submission: Submission) -> Job:
     version = submission.config_version
     raw_spec = version.spec if version is not None else submission.spec
     spec = resolve_spec(raw_spec, submission.dataset)
-    check_fits(spec, submission.queue)
+    check_fits(spec, queue)
     with transaction.atomic():
         check_active_limit(owner)
         job = Job.objects.create(
@@ -101,7 +108,7 @@ def submit_job(owner: Any, submission: Submission) -> Job:
             spec=spec,
             dataset=submission.dataset,
             data_source=submission.dataset.file_name,
-            queue=submission.queue,
+            queue=queue,
             total_steps=spec["training"]["max_steps"],
             config_version=version,
         )
@@ -110,16 +117,93 @@ def submit_job(owner: Any, submission: Submission) -> Job:
     return job
 
 
-def check_fits(spec: dict[str, Any], queue: str) -> None:
-    """Refuse a spec whose predicted peak memory does not fit the hardware of ``queue`` (``QUEUE_HARDWARE``): it
-    would only fail on the worker, after waiting its turn. The refusal carries the estimate and the fix."""
-    from workers.engine.estimate import estimate
-    from workers.engine.hardware import get_profile
+def requested_devices(spec: dict[str, Any]) -> tuple[int, str, bool]:
+    """``training.distributed``'s devices, strategy and expert parallelism, read defensively: a spec without the
+    section (older specs, or before the field exists) asks for one device with DDP."""
+    training = spec.get("training") if isinstance(spec.get("training"), dict) else {}
+    distributed = training.get("distributed") if isinstance(training, dict) else None
+    if not isinstance(distributed, dict):
+        return 1, "ddp", False
+    devices = distributed.get("devices", 1)
+    devices = devices if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1 else 1
+    return devices, str(distributed.get("strategy") or "ddp"), bool(distributed.get("expert_parallel"))
 
-    hardware = get_profile(settings.QUEUE_HARDWARE[queue])
-    risk = estimate(load_spec(spec), hardware).risk
+
+def _estimator_parallelism(strategy: str, expert_parallel: bool) -> Any:
+    """The estimator's name for how the devices share the model; DDP (a full replica per device, the most memory)
+    for a strategy it does not model yet, so that a refusal is never wrong about a job that would fit."""
+    from typing import get_args
+
+    from workers.engine.estimate import Parallelism
+
+    wanted = "expert" if expert_parallel else strategy
+    return wanted if wanted in get_args(Parallelism) else "ddp"
+
+
+# A well-formed spec that its class's hardware cannot run breaks a rule, it is not a malformed request.
+UNFIT = 422
+
+
+def check_fits(spec: dict[str, Any], queue: str) -> None:
+    """Refuse a spec that its hardware class (``QUEUE_HARDWARE``) cannot run: more devices than one of its workers
+    has (``training.distributed.devices``), or a predicted peak memory per device beyond a device's memory. Either
+    would only fail on the worker, after waiting its turn. The refusal names the field, the estimate and the fix."""
+    from workers.engine.estimate import estimate
+
+    hardware_class = hardware_classes.get_class(queue)
+    if hardware_class is None:
+        raise Refusal("queue", f"choose a hardware class: one of {', '.join(queues())}")
+    hardware = hardware_class.hardware
+    devices, strategy, expert_parallel = requested_devices(spec)
+    if devices > hardware_class.devices:
+        others = [c for c in hardware_classes.classes().values() if c.devices >= devices]
+        elsewhere = f", or choose a class with {devices}: {', '.join(c.name for c in others)}" if others else ""
+        raise Refusal(
+            "spec",
+            f"training.distributed.devices: {devices} devices asked for, but a worker of the {queue} class has "
+            f"{hardware_class.devices} ({hardware.name}). Fix: training.distributed.devices = "
+            f"{hardware_class.devices}{elsewhere}.",
+            status=UNFIT,
+        )
+    if hardware.kind == "cpu":
+        _check_fits_cpu(spec, queue, hardware, devices)
+        return
+    risk = estimate(
+        load_spec(spec), hardware, num_gpus=devices, parallelism=_estimator_parallelism(strategy, expert_parallel)
+    ).risk
     if risk.level == "will_not_fit":
-        raise Refusal("spec", f"it cannot train on the {queue} queue's hardware ({hardware.name}). {risk.message}")
+        raise Refusal(
+            "spec", f"it cannot train on the {queue} class's hardware ({hardware.name}). {risk.message}", status=UNFIT
+        )
+
+
+def _check_fits_cpu(spec: dict[str, Any], queue: str, hardware: Any, devices: int) -> None:
+    """On a CPU the processes share the machine's memory: each holds a whole replica and its share of the batch
+    (DDP; an upper bound for FSDP, which holds less). The estimate is of one such process, times the processes."""
+    from workers.engine.estimate import estimate
+
+    per_process = copy.deepcopy(spec)
+    training = per_process["training"]
+    training["batch_size"] = max(1, int(training["batch_size"]) // devices)
+    if isinstance(training.get("distributed"), dict):
+        training["distributed"] = {**training["distributed"], "devices": 1, "expert_parallel": False}
+    result = estimate(load_spec(per_process), hardware)
+    if result.risk.level == "will_not_fit":
+        raise Refusal(
+            "spec",
+            f"it cannot train on the {queue} class's hardware ({hardware.name}). {result.risk.message}",
+            status=UNFIT,
+        )
+    peak = result.memory.peak
+    if devices > 1 and devices * peak > hardware.memory_bytes:
+        gib = 2**30
+        raise Refusal(
+            "spec",
+            f"training.distributed.devices: {devices} processes of about {peak / gib:.2f} GiB each need "
+            f"{devices * peak / gib:.1f} GiB, more than the {hardware.memory_bytes / gib:.1f} GiB of the {queue} "
+            f"class's machine. Fix: training.distributed.devices = {max(1, hardware.memory_bytes // peak)}.",
+            status=UNFIT,
+        )
 
 
 def check_active_limit(owner: Any) -> None:
