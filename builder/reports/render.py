@@ -162,9 +162,19 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
         "latency": latency_rows,
         "latency_settings": deployment.get("settings", {}),
         "advice": advice,
+        "huggingface": _huggingface_line(deployment.get("huggingface")),
         "artifacts": [(a["name"], human_bytes(a.get("bytes")), a.get("sha256") or "—", a.get("url")) for a in
                       document.get("artifacts", [])],
     }  # fmt: skip
+
+
+def _huggingface_line(export: Mapping[str, Any] | None) -> str | None:
+    """One sentence on the Hugging Face export: the family it loads as, or the field that prevents it."""
+    if not export:
+        return None
+    if export.get("field"):
+        return f"No Hugging Face export: {export['field']} prevents it ({export.get('reason', '')})."
+    return f"huggingface.zip {export.get('reason', '')} (model_type {export.get('family')})."
 
 
 def context(
@@ -272,6 +282,8 @@ def render_markdown(document: Mapping[str, Any], generated_at: datetime) -> str:
     out += _md_table(("latency target", "deploy", "why"), [(a["target"], a["choice"], a["reason"])
                                                            for a in tables["advice"]])  # fmt: skip
     out += ["## Artifacts", "", *_md_table(("file", "size", "SHA-256"), [row[:3] for row in tables["artifacts"]])]
+    if tables["huggingface"]:
+        out += ["", tables["huggingface"]]
     out += ["## Spec", "", "```json", json.dumps(doc["spec"], indent=2, ensure_ascii=False), "```", ""]
     return "\n".join(out)
 

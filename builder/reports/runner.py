@@ -33,7 +33,7 @@ from builder.jobs.files import job_layout, resolve_data
 from builder.reports import render
 from builder.reports.document import build_document, clean
 from builder.reports.models import Report
-from builder.reports.serializers import ARTIFACT_FILES, REPORT_FILES
+from builder.reports.serializers import ARTIFACT_FILES, HF_ZIP, REPORT_FILES
 from builder.reports.services import checkpoint_path
 from builder.reports.work import REPORTS
 from workers.engine.estimate import active_parameters, count_parameters
@@ -176,6 +176,7 @@ def _measure(report: Report, checkpoint: Path, threads: int | None) -> dict[str,
     """The engine's part, timed phase by phase; ``threads``: the CPU threads latency is measured with."""
     from workers.engine.evaluate import evaluate
     from workers.engine.export import deployment_advice, export_artifacts, measure_latency
+    from workers.engine.hf import export_summary
 
     timings: dict[str, float] = {}
     began = time.perf_counter()
@@ -192,6 +193,15 @@ def _measure(report: Report, checkpoint: Path, threads: int | None) -> dict[str,
     with tempfile.TemporaryDirectory(prefix=f"report-{report.pk}-") as tmp:
         began = time.perf_counter()
         exported = export_artifacts(checkpoint, Path(tmp) / "export")
+        # The Hugging Face folder (zipped), or the spec field that keeps every transformers family from loading it.
+        huggingface, hf_zip = export_summary(
+            checkpoint,
+            Path(tmp) / "huggingface",
+            tokenizer=exported["tokenizer.json"],
+            prefix=f"job-{report.job_id}-step-{report.checkpoint_step}",
+        )
+        if hf_zip is not None:
+            exported = {**exported, HF_ZIP: hf_zip}
         timings["export_s"] = time.perf_counter() - began
         began = time.perf_counter()
         latency = measure_latency(
@@ -202,7 +212,7 @@ def _measure(report: Report, checkpoint: Path, threads: int | None) -> dict[str,
         return assemble(
             report,
             evaluation=normalize_evaluation(clean(raw)),
-            deployment=normalize_deployment(clean(latency), clean(advice)),
+            deployment={**normalize_deployment(clean(latency), clean(advice)), "huggingface": huggingface},
             exported=exported,
             timings=timings,
         )

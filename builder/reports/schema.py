@@ -208,6 +208,15 @@ REPORT_SCHEMA: dict[str, Any] = {
                         }
                     ),
                 },
+                "huggingface": _object(
+                    {
+                        "family": {"type": ["string", "null"], "description": "transformers model_type."},
+                        "architecture": {"type": ["string", "null"], "description": "The from_pretrained class."},
+                        "field": {"type": ["string", "null"], "description": "The spec field preventing an export."},
+                        "reason": {"type": "string"},
+                    },
+                    description="The Hugging Face folder (huggingface.zip), or why there is none.",
+                ),
                 "advice": {
                     "type": "array",
                     "items": _object(
@@ -225,7 +234,8 @@ REPORT_SCHEMA: dict[str, Any] = {
                         required=["target_ms", "variant", "reason"],
                     ),
                 },
-            }
+            },
+            required=["settings", "variants", "advice"],
         ),
         "artifacts": {
             "type": "array",

@@ -26,7 +26,9 @@ ARTIFACT_FILES = {
     "model.onnx.data": ("application/octet-stream", "ONNX external weights (models over 2 GB)"),
     "spec.json": ("application/json", "Spec (JSON)"),
     "labels.json": ("application/json", "Labels of a classifier's outputs (JSON)"),
+    "huggingface.zip": ("application/zip", "Hugging Face folder (zip): config.json, model.safetensors, tokenizer"),
 }
+HF_ZIP = "huggingface.zip"  # a folder that transformers loads with from_pretrained (workers/engine/hf.py)
 
 
 def download_links(report: Report) -> list[dict[str, Any]]:
@@ -84,6 +86,15 @@ class MetricsSerializer(serializers.Serializer[dict[str, Any]]):
     macro_f1 = serializers.FloatField(required=False, allow_null=True, help_text="classification, 0–1.")
 
 
+class HuggingFaceSerializer(serializers.Serializer[dict[str, Any]]):
+    family = serializers.CharField(
+        allow_null=True, help_text="transformers model_type: deepseek_v3, glm4_moe or qwen2_moe."
+    )
+    architecture = serializers.CharField(allow_null=True, help_text="The class from_pretrained builds.")
+    field = serializers.CharField(allow_null=True, help_text="The spec field no family can express (no export).")
+    reason = serializers.CharField()
+
+
 class ReportSerializer(serializers.ModelSerializer[Report]):
     job_name = serializers.CharField(source="job.name", read_only=True)
     owner = serializers.CharField(source="job.owner.username", read_only=True)
@@ -95,12 +106,17 @@ class ReportSerializer(serializers.ModelSerializer[Report]):
     page = serializers.SerializerMethodField(help_text="The report's page on this site.")
     playground = serializers.SerializerMethodField(help_text="The playground page (succeeded reports only).")
     downloads = serializers.SerializerMethodField()
+    huggingface = serializers.SerializerMethodField(
+        help_text="The Hugging Face export (succeeded reports only): the family transformers loads huggingface.zip "
+        "as, or the spec field that prevents an export."
+    )
 
     class Meta:
         model = Report
         fields = [
             "id", "job", "job_name", "owner", "task", "checkpoint_step", "trigger", "state", "error", "attempts",
             "created_at", "started_at", "finished_at", "generated_at", "metrics", "page", "playground", "downloads",
+            "huggingface",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -124,6 +140,13 @@ class ReportSerializer(serializers.ModelSerializer[Report]):
     @extend_schema_field(DownloadSerializer(many=True))
     def get_downloads(self, report: Report) -> list[dict[str, Any]]:
         return download_links(report)
+
+    @extend_schema_field(HuggingFaceSerializer(allow_null=True))
+    def get_huggingface(self, report: Report) -> dict[str, Any] | None:
+        if report.state != WorkState.SUCCEEDED:
+            return None
+        found: dict[str, Any] | None = report.document.get("deployment", {}).get("huggingface")
+        return found  # None for reports made before the export existed
 
 
 class ReportRequestSerializer(serializers.Serializer[dict[str, Any]]):

@@ -768,3 +768,55 @@ def reexport_folder(folder_path: str | os.PathLike[str], out_dir: str | os.PathL
     model = Spec.model_validate(derived_spec(folder)).model
     state = engine_state_from_folder(folder, model)
     return write_hf_folder(model, state, out_dir, tokenizer=folder.tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Zip: the folder as one download, and an uploaded zip back to a folder
+# --------------------------------------------------------------------------------------------------------
+
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed: the same folder always zips to the same bytes
+
+
+def zip_folder(files: Mapping[str, Path], zip_path: str | os.PathLike[str], *, prefix: str = "") -> Path:
+    """Zip ``{name: path}`` into ``zip_path`` under ``prefix/`` (a folder when unzipped); deterministic bytes.
+    The weights are stored (they do not compress), the JSON files deflated."""
+    import zipfile
+
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for name in sorted(files):
+            info = zipfile.ZipInfo(f"{prefix}/{name}" if prefix else name, date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_STORED if name.endswith(".safetensors") else zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            with open(files[name], "rb") as src, archive.open(info, "w") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    return Path(zip_path)
+
+
+def export_summary(
+    checkpoint_dir: str | os.PathLike[str],
+    work_dir: str | os.PathLike[str],
+    *,
+    tokenizer: str | os.PathLike[str] | None = None,
+    prefix: str = "",
+) -> tuple[dict[str, Any], Path | None]:
+    """What a report says and offers about the Hugging Face export of a checkpoint: ``(summary, zip path or
+    None)``. ``summary``: ``{"family", "architecture", "field", "reason"}``; ``field`` is the spec field that
+    prevents the export (then ``family``, ``architecture`` and the zip are None)."""
+    work = Path(work_dir)
+    try:
+        export = export_hf(checkpoint_dir, work / "folder", tokenizer=tokenizer)
+    except NotExpressible as refused:
+        return {"family": None, "architecture": None, "field": refused.field, "reason": refused.message}, None
+    archive = zip_folder(export.files, work / "huggingface.zip", prefix=prefix)
+    reason = (
+        f"loads with transformers' AutoModelForCausalLM.from_pretrained as {export.architecture}"
+        + (" (the multi-token prediction modules are left out: transformers does not run them)"
+           if load_spec_model(checkpoint_dir).mtp_depth else "")
+    )  # fmt: skip
+    return {"family": export.family, "architecture": export.architecture, "field": None, "reason": reason}, archive
+
+
+def load_spec_model(checkpoint_dir: str | os.PathLike[str]) -> ModelSpec:
+    from workers.engine.spec import load_spec
+
+    return load_spec(json.loads((Path(checkpoint_dir) / "spec.json").read_text())).model
