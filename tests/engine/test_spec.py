@@ -173,6 +173,7 @@ def test_sections_are_the_expected_ones() -> None:
         "training.schedule",
         "training.plateau",
         "training.anomaly",
+        "training.distributed",
         "data",
     }
 
@@ -260,6 +261,7 @@ BOUND_FIXUPS: dict[tuple[str, str] | str, dict[str, Any]] = {
     ("training.schedule.warmup_steps", "max"): {"training.max_steps": 10_000_000},
     ("data.seq_len", "max"): {"model.max_seq_len": 131072},
     ("data.bpe_vocab_size", "max"): {"model.vocab_size": 262144},
+    ("training.distributed.devices", "max"): {"training.batch_size": 1024},  # devices divide the batch
 }
 
 
@@ -372,6 +374,7 @@ UNKNOWN_KEY_LEVELS = [
     "training.schedule",
     "training.plateau",
     "training.anomaly",
+    "training.distributed",
     "data",
 ]
 

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from workers.engine.hardware import PRECISIONS, HardwareProfile
 from workers.engine.spec import ModelSpec, Spec
 
@@ -224,7 +226,9 @@ _OPTIMIZER_TRAFFIC_BYTES = {"adamw": 48, "sgd": 48, "adafactor": 126, "muon": 36
 _ACTIVATION_TRAFFIC_FACTOR = 2
 FITS_BELOW = 0.85  # fraction of a device's memory under which a run "fits"; up to 1.0 it is "tight"
 
-Parallelism = Literal["ddp", "expert"]
+# ddp: every device holds the whole model; expert: routed experts sharded over the devices (the rest ddp);
+# fsdp: parameters, gradients and optimizer state sharded over the devices (FSDP2).
+Parallelism = Literal["ddp", "expert", "fsdp"]
 RiskLevel = Literal["fits", "tight", "will_not_fit"]
 
 
@@ -514,6 +518,26 @@ class Estimate:
         return out
 
 
+def spec_parallelism(spec: Spec) -> Parallelism:
+    """The parallel layout ``spec.training.distributed`` asks for, in the estimator's terms."""
+    dist = spec.training.distributed
+    if dist.devices > 1 and dist.expert_parallel:
+        return "expert"
+    return "fsdp" if dist.devices > 1 and dist.strategy == "fsdp" else "ddp"
+
+
+def _layout(spec: Spec, num_gpus: int | None, parallelism: Parallelism | None) -> tuple[int, Parallelism]:
+    """``(devices, parallelism)``: what the caller asks, else what the spec's ``training.distributed`` runs."""
+    devices = spec.training.distributed.devices if num_gpus is None else num_gpus
+    return devices, spec_parallelism(spec) if parallelism is None else parallelism
+
+
+def _micro_batch_per_device(spec: Spec, num_devices: int) -> int:
+    """Sequences per device per micro-batch: ``training.batch_size`` is the global micro-batch, split evenly
+    over the devices (the engine's distributed path; the spec requires devices to divide it)."""
+    return math.ceil(spec.training.batch_size / num_devices)
+
+
 def _devices(num_gpus: int, hardware: HardwareProfile) -> int:
     if num_gpus < 1 or num_gpus > hardware.max_devices:
         raise ValueError(f"num_gpus must be between 1 and {hardware.max_devices} for {hardware.name}")
@@ -614,29 +638,39 @@ def estimate_memory(
     *,
     precision: str | None = None,
     checkpointing: bool | None = None,
-    num_gpus: int = 1,
-    parallelism: Parallelism = "ddp",
+    num_gpus: int | None = None,
+    parallelism: Parallelism | None = None,
 ) -> MemoryEstimate:
     """Peak bytes per device of a training step (see ``MemoryEstimate``); precision and checkpointing
-    default to the spec's."""
+    default to the spec's, devices and parallelism to its ``training.distributed``.
+
+    With fsdp, parameters, gradients and optimizer state are sharded (1/devices each) and one block's full
+    parameters and gradients are gathered at a time (FSDP2 reshards after forward): the largest block is added
+    whole to the weights and gradients."""
     t = spec.training
     p = precision or t.precision
     ckpt = t.gradient_checkpointing if checkpointing is None else checkpointing
-    g = _devices(num_gpus, hardware)
+    g, parallelism = _layout(spec, num_gpus, parallelism)
+    g = _devices(g, hardware)
     params, matmul_params = _device_parameters(spec, g, parallelism)
     low = _act_bytes(p)
+    m = spec.model
+    b = parameter_breakdown(spec)
+    layers = max(1, m.num_layers)
 
     gradients = params * _FP32
     optimizer = optimizer_state_elements(spec, g, parallelism) * _FP32
-    m = spec.model
+    gathered = 0  # fsdp: one block's unsharded parameters (and as much gradient) live at a time
+    if parallelism == "fsdp" and g > 1:
+        gathered = (b["total"] - b["embedding"] - b["head"]) // layers * _FP32
+        gradients = math.ceil(gradients / g) + gathered
+        optimizer = math.ceil(optimizer / g)
     a = activation_bytes_per_token(spec, p)
-    N = t.batch_size * spec.data.seq_len
+    N = _micro_batch_per_device(spec, g) * spec.data.seq_len
     overhead = hardware.activation_overhead
     # Autocast's low-precision copies of the matmul weights: cached through the forward and saved for
     # backward. With checkpointing they are not saved: backward re-casts one block at a time (and the head).
     copies = matmul_params * low if low != _FP32 else 0
-    b = parameter_breakdown(spec)
-    layers = max(1, m.num_layers)
     head_matmul = b["head"] or b["embedding"]  # the output projection (the embedding when tied)
     block_copies = (matmul_params - head_matmul - b["mtp"]) // layers * low if copies else 0
     head_copies = head_matmul * low if copies else 0
@@ -654,11 +688,16 @@ def estimate_memory(
         kept = (m.num_layers + m.mtp_depth) * a.checkpoint_input + a.head + mtp_outside
         backward = int(N * (kept + block) * overhead)
         # At the end of the forward every block's weight copy is still cached, but no block is recomputed yet.
-        forward_end = params * _FP32 + copies + int(N * kept * overhead)
+        forward_end = (math.ceil(params / g) if gathered else params) * _FP32 + copies + int(N * kept * overhead)
         return backward, forward_end
 
     live_copies = copies if not ckpt else block_copies + head_copies
-    weights = params * _FP32 + live_copies
+    if gathered:
+        # Autocast copies are made from the gathered block only; the sharded fp32 parameters stay resident.
+        live_copies = block_copies + head_copies if copies else 0
+        weights = math.ceil(params * _FP32 / g) + gathered + live_copies
+    else:
+        weights = params * _FP32 + live_copies
 
     def peak(act: int, forward_end: int) -> int:
         # Gradients are counted with the activations even when a step has one micro-batch (they are None
@@ -697,26 +736,30 @@ def estimate_time(
     spec: Spec,
     hardware: HardwareProfile,
     *,
-    num_gpus: int = 1,
-    parallelism: Parallelism = "ddp",
+    num_gpus: int | None = None,
+    parallelism: Parallelism | None = None,
     calibration: float = 1.0,
 ) -> TimeEstimate:
     """Step time as matmul FLOPs at the profile's efficiency plus bandwidth-bound traffic, times the
     calibration factor (measured / predicted step time from a real run on this hardware; 1.0 uncalibrated).
 
-    Devices work in parallel on their own micro-batches (data parallel); communication is not modelled.
-    An unsupported precision is timed at fp32 speed and reported as such.
+    Devices (default: the spec's ``training.distributed``) work in parallel on their share of the global
+    micro-batch; on a CPU profile the processes share the cores and the memory bandwidth. Communication is not
+    modelled (``make bench`` measures it). An unsupported precision is timed at fp32 speed and reported as such.
     """
     t = spec.training
-    g = _devices(num_gpus, hardware)
+    g, parallelism = _layout(spec, num_gpus, parallelism)
+    g = _devices(g, hardware)
     supported = hardware.supports(t.precision)
     peak_flops = hardware.peak_flops.get(t.precision) if supported else hardware.peak_flops["fp32"]
     assert peak_flops is not None  # every profile has fp32
     rate = peak_flops * hardware.efficiency
+    share = g if hardware.kind == "cpu" else 1  # CPU "devices" are processes on the same cores
+    rate /= share
     fl = flops_per_token(spec)
     act = activation_bytes_per_token(spec)
     m = spec.model
-    N = t.batch_size * spec.data.seq_len  # tokens per device per micro-batch
+    N = _micro_batch_per_device(spec, g) * spec.data.seq_len  # tokens per device per micro-batch
     params, _ = _device_parameters(spec, g, parallelism)
 
     b = parameter_breakdown(spec)
@@ -724,9 +767,9 @@ def estimate_time(
     saved = m.num_layers * act.attention + m.num_moe_layers * act.moe
     saved += (m.num_layers - m.num_moe_layers) * act.dense + act.head  # bytes per token
     saved += m.mtp_depth * (act.mtp_outside_block + act.mtp_block)
-    bandwidth = hardware.bandwidth_bytes_per_s
+    bandwidth = hardware.bandwidth_bytes_per_s / share
     # Muon orthogonalises in bf16 (where the device has it) once per step, whatever the batch.
-    ns_rate = (hardware.peak_flops.get("bf16") or hardware.peak_flops["fp32"] or rate) * hardware.efficiency
+    ns_rate = (hardware.peak_flops.get("bf16") or hardware.peak_flops["fp32"] or rate) * hardware.efficiency / share
     optimizer_seconds = optimizer_flops_per_step(spec, g, parallelism) / ns_rate
     optimizer_traffic = _OPTIMIZER_TRAFFIC_BYTES[t.optimizer.name] * params
     blocks = m.num_layers + m.mtp_depth
@@ -742,7 +785,7 @@ def estimate_time(
     compute, memory = step(1.0)
     worst_compute, worst_memory = step(_imbalance_factor(spec, g, parallelism))
     step_seconds = (compute + memory) * calibration
-    tokens_per_step = spec.tokens_per_step * g
+    tokens_per_step = spec.tokens_per_step  # batch_size is the global micro-batch
     # An evaluation micro-batch is a forward only: a third of the FLOPs, activations written once.
     eval_batch_seconds = (
         fl.forward * N / rate + saved * N / bandwidth + hardware.layer_overhead_seconds * blocks / 3
@@ -785,8 +828,8 @@ def suggest_memory_fixes(
     spec: Spec,
     hardware: HardwareProfile,
     *,
-    num_gpus: int = 1,
-    parallelism: Parallelism = "ddp",
+    num_gpus: int | None = None,
+    parallelism: Parallelism | None = None,
     calibration: float = 1.0,
 ) -> list[Fix]:
     """Changes that bring the peak under the "fits" line, cheapest in speed first, applied cumulatively:
@@ -805,7 +848,10 @@ def suggest_memory_fixes(
         """Add ``new`` to the changes if it lowers the peak (a low precision can raise it once checkpointing
         has shrunk the activations: its weight copies then outweigh what it saves); True once it fits."""
         nonlocal candidate, best_peak
-        trial = _with_changes(spec, {**changes, **new})
+        try:
+            trial = _with_changes(spec, {**changes, **new})
+        except ValidationError:  # e.g. a micro-batch the devices no longer divide, fp16 with fsdp
+            return False
         mem = estimate_memory(trial, hardware, num_gpus=num_gpus, parallelism=parallelism)
         if mem.peak >= best_peak:
             return False
@@ -847,8 +893,8 @@ def estimate(
     spec: Spec,
     hardware: HardwareProfile,
     *,
-    num_gpus: int = 1,
-    parallelism: Parallelism = "ddp",
+    num_gpus: int | None = None,
+    parallelism: Parallelism | None = None,
     calibration: float = 1.0,
     dataset_tokens: int | None = None,
 ) -> Estimate:
@@ -859,7 +905,8 @@ def estimate(
     this hardware). ``dataset_tokens`` (tokens in the training data) adds epochs and tokens per parameter.
     """
     b = parameter_breakdown(spec)
-    g = _devices(num_gpus, hardware)
+    g, parallelism = _layout(spec, num_gpus, parallelism)
+    g = _devices(g, hardware)
     fl = flops_per_token(spec)
     memory = estimate_memory(spec, hardware, num_gpus=g, parallelism=parallelism)
     time = estimate_time(spec, hardware, num_gpus=g, parallelism=parallelism, calibration=calibration)
@@ -897,7 +944,7 @@ def estimate(
             else " Even with checkpointing, low precision and micro-batch 1 it does not fit: use a smaller model, "
             "shorter sequences or more devices with expert parallelism."
         )
-    trained = spec.tokens_per_step * g * spec.training.max_steps
+    trained = spec.tokens_per_step * spec.training.max_steps
     data: dict[str, float | None] = {
         "tokens_trained": float(trained),
         "dataset_tokens": float(dataset_tokens) if dataset_tokens else None,

@@ -89,7 +89,8 @@ def _cpu_profile() -> HardwareProfile:
         # glibc's heap: a run's peak RSS exceeded W + G + O + saved activations by 13-19% of the activations
         # (fp32, 1-8 layers, batch 1-32, measured on the reference machine).
         activation_overhead=1.15,
-        max_devices=1,
+        # One training process per core at most (torch.distributed over gloo): the processes share the cores.
+        max_devices=cores,
         notes="Measured on this platform's machine; fp16 needs CUDA. Calibrate with a short run on the worker.",
     )
 

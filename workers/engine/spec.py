@@ -359,6 +359,20 @@ _Optimizer = Annotated[
 ]
 
 
+# The JSON Schema says that ``name`` chooses the optimizer (OpenAPI's discriminator, in the form pydantic writes for
+# a plain-field discriminator), so that the browser editor completes and checks the chosen optimizer's own fields.
+# pydantic cannot derive it from the callable discriminator above, which the default (no name: adamw) needs.
+_OPTIMIZER_DISCRIMINATOR = {
+    "propertyName": "name",
+    "mapping": {
+        "adamw": "#/$defs/AdamWSpec",
+        "adafactor": "#/$defs/AdafactorSpec",
+        "sgd": "#/$defs/SGDSpec",
+        "muon": "#/$defs/MuonSpec",
+    },
+}
+
+
 class ScheduleSpec(_Strict):
     """Learning rate as a pure function of the step: linear warmup, then decay to a floor."""
 
@@ -407,6 +421,29 @@ class AnomalySpec(_Strict):
     max_rollbacks: int = Field(3, ge=0, le=100, description="After this many rollbacks, stop instead.")
 
 
+class DistributedSpec(_Strict):
+    """How many devices one job trains on and how the work is split between them (torch.distributed).
+
+    Every device runs one process (``torch.distributed.run``); ``training.batch_size`` stays the *global* micro-batch
+    (each device takes ``batch_size / devices`` of it), so a run on N devices takes the steps a 1-device run takes.
+    """
+
+    devices: int = Field(
+        1, ge=1, le=1024, description="Devices (processes) the job trains on; more than 1 runs torch.distributed."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every device holds the whole model and gradients are averaged (DistributedDataParallel); "
+        "fsdp: parameters, gradients and optimizer state are sharded over the devices (FSDP2 fully_shard), for "
+        "models that do not fit one device.",
+    )
+    expert_parallel: bool = Field(
+        False,
+        description="Shard the routed experts over the devices (each holds num_routed_experts / devices of them) "
+        "and send tokens to their experts with all-to-all; the rest of the model is data parallel (ddp).",
+    )
+
+
 class TrainingSpec(_Strict):
     """The training loop: batching, optimisation, precision, evaluation, checkpoints and safeguards."""
 
@@ -416,6 +453,7 @@ class TrainingSpec(_Strict):
     optimizer: _Optimizer = Field(
         default_factory=AdamWSpec,
         description="Optimizer and its settings; name chooses it (adamw when left out).",
+        json_schema_extra={"discriminator": _OPTIMIZER_DISCRIMINATOR},
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
     grad_clip: float | None = Field(1.0, gt=0.0, le=1000.0, description="Clip the global gradient norm; null: off.")
@@ -446,6 +484,9 @@ class TrainingSpec(_Strict):
     seed: int = Field(1234, ge=0, le=2**32 - 1, description="Seed of every random number generator.")
     plateau: PlateauSpec = Field(default_factory=PlateauSpec, description="Plateau interventions.")
     anomaly: AnomalySpec = Field(default_factory=AnomalySpec, description="Anomaly detection.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Devices per job and how training is split over them."
+    )
 
 
 class DataSpec(_Strict):
@@ -586,6 +627,7 @@ def cross_field_problems(spec: Spec) -> list[tuple[str, str]]:
                 f"warmup_steps ({t.schedule.warmup_steps}) cannot exceed max_steps ({t.max_steps})",
             )
         )
+    out.extend(_distributed_problems(spec))
     if d.seq_len > m.max_seq_len:
         out.append(("data.seq_len", f"seq_len ({d.seq_len}) cannot exceed model.max_seq_len ({m.max_seq_len})"))
     if d.bpe_vocab_size is not None and d.bpe_vocab_size > m.vocab_size:
@@ -597,6 +639,44 @@ def cross_field_problems(spec: Spec) -> list[tuple[str, str]]:
         )
     if d.tokenizer == "bytes" and d.bpe_vocab_size is not None:
         out.append(("data.bpe_vocab_size", "bpe_vocab_size must be null with the bytes tokenizer"))
+    return out
+
+
+def _distributed_problems(spec: Spec) -> list[tuple[str, str]]:
+    """The rules of ``training.distributed``: what the engine's distributed path can run exactly."""
+    t, dist = spec.training, spec.training.distributed
+    n = dist.devices
+    out: list[tuple[str, str]] = []
+    if t.batch_size % n:
+        out.append(
+            (
+                "training.distributed.devices",
+                f"devices ({n}) must divide training.batch_size ({t.batch_size}): each device trains on an equal "
+                "share of the batch",
+            )
+        )
+    if dist.expert_parallel:
+        experts = spec.model.moe.num_routed_experts
+        if experts % n:
+            out.append(
+                (
+                    "training.distributed.expert_parallel",
+                    f"expert parallelism needs model.moe.num_routed_experts ({experts}) divisible by devices ({n})",
+                )
+            )
+        if dist.strategy == "fsdp":
+            out.append(
+                (
+                    "training.distributed.expert_parallel",
+                    "expert parallelism runs the rest of the model data parallel: use strategy ddp with it",
+                )
+            )
+    if dist.strategy == "fsdp" and n > 1:
+        if t.optimizer.name == "muon":
+            # Muon orthogonalises whole matrices; FSDP gives each device a slice of each one.
+            out.append(("training.distributed.strategy", "fsdp shards matrices that muon needs whole: use ddp"))
+        if t.precision == "fp16":
+            out.append(("training.distributed.strategy", "fsdp trains in fp32 or bf16 here: use bf16, or ddp"))
     return out
 
 
@@ -646,7 +726,22 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
 
 def load_spec(raw: dict[str, Any]) -> Spec:
     """Migrate, then validate. Raises ``ValidationError`` (use ``spec_errors`` for field paths)."""
-    return Spec.model_validate(migrate(raw))
+    return Spec.model_validate(migrate(integral_numbers(raw)))
+
+
+def integral_numbers(value: Any) -> Any:
+    """``value`` with every float that holds an integer (``690.0``) as that integer, all the way down.
+
+    JSON has one number type and JSON Schema counts ``690.0`` as an integer: a spec that says ``"seq_len": 690.0``
+    matches the published schema and means 690. Strict validation would refuse the float; text (``"690"``) and
+    booleans are still refused. Where a float is asked for, the integer is a number as good as the float."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: integral_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [integral_numbers(item) for item in value]
+    return value
 
 
 def json_schema() -> dict[str, Any]:
