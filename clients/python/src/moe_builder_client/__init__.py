@@ -19,6 +19,7 @@ from moe_builder_client.errors import (
     ServerError,
     SpecInvalid,
     TooLarge,
+    Unprocessable,
     WaitTimeout,
 )
 from moe_builder_client.live import JobWatch, Point
@@ -43,5 +44,6 @@ __all__ = [
     "ServerError",
     "SpecInvalid",
     "TooLarge",
+    "Unprocessable",
     "WaitTimeout",
 ]

@@ -33,11 +33,12 @@ def emit(data: Any) -> None:
 
 
 def fail(error: ClientError) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
     if isinstance(error, ApiError):
+        err.print(f"[red]error:[/red] the API refused the request (HTTP {error.status}):", highlight=False)
         for problem in error.errors:
-            if problem.path:
-                err.print(f"  {problem.path}: {problem.message}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
     sys.exit(error.exit_code)
 
 

@@ -24,6 +24,7 @@ from moe_builder_client.errors import (
     ApiError,
     ClientError,
     Conflict,
+    FieldError,
     NetworkError,
     NotFound,
     NotSignedIn,
@@ -329,7 +330,7 @@ class Datasets:
         for dataset in self.list():
             if name in (dataset.get("slug"), dataset.get("name")):
                 return dataset
-        raise NotFound(404, [], {"detail": f"no dataset named {name!r}"})
+        raise NotFound(404, [FieldError("dataset", f"no dataset named {name!r} (see `datasets.list()`)")])
 
     def delete(self, dataset_id: int) -> None:
         self.client.call("dataset_delete", dataset_id=dataset_id)
@@ -573,10 +574,14 @@ class Reports:
         folder = Path(dest)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        for item in self.get(report_id).get("downloads") or []:
+        report = self.get(report_id)
+        for item in report.get("downloads") or []:
             if item.get("kind") != "artifact":
                 continue
-            path = self.artifact(report_id, item["name"], folder / item["name"])
+            if "/artifacts/" in str(item.get("url")):
+                path = self.artifact(report_id, item["name"], folder / item["name"])
+            else:  # the job's TensorBoard logs, listed beside the report's artifacts
+                path = self.client.jobs.download_tensorboard(int(report["job"]), folder / item["name"])
             if item.get("sha256") and _sha256(path) != item["sha256"]:
                 raise ClientError(f"{path} does not match the SHA-256 the server lists for it")
             paths.append(path)

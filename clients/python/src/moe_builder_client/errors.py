@@ -20,6 +20,8 @@ import re
 from typing import Any, NamedTuple
 
 NON_FIELD = "non_field_errors"
+# "model.moe.top_k: message": a dotted path (at least one dot) leading a message.
+_PATH_PREFIX = re.compile(r"^([A-Za-z_]\w*(?:\.\w+)+): (.+)$", re.DOTALL)
 
 
 class FieldError(NamedTuple):
@@ -73,6 +75,11 @@ class ApiError(ClientError):
 
 class BadRequest(ApiError):
     """400: a value that is not allowed; each problem names its field (``spec.model.moe.top_k``)."""
+
+
+class Unprocessable(BadRequest):
+    """422: a request the schema allows that breaks a rule between fields (``top_k`` above the number of experts);
+    each problem names its field."""
 
 
 class AuthenticationError(ApiError):
@@ -167,6 +174,7 @@ BY_STATUS: dict[int, type[ApiError]] = {
     409: Conflict,
     410: Gone,
     413: TooLarge,
+    422: Unprocessable,
     429: RateLimited,
 }
 
@@ -176,7 +184,7 @@ EXIT_CODES = {
     1: "an unexpected error",
     2: "wrong usage of the command line (an unknown option, a missing argument)",
     3: "the work failed: a job ended failed or cancelled, a dataset is invalid, a report failed",
-    4: "the API refused the request (400, 404, 409, 413, 429, 5xx): the message names the field",
+    4: "the API refused the request (400, 404, 409, 413, 422, 429, 5xx): the message names the field",
     5: "not signed in or not allowed (401, 403): run `moe-builder login`",
     6: "the server could not be reached (connection refused, timeout)",
     7: "waiting took longer than --timeout",
@@ -201,7 +209,13 @@ def field_errors(body: Any) -> tuple[list[FieldError], dict[str, Any]]:
             problems.append(FieldError("", str(value)))
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             path = "" if key == NON_FIELD else key
-            problems.extend(FieldError(path, v) for v in value)
+            for message in value:
+                # The jobs API files a spec's problems under "spec" as "model.moe.top_k: message".
+                inner = _PATH_PREFIX.match(message)
+                if inner and path:
+                    problems.append(FieldError(f"{path}.{inner.group(1)}", inner.group(2)))
+                else:
+                    problems.append(FieldError(path, message))
         elif isinstance(value, dict) and key not in ("state",):
             # DRF nests a field's problems below it, e.g. {"spec": {"model.moe.top_k": ["..."]}}.
             nested, _ = field_errors(value)

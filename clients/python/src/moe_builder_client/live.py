@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from moe_builder_client.errors import ClientError, NetworkError, PermissionDenied
+from moe_builder_client.errors import ClientError, FieldError, NetworkError, PermissionDenied
 from moe_builder_client.operations import JOB_SOCKET, PLAYGROUND_SOCKET
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ def open_socket(client: Client, path: str, query: str = "") -> ClientConnection:
         return connect(url, additional_headers=client.auth_headers, open_timeout=client.timeout, close_timeout=2)
     except InvalidStatus as exc:
         status = exc.response.status_code
-        raise PermissionDenied(status, [], {"detail": f"the server refused the websocket {path} ({status})"}) from exc
+        refused = FieldError("", f"the server refused the websocket {path} (HTTP {status})")
+        raise PermissionDenied(status, [refused]) from exc
     except InvalidURI as exc:
         raise ClientError(f"not a websocket address: {url}") from exc
 
@@ -227,17 +228,22 @@ class PlaygroundSession:
 
     def __init__(self, client: Client, job_id: int, report: int | None) -> None:
         self.ws = open_socket(client, PLAYGROUND_SOCKET.format(job_id=job_id), f"report={report}" if report else "")
+        self.ws.__enter__()  # the connection is its own context manager; __exit__ below closes it
         self.ready: dict[str, Any] = {}
-        while not self.ready:
-            message = self._next()
-            if message.get("type") == "ready":
-                self.ready = message
+        try:
+            while not self.ready:
+                message = self._next()
+                if message.get("type") == "ready":
+                    self.ready = message
+        except BaseException:
+            self.ws.close()  # a checkpoint that cannot load (an error naming ``report``): nothing stays open
+            raise
 
     def __enter__(self) -> PlaygroundSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.ws.close()
+    def __exit__(self, *exc: Any) -> None:
+        self.ws.__exit__(*exc)
 
     def _next(self) -> dict[str, Any]:
         try:
