@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from workers.engine.data import build_byte_tokenizer
 from workers.engine.hf import (
@@ -28,7 +29,9 @@ from workers.engine.hf import (
     write_hf_folder,
 )
 from workers.engine.model import MoETransformer, build_model
+from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec
+from workers.engine.train import train
 
 VOCAB, SEQ, BATCH = 300, 32, 4
 MOE = {"num_routed_experts": 8, "top_k": 2, "expert_hidden_size": 16, "first_dense_layers": 1}
@@ -282,3 +285,43 @@ def test_weights_that_disagree_with_the_config_are_refused_naming_the_tensor(
     with pytest.raises(HFImportError) as refused:
         engine_state_from_folder(read_hf_folder(folder), spec.model)
     assert refused.value.field == "model.safetensors"
+
+
+def test_a_run_starts_from_an_imported_folder_keeps_its_tokenizer_and_its_step_0_exports_to_the_same_bytes(
+    tmp_path: Path, tokenizer_file: Path
+) -> None:
+    """Continued pre-training: the weights are loaded before step 0 (so the step-0 checkpoint exports to the very
+    folder it came from), the data is tokenized with the folder's tokenizer, and training moves the loss."""
+    spec = _spec(FAMILY_SPECS["glm4_moe (GQA, 2 shared, untied)"][1])
+    write_hf_folder(spec.model, _random_model(spec).state_dict(), tmp_path / "folder", tokenizer=tokenizer_file)
+    folder = read_hf_folder(tmp_path / "folder")
+    derived = derived_spec(folder)
+    job = Spec.model_validate(
+        {
+            **derived,
+            "model": {**derived["model"], "mtp_depth": 1},  # a new MTP module on an imported trunk: fresh weights
+            "training": {"batch_size": 4, "max_steps": 6, "checkpoint_interval": 100, "eval_interval": 100,
+                         "schedule": {"warmup_steps": 1}, "optimizer": {"lr": 3e-3}},
+            "data": {**derived["data"], "seq_len": 32, "tokenizer": "bpe", "val_fraction": 0.2},
+        }
+    )  # fmt: skip
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n\n".join(f"document {i}: the routed experts see tokens {i % 7} and {i % 5}." for i in range(40))
+    )
+    sink = MemorySink()
+    result = train(job, corpus, tmp_path / "run", sink, device="cpu", init_from=tmp_path / "folder")
+    assert result.status == "completed"
+    (event,) = sink.events_of("initialised")
+    assert event["from"] == "folder" and event["fresh_parameters"] > 0  # the MTP module's
+    # The bytes tokenizer of the folder, not a BPE trained on the corpus (which data.tokenizer asks for).
+    prepared = tmp_path / "run" / "data"
+    used, given = (Tokenizer.from_file(str(p)) for p in (prepared / "tokenizer.json", tokenizer_file))
+    assert used.get_vocab() == given.get_vocab() and used.encode("document 7").ids == list(b"document 7")
+    assert json.loads((prepared / "meta.json").read_text())["settings"]["tokenizer_file_sha256"] == _sha(tokenizer_file)
+
+    step0 = tmp_path / "run" / "checkpoints" / "step-000000"
+    again = write_hf_folder(job.model, load_file(str(step0 / "model.safetensors")), tmp_path / "again")
+    assert _sha(again.files["model.safetensors"]) == _sha(tmp_path / "folder" / "model.safetensors")
+    losses = [loss for _, loss in sink.series("loss")]
+    assert losses[-1] < losses[0]

@@ -631,8 +631,12 @@ def prepare(
     work_dir: str | os.PathLike[str],
     *,
     max_example_bytes: int | None = None,
+    tokenizer_file: str | os.PathLike[str] | None = None,
 ) -> PreparedData:
     """Validate, split, train/build the tokenizer and tokenize ``source_path`` into ``work_dir``.
+
+    ``tokenizer_file``: tokenize with this ``tokenizer.json`` instead (a run that starts from an imported
+    checkpoint keeps the checkpoint's token ids); it must have the ``<eos>``, ``<pad>`` and ``<bos>`` tokens.
 
     Idempotent: a previous complete preparation of the same file content with the same settings
     (its ``COMPLETE`` marker holds the fingerprint) is reused as is; anything else in ``work_dir`` is
@@ -647,6 +651,8 @@ def prepare(
     root.mkdir(parents=True, exist_ok=True)
     fmt = detect_format(source)
     settings = preparation_settings(spec, fmt)
+    if tokenizer_file is not None:
+        settings["tokenizer_file_sha256"] = _sha256_file(tokenizer_file)
     source_sha = _sha256_file(source)
     fingerprint = hashlib.sha256(json.dumps([settings, source_sha], sort_keys=True).encode()).hexdigest()
 
@@ -658,7 +664,9 @@ def prepare(
         if marker.is_file() and marker.read_text().strip() == fingerprint:
             return PreparedData.load(root)
         marker.unlink(missing_ok=True)  # from here on the directory is incomplete until the marker returns
-        return _prepare_unlocked(spec, source, root, fmt, settings, source_sha, fingerprint, max_example_bytes)
+        return _prepare_unlocked(
+            spec, source, root, fmt, settings, source_sha, fingerprint, max_example_bytes, tokenizer_file
+        )
 
 
 def _prepare_unlocked(
@@ -670,6 +678,7 @@ def _prepare_unlocked(
     source_sha: str,
     fingerprint: str,
     max_example_bytes: int | None,
+    tokenizer_file: str | os.PathLike[str] | None = None,
 ) -> PreparedData:
     classification = spec.model.task == "classification"
     d = spec.data
@@ -695,7 +704,9 @@ def _prepare_unlocked(
     is_val = validation_mask(summary.num_records, d.val_fraction, spec.training.seed)
 
     # Pass 2 (bpe only): train the tokenizer on the training documents, so validation stays unseen.
-    if d.tokenizer == "bpe":
+    if tokenizer_file is not None:
+        tokenizer = load_tokenizer(tokenizer_file)
+    elif d.tokenizer == "bpe":
         vocab = d.bpe_vocab_size or spec.model.vocab_size
         texts = (r.text for r in _split_texts(source, fmt, spec, is_val, False, max_example_bytes))
         tokenizer = train_bpe_tokenizer(texts, vocab)

@@ -45,6 +45,7 @@ accumulation make runs close but not bitwise equal.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -79,6 +80,7 @@ from workers.engine.data import (
     preparation_settings,
     prepare,
 )
+from workers.engine.hf import load_hf_weights
 from workers.engine.interventions import Anomaly, AnomalyGuard, PlateauWatch
 from workers.engine.layout import RunLayout
 from workers.engine.model import ModelOutput, MoETransformer, build_model
@@ -344,6 +346,7 @@ def train(
     device: str | None = None,
     stop_after_step: int | None = None,
     faults: FaultInjection | None = None,
+    init_from: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data`` (a prepared dataset or a source file to prepare) into ``out_dir``.
 
@@ -355,6 +358,8 @@ def train(
     - ``stop_after_step``: checkpoint and return ``"stopped"`` once this step is done; the LR schedule still
       follows ``training.max_steps`` (how a run is split into resumable pieces).
     - ``faults``: test-only fault injection.
+    - ``init_from``: a Hugging Face folder (``workers.engine.hf``) whose weights the model starts from instead of
+      a random initialisation; read only when the run has no checkpoint yet (a resumed run continues from its own).
 
     Returns ``"completed"`` (reached ``max_steps``), ``"early_stopped"``, ``"stopped"``, ``"preempted"``
     or ``"failed"`` (an anomaly with action ``stop``, or rollbacks exhausted). Raises ``EngineConfigError``
@@ -367,17 +372,32 @@ def train(
     # Freed memory stays in the process for the run: each step re-allocates the same large buffers, and
     # glibc would otherwise unmap and fault them in again every step (see workers.engine.allocator).
     with _StopSignals() as signals, keep_freed_memory():
-        prepared = data if isinstance(data, PreparedData) else prepare(spec, data, run.prepared_data)
-        _check_data_fits(spec, prepared)
+        tokenizer_file = initial_tokenizer(init_from)
+        if isinstance(data, PreparedData):
+            prepared = data
+        else:
+            prepared = prepare(spec, data, run.prepared_data, tokenizer_file=tokenizer_file)
+        _check_data_fits(spec, prepared, tokenizer_file)
         run.spec.write_text(spec.model_dump_json(indent=2))
         trainer = _Trainer(spec, prepared, run, sink, dev, autocast, faults or FaultInjection())
-        trainer.start(resume)
+        trainer.start(resume, init_from)
         return trainer.run(lambda: signals.preempt, should_stop, stop_after_step)
 
 
-def _check_data_fits(spec: Spec, prepared: PreparedData) -> None:
-    """A preparation handed in by the caller must be the one ``prepare(spec, ...)`` would have made."""
+def initial_tokenizer(init_from: str | os.PathLike[str] | None) -> Path | None:
+    """The ``tokenizer.json`` of the folder a run starts from, if it has one: the run tokenizes its data with it."""
+    if init_from is None:
+        return None
+    path = Path(init_from) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def _check_data_fits(spec: Spec, prepared: PreparedData, tokenizer_file: Path | None = None) -> None:
+    """A preparation handed in by the caller must be the one ``prepare(spec, ...)`` would have made (with the
+    tokenizer of the folder the run starts from, when it has one)."""
     expected = preparation_settings(spec, prepared.meta["format"])
+    if tokenizer_file is not None:
+        expected["tokenizer_file_sha256"] = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
     differing = sorted(k for k in expected if prepared.meta["settings"].get(k) != expected[k])
     if differing:
         names = ", ".join(differing)
@@ -450,9 +470,12 @@ class _Trainer:
 
     # -- start: fresh or resumed ---------------------------------------------------------------------------
 
-    def start(self, resume: bool) -> None:
+    def start(self, resume: bool, init_from: str | os.PathLike[str] | None = None) -> None:
         latest = latest_checkpoint(self.ckpt_root)
         if latest is None:
+            if init_from is not None:
+                fresh = load_hf_weights(self.model, init_from)  # before step 0: its checkpoint holds these weights
+                self.sink.event("initialised", {"from": Path(init_from).name, "fresh_parameters": len(fresh)})
             # The step-0 checkpoint makes "roll back to the last checkpoint" always possible.
             self._save()
             return
