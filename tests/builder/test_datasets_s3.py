@@ -26,7 +26,7 @@ from rest_framework.authtoken.models import Token
 
 from builder.datasets import storage
 from builder.datasets.models import Dataset, DatasetState
-from tests.services import Stack, service_env, shared_db_path, start_asgi, start_redis, start_worker, wait_for
+from tests.services import Stack, service_env, shared_database_url, start_asgi, start_redis, start_worker, wait_for
 from tests.services import wait_worker_ready as wait_ready
 from workers.engine.checkpoint import latest_checkpoint, verify_checkpoint
 from workers.engine.sinks import MemorySink
@@ -65,7 +65,7 @@ def s3_stack(moto_s3: str, stack: Stack, tmp_path: Path) -> Iterator[tuple[str, 
     redis_service, url = start_redis(tmp_path / "redis")
     env = service_env(
         url,
-        shared_db_path(),
+        shared_database_url(),
         Path(stack.env["MEDIA_ROOT"]),
         S3_BUCKET=bucket,
         S3_ENDPOINT_URL=moto_s3,

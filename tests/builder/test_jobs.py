@@ -24,7 +24,7 @@ from tests.conftest import session_cookie, signed_in
 from tests.services import (
     Stack,
     service_env,
-    shared_db_path,
+    shared_database_url,
     start_beat,
     start_redis,
     start_worker,
@@ -228,7 +228,7 @@ def test_a_killed_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
     redis_service, url = start_redis(tmp_path / "redis")
     env = service_env(
         url,
-        shared_db_path(),
+        shared_database_url(),
         Path(stack.env["MEDIA_ROOT"]),
         JOB_HEARTBEAT_SECONDS="1",
         JOB_LEASE_SECONDS="4",
@@ -282,7 +282,7 @@ def test_a_stopping_worker_preempts_its_job_and_the_next_worker_continues_it(
     continues it. A job queued while no message could be sent (the broker was down) is delivered when a worker
     starts."""
     redis_service, url = start_redis(tmp_path / "redis")
-    env = service_env(url, shared_db_path(), Path(stack.env["MEDIA_ROOT"]), REPORTS_AUTO_EVALUATE="false")
+    env = service_env(url, shared_database_url(), Path(stack.env["MEDIA_ROOT"]), REPORTS_AUTO_EVALUATE="false")
     services = [redis_service]
     try:
         first = start_worker(env, tmp_path, "stopping")

@@ -27,7 +27,7 @@ from tests.services import (
     Stack,
     point_at_redis,
     service_env,
-    shared_db_path,
+    shared_database_url,
     start_asgi,
     start_beat,
     start_redis,
@@ -66,7 +66,7 @@ def test_jobs_accepted_before_during_and_after_a_redis_outage_all_succeed(
     assert port is not None
     env = service_env(
         url,
-        shared_db_path(),
+        shared_database_url(),
         Path(stack.env["MEDIA_ROOT"]),
         JOB_REAPER_INTERVAL_SECONDS="1",
         REDELIVER_AFTER_SECONDS="3",

@@ -18,7 +18,7 @@ from tests.conftest import session_cookie
 from tests.services import (
     Stack,
     service_env,
-    shared_db_path,
+    shared_database_url,
     start_asgi,
     start_redis,
     start_worker,
@@ -104,7 +104,7 @@ def test_websocket_refuses_a_foreign_origin(stack: Stack, alice: Any) -> None:
 def test_healthz_turns_503_when_redis_stops(stack: Stack, tmp_path: Path) -> None:
     """A stack of its own (Redis, worker, ASGI server), so that stopping its Redis disturbs no other test."""
     redis_service, url = start_redis(tmp_path / "redis")
-    env = service_env(url, shared_db_path(), Path(stack.env["MEDIA_ROOT"]))
+    env = service_env(url, shared_database_url(), Path(stack.env["MEDIA_ROOT"]))
     worker = asgi = None
     try:
         worker = start_worker(env, tmp_path, "outage")

@@ -29,7 +29,7 @@ from tests.services import (
     free_port,
     point_at_redis,
     service_env,
-    shared_db_path,
+    shared_database_url,
     wait_for,
 )
 
@@ -72,7 +72,7 @@ def test_killed_processes_come_back_and_ctrl_c_leaves_nothing_behind(
     var.mkdir()
     env = service_env(
         url,
-        shared_db_path(),
+        shared_database_url(),
         Path(stack.env["MEDIA_ROOT"]),
         VAR_DIR=str(var),
         WEB_PORT=str(port),
