@@ -65,6 +65,7 @@ INSTALLED_APPS = [
     "builder.datasets",
     "builder.configs",
     "builder.reports",
+    "builder.sweeps",
 ]
 
 MIDDLEWARE = [
@@ -184,6 +185,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(env_int("JOB_REAPER_INTERVAL_SECONDS", 15, minimum=1)),
         "options": {"queue": "cpu", "expires": 60},
     },
+    "poll-sweeps": {
+        "task": "sweeps.poll",
+        "schedule": float(env_int("SWEEP_POLL_SECONDS", 10, minimum=1)),
+        "options": {"queue": "cpu", "expires": 60},
+    },
 }
 # A row still queued this long after its task was last sent is sent again by beat: its message may have been lost
 # (a Redis restarted without persistence, a send while the broker was down). Duplicates are harmless (claims are
@@ -225,6 +231,15 @@ INFERENCE_CPU_THREADS = env_int("INFERENCE_CPU_THREADS", 1, minimum=0, maximum=1
 # The playground's bounds: tokens one request may generate, characters of a prompt.
 PLAYGROUND_MAX_NEW_TOKENS = env_int("PLAYGROUND_MAX_NEW_TOKENS", 256, minimum=1, maximum=4096)
 PLAYGROUND_MAX_PROMPT_CHARS = env_int("PLAYGROUND_MAX_PROMPT_CHARS", 4000, minimum=1, maximum=1_000_000)
+
+# --- Sweeps ---------------------------------------------------------------------------------------------------
+# Beat ticks every waiting sweep this often: the pruner sees its trials' new validation points (a trial's job that
+# ends ticks its sweep at once).
+SWEEP_POLL_SECONDS = env_int("SWEEP_POLL_SECONDS", 10, minimum=1)
+# A tick still "ticking" with no heartbeat for this long lost its worker: it is queued again (up to 3 claims).
+SWEEP_TICK_LEASE_SECONDS = env_int("SWEEP_TICK_LEASE_SECONDS", 120, minimum=4)
+# The most trials one sweep may have.
+SWEEP_MAX_TRIALS = env_int("SWEEP_MAX_TRIALS", 200, minimum=1, maximum=10000)
 
 # --- Storage ---------------------------------------------------------------------------------------------------
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()

@@ -6,6 +6,7 @@ import { startLiveHealth } from "./health.js";
 import { startDatasetUpload } from "./datasets.js";
 import { startJobs } from "./jobs.js";
 import { startReports } from "./reports.js";
+import { startSweeps } from "./sweeps.js";
 
 window.htmx = htmx;
 
@@ -16,4 +17,5 @@ document.addEventListener("DOMContentLoaded", () => {
   if (upload) startDatasetUpload(upload);
   startJobs();
   startReports();
+  startSweeps();
 });
