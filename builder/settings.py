@@ -360,6 +360,12 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         # Calibrations and reports share one set of states (queued → running → succeeded | failed).
         "WorkStateEnum": "builder.configs.models.WorkState",
+    # Requests and responses get components of their own: a request's file is published as a file (binary), a
+    # required text field as non-blank (minLength 1), read-only fields not at all.
+    "COMPONENT_SPLIT_REQUEST": True,
+    # OpenAPI 3.1 is JSON Schema 2020-12: the spec's own JSON Schema (pydantic's: null as a type, const) is published
+    # as it is, as the ``Spec`` component, with no lossy translation to 3.0's dialect.
+    "OAS_VERSION": "3.1.0",
         "JobStateEnum": "builder.jobs.models.JobState",
         "DatasetStateEnum": "builder.datasets.models.DatasetState",
         "DataFormatEnum": "builder.datasets.models.DataFormat",
@@ -375,12 +381,6 @@ USE_TZ = True
 # --- Security (production profile) -----------------------------------------------------------------------------
 if not DEBUG:
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
-    # Requests and responses get components of their own: a request's file is published as a file (binary), a
-    # required text field as non-blank (minLength 1), read-only fields not at all.
-    "COMPONENT_SPLIT_REQUEST": True,
-    # OpenAPI 3.1 is JSON Schema 2020-12: the spec's own JSON Schema (pydantic's: null as a type, const) is published
-    # as it is, as the ``Spec`` component, with no lossy translation to 3.0's dialect.
-    "OAS_VERSION": "3.1.0",
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
