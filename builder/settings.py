@@ -356,16 +356,16 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Configure, train, watch and evaluate DeepSeek-style Mixture-of-Experts language models.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
-    # Several apps have a choice field called "state": name each set after its model.
-    "ENUM_NAME_OVERRIDES": {
-        # Calibrations and reports share one set of states (queued → running → succeeded | failed).
-        "WorkStateEnum": "builder.configs.models.WorkState",
     # Requests and responses get components of their own: a request's file is published as a file (binary), a
     # required text field as non-blank (minLength 1), read-only fields not at all.
     "COMPONENT_SPLIT_REQUEST": True,
     # OpenAPI 3.1 is JSON Schema 2020-12: the spec's own JSON Schema (pydantic's: null as a type, const) is published
     # as it is, as the ``Spec`` component, with no lossy translation to 3.0's dialect.
     "OAS_VERSION": "3.1.0",
+    # Several apps have a choice field called "state": name each set after its model.
+    "ENUM_NAME_OVERRIDES": {
+        # Calibrations and reports share one set of states (queued → running → succeeded | failed).
+        "WorkStateEnum": "builder.configs.models.WorkState",
         "JobStateEnum": "builder.jobs.models.JobState",
         "DatasetStateEnum": "builder.datasets.models.DatasetState",
         "DataFormatEnum": "builder.datasets.models.DataFormat",
