@@ -10,7 +10,9 @@ The database is the record and the broker only delivers:
 
 - **claim** is one conditional UPDATE (queued → working, ``lease_token + 1``, ``attempts + 1``): of two workers that
   received the same message, one gets the row; the other gets ``None`` and returns at once, so duplicates are
-  harmless and a message may always be sent again.
+  harmless and a message may always be sent again. A kind may let a delivery claim another queued row of the same
+  queue instead (``choose``/``claim_next``: jobs do, for fair share between users); a message then stands for "run
+  the next row of this queue", and there are never fewer messages than queued rows.
 - every later write by the claimant (**heartbeat**, progress, **finish**) is conditional on its token still being
   the row's, so a worker that was presumed dead (its row reaped and claimed by another) can change nothing.
 - **reap** (beat) hands rows whose worker went silent back to the queue, or fails them with the reason once their
@@ -27,7 +29,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar, Generic, TypeVar
@@ -114,6 +116,15 @@ class WorkKind(Generic[W]):
         """What a queued row must also satisfy to be claimed (jobs: no cancel requested)."""
         return Q()
 
+    def choose(self, pk: int) -> list[int]:
+        """The queued rows a delivery of ``pk``'s task tries to claim, in order (default: ``pk`` alone).
+
+        A kind whose rows share a queue may hand the delivery to the row that should run next (jobs: fair share
+        between users). Nothing is lost: every queued row was sent its own message, so the row a delivery passes
+        over is run by the message of the row it took, and a delivery that finds nothing queued returns.
+        """
+        return [pk]
+
     def attempts_left(self, row: W) -> bool:
         return row.attempts < self.max_attempts
 
@@ -186,6 +197,15 @@ class WorkKind(Generic[W]):
             # Read inside the transaction: the row is ours until it commits, so these are our claim's numbers.
             token, attempt = manager.filter(pk=pk).values_list("lease_token", "attempts").get()
         return Claim(pk=pk, token=token, attempt=attempt, worker=worker)
+
+    def claim_next(self, pk: int, worker: str, **fields: Any) -> Claim | None:
+        """Claim the first row of ``choose(pk)`` that is still queued (another worker may take one between the
+        choice and the conditional update: the next is tried); None when none is."""
+        for candidate in self.choose(pk):
+            taken = self.claim(candidate, worker, **fields)
+            if taken is not None:
+                return taken
+        return None
 
     def held(self, pk: int, token: int) -> models.QuerySet[W]:
         """Row ``pk`` while the lease with ``token`` still holds it (working, with that token): every fenced write
@@ -280,14 +300,13 @@ def redeliver_all(queues: Iterable[str] | None = None) -> dict[str, list[int]]:
     return {kind.label: kind.redeliver_queued(wanted) for kind in kinds()}
 
 
-class Heartbeat(threading.Thread):
-    """Renews a claim every ``interval`` seconds whatever the work is doing (tokenizing a corpus or exporting a
-    model takes minutes without a progress write). Sets ``lost`` when the claim is no longer ours."""
+class Ticker(threading.Thread):
+    """Calls ``beat`` every ``interval`` seconds in a daemon thread of its own until stopped; when ``beat`` returns
+    False it sets ``lost`` and stops. Closes the thread's own database connection at the end."""
 
-    def __init__(self, kind: WorkKind[Any], claim: Claim, interval: float) -> None:
-        super().__init__(name=f"heartbeat-{kind.label}-{claim.pk}", daemon=True)
-        self.kind = kind
-        self.claim = claim
+    def __init__(self, name: str, beat: Callable[[], bool], interval: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self.beat = beat
         self.interval = interval
         self.lost = threading.Event()
         self._stop_requested = threading.Event()
@@ -295,7 +314,7 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stop_requested.wait(self.interval):
-                if not self.kind.heartbeat(self.claim):
+                if not self.beat():
                     self.lost.set()
                     return
         finally:
@@ -305,9 +324,23 @@ class Heartbeat(threading.Thread):
         self._stop_requested.set()
         self.join(timeout=10)
 
-    def __enter__(self) -> Heartbeat:
+    def __enter__(self) -> Ticker:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Heartbeat(Ticker):
+    """Renews a claim every ``interval`` seconds whatever the work is doing (tokenizing a corpus or exporting a
+    model takes minutes without a progress write). Sets ``lost`` when the claim is no longer ours."""
+
+    def __init__(self, kind: WorkKind[Any], claim: Claim, interval: float) -> None:
+        super().__init__(f"heartbeat-{kind.label}-{claim.pk}", lambda: kind.heartbeat(claim), interval)
+        self.kind = kind
+        self.claim = claim
+
+    def __enter__(self) -> Heartbeat:
+        self.start()
+        return self

@@ -85,8 +85,28 @@ def check_storage() -> CheckResult:
     return _timed(run)
 
 
+# Sections an app adds to the report (``register_section``, from its AppConfig.ready: core imports no app), beside
+# the checks: information, not a check, so they never change ``status``. The fleet app adds "workers".
+_sections: dict[str, Callable[[], Any]] = {}
+
+
+def register_section(name: str, read: Callable[[], Any]) -> None:
+    """Add ``name: read()`` to every health report (``read`` must say nothing secret: ``/healthz`` is public)."""
+    _sections[name] = read
+
+
+def _sections_report() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, read in _sections.items():
+        try:
+            out[name] = read()
+        except Exception as exc:  # the report never fails because a section could not be read
+            out[name] = {"error": describe_failure(exc)}
+    return out
+
+
 def check_all() -> dict[str, Any]:
-    """All checks; ``status`` is ``ok`` only when every check is."""
+    """All checks, and the registered sections; ``status`` is ``ok`` only when every check is."""
     checks = {"database": check_database(), "redis": check_redis(), "storage": check_storage()}
     if checks["redis"]["ok"]:
         checks["celery"] = check_celery()
@@ -94,4 +114,4 @@ def check_all() -> dict[str, Any]:
         # Without the broker a broadcast would block on connection retries; the answer is known anyway.
         checks["celery"] = {"ok": False, "error": "the broker (Redis) is down", "latency_ms": 0.0}
     ok = all(c["ok"] for c in checks.values())
-    return {"status": "ok" if ok else "fail", "checks": checks}
+    return {"status": "ok" if ok else "fail", "checks": checks, **_sections_report()}

@@ -21,14 +21,13 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q, QuerySet, Value
+from django.db.models import Count, F, Max, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from builder.core.durable import Claim, WorkKind, register
 from builder.core.errors import Refusal
-from builder.jobs.models import ACTIVE_STATES, TERMINAL_STATES, Job, JobEvent, JobState
-from builder.jobs.signals import job_ended
+from builder.jobs.models import ACTIVE_STATES, Job, JobEvent, JobState
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +127,7 @@ def transition(
             return False
         add_event(job_id, "state", {"from": current, "to": str(to), "reason": reason}, step=fields.get("step", step))
         _publish_after_commit(job_id, {"type": "state", "state": str(to), "reason": reason})
-        if to in TERMINAL_STATES:
-            transaction.on_commit(lambda: _announce_end(job_id, str(to)))
     return True
-
-
-def _announce_end(job_id: int, state: str) -> None:
-    """Tell the apps above (``job_ended``) that the job ended; their errors are logged, never raised: an ended job
-    stays ended whatever a listener does with it."""
-    for receiver, outcome in job_ended.send_robust(sender=Job, job_id=job_id, state=state):
-        if isinstance(outcome, Exception):
-            log.warning("job %s: %r failed on its end", job_id, receiver, exc_info=outcome)
 
 
 TRAIN_TASK = "jobs.train"  # workers.tasks.jobs
@@ -178,16 +167,19 @@ class JobWork(WorkKind[Job]):
     def queued_rows(self) -> QuerySet[Job]:
         return Job.objects.filter(state=JobState.QUEUED).order_by("created_at", "id")
 
+    def choose(self, pk: int) -> list[int]:
+        """Fair share: the queued jobs of ``pk``'s class in the order they should run (``fair_order``), so that a
+        delivery runs the job of the user who has the fewest running on the class, not the oldest message."""
+        queue = Job.objects.filter(pk=pk).values_list("queue", flat=True).first()
+        if queue is None:
+            return [pk]
+        order = list(fair_order(queue).values_list("pk", flat=True)[:FAIR_SHARE_CANDIDATES])
+        return order if pk in order else [*order, pk]
+
     def stale_reason(self, row: Job) -> str:
         return f"lease of {row.lease_owner or 'a worker'} expired (no heartbeat for {settings.JOB_LEASE_SECONDS} s)"
 
     def requeue(self, row: Job, reason: str) -> bool:
-        if row.cancel_requested:
-            # Asked to stop (by its owner, or a sweep's pruner) before its worker died: it ends cancelled. Queued
-            # again it would wait forever, since a job with a cancel requested is never claimed.
-            return transition(
-                row.pk, JobState.CANCELLED, token=row.lease_token, reason=cancel_reason(row.pk), lease_owner=""
-            )
         with transaction.atomic():
             done = transition(row.pk, JobState.QUEUED, token=row.lease_token, reason=reason, lease_owner="")
             if done:
@@ -196,6 +188,29 @@ class JobWork(WorkKind[Job]):
 
     def give_up(self, row: Job, reason: str) -> bool:
         return transition(row.pk, JobState.FAILED, token=row.lease_token, reason=reason, error=reason)
+
+
+# How many of the fairest queued jobs a delivery tries before giving up (each try is one conditional update; a
+# miss means another worker took that job at the same moment).
+FAIR_SHARE_CANDIDATES = 20
+
+
+def fair_order(queue: str) -> QuerySet[Job]:
+    """The claimable queued jobs of hardware class ``queue``, in the order fair share runs them:
+
+    1. the owner's running jobs on the class, fewest first (no user holds the class while another waits);
+    2. the owner's last activity on the class (the newest heartbeat of any of their jobs there), longest ago first,
+       never first: users take turns, so a user who queued many jobs gets every other run, not all of them;
+    3. when the job entered the queue, then its id (one user's own jobs run in the order they were queued).
+    """
+    of_owner_here = Job.objects.filter(owner=OuterRef("owner"), queue=queue).values("owner")
+    running = of_owner_here.filter(state=JobState.RUNNING).annotate(n=Count("pk")).values("n")
+    last_active = of_owner_here.filter(heartbeat_at__isnull=False).annotate(at=Max("heartbeat_at")).values("at")
+    return (
+        Job.objects.filter(JOBS.claimable(), state=JobState.QUEUED, queue=queue)
+        .annotate(owner_running=Coalesce(Subquery(running), Value(0)), owner_last_active=Subquery(last_active))
+        .order_by("owner_running", F("owner_last_active").asc(nulls_first=True), "queued_at", "pk")
+    )
 
 
 JOBS = register(JobWork())
@@ -213,16 +228,18 @@ class Lease(Claim):
 
 
 def claim(job_id: int, worker: str) -> Lease | None:
-    """Take a queued job for ``worker``. None when it is not claimable (already taken, cancelled, finished).
+    """Take the queued job of ``job_id``'s class that fair share runs next (``fair_order``: often ``job_id`` itself)
+    for ``worker``; the lease's ``job_id`` says which. None when none is claimable (taken, cancelled, finished).
 
     The points an earlier attempt recorded past where this one resumes are dropped by this attempt's sink
     (``DatabaseStreamSink``) once the engine says where it resumes: a checkpoint can be on disk a moment before
     the database hears of it, so ``last_checkpoint_step`` is only the progress shown until then.
     """
     with transaction.atomic():
-        taken = JOBS.claim(job_id, worker)
+        taken = JOBS.claim_next(job_id, worker)
         if taken is None:
             return None
+        job_id = taken.pk  # fair share may hand this delivery another queued job of the same class
         resume_from = Job.objects.values_list("last_checkpoint_step", flat=True).get(pk=job_id)
         add_event(
             job_id,
@@ -244,31 +261,18 @@ def dispatch(job: Job) -> None:
     JOBS.dispatch(job)
 
 
-CANCELLED_BY_OWNER = "cancelled by its owner"
-
-
-def request_cancel(job: Job, reason: str = "") -> None:
+def request_cancel(job: Job) -> None:
     """Cancel a job: at once if it is not running; otherwise the worker stops within a step and checkpoints.
 
-    ``reason`` (default: cancelled by its owner) is what the job's final state change says, e.g. "pruned: ..." for
-    a sweep's trial. A job that already ended is a ``Refusal`` (409, with the job's ``state``)."""
+    A job that already ended is a ``Refusal`` (409, with the job's ``state``)."""
     if job.state in (JobState.QUEUED, JobState.PREEMPTED) and transition(
-        job.pk, JobState.CANCELLED, reason=reason or "cancelled before it ran"
+        job.pk, JobState.CANCELLED, reason="cancelled before it ran"
     ):
         return
     if job.is_terminal:
         raise Refusal("", f"the job already {job.state}", 409, state=job.state)
     Job.objects.filter(pk=job.pk).update(cancel_requested=True)
-    add_event(job.pk, "cancel_requested", {"reason": reason} if reason else {}, step=job.step)
-
-
-def cancel_reason(job_id: int) -> str:
-    """Why the job was asked to stop: the reason of its latest ``cancel_requested`` event, or cancelled by its owner."""
-    data = JobEvent.objects.filter(job_id=job_id, kind="cancel_requested").order_by("-seq").values_list(
-        "data", flat=True
-    )
-    latest = data.first() or {}
-    return str(latest.get("reason") or CANCELLED_BY_OWNER)
+    add_event(job.pk, "cancel_requested", {}, step=job.step)
 
 
 def resume(job: Job) -> None:
@@ -307,10 +311,8 @@ def jobs_training_on(dataset: Any) -> str:
 
 
 def queue_position(job: Job) -> int | None:
-    """1 for the next job to run on its queue; None when the job is not queued."""
+    """1 for the next job to run on its class (in fair-share order, ``fair_order``); None when it is not queued."""
     if job.state != JobState.QUEUED:
         return None
-    ahead = Job.objects.filter(state=JobState.QUEUED, queue=job.queue).filter(
-        Q(queued_at__lt=job.queued_at) | Q(queued_at=job.queued_at, pk__lt=job.pk)
-    )
-    return ahead.count() + 1
+    order = list(fair_order(job.queue).values_list("pk", flat=True))
+    return order.index(job.pk) + 1 if job.pk in order else None

@@ -35,7 +35,8 @@ def _device() -> str:
 
 
 def run_job(job_id: int, worker: str) -> dict[str, Any]:
-    """Claim and train job ``job_id``; returns a small JSON-able summary for the task result.
+    """Claim and train the job fair share runs next on ``job_id``'s class (``lifecycle.claim``: usually ``job_id``);
+    returns a small JSON-able summary for the task result.
 
     Two phases, each announced by an event so that the dashboard can say what is happening: ``preparing``
     (tokenizing the dataset: minutes on a large corpus, with no step to show) then ``data_ready`` (with the
@@ -50,6 +51,7 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
     lease = lifecycle.claim(job_id, worker)
     if lease is None:
         return {"job": job_id, "outcome": "not claimable"}
+    job_id = lease.job_id  # fair share may have handed this delivery another queued job of the class
     job = Job.objects.select_related("dataset").get(pk=job_id)
     spec = load_spec(job.spec)
     layout = claim_folder(job)
@@ -149,8 +151,7 @@ def record_outcome(
             # The success is committed: apps that act on it (the reports app queues the evaluation) listen.
             job_succeeded.send(sender=Job, job_id=job_id)
     elif status == "stopped":
-        reason = lifecycle.cancel_reason(job_id)  # the owner's, or e.g. a sweep's pruner
-        lifecycle.transition(job_id, JobState.CANCELLED, token=lease.token, reason=reason, **fields)
+        lifecycle.transition(job_id, JobState.CANCELLED, token=lease.token, reason="cancelled by its owner", **fields)
     elif status == "preempted":
         # The worker is shutting down: record the preemption, then queue the job again so that another worker
         # (or this one, restarted) continues from the checkpoint just written.

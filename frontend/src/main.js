@@ -6,7 +6,7 @@ import { startLiveHealth } from "./health.js";
 import { startDatasetUpload } from "./datasets.js";
 import { startJobs } from "./jobs.js";
 import { startReports } from "./reports.js";
-import { startSweeps } from "./sweeps.js";
+import { startLiveWorkers } from "./workers.js";
 
 window.htmx = htmx;
 
@@ -15,7 +15,8 @@ document.addEventListener("DOMContentLoaded", () => {
   if (health) startLiveHealth(health);
   const upload = document.querySelector("[data-dataset-upload]");
   if (upload) startDatasetUpload(upload);
+  const workers = document.querySelector("[data-live-workers]");
+  if (workers) startLiveWorkers(workers);
   startJobs();
   startReports();
-  startSweeps();
 });

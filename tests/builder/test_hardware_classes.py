@@ -64,7 +64,7 @@ def test_a_malformed_class_names_the_variable_and_the_item(raw: str, says: str) 
 
 
 def test_a_default_class_that_is_not_a_class_names_its_variable() -> None:
-    with pytest.raises(ImproperlyConfigured, match="JOBS_DEFAULT_QUEUE='gpu.h100' is not a hardware class"):
+    with pytest.raises(ImproperlyConfigured, match=r"JOBS_DEFAULT_QUEUE='gpu\.h100' is not a hardware class"):
         default_class_name({"gpu": "cpu", "cpu": "cpu"}, "gpu.h100")
 
 

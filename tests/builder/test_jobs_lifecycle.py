@@ -226,14 +226,15 @@ def test_the_sink_keeps_one_point_per_step_and_name_with_increasing_seq(alice: A
 # --- queue position ----------------------------------------------------------------------------------------------
 
 
-def test_queue_position_counts_jobs_queued_earlier_on_the_same_queue(alice: Any, charlie: Any) -> None:
+def test_queue_position_is_the_fair_share_order_of_the_same_class(alice: Any, charlie: Any) -> None:
     now = timezone.now()
     a = make_job(alice, queued_at=now - timedelta(seconds=30))
     b = make_job(charlie, queued_at=now - timedelta(seconds=20))
     c = make_job(alice, queued_at=now - timedelta(seconds=10))
     cpu = make_job(alice, queue="cpu", queued_at=now - timedelta(seconds=5))
     running = make_job(alice, state=JobState.RUNNING)
-    assert [lifecycle.queue_position(j) for j in (a, b, c, cpu, running)] == [1, 2, 3, 1, None]
+    # Alice already runs a job on gpu: charlie's goes first, then hers in the order she queued them; cpu is its own.
+    assert [lifecycle.queue_position(j) for j in (a, b, c, cpu, running)] == [2, 1, 3, 1, None]
     # Same instant: the older row goes first, so two jobs never share a position.
     d = make_job(alice, queued_at=c.queued_at)
     assert lifecycle.queue_position(d) == 4

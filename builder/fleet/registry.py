@@ -1,0 +1,254 @@
+"""The live registry of workers, written by the workers themselves and read by the workers page and ``/healthz``.
+
+A Celery worker, once ready (``workers.tasks.fleet``), starts a ``Presence``: it asks a child process what devices
+the machine has (``workers.engine.devices``), writes its row (``advertise``) and renews ``heartbeat_at`` every
+``WORKER_HEARTBEAT_SECONDS`` (``beat``); a warm shutdown marks it stopped (``retire``). Each write is followed by a
+message to the Channels group ``workers`` (best effort: the page also refreshes by itself, and the database is the
+record). What a worker runs is read from the jobs: the running job whose lease names the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.urls import reverse
+from django.utils import timezone
+
+from builder.core import hardware_classes
+from builder.core.durable import Ticker
+from builder.core.formatting import human_bytes
+from builder.fleet.models import Worker
+from builder.jobs.access import visible_jobs
+from builder.jobs.models import Job, JobState
+
+log = logging.getLogger(__name__)
+GROUP = "workers"
+# A worker is "silent" after this many missed heartbeats: it may be dead (the job reaper decides for its job).
+SILENT_AFTER_BEATS = 3
+# Stopped workers stay listed this long, so that a person sees which one went away.
+STOPPED_SHOWN_FOR = timedelta(hours=1)
+DETECT_TIMEOUT_SECONDS = 120
+
+
+# -- what a worker writes -----------------------------------------------------------------------------------------
+
+
+def detect_hardware() -> dict[str, Any]:
+    """This machine's devices (``workers.engine.devices``), asked of a child process so that this one never
+    initialises CUDA before Celery forks its pool. ``{"device_type": "unknown", "error": ...}`` when it fails."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "workers.engine.devices"],
+            capture_output=True,
+            text=True,
+            timeout=DETECT_TIMEOUT_SECONDS,
+            check=True,
+        )
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+        return found if isinstance(found, dict) else {"device_type": "unknown", "error": "not a JSON object"}
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        stderr = getattr(exc, "stderr", "") or ""
+        return {"device_type": "unknown", "error": f"{type(exc).__name__}: {exc} {stderr[-300:]}".strip()}
+
+
+def advertise(name: str, pid: int, queues: list[str], hardware: dict[str, Any]) -> Worker:
+    """Write (or renew) ``name``'s row as a worker that started now with ``hardware`` on ``queues``."""
+    now = timezone.now()
+    worker, _ = Worker.objects.update_or_create(
+        name=name,
+        defaults={
+            "pid": pid,
+            "queues": sorted(queues),
+            "hardware": hardware,
+            "started_at": now,
+            "heartbeat_at": now,
+            "stopped_at": None,
+        },
+    )
+    publish_change()
+    return worker
+
+
+def beat(name: str, pid: int = 0, queues: list[str] | None = None, hardware: dict[str, Any] | None = None) -> bool:
+    """Renew ``name``'s heartbeat (and write the row again, from what was advertised, if it was deleted). Never
+    raises: a database hiccup must not stop the worker (the next beat tries again, and the page shows the
+    heartbeat's age meanwhile)."""
+    try:
+        if not Worker.objects.filter(name=name).update(heartbeat_at=timezone.now(), stopped_at=None):
+            advertise(name, pid, queues or [], hardware or {"device_type": "unknown", "error": "not advertised"})
+        publish_change()
+    except Exception:
+        log.warning("could not renew worker %s's heartbeat", name, exc_info=True)
+    return True
+
+
+def retire(name: str) -> None:
+    """Mark ``name`` stopped (a warm shutdown)."""
+    Worker.objects.filter(name=name).update(stopped_at=timezone.now())
+    publish_change()
+
+
+def publish_change() -> None:
+    """Tell the workers pages to read the registry again. Best effort, like every live message here."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(GROUP, {"type": "workers.changed"})
+    except Exception:
+        log.debug("could not publish to the workers group", exc_info=True)
+
+
+class Presence:
+    """A worker's presence in the registry: detect the hardware, advertise, then heartbeat until ``stop``."""
+
+    def __init__(self, name: str, pid: int, queues: list[str]) -> None:
+        self.name, self.pid, self.queues = name, pid, queues
+        self.hardware: dict[str, Any] = {}
+        self._ticker = Ticker(
+            f"worker-presence-{name}",
+            lambda: beat(name, pid, queues, self.hardware),
+            settings.WORKER_HEARTBEAT_SECONDS,
+        )
+        self._thread = threading.Thread(target=self._run, name=f"worker-advertise-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        from django.db import connection
+
+        try:
+            self.hardware = detect_hardware()
+            advertise(self.name, self.pid, self.queues, self.hardware)
+            log.info("worker %s advertises %s on %s", self.name, describe(self.hardware), ", ".join(self.queues))
+            for problem in mismatches(self.queues, self.hardware):
+                log.warning("worker %s: %s", self.name, problem)
+        except Exception:
+            log.exception("worker %s could not advertise itself", self.name)
+        finally:
+            connection.close()
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._thread.join(timeout=DETECT_TIMEOUT_SECONDS)
+        if self._ticker.is_alive():
+            self._ticker.stop()
+        try:
+            retire(self.name)
+        except Exception:
+            log.warning("could not mark worker %s stopped", self.name, exc_info=True)
+
+
+# -- what the page and /healthz read -------------------------------------------------------------------------------
+
+
+def describe(hardware: dict[str, Any]) -> str:
+    """``2 × NVIDIA A100-SXM4-80GB (cuda), 79.3 GiB each, bf16`` / ``2 cores of Intel Xeon (cpu), 23.5 GiB``."""
+    kind = hardware.get("device_type", "unknown")
+    if kind == "unknown":
+        return f"unknown ({hardware.get('error', 'not detected yet')})"
+    count, name = hardware.get("count", 1), hardware.get("name", "")
+    memory = human_bytes(hardware.get("memory_bytes"))
+    bf16 = ", bf16" if hardware.get("bf16") else ""
+    if kind == "cpu":
+        return f"{count} core{'s' if count != 1 else ''} of {name} (cpu), {memory} RAM{bf16}"
+    return f"{count} × {name} ({kind}), {memory} each{bf16}"
+
+
+def mismatches(queues: list[str], hardware: dict[str, Any]) -> list[str]:
+    """How the devices found differ from what the worker's hardware classes promise (launches are checked against
+    the class, so a worker with less than its class has would fail jobs the platform accepted)."""
+    problems = []
+    classes = hardware_classes.classes()
+    for name in queues:
+        wanted = classes.get(name)
+        if wanted is None or wanted.hardware.kind != "gpu" or hardware.get("device_type") == "unknown":
+            continue
+        if hardware.get("device_type") != "cuda" or hardware.get("profile") != wanted.profile:
+            problems.append(f"class {name} expects {wanted.hardware.name}; this worker has {describe(hardware)}")
+        elif int(hardware.get("count", 0)) < wanted.devices:
+            problems.append(f"class {name} expects {wanted.devices} devices; this worker has {hardware.get('count')}")
+    return problems
+
+
+def _silent_after() -> timedelta:
+    return timedelta(seconds=SILENT_AFTER_BEATS * settings.WORKER_HEARTBEAT_SECONDS)
+
+
+def listed_workers() -> list[Worker]:
+    """Workers running or stopped within ``STOPPED_SHOWN_FOR``, by name."""
+    cutoff = timezone.now() - STOPPED_SHOWN_FOR
+    return list(Worker.objects.exclude(stopped_at__lt=cutoff).exclude(stopped_at__isnull=True, heartbeat_at__lt=cutoff))
+
+
+def _state(worker: Worker, now: Any) -> str:
+    if worker.stopped_at is not None:
+        return "stopped"
+    return "silent" if now - worker.heartbeat_at > _silent_after() else "live"
+
+
+def _running_jobs_by_worker() -> dict[str, Job]:
+    """Running jobs by the worker node that holds them (a lease names ``node:pid``, durable.this_worker)."""
+    running = (
+        Job.objects.filter(state=JobState.RUNNING).exclude(lease_owner="").only("pk", "name", "owner", "lease_owner")
+    )
+    return {job.lease_owner.rsplit(":", 1)[0]: job for job in running}
+
+
+def rows_for(user: Any) -> list[dict[str, Any]]:
+    """The workers page's rows for ``user``. A current job ``user`` may see (theirs, or shared with them) has its
+    name and link; anyone else's is only "busy": an outsider learns neither its name nor its owner."""
+    now = timezone.now()
+    workers = listed_workers()
+    jobs = _running_jobs_by_worker()
+    visible = set(visible_jobs(user).filter(pk__in=[j.pk for j in jobs.values()]).values_list("pk", flat=True))
+    rows = []
+    for worker in workers:
+        job = jobs.get(worker.name) if worker.stopped_at is None else None
+        current: dict[str, Any] | None = None
+        if job is not None:
+            current = (
+                {"visible": True, "id": job.pk, "name": job.name, "url": reverse("jobs:detail", args=[job.pk])}
+                if job.pk in visible
+                else {"visible": False}
+            )
+        rows.append(
+            {
+                "name": worker.name,
+                "state": _state(worker, now),
+                "queues": worker.queues,
+                "hardware": worker.hardware,
+                "hardware_text": describe(worker.hardware),
+                "mismatches": mismatches(worker.queues, worker.hardware),
+                "job": current,
+                "heartbeat_at": worker.heartbeat_at.isoformat(),
+                "heartbeat_age_s": round((now - worker.heartbeat_at).total_seconds(), 1),
+                "started_at": worker.started_at.isoformat(),
+            }
+        )
+    return rows
+
+
+def advertised_workers() -> list[dict[str, Any]]:
+    """For ``/healthz`` (public): each listed worker's hardware, queues, state and heartbeat age; no job."""
+    now = timezone.now()
+    return [
+        {
+            "name": worker.name,
+            "state": _state(worker, now),
+            "queues": worker.queues,
+            "hardware": {k: worker.hardware.get(k) for k in ("device_type", "count", "name", "memory_bytes", "bf16")},
+            "heartbeat_age_s": round((now - worker.heartbeat_at).total_seconds(), 1),
+        }
+        for worker in listed_workers()
+    ]

@@ -1,0 +1,85 @@
+"""What devices this machine trains on: type, count, memory per device and bf16 support, as JSON.
+
+A Celery worker advertises it (``builder.fleet``), but asks a child process (``python -m workers.engine.devices``)
+rather than calling CUDA itself: a process that initialises CUDA and then forks (Celery's prefork pool) leaves its
+children unable to use the GPU. Every CUDA call is guarded: a driver that fails answers as "no CUDA" with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from workers.engine.hardware import profile_for_device
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def _cpu_bf16() -> bool:
+    """Whether bf16 matmuls run natively here (oneDNN's check: AVX-512 BF16 or AMX); False when it cannot tell."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # an older or a stripped build without the op: say no rather than guess
+        return False
+
+
+def describe_devices() -> dict[str, Any]:
+    """``{"device_type": "cuda" | "cpu", "count", "name", "memory_bytes" (per device), "bf16", "profile"
+    (the matching key of workers.engine.hardware, or null), "cuda_error" (why CUDA is not used, or null)}``.
+
+    On CPU ``count`` is the cores this process may use (one training process each) and ``memory_bytes`` the
+    machine's RAM, shared by them.
+    """
+    import torch
+
+    cuda_error: str | None = None
+    try:
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            props = torch.cuda.get_device_properties(0)
+            profile = profile_for_device("cuda", props.name)
+            return {
+                "device_type": "cuda",
+                "count": torch.cuda.device_count(),
+                "name": props.name,
+                "memory_bytes": int(props.total_memory),
+                "bf16": bool(torch.cuda.is_bf16_supported()),
+                "profile": profile.key if profile else None,
+                "cuda_error": None,
+                "torch": torch.__version__,
+            }
+        cuda_error = "torch sees no CUDA device" if torch.version.cuda else "this torch build has no CUDA"
+    except Exception as exc:  # a broken driver: train on the CPU, and say why
+        cuda_error = f"CUDA failed: {exc}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    return {
+        "device_type": "cpu",
+        "count": cores,
+        "name": _cpu_name(),
+        "memory_bytes": memory,
+        "bf16": _cpu_bf16(),
+        "profile": "cpu",
+        "cuda_error": cuda_error,
+        "torch": torch.__version__,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(describe_devices()))
