@@ -20,7 +20,7 @@ from builder.accounts import audit
 from builder.accounts.models import AuditAction
 from builder.core.errors import Refusal
 from builder.core.parsers import MAX_DB_INT
-from builder.jobs import history, lifecycle
+from builder.jobs import history, lifecycle, remote
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
 from builder.jobs.files import job_layout
 from builder.jobs.models import JobEvent
@@ -143,6 +143,18 @@ class JobTensorBoardView(APIView):
     )
     def get(self, request: Request, job_id: int) -> Any:
         job = get_visible_job(request.user, job_id)
+        if remote.is_mirrored():
+            # Remote storage: the events stored at the job's last checkpoint (or its end), streamed from storage.
+            names = remote.tensorboard_files(job.pk)
+            if not names:
+                return Response({"detail": "this job has no TensorBoard logs yet"}, status=status.HTTP_404_NOT_FOUND)
+            audit.record(request, AuditAction.DOWNLOAD, job, file="tensorboard.tar.gz")
+            archive_name = f"job-{job.pk}-tensorboard"
+            response = StreamingHttpResponse(
+                remote.tensorboard_archive(job.pk, names, archive_name), content_type="application/gzip"
+            )
+            response["Content-Disposition"] = f'attachment; filename="{archive_name}.tar.gz"'
+            return response
         folder = job_layout(job.pk).tensorboard
         if not folder.is_dir():
             return Response({"detail": "this job has no TensorBoard logs yet"}, status=status.HTTP_404_NOT_FOUND)

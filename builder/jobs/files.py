@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 
@@ -25,6 +26,11 @@ def job_layout(job_id: int) -> JobLayout:
     return JobLayout(Path(settings.JOBS_WORK_DIR) / f"job-{job_id}")
 
 
+def owner_key(job: Job) -> dict[str, Any]:
+    """What ``owner.json`` holds: the row's id and creation time (an id alone may be reused)."""
+    return {"job": job.pk, "created_at": job.created_at.isoformat()}
+
+
 def claim_folder(job: Job) -> JobLayout:
     """The job's folder, made ready for this job row: emptied first when another row with the same id left it.
 
@@ -33,7 +39,7 @@ def claim_folder(job: Job) -> JobLayout:
     between tests. ``owner.json`` records whose folder it is (id and creation time).
     """
     layout = job_layout(job.pk)
-    key = {"job": job.pk, "created_at": job.created_at.isoformat()}
+    key = owner_key(job)
     if layout.root.exists():
         try:
             current = json.loads(layout.owner.read_text())

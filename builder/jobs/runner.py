@@ -21,6 +21,7 @@ from builder.core.redaction import describe_failure, hide_server_paths
 from builder.jobs import lifecycle
 from builder.jobs.files import claim_folder, resolve_data
 from builder.jobs.models import Job, JobState
+from builder.jobs.remote import mirrored, restore, store_prepared
 from builder.jobs.signals import job_succeeded
 from builder.jobs.sink import BackgroundSink, DatabaseStreamSink
 from workers.engine.spec import load_spec
@@ -55,6 +56,9 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
     job = Job.objects.select_related("dataset").get(pk=job_id)
     spec = load_spec(job.spec)
     layout = claim_folder(job)
+    # Remote storage: the folder gets what storage holds (the newest stored checkpoint, the tokenized data, the
+    # events), so that this host resumes a job another host ran. Raised here, the attempt is retried.
+    restore(job, layout)
     run = layout.run
     Job.objects.filter(pk=job_id, lease_token=lease.token).update(total_steps=spec.training.max_steps)
 
@@ -66,7 +70,10 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         # checkpoint. The database + stream and TensorBoard on a thread of their own: the training loop never
         # waits for a transaction, the broker or TensorBoard's writes, except at checkpoints (see BackgroundSink).
         JsonlSink(run.metrics),
-        BackgroundSink(FanoutSink(stream, TensorBoardSink(run.tensorboard, purge_step=purge_step))),
+        # Remote storage: each checkpoint is stored before the database records it (builder.jobs.remote).
+        BackgroundSink(
+            mirrored(FanoutSink(stream, TensorBoardSink(run.tensorboard, purge_step=purge_step)), layout, lease)
+        ),
     )
     beat = Heartbeat(lifecycle.JOBS, lease, settings.JOB_HEARTBEAT_SECONDS)
     beat.start()
@@ -89,6 +96,7 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         lifecycle.add_event(job_id, "preparing", {"source": job.data_source}, token=lease.token)
         # The same per-example limit as the dataset's validation: one huge line cannot exhaust the worker either.
         prepared = prepare(spec, data_path, run.prepared_data, max_example_bytes=settings.DATASET_MAX_EXAMPLE_BYTES)
+        store_prepared(job_id, run.prepared_data)  # remote storage: another host resumes without tokenizing again
         splits = prepared.meta.get("splits", {})
         lifecycle.add_event(
             job_id,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -18,8 +17,8 @@ from django.conf import settings
 from builder.core.durable import WorkState
 from builder.core.errors import Refusal
 from builder.jobs.models import Job
+from builder.jobs.remote import local_checkpoint
 from builder.reports.models import Report
-from builder.reports.services import checkpoint_path
 
 MAX_TEMPERATURE = 5.0  # workers.engine.evaluate.MAX_TEMPERATURE (not imported here: that module imports torch)
 
@@ -31,7 +30,6 @@ class Source:
     job_id: int
     step: int
     report_id: int | None
-    checkpoint: Path
 
 
 def find_source(job: Job, report_id: int | None) -> Source:
@@ -48,13 +46,14 @@ def find_source(job: Job, report_id: int | None) -> Source:
     step = report.checkpoint_step if report is not None else job.last_checkpoint_step
     if step is None:
         raise Refusal("report", "this job has no checkpoint yet")
-    return Source(job.pk, step, report.pk if report else None, checkpoint_path(job.pk, step))
+    return Source(job.pk, step, report.pk if report else None)
 
 
 def load(source: Source) -> Any:
     """The ``workers.engine.evaluate.Inference`` of ``source`` on this machine's CPU (slow: run it off the event
     loop). The checkpoint is read from ``JOBS_WORK_DIR``, which the web server shares with the worker that
-    trained the job on a single machine."""
+    trained the job on a single machine, or (remote storage) from a verified copy of the stored checkpoint
+    (``builder.jobs.remote.local_checkpoint``: fetched once, then cached on this host)."""
     import torch
 
     from workers.engine.evaluate import load_for_inference
@@ -62,13 +61,14 @@ def load(source: Source) -> Any:
     if settings.INFERENCE_CPU_THREADS:
         # Process-wide, and this process (the web server) runs no other model: see INFERENCE_CPU_THREADS.
         torch.set_num_threads(settings.INFERENCE_CPU_THREADS)
-    if not source.checkpoint.is_dir():
+    checkpoint = local_checkpoint(source.job_id, source.step)
+    if not checkpoint.is_dir():
         raise Refusal(
             "report",
             f"the checkpoint of step {source.step} is not on this server (the playground reads the trained "
-            "checkpoint from JOBS_WORK_DIR; the worker that trained the job must share it)",
+            "checkpoint from JOBS_WORK_DIR, which the worker that trained the job must share, or from storage)",
         )
-    return load_for_inference(source.checkpoint, "cpu")
+    return load_for_inference(checkpoint, "cpu")
 
 
 @dataclass(frozen=True)

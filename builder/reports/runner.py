@@ -30,11 +30,11 @@ from builder.core.durable import Heartbeat, WorkState
 from builder.core.redaction import describe_failure
 from builder.datasets.storage import save_local_file
 from builder.jobs.files import job_layout, resolve_data
+from builder.jobs.remote import is_mirrored, local_checkpoint
 from builder.reports import render
 from builder.reports.document import build_document, clean
 from builder.reports.models import Report
 from builder.reports.serializers import ARTIFACT_FILES, HF_ZIP, REPORT_FILES
-from builder.reports.services import checkpoint_path
 from builder.reports.work import REPORTS
 from workers.engine.estimate import active_parameters, count_parameters
 from workers.engine.spec import load_spec
@@ -80,17 +80,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _evaluation_data(report: Report) -> Path:
-    """The run's prepared data when this worker has it (the same tokenization and split as training), else the
-    job's source file (the engine prepares it again and checks the tokenizer comes out the same)."""
+def _evaluation_data(report: Report, checkpoint: Path) -> Path:
+    """The run's prepared data beside ``checkpoint`` when there is (the same tokenization and split as training),
+    else the job's source file (the engine prepares it again and checks the tokenizer comes out the same)."""
     from workers.engine.data import PreparedData
+    from workers.engine.layout import RunLayout
 
-    layout = job_layout(report.job_id)
-    prepared = layout.run.prepared_data
+    prepared = RunLayout.of_checkpoint(checkpoint).prepared_data
     try:
         PreparedData.load(prepared)
     except FileNotFoundError:
-        return resolve_data(report.job, layout)
+        return resolve_data(report.job, job_layout(report.job_id))
     return prepared
 
 
@@ -162,11 +162,13 @@ def run_report(report_id: int, worker: str) -> dict[str, Any]:
 
 def _compute(report: Report) -> dict[str, Any]:
     """Evaluate, export and time the checkpoint, then ``assemble``; returns the fields to record on success."""
-    checkpoint = checkpoint_path(report.job_id, report.checkpoint_step)
+    # The job's folder on this worker, or (remote storage) a verified copy of the stored checkpoint: any host.
+    checkpoint = local_checkpoint(report.job_id, report.checkpoint_step, all_data=True)
     if not checkpoint.is_dir():
+        where = "in storage" if is_mirrored() else "on this worker"
         raise FileNotFoundError(
-            f"the checkpoint of step {report.checkpoint_step} is not on this worker: only the "
-            "last training.keep_checkpoints checkpoints are kept, on the worker that trained the job"
+            f"the checkpoint of step {report.checkpoint_step} is not {where}: only the last "
+            "training.keep_checkpoints checkpoints are kept, on the worker that trained the job (and in storage)"
         )
     with cpu_threads() as threads:
         return _measure(report, checkpoint, threads)
@@ -182,7 +184,7 @@ def _measure(report: Report, checkpoint: Path, threads: int | None) -> dict[str,
     began = time.perf_counter()
     raw = evaluate(
         checkpoint,
-        _evaluation_data(report),
+        _evaluation_data(report, checkpoint),
         device=_device(),
         max_examples=settings.REPORT_MAX_EXAMPLES,
         prompts=settings.REPORT_PROMPTS,

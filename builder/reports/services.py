@@ -27,6 +27,7 @@ from builder.core.errors import Refusal
 from builder.jobs.access import visible_jobs
 from builder.jobs.files import job_layout
 from builder.jobs.models import Job, JobState
+from builder.jobs.remote import stored_checkpoint_steps
 from builder.reports.models import Report, ReportTrigger
 from builder.reports.work import REPORTS
 
@@ -107,14 +108,17 @@ def request_report(
 
 
 def _check_kept(job: Job, step: int) -> None:
-    """Refuse a step with no checkpoint on disk, when this machine holds the job's folder (one machine, or a
-    shared JOBS_WORK_DIR); elsewhere the worker finds out and the report fails with the same reason."""
+    """Refuse a step with no checkpoint kept: in storage (remote storage), or on disk when this machine holds the
+    job's folder (one machine, or a shared JOBS_WORK_DIR); elsewhere the worker finds out and the report fails
+    with the same reason."""
     from workers.engine.checkpoint import checkpoint_step, list_checkpoints
 
-    root = checkpoint_path(job.pk, step).parent
-    if not root.is_dir():
-        return
-    kept = [checkpoint_step(path) for path in list_checkpoints(root)]
+    kept = stored_checkpoint_steps(job.pk)
+    if kept is None:
+        root = checkpoint_path(job.pk, step).parent
+        if not root.is_dir():
+            return
+        kept = [checkpoint_step(path) for path in list_checkpoints(root)]
     if step not in kept:
         steps = ", ".join(str(k) for k in kept) or "none"
         raise Refusal("step", f"no checkpoint of step {step} is kept; the job's checkpoints: {steps}")
