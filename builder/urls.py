@@ -1,8 +1,8 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from builder.core.views import healthz
+from builder.core.views import api_not_found, healthz
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
@@ -16,6 +16,8 @@ urlpatterns = [
     path("api/", include("builder.fleet.api")),
     path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    # Last of the API: a URL below /api/ that matched nothing (a malformed id, a typo) answers JSON, not HTML.
+    re_path(r"^api/(?P<rest>.*)$", api_not_found),
     path("datasets/", include("builder.datasets.urls")),
     path("jobs/", include("builder.jobs.urls")),
     path("configure/", include("builder.configs.urls")),

@@ -49,3 +49,9 @@ def status(request: HttpRequest) -> HttpResponse:
         {"report": report},
         status=200 if report["status"] == "ok" else 503,
     )
+
+
+def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
+    """Any URL under ``/api/`` that names no operation: 404 in the API's shape (``{"detail"}``, JSON), never
+    Django's HTML page, so that a client reading JSON can read this answer too."""
+    return JsonResponse({"detail": f"no API operation at {request.path}"}, status=404)

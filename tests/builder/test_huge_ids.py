@@ -29,3 +29,13 @@ def test_numbers_beyond_a_database_integer_are_refused_not_a_server_error(alice:
     # Ordinary numbers keep working.
     assert client.get(f"/api/reports?job={job.pk}").status_code == 200
     assert client.get(f"/api/jobs/{job.pk}/metrics?after=0").status_code == 200
+
+
+@pytest.mark.django_db
+def test_an_api_url_that_matches_no_operation_answers_json(alice: Any) -> None:
+    # A malformed id (not digits) matches no URL pattern: the answer is the API's JSON 404, not Django's HTML page.
+    for url in ("/api/jobs/abc", "/api/jobs/-1/metrics", "/api/nothing/here"):
+        response = signed_in(alice).get(url)
+        assert response.status_code == 404 and response["Content-Type"] == "application/json", url
+        assert url in response.json()["detail"]
+    assert signed_in(alice).get("/jobs/abc/").status_code == 404  # pages keep their HTML 404
