@@ -66,6 +66,7 @@ INSTALLED_APPS = [
     "builder.configs",
     "builder.reports",
     "builder.fleet",
+    "builder.sweeps",
 ]
 
 MIDDLEWARE = [
@@ -185,6 +186,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(env_int("JOB_REAPER_INTERVAL_SECONDS", 15, minimum=1)),
         "options": {"queue": "cpu", "expires": 60},
     },
+    "poll-sweeps": {
+        "task": "sweeps.poll",
+        "schedule": float(env_int("SWEEP_POLL_SECONDS", 10, minimum=1)),
+        "options": {"queue": "cpu", "expires": 60},
+    },
 }
 # A row still queued this long after its task was last sent is sent again by beat: its message may have been lost
 # (a Redis restarted without persistence, a send while the broker was down). Duplicates are harmless (claims are
@@ -226,6 +232,15 @@ INFERENCE_CPU_THREADS = env_int("INFERENCE_CPU_THREADS", 1, minimum=0, maximum=1
 # The playground's bounds: tokens one request may generate, characters of a prompt.
 PLAYGROUND_MAX_NEW_TOKENS = env_int("PLAYGROUND_MAX_NEW_TOKENS", 256, minimum=1, maximum=4096)
 PLAYGROUND_MAX_PROMPT_CHARS = env_int("PLAYGROUND_MAX_PROMPT_CHARS", 4000, minimum=1, maximum=1_000_000)
+
+# --- Sweeps ---------------------------------------------------------------------------------------------------
+# Beat ticks every waiting sweep this often: the pruner sees its trials' new validation points (a trial's job that
+# ends ticks its sweep at once).
+SWEEP_POLL_SECONDS = env_int("SWEEP_POLL_SECONDS", 10, minimum=1)
+# A tick still "ticking" with no heartbeat for this long lost its worker: it is queued again (up to 3 claims).
+SWEEP_TICK_LEASE_SECONDS = env_int("SWEEP_TICK_LEASE_SECONDS", 120, minimum=4)
+# The most trials one sweep may have.
+SWEEP_MAX_TRIALS = env_int("SWEEP_MAX_TRIALS", 200, minimum=1, maximum=10000)
 
 # --- Storage ---------------------------------------------------------------------------------------------------
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media"))).resolve()
@@ -311,11 +326,9 @@ JSON_MAX_DEPTH = env_int("JSON_MAX_DEPTH", 64, minimum=2, maximum=500)
 JSON_MAX_BYTES = env_int("JSON_MAX_BYTES", 1024**2, minimum=1024, maximum=64 * 1024**2)
 
 REST_FRAMEWORK = {
-    "DEFAULT_PARSER_CLASSES": [
-        "builder.core.parsers.BoundedJSONParser",
-        "rest_framework.parsers.FormParser",
-        "rest_framework.parsers.MultiPartParser",
-    ],
+    # JSON only, unless a view names more (file uploads, the token endpoint): every body the API reads is then
+    # published with its one real shape, and a form posted to a JSON URL is answered 415, not half-understood.
+    "DEFAULT_PARSER_CLASSES": ["builder.core.parsers.BoundedJSONParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # Token first: its WWW-Authenticate header makes unauthenticated API calls 401 rather than 403.
         "rest_framework.authentication.TokenAuthentication",
@@ -344,6 +357,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Configure, train, watch and evaluate DeepSeek-style Mixture-of-Experts language models.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Requests and responses get components of their own: a request's file is published as a file (binary), a
+    # required text field as non-blank (minLength 1), read-only fields not at all.
+    "COMPONENT_SPLIT_REQUEST": True,
+    # OpenAPI 3.1 is JSON Schema 2020-12: the spec's own JSON Schema (pydantic's: null as a type, const) is published
+    # as it is, as the ``Spec`` component, with no lossy translation to 3.0's dialect.
+    "OAS_VERSION": "3.1.0",
     # Several apps have a choice field called "state": name each set after its model.
     "ENUM_NAME_OVERRIDES": {
         # Calibrations and reports share one set of states (queued → running → succeeded | failed).

@@ -13,6 +13,7 @@ urlpatterns = [
     path("api/", include("builder.datasets.api")),
     path("api/", include("builder.configs.api")),
     path("api/", include("builder.reports.api")),
+    path("api/", include("builder.sweeps.api")),
     path("api/", include("builder.fleet.api")),
     path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
@@ -22,6 +23,7 @@ urlpatterns = [
     path("jobs/", include("builder.jobs.urls")),
     path("configure/", include("builder.configs.urls")),
     path("reports/", include("builder.reports.urls")),
+    path("sweeps/", include("builder.sweeps.urls")),
     path("workers/", include("builder.fleet.urls")),
     path("", include("builder.core.urls")),
 ]

@@ -10,7 +10,7 @@ from rest_framework import serializers
 from rest_framework.authtoken.models import Token
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import api_view
-from rest_framework.exceptions import Throttled
+from rest_framework.exceptions import AuthenticationFailed, Throttled, ValidationError
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -18,6 +18,7 @@ from rest_framework.response import Response
 from builder.accounts import audit
 from builder.accounts.models import AuditAction, AuditEvent, visible_events
 from builder.accounts.signin import TOO_MANY, wait_before_signin
+from builder.core.openapi import DETAIL
 from builder.core.parsers import BoundedJSONParser
 
 AUDIT_LIMIT = 500
@@ -44,13 +45,20 @@ class TokenView(ObtainAuthToken):
     # DRF's view lists its own JSONParser, which has no depth limit.
     parser_classes = (FormParser, MultiPartParser, BoundedJSONParser)
 
+    def get_authenticate_header(self, request: Request) -> str:
+        # A 401 carries a challenge (RFC 9110); DRF would otherwise answer 403 for this unauthenticated view.
+        return 'Token realm="api"'
+
     @extend_schema(
         request=inline_serializer(
             "TokenRequest", {"username": serializers.CharField(), "password": serializers.CharField()}
         ),
         responses={
             200: inline_serializer("TokenResponse", {"token": serializers.CharField()}),
-            400: OpenApiResponse(description="Wrong username or password."),
+            401: OpenApiResponse(
+                DETAIL,
+                description="Wrong username or password (or an inactive account).",
+            ),
             429: OpenApiResponse(description="Too many failed attempts for this username from this address."),
         },
         summary="Obtain an API token",
@@ -61,7 +69,11 @@ class TokenView(ObtainAuthToken):
         if wait is not None:
             raise Throttled(wait, TOO_MANY)  # DRF adds "Expected available in N seconds."
         serializer = self.get_serializer(data=request.data)
-        serializer.is_valid(raise_exception=True)  # a failure is counted and audited by the auth signal
+        if not serializer.is_valid():  # a failed sign-in is counted and audited by the auth signal
+            if serializer.errors.get("non_field_errors"):
+                # Well-formed credentials that do not match an account: 401 (a malformed body stays 400).
+                raise AuthenticationFailed(serializer.errors["non_field_errors"][0])
+            raise ValidationError(serializer.errors)
         user = serializer.validated_data["user"]
         token, _ = Token.objects.get_or_create(user=user)
         audit.record(request, AuditAction.TOKEN_ISSUED, actor=user)

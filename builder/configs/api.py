@@ -39,11 +39,12 @@ from builder.configs.services import (
 from builder.configs.specdiff import diff_specs
 from builder.core.errors import Refusal
 from builder.core.openapi import PATH_ERRORS, PathErrorSerializer
-from builder.core.parsers import db_int
+from builder.core.parsers import MAX_DB_INT, db_int
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import json_schema
 
 ERRORS = PATH_ERRORS
+VERSION_NUMBER = {"type": "integer", "minimum": 1, "maximum": MAX_DB_INT}
 VALIDATE_RESPONSE = inline_serializer(
     "ValidateResponse",
     {
@@ -105,7 +106,7 @@ class ConfigDetailView(PathErrorView):
         data = _valid(s.ConfigUpdateSerializer, request)
         if "name" in data and data["name"] != config.name:
             if visible_configs(request.user).filter(name=data["name"]).exclude(pk=config.pk).exists():
-                raise Refusal("name", f"you already have a config named {data['name']!r}")
+                raise Refusal("name", f"you already have a config named {data['name']!r}", 409)
             config.name = data["name"]
         if "description" in data:
             config.description = data["description"]
@@ -113,7 +114,7 @@ class ConfigDetailView(PathErrorView):
             with transaction.atomic():
                 config.save()
         except IntegrityError:  # a concurrent rename took the name between the check and the save
-            raise Refusal("name", f"you already have a config named {config.name!r}") from None
+            raise Refusal("name", f"you already have a config named {config.name!r}", 409) from None
         if "spec" in data:
             save_version(config, data["spec"], source=VersionSource.API, note=data["note"])
         return Response(s.ConfigSerializer(config).data)
@@ -155,8 +156,8 @@ class VersionDetailView(PathErrorView):
 class DiffView(PathErrorView):
     @extend_schema(
         parameters=[
-            OpenApiParameter("a", int, required=True, description="A version number"),
-            OpenApiParameter("b", int, required=True, description="Another version number"),
+            OpenApiParameter("a", VERSION_NUMBER, required=True, description="A version number"),
+            OpenApiParameter("b", VERSION_NUMBER, required=True, description="Another version number"),
         ],
         responses={200: s.DiffSerializer, 400: ERRORS},
         summary="Fields that differ between two versions",
@@ -172,10 +173,16 @@ class DiffView(PathErrorView):
                 errors.append((key, "a version number is required"))
                 continue
             numbers[key] = number
-            if not config.versions.filter(number=numbers[key]).exists():
-                errors.append((key, f"{config.name} has no version {raw}"))
         if errors:
             raise Refusal.of(errors)
+        # A well-formed number that names no version names a missing object: 404, like a missing config.
+        missing = [
+            (k, f"{config.name} has no version {n}")
+            for k, n in numbers.items()
+            if not config.versions.filter(number=n).exists()
+        ]
+        if missing:
+            raise Refusal.of(missing, 404)
         before = config.versions.get(number=numbers["a"]).spec
         after = config.versions.get(number=numbers["b"]).spec
         changes = [{"path": c.path, "before": c.before, "after": c.after} for c in diff_specs(before, after)]

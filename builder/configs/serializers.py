@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
+from drf_spectacular.plumbing import ResolvedComponent
 from rest_framework import serializers
 
 from builder.configs.models import Config, ConfigVersion, HardwareCalibration, VersionSource
@@ -14,17 +16,48 @@ from workers.engine.hardware import PROFILES
 from workers.engine.spec import Spec
 
 
-class SpecField(BoundedJSONField):
+class SpecJSON(BoundedJSONField):
+    """A spec as JSON, passed on as given (the caller validates it). The schema publishes it as the ``Spec``
+    component: the spec's own JSON Schema (``SpecFieldExtension``)."""
+
+
+class SpecField(SpecJSON):
     """A spec as JSON, validated into a ``Spec``. Errors are keyed by the field path inside the spec, so the
-    API reports ``spec.model.moe.top_k``."""
+    API reports ``spec.model.moe.top_k``; a spec that breaks only rules between its fields is refused with 422
+    (``parse_spec``), the whole request with it."""
 
     def to_internal_value(self, data: Any) -> Any:  # a Spec
         raw = super().to_internal_value(data)
         try:
             return parse_spec(raw)
         except Refusal as exc:
+            if exc.status != 400:
+                prefix = self.field_name
+                raise Refusal.of(
+                    ((f"{prefix}.{e.path}" if e.path else prefix, e.message) for e in exc.errors), exc.status
+                ) from None
             # DRF files a field's problems under the field's name only when they come as a ValidationError.
             raise serializers.ValidationError(exc.by_field()) from None
+
+
+def spec_components() -> dict[str, dict[str, Any]]:
+    """The spec's JSON Schema as OpenAPI components: ``Spec`` and one per section (pydantic's ``$defs``)."""
+    schema = Spec.model_json_schema(ref_template="#/components/schemas/{model}")
+    sections = schema.pop("$defs", {})
+    return {"Spec": schema, **sections}
+
+
+class SpecFieldExtension(OpenApiSerializerFieldExtension):
+    """Publishes ``SpecJSON`` fields as a reference to the ``Spec`` component, registered with its sections."""
+
+    target_class = SpecJSON
+    match_subclasses = True
+
+    def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        for name, schema in spec_components().items():
+            component = ResolvedComponent(name=name, type=ResolvedComponent.SCHEMA, object=name, schema=schema)
+            auto_schema.registry.register_on_missing(component)
+        return {"$ref": "#/components/schemas/Spec"}
 
     def to_representation(self, value: Any) -> Any:
         return value.model_dump(mode="json") if isinstance(value, Spec) else value
@@ -108,7 +141,7 @@ class DiffSerializer(serializers.Serializer[dict[str, Any]]):
 
 
 class SpecRequestSerializer(serializers.Serializer[dict[str, Any]]):
-    spec = BoundedJSONField(help_text="The spec to check (any JSON: errors are reported, not raised).")
+    spec = BoundedJSONField(allow_null=True, help_text="The spec to check (any JSON: errors are reported, not raised).")
     hardware = serializers.ChoiceField(choices=list(PROFILES), required=False, help_text="Profile for advice.")
     num_gpus = serializers.IntegerField(min_value=1, max_value=64, default=1)
 
@@ -138,7 +171,8 @@ class EstimateRequestSerializer(serializers.Serializer[dict[str, Any]]):
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         profile = PROFILES[attrs["hardware"]]
         if attrs["num_gpus"] > profile.max_devices:
-            raise serializers.ValidationError({"num_gpus": [f"{profile.name} allows at most {profile.max_devices}"]})
+            # Each value is well-formed; the pair is not (the rule is the profile's): 422.
+            raise Refusal("num_gpus", f"{profile.name} allows at most {profile.max_devices}", 422)
         return attrs
 
 

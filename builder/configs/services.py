@@ -29,13 +29,22 @@ CALIBRATION_WINDOW = 5
 
 def parse_spec(raw: Any) -> Spec:
     """Validate ``raw`` (a JSON object) into a ``Spec``, or raise a ``Refusal`` naming every field at fault
-    (``model.moe.top_k``; "" for the spec as a whole)."""
+    (``model.moe.top_k``; "" for the spec as a whole).
+
+    The refusal's status is 400 when the spec does not match its JSON Schema (a wrong type, a value out of
+    bounds, an unknown field), and 422 when it matches it but breaks a rule between fields that no JSON Schema
+    states (``spec_status``)."""
     if not isinstance(raw, dict):
         raise Refusal("", "a spec must be a JSON object")
     try:
         return load_spec(raw)
     except ValidationError as exc:
-        raise Refusal.of((e["path"], e["message"]) for e in spec_errors(exc)) from None
+        raise Refusal.of(((e["path"], e["message"]) for e in spec_errors(exc)), spec_status(exc)) from None
+
+
+def spec_status(exc: ValidationError) -> int:
+    """422 when every problem of ``exc`` is a cross-field rule (the spec matches its published schema), else 400."""
+    return 422 if all(e["type"] == "cross_field" for e in exc.errors()) else 400
 
 
 def stored_spec(spec: Spec) -> dict[str, Any]:
@@ -58,7 +67,8 @@ def create_config(owner: Any, name: str, description: str, spec: Spec, *, source
             config = Config.objects.create(owner=owner, name=name, description=description)
             ConfigVersion.objects.create(config=config, number=1, spec=stored_spec(spec), source=source, note=note)
     except IntegrityError:
-        raise Refusal("name", f"you already have a config named {name!r}") from None
+        # 409: the name is well-formed; another of the owner's configs holds it.
+        raise Refusal("name", f"you already have a config named {name!r}", 409) from None
     return config
 
 

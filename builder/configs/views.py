@@ -260,11 +260,14 @@ def wizard_save(request: HttpRequest) -> HttpResponse:
         except Refusal:  # the one refusal of create_config: the name is taken
             save_form.add_error("name", "you already have a config with this name")
         else:
+            # "Save and let the platform tune the learning rate": the sweeps app's page of that small sweep (named
+            # by its URL: this app never imports the apps above it).
+            then = "sweeps:tune_lr" if request.POST.get("then") == "tune_lr" else "configs:detail"
             if _is_htmx(request):
                 response = HttpResponse(status=204)
-                response["HX-Redirect"] = reverse("configs:detail", args=[config.pk])
+                response["HX-Redirect"] = reverse(then, args=[config.pk])
                 return response
-            return redirect("configs:detail", config_id=config.pk)
+            return redirect(then, config.pk)
     context.update({"form": form, "step": len(STEPS) + 1, "steps": STEPS, "total": len(STEPS) + 1})
     context["save_form"] = save_form
     template = "configs/_wizard_step.html" if _is_htmx(request) else "configs/wizard.html"

@@ -3,12 +3,16 @@
 ``AutoSchema`` (``REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"]``) adds, to what a view declares with ``extend_schema``,
 the error answers that ``builder.core.errors.exception_handler`` and DRF give every view of its kind:
 
-- 400 for a request with a body or query parameters; 413 for one with a body (``builder.core.parsers``,
-  ``builder.core.body_limits``); 409 for a change to an object whose state does not allow it;
+- 400 for a request with a body or query parameters that does not match this schema; 422 for one that matches it
+  but breaks a rule the schema cannot express (a rule between fields, such as a spec's ``top_k`` against its
+  expert count, or one about the data it names, such as a file's contents): the message names the field and the
+  rule; 413 and 415 for one with a body (too large: ``builder.core.parsers``, ``builder.core.body_limits``; a media
+  type the URL does not read: JSON unless its request body lists others); 409 for a change to an object whose
+  state does not allow it;
 - 401 and 403 for a view that needs a signed-in user; 404 for a URL that names an object (another person's object
   answers 404 too); 429 for a view with a rate limit (``Retry-After`` says when to try again).
 
-Their bodies: ``Detail`` (``{"detail": message, ...}``) for 401/403/404/429; for 400/409/413 ``FieldErrors``
+Their bodies: ``Detail`` (``{"detail": message, ...}``) for 401/403/404/415/429; for 400/409/413/422 ``FieldErrors``
 (``{field: [message, ...]}`` or ``{"detail": message}``), or ``PathErrors`` (``{"errors": [{"path", "message"}]}``)
 in views that set ``errors_as_paths``, which answer their own refusals in that shape at every status. A code a view
 declares itself is left as the view declares it.
@@ -52,6 +56,9 @@ DESCRIPTIONS = {
     "404": "No such object, or one that is not yours.",
     "409": "The object's state does not allow this now.",
     "413": "The request body is over the limit for this URL.",
+    "415": "The body's media type is not one this URL reads (see its request body).",
+    "422": "The request matches the schema but breaks a rule the schema cannot express (between fields, or about "
+    "the data or objects it names); each problem names its field and the rule.",
     "429": "Too many requests: try again after `Retry-After` seconds.",
 }
 PATHS_ANY: dict[str, Any] = {
@@ -67,7 +74,7 @@ class AutoSchema(openapi.AutoSchema):
         has_query = any(p.get("in") == "query" for p in operation.get("parameters", []))
         has_body = "requestBody" in operation or self.method in ("POST", "PUT", "PATCH")
         if has_body or has_query:
-            codes.append("400")
+            codes += ["400", "422"]
         permissions = self.view.get_permissions()
         if permissions and not any(isinstance(p, AllowAny) for p in permissions):
             codes += ["401", "403"]
@@ -77,6 +84,8 @@ class AutoSchema(openapi.AutoSchema):
                 codes.append("409")
         if has_body:
             codes.append("413")
+        if "requestBody" in operation:
+            codes.append("415")
         if self.view.get_throttles():
             codes.append("429")
         return codes
@@ -97,6 +106,6 @@ class AutoSchema(openapi.AutoSchema):
                     self._get_response_for_code(DETAIL, code)
                     self._get_response_for_code(PATH_ERRORS, code)
             else:
-                body = FIELD_ERRORS if code in ("400", "409", "413") else DETAIL
+                body = FIELD_ERRORS if code in ("400", "409", "413", "422") else DETAIL
             responses[code] = self._get_response_for_code(OpenApiResponse(body, description=DESCRIPTIONS[code]), code)
         return operation

@@ -29,7 +29,7 @@ from rest_framework.views import APIView
 from builder.accounts import audit
 from builder.accounts.models import AuditAction
 from builder.core.errors import NON_FIELD, Refusal
-from builder.core.parsers import BoundedJSONParser
+from builder.core.parsers import MAX_DB_INT, BoundedJSONParser
 from builder.datasets import services, storage, uploads
 from builder.datasets.models import Dataset
 from builder.datasets.serializers import (
@@ -40,6 +40,7 @@ from builder.datasets.serializers import (
     SimpleUploadSerializer,
     UploadSessionSerializer,
     UploadStartSerializer,
+    cleaning_request_schema,
     parse_cleaning_options,
 )
 
@@ -115,7 +116,7 @@ class DatasetCleanView(APIView):
     parser_classes = [BoundedJSONParser]
 
     @extend_schema(
-        request=OpenApiTypes.OBJECT,
+        request={"application/json": cleaning_request_schema()},
         responses={202: DatasetSerializer},
         summary="Clean into a new version",
         description=(
@@ -209,8 +210,15 @@ class UploadSessionView(APIView):
         return Response(UploadSessionSerializer(uploads.get_own_session(request.user, session_id)).data)
 
     @extend_schema(
-        parameters=[OpenApiParameter("offset", int, required=True, description="Byte offset of this chunk.")],
-        request={"application/octet-stream": OpenApiTypes.BINARY},
+        parameters=[
+            OpenApiParameter(
+                "offset",
+                {"type": "integer", "minimum": 0, "maximum": MAX_DB_INT},
+                required=True,
+                description="Byte offset of this chunk: where the upload stands (its `received`).",
+            )
+        ],
+        request={"application/octet-stream": {"type": "string", "format": "binary", "minLength": 1}},
         responses=UploadSessionSerializer,
         summary="Send the next chunk",
     )

@@ -9,6 +9,7 @@ from django.urls import reverse
 from pydantic import ValidationError as PydanticValidationError
 from rest_framework import serializers
 
+from builder.core.errors import Refusal
 from builder.datasets.cleaning import CleaningOptions
 from builder.datasets.models import DataFormat, Dataset, UploadSession
 
@@ -115,11 +116,22 @@ def parse_cleaning_options(raw: dict[str, Any]) -> CleaningOptions:
     try:
         return CleaningOptions.model_validate(raw)
     except PydanticValidationError as exc:
-        errors: dict[str, list[str]] = {}
-        for err in exc.errors(include_url=False):
-            field = ".".join(str(p) for p in err["loc"]) or "non_field_errors"
-            errors.setdefault(field, []).append(err["msg"])
-        raise serializers.ValidationError(errors) from None
+        problems = [(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors(include_url=False)]
+        # A rule between options (max_chars below min_chars) is not in the published schema: 422, not 400.
+        between_fields = all(err["type"] == "value_error" for err in exc.errors())
+        raise Refusal.of(problems, 422 if between_fields else 400) from None
+
+
+def cleaning_request_schema() -> dict[str, Any]:
+    """The clean endpoint's body as published: every option of ``CleaningOptions``, plus the new version's name."""
+    schema = CleaningOptions.model_json_schema()
+    schema["properties"]["name"] = {
+        "type": "string",
+        "maxLength": 200,
+        "description": "Name of the new version (default: the source's name with the cleaning noted).",
+    }
+    schema.pop("title", None)
+    return schema
 
 
 class QuotaSerializer(serializers.Serializer[Any]):

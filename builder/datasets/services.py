@@ -83,15 +83,17 @@ def check_quota(user: Any, extra: int, field: str = "size") -> None:
 
 
 def check_fields(fmt: str, text_field: str, label_field: str) -> tuple[str, str]:
-    """The text and label fields to read ``fmt`` with (TXT has neither: one document per paragraph)."""
+    """The text and label fields to read ``fmt`` with (TXT has neither: one document per paragraph).
+
+    Its refusals are 422: each field alone is well-formed; together with the format they are not."""
     if fmt == DataFormat.TXT:
         if label_field:
-            raise Refusal("label_field", "TXT files carry no labels: use JSONL or CSV for labelled data")
+            raise Refusal("label_field", "TXT files carry no labels: use JSONL or CSV for labelled data", 422)
         return "text", ""
     if not text_field:
-        raise Refusal("text_field", "choose the field (JSONL) or column (CSV) that holds the text")
+        raise Refusal("text_field", "choose the field (JSONL) or column (CSV) that holds the text", 422)
     if label_field == text_field:
-        raise Refusal("label_field", "the label must be another field than the text")
+        raise Refusal("label_field", "the label must be another field than the text", 422)
     return text_field, label_field
 
 
@@ -126,7 +128,7 @@ def start_analysis(dataset: Dataset) -> Dataset:
 def update_fields(dataset: Dataset, text_field: str, label_field: str) -> Dataset:
     """Read an uploaded dataset with other fields/columns: validation and statistics run again."""
     if dataset.origin != Origin.UPLOAD:
-        raise Refusal("text_field", "only uploaded datasets can be read with other fields")
+        raise Refusal("text_field", "only uploaded datasets can be read with other fields", 409)
     text_field, label_field = check_fields(dataset.format, text_field, label_field)
     if dataset.is_busy:
         raise Refusal("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)

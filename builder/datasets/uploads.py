@@ -66,8 +66,11 @@ def resolve_format(filename: str, declared: str) -> str:
     # Never detect_format(filename): for an unknown extension it would open a file of that name on this server.
     fmt = format_from_name(filename)
     if fmt is None:
+        # 422: the name and the (blank) format are each well-formed; together they leave the format unknown.
         raise Refusal(
-            "format", f"cannot tell the format of {filename!r} from its extension; choose one of {', '.join(FORMATS)}"
+            "format",
+            f"cannot tell the format of {filename!r} from its extension; choose one of {', '.join(FORMATS)}",
+            422,
         )
     return fmt
 
@@ -128,7 +131,7 @@ def append_chunk(session: UploadSession, offset: int, length: int, read: Callabl
         if offset != session.received:
             raise Refusal("offset", f"expected offset {session.received}, got {offset}", 409, received=session.received)
         if offset + length > session.size:
-            raise Refusal("", f"the chunk ends at byte {offset + length}, past the declared size {session.size}", 400)
+            raise Refusal("", f"the chunk ends at byte {offset + length}, past the declared size {session.size}", 422)
         part.seek(offset)
         remaining = length
         while remaining:

@@ -29,7 +29,7 @@ from builder.jobs.submit import resume_job, submit_job
 from builder.jobs.throttling import SubmissionThrottle
 
 # The bounds ``_int_param`` enforces, published so that a client knows them.
-NON_NEGATIVE = {"type": "integer", "minimum": 0}
+NON_NEGATIVE = {"type": "integer", "minimum": 0, "maximum": MAX_DB_INT}
 LIMIT = {"type": "integer", "minimum": 1, "maximum": 100000}
 
 

@@ -27,7 +27,8 @@ from django.utils import timezone
 
 from builder.core.durable import Claim, WorkKind, register
 from builder.core.errors import Refusal
-from builder.jobs.models import ACTIVE_STATES, Job, JobEvent, JobState
+from builder.jobs.models import ACTIVE_STATES, TERMINAL_STATES, Job, JobEvent, JobState
+from builder.jobs.signals import job_ended
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,17 @@ def transition(
             return False
         add_event(job_id, "state", {"from": current, "to": str(to), "reason": reason}, step=fields.get("step", step))
         _publish_after_commit(job_id, {"type": "state", "state": str(to), "reason": reason})
+        if to in TERMINAL_STATES:
+            transaction.on_commit(lambda: _announce_end(job_id, str(to)))
     return True
+
+
+def _announce_end(job_id: int, state: str) -> None:
+    """Tell the apps above (``job_ended``) that the job ended; their errors are logged, never raised: an ended job
+    stays ended whatever a listener does with it."""
+    for receiver, outcome in job_ended.send_robust(sender=Job, job_id=job_id, state=state):
+        if isinstance(outcome, Exception):
+            log.warning("job %s: %r failed on its end", job_id, receiver, exc_info=outcome)
 
 
 TRAIN_TASK = "jobs.train"  # workers.tasks.jobs
@@ -180,6 +191,12 @@ class JobWork(WorkKind[Job]):
         return f"lease of {row.lease_owner or 'a worker'} expired (no heartbeat for {settings.JOB_LEASE_SECONDS} s)"
 
     def requeue(self, row: Job, reason: str) -> bool:
+        if row.cancel_requested:
+            # Asked to stop (by its owner, or a sweep's pruner) before its worker died: it ends cancelled. Queued
+            # again it would wait forever, since a job with a cancel requested is never claimed.
+            return transition(
+                row.pk, JobState.CANCELLED, token=row.lease_token, reason=cancel_reason(row.pk), lease_owner=""
+            )
         with transaction.atomic():
             done = transition(row.pk, JobState.QUEUED, token=row.lease_token, reason=reason, lease_owner="")
             if done:
@@ -261,18 +278,31 @@ def dispatch(job: Job) -> None:
     JOBS.dispatch(job)
 
 
-def request_cancel(job: Job) -> None:
+CANCELLED_BY_OWNER = "cancelled by its owner"
+
+
+def request_cancel(job: Job, reason: str = "") -> None:
     """Cancel a job: at once if it is not running; otherwise the worker stops within a step and checkpoints.
 
-    A job that already ended is a ``Refusal`` (409, with the job's ``state``)."""
+    ``reason`` (default: cancelled by its owner) is what the job's final state change says, e.g. "pruned: ..." for
+    a sweep's trial. A job that already ended is a ``Refusal`` (409, with the job's ``state``)."""
     if job.state in (JobState.QUEUED, JobState.PREEMPTED) and transition(
-        job.pk, JobState.CANCELLED, reason="cancelled before it ran"
+        job.pk, JobState.CANCELLED, reason=reason or "cancelled before it ran"
     ):
         return
     if job.is_terminal:
         raise Refusal("", f"the job already {job.state}", 409, state=job.state)
     Job.objects.filter(pk=job.pk).update(cancel_requested=True)
-    add_event(job.pk, "cancel_requested", {}, step=job.step)
+    add_event(job.pk, "cancel_requested", {"reason": reason} if reason else {}, step=job.step)
+
+
+def cancel_reason(job_id: int) -> str:
+    """Why the job was asked to stop: the reason of its latest ``cancel_requested`` event, or cancelled by its owner."""
+    data = JobEvent.objects.filter(job_id=job_id, kind="cancel_requested").order_by("-seq").values_list(
+        "data", flat=True
+    )
+    latest = data.first() or {}
+    return str(latest.get("reason") or CANCELLED_BY_OWNER)
 
 
 def resume(job: Job) -> None:

@@ -159,7 +159,8 @@ def record_outcome(
             # The success is committed: apps that act on it (the reports app queues the evaluation) listen.
             job_succeeded.send(sender=Job, job_id=job_id)
     elif status == "stopped":
-        lifecycle.transition(job_id, JobState.CANCELLED, token=lease.token, reason="cancelled by its owner", **fields)
+        reason = lifecycle.cancel_reason(job_id)  # the owner's, or e.g. a sweep's pruner
+        lifecycle.transition(job_id, JobState.CANCELLED, token=lease.token, reason=reason, **fields)
     elif status == "preempted":
         # The worker is shutting down: record the preemption, then queue the job again so that another worker
         # (or this one, restarted) continues from the checkpoint just written.

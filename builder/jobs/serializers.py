@@ -8,7 +8,9 @@ from pydantic import ValidationError
 from rest_framework import serializers
 
 from builder.configs.models import ConfigVersion
-from builder.core.parsers import BoundedJSONField
+from builder.configs.serializers import SpecJSON
+from builder.configs.services import spec_status
+from builder.core.errors import Refusal
 from builder.datasets.models import DatasetState
 from builder.datasets.services import visible_datasets
 from builder.jobs import lifecycle
@@ -77,9 +79,7 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
     """
 
     name = serializers.CharField(max_length=200, required=False, help_text="Default: the configuration's name.")
-    spec = BoundedJSONField(
-        required=False, help_text="An inline spec (see GET /api/specs/schema); or give config_version."
-    )
+    spec = SpecJSON(required=False, help_text="An inline spec (see GET /api/specs/schema); or give config_version.")
     config_version = serializers.IntegerField(
         required=False, min_value=1, help_text="Id of one of your saved configuration versions; or give spec."
     )
@@ -100,7 +100,10 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
             load_spec(value)
         except ValidationError as exc:
             # Field paths below spec, e.g. "spec.model.moe.top_k", so the client can point at the field.
-            raise serializers.ValidationError([f"{e['path']}: {e['message']}" for e in spec_errors(exc)]) from None
+            problems = [f"{e['path']}: {e['message']}" for e in spec_errors(exc)]
+            if spec_status(exc) != 400:  # it matches the published schema but breaks a rule between fields
+                raise Refusal.of((("spec", problem) for problem in problems), spec_status(exc)) from None
+            raise serializers.ValidationError(problems) from None
         return value
 
     def validate_dataset(self, value: int) -> Any:
@@ -109,8 +112,9 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
         if dataset is None:
             raise serializers.ValidationError(f"no dataset with id {value}")
         if dataset.state != DatasetState.READY or not dataset.file_name:
-            raise serializers.ValidationError(
-                f"dataset {value} is {dataset.state}; only a ready dataset can be trained on"
+            # The id is right; the dataset's state is not (yet): a conflict, not a malformed request.
+            raise Refusal(
+                "dataset", f"dataset {value} is {dataset.state}; only a ready dataset can be trained on", status=409
             )
         return dataset
 
@@ -125,7 +129,7 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
             message = (
                 "give either spec or config_version" if "spec" not in attrs else "give spec or config_version, not both"
             )
-            raise serializers.ValidationError({"spec": [message]})
+            raise Refusal("spec", message, 422)  # each field alone is well-formed: a rule between them
         if "name" not in attrs:
             if "config_version" not in attrs:
                 raise serializers.ValidationError({"name": ["a job with an inline spec needs a name"]})

@@ -17,7 +17,7 @@ from django.db import models, transaction
 from pydantic import ValidationError
 
 from builder.configs.models import ConfigVersion
-from builder.configs.services import visible_configs
+from builder.configs.services import spec_status, visible_configs
 from builder.core import hardware_classes
 from builder.core.errors import NON_FIELD, Refusal
 from builder.jobs import lifecycle
@@ -70,9 +70,12 @@ def resolve_spec(spec: Any, dataset: Any) -> dict[str, Any]:
         checked = load_spec(raw)
     except ValidationError as exc:
         # Field paths below spec, e.g. "model.moe.top_k", so the client can point at the field.
-        raise Refusal.of([("spec", f"{e['path']}: {e['message']}") for e in spec_errors(exc)]) from None
+        problems = [("spec", f"{e['path']}: {e['message']}") for e in spec_errors(exc)]
+        raise Refusal.of(problems, spec_status(exc)) from None
     if checked.model.task == "classification" and not dataset.label_field:
-        raise Refusal("dataset", f"dataset {dataset.name!r} has no label field; a classification model needs one")
+        raise Refusal(
+            "dataset", f"dataset {dataset.name!r} has no label field; a classification model needs one", status=422
+        )
     return checked.model_dump(mode="json")
 
 

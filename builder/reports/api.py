@@ -29,7 +29,7 @@ from builder.accounts import audit
 from builder.accounts.models import AuditAction
 from builder.core.durable import WorkState
 from builder.core.errors import Refusal
-from builder.core.parsers import db_int
+from builder.core.parsers import MAX_DB_INT, db_int
 from builder.datasets.storage import download_response
 from builder.jobs.access import can_control, get_visible_job
 from builder.reports.models import Report
@@ -46,14 +46,16 @@ def _int_query(request: Request, name: str) -> int | None:
         return None
     value = db_int(raw)
     if value is None:
-        raise ValidationError({name: ["must be an integer"]})
+        raise ValidationError({name: [f"must be an integer from 1 to {MAX_DB_INT}"]})
     return value
 
 
 class ReportListView(APIView):
     @extend_schema(
         parameters=[
-            OpenApiParameter("job", int, description="Only this job's reports."),
+            OpenApiParameter(
+                "job", {"type": "integer", "minimum": 1, "maximum": MAX_DB_INT}, description="Only this job's reports."
+            ),
             OpenApiParameter("state", str, enum=WorkState.values, description="Only reports in this state."),
         ],
         responses=ReportSerializer(many=True),

@@ -78,7 +78,7 @@ def request_report(
     if step is None:
         step = job.last_checkpoint_step
     elif step > job.last_checkpoint_step:
-        raise Refusal("step", f"the job's last checkpoint is at step {job.last_checkpoint_step}")
+        raise Refusal("step", f"the job's last checkpoint is at step {job.last_checkpoint_step}", 409)
     else:
         _check_kept(job, step)
     with transaction.atomic():
@@ -121,7 +121,8 @@ def _check_kept(job: Job, step: int) -> None:
         kept = [checkpoint_step(path) for path in list_checkpoints(root)]
     if step not in kept:
         steps = ", ".join(str(k) for k in kept) or "none"
-        raise Refusal("step", f"no checkpoint of step {step} is kept; the job's checkpoints: {steps}")
+        # 409: the step is a well-formed number; the job's kept checkpoints (its state) do not include it.
+        raise Refusal("step", f"no checkpoint of step {step} is kept; the job's checkpoints: {steps}", 409)
 
 
 def after_job_succeeded(job_id: int, **_: Any) -> None:

@@ -6,6 +6,7 @@ import { startLiveHealth } from "./health.js";
 import { startDatasetUpload } from "./datasets.js";
 import { startJobs } from "./jobs.js";
 import { startReports } from "./reports.js";
+import { startSweeps } from "./sweeps.js";
 import { startLiveWorkers } from "./workers.js";
 
 window.htmx = htmx;
@@ -19,4 +20,5 @@ document.addEventListener("DOMContentLoaded", () => {
   if (workers) startLiveWorkers(workers);
   startJobs();
   startReports();
+  startSweeps();
 });

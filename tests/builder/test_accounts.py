@@ -73,7 +73,8 @@ def test_signup_can_be_turned_off(client: Client, settings: Any) -> None:
 def test_api_token_and_session_authentication(client: Client, alice: Any) -> None:
     assert client.get("/api/me").status_code == 401
     bad = client.post("/api/auth/token", {"username": "alice", "password": "wrong"})
-    assert bad.status_code == 400
+    assert bad.status_code == 401 and bad.headers["WWW-Authenticate"].startswith("Token")
+    assert client.post("/api/auth/token", {"username": "alice", "password": ""}).status_code == 400  # malformed
     good = client.post("/api/auth/token", {"username": "alice", "password": alice.raw_password})
     assert good.status_code == 200
     token = good.json()["token"]

@@ -216,7 +216,7 @@ def test_refusals_name_the_field(stack: Stack, alice: Any, media_root: Path) -> 
         assert client.delete(f"/api/datasets/uploads/{first['id']}").status_code == 204  # frees the reservation
         assert _start(client, filename="b.jsonl", size=600).status_code == 201
         small = _start(client, filename="c.jsonl", size=5).json()
-        assert _put(client, small["id"], 0, b"123456").status_code == 400  # past the declared size
+        assert _put(client, small["id"], 0, b"123456").status_code == 422  # past the declared size
 
     with override_settings(DATASET_SIMPLE_UPLOAD_MAX_BYTES=10):
         big = client.post("/api/datasets", {"file": _named(b"x" * 100, "a.txt")})

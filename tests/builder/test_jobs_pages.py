@@ -147,7 +147,7 @@ def test_the_api_takes_a_saved_configuration(
     assert job["name"] == "Tiny MoE v1" and job["dataset"] == dataset.pk and job["queue"] == "gpu"
     assert job["dataset_name"] == "Alice's corpus" and job["state"] == "queued" and job["queue_position"] == 1
     both = client.post("/api/jobs", {**body, "spec": SPEC}, content_type="application/json")
-    assert both.status_code == 400 and "not both" in both.json()["spec"][0]
+    assert both.status_code == 422 and "not both" in both.json()["spec"][0]
     nameless = client.post("/api/jobs", {"spec": SPEC, "dataset": dataset.pk}, content_type="application/json")
     assert nameless.status_code == 400 and set(nameless.json()) == {"name"}
     outsider = signed_in(charlie).post("/api/jobs", body, content_type="application/json")

@@ -86,7 +86,7 @@ def test_the_sign_in_form_refuses_the_attempt_after_the_limit(alice: Any, charli
 def test_the_token_api_shares_the_sign_in_counter(alice: Any, bob: Any, charlie: Any) -> None:
     api = APIClient(REMOTE_ADDR="127.0.0.1")
     for _ in range(2):
-        assert api.post("/api/auth/token", {"username": "bob", "password": "wrong"}).status_code == 400
+        assert api.post("/api/auth/token", {"username": "bob", "password": "wrong"}).status_code == 401
     assert sign_in("bob", "wrong").status_code == 200  # the third failure, through the form
     refused = api.post("/api/auth/token", {"username": "bob", "password": bob.raw_password}, format="json")
     assert refused.status_code == 429

@@ -316,7 +316,7 @@ def test_requests_are_idempotent_and_refusals_name_the_reason(alice: Any, bob: A
     response = owner.post(f"/api/jobs/{job.pk}/reports", {"step": "x"}, content_type="application/json")
     assert response.status_code == 400 and set(response.json()) == {"step"}
     response = owner.post(f"/api/jobs/{job.pk}/reports", {"step": 99}, content_type="application/json")
-    assert response.status_code == 400 and "last checkpoint is at step 20" in response.json()["step"][0]
+    assert response.status_code == 409 and "last checkpoint is at step 20" in response.json()["step"][0]
     response = owner.post(f"/api/jobs/{job.pk}/reports", {}, content_type="application/json")
     assert response.status_code == 200 and response.json()["id"] == first.report.pk
     assert colleague.post(f"/api/jobs/{job.pk}/reports", {}, content_type="application/json").status_code == 403

@@ -6,6 +6,6 @@ Only workers import this package (the Celery app lists it in ``include``); the w
 (``builder.core.enqueue``), so the two never import each other in a circle.
 """
 
-from workers.tasks import calibration, datasets, fleet, jobs, legacy, maintenance, reports
+from workers.tasks import calibration, datasets, fleet, jobs, legacy, maintenance, reports, sweeps
 
-__all__ = ["calibration", "datasets", "fleet", "jobs", "legacy", "maintenance", "reports"]
+__all__ = ["calibration", "datasets", "fleet", "jobs", "legacy", "maintenance", "reports", "sweeps"]

@@ -1,0 +1,205 @@
+"""The sweeps API without workers: the search space is checked against the spec (each error names its field), only
+the owner sees or controls a sweep (charlie, the outsider, gets 404), and the endpoints are in the OpenAPI schema.
+The sweeps that run are in tests/builder/test_sweeps.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from builder.configs.models import Config, ConfigVersion
+from builder.datasets.models import Dataset
+from builder.sweeps.models import Sweep, Trial, TrialState
+from builder.sweeps.space import apply, parse_space
+from tests.conftest import signed_in
+from workers.engine.spec import load_spec
+
+pytestmark = pytest.mark.django_db
+
+TINY: dict[str, Any] = {
+    "model": {
+        "vocab_size": 260, "num_layers": 2, "hidden_size": 32, "num_heads": 2, "max_seq_len": 32,
+        "moe": {"num_routed_experts": 4, "num_shared_experts": 1, "top_k": 2, "expert_hidden_size": 32},
+    },
+    "training": {"batch_size": 4, "max_steps": 40, "eval_interval": 10, "schedule": {"warmup_steps": 2}},
+    "data": {"tokenizer": "bytes", "seq_len": 32},
+}  # fmt: skip
+LR: dict[str, Any] = {"path": "training.optimizer.lr", "kind": "float", "low": 1e-4, "high": 3e-3, "log": True}
+
+
+@pytest.fixture
+def version(alice: Any) -> ConfigVersion:
+    config = Config.objects.create(owner=alice, name="tiny")
+    spec = load_spec(TINY).model_dump(mode="json")
+    return ConfigVersion.objects.create(config=config, number=1, spec=spec)
+
+
+@pytest.fixture
+def dataset(alice: Any) -> Dataset:
+    return Dataset.objects.create(
+        owner=alice, name="corpus", format="txt", file_name="datasets/x.txt", size_bytes=10, state="ready"
+    )
+
+
+def body(version: ConfigVersion, dataset: Dataset, **changes: Any) -> dict[str, Any]:
+    return {"name": "tune", "config_version": version.pk, "dataset": dataset.pk, "space": [LR], **changes}
+
+
+def test_a_space_over_the_issue_fields_is_accepted_and_applies_to_the_spec(version: ConfigVersion) -> None:
+    space = [
+        LR,
+        {"path": "model.moe.num_routed_experts", "kind": "choice", "choices": [4, 8, 16]},
+        {"path": "model.moe.top_k", "kind": "choice", "choices": [1, 2]},
+    ]
+    params = parse_space(space, version.spec)
+    assert [p.path for p in params] == [s["path"] for s in space]
+    assert params[0].distribution().log and params[1].distribution().choices == (4, 8, 16)
+    trial = apply(version.spec, {"training.optimizer.lr": 2e-4, "model.moe.num_routed_experts": 16})
+    spec = load_spec(trial)
+    assert spec.training.optimizer.lr == 2e-4 and spec.model.moe.num_routed_experts == 16
+    assert version.spec["training"]["optimizer"]["lr"] != 2e-4  # the base is not changed
+
+
+@pytest.mark.parametrize(
+    ("space", "field", "words"),
+    [
+        ([{"path": "training.optimizer.lrr", "kind": "float", "low": 1e-4, "high": 1e-3}], "space.0.path", "no field"),
+        ([{"path": "model.moe", "kind": "choice", "choices": [1]}], "space.0.path", "section"),
+        ([{**LR, "high": 3.0}], "space.0.high", "training.optimizer.lr"),
+        ([{**LR, "low": 0}], "space.0.low", "log scale"),
+        ([{**LR, "low": 1e-2}], "space.0.high", "above low"),
+        ([{"path": "model.moe.top_k", "kind": "float", "low": 1, "high": 2}], "space.0.kind", "integer field"),
+        ([{"path": "model.moe.top_k", "kind": "choice", "choices": [1, 64]}], "space.0.choices.1", "32"),
+        ([{"path": "model.moe.top_k", "kind": "int", "low": 1.5, "high": 2}], "space.0.low", "integer"),
+        ([{"path": "data.text_field", "kind": "choice", "choices": ["a"]}], "space.0.path", "dataset"),
+        ([LR, LR], "space.1.path", "twice"),
+        ([{"path": "model.moe.top_k", "kind": "range"}], "space.0.kind", "float, int or choice"),
+        ([], "space", "non-empty"),
+    ],
+)
+def test_each_bad_path_range_or_choice_is_refused_naming_its_field(
+    alice: Any, version: ConfigVersion, dataset: Dataset, space: Any, field: str, words: str
+) -> None:
+    response = signed_in(alice, APIClient).post("/api/sweeps", body(version, dataset, space=space), format="json")
+    assert response.status_code == 400, response.content
+    errors = response.json()
+    assert field in errors, errors
+    assert words in " ".join(errors[field]), errors
+    assert not Sweep.objects.exists()
+
+
+def test_the_other_fields_are_checked_too(alice: Any, charlie: Any, version: ConfigVersion, dataset: Dataset) -> None:
+    client = signed_in(alice, APIClient)
+    cases: dict[str, dict[str, Any]] = {
+        "budget": {"budget": 0},
+        "parallelism": {"budget": 2, "parallelism": 3},
+        "objective": {"objective": "val_accuracy"},  # the tiny model is a language model
+        "first_trials.0.training.optimizer.lr": {"first_trials": [{"training.optimizer.lr": 0.5}]},
+    }
+    for field, changes in cases.items():
+        response = client.post("/api/sweeps", body(version, dataset, **changes), format="json")
+        assert response.status_code == 400 and field in response.json(), (field, response.json())
+    # Charlie cannot search around alice's configuration, nor train on her dataset.
+    response = signed_in(charlie, APIClient).post("/api/sweeps", body(version, dataset), format="json")
+    assert response.status_code == 400 and "config_version" in response.json()
+
+
+def test_only_the_owner_sees_stops_and_saves_a_sweep(
+    alice: Any, charlie: Any, version: ConfigVersion, dataset: Dataset
+) -> None:
+    first = [{"training.optimizer.lr": 1e-3}]
+    response = signed_in(alice, APIClient).post(
+        "/api/sweeps", body(version, dataset, first_trials=first), format="json"
+    )
+    assert response.status_code == 201, response.content
+    sweep = response.json()
+    assert sweep["state"] == "queued" and sweep["running"] and sweep["trials"] == []
+    assert sweep["space"] == [LR] and sweep["first_trials"] == first
+    url = f"/api/sweeps/{sweep['id']}"
+    outsider = signed_in(charlie, APIClient)
+    assert outsider.get(url).status_code == 404
+    assert outsider.post(f"{url}/stop").status_code == 404
+    assert outsider.post(f"{url}/save-best", {}, format="json").status_code == 404
+    assert outsider.get("/api/sweeps").json() == []
+    assert outsider.get(f"/sweeps/{sweep['id']}/").status_code == 404
+    assert APIClient().get(url).status_code == 401
+
+    owner = signed_in(alice, APIClient)
+    assert [s["id"] for s in owner.get("/api/sweeps").json()] == [sweep["id"]]
+    # Nothing completed yet: there is no best trial to save.
+    refused = owner.post(f"{url}/save-best", {}, format="json")
+    assert refused.status_code == 409 and "no trial" in refused.json()["detail"]
+    stopped = owner.post(f"{url}/stop")
+    assert stopped.status_code == 200 and stopped.json()["stop_requested"]
+    assert owner.get(f"/sweeps/{sweep['id']}/").status_code == 200
+
+
+def test_save_best_makes_a_new_version_of_the_best_completed_trial(
+    alice: Any, version: ConfigVersion, dataset: Dataset
+) -> None:
+    response = signed_in(alice, APIClient).post("/api/sweeps", body(version, dataset), format="json")
+    sweep = Sweep.objects.get(pk=response.json()["id"])
+    for number, lr, objective, state in [
+        (0, 1e-3, 2.5, "complete"),
+        (1, 2e-3, 2.1, "complete"),
+        (2, 3e-3, 1.0, "pruned"),
+    ]:
+        Trial.objects.create(
+            sweep=sweep, number=number, params={"training.optimizer.lr": lr}, objective=objective, state=state
+        )
+    saved = signed_in(alice, APIClient).post(f"/api/sweeps/{sweep.pk}/save-best", {"note": ""}, format="json")
+    assert saved.status_code == 201, saved.content
+    new = ConfigVersion.objects.get(pk=saved.json()["id"])
+    assert new.config_id == version.config_id and new.number == 2
+    assert new.spec["training"]["optimizer"]["lr"] == 2e-3  # trial 1: the best *completed* one (lower loss)
+    assert "best trial 1" in new.note and "2.1" in new.note
+    detail = signed_in(alice, APIClient).get(f"/api/sweeps/{sweep.pk}").json()
+    assert detail["best"]["number"] == 1 and detail["saved_version"]["number"] == 2
+    assert detail["counts"] == {TrialState.COMPLETE: 2, TrialState.PRUNED: 1}
+
+
+def test_the_endpoints_are_in_the_openapi_schema(alice: Any) -> None:
+    schema = signed_in(alice, APIClient).get("/api/schema", {"format": "json"}).json()
+    paths = schema["paths"]
+    assert {"post", "get"} <= set(paths["/api/sweeps"])
+    assert "get" in paths["/api/sweeps/{sweep_id}"]
+    assert "post" in paths["/api/sweeps/{sweep_id}/stop"] and "post" in paths["/api/sweeps/{sweep_id}/save-best"]
+    assert "404" in paths["/api/sweeps/{sweep_id}"]["get"]["responses"]
+    assert "409" in paths["/api/sweeps/{sweep_id}/save-best"]["post"]["responses"]
+
+
+WIZARD_ANSWERS = {
+    "task": "generation", "num_labels": "2", "data_size": "tiny", "hardware": "cpu", "num_gpus": "1",
+    "hours": "0.25", "priority": "quality",
+}  # fmt: skip
+
+
+def test_the_wizard_starts_a_small_sweep_of_the_learning_rate_around_its_proposal(alice: Any, charlie: Any) -> None:
+    from builder.datasets.demo import CORPUS_SLUG
+
+    Dataset.objects.create(
+        name="built-in corpus", slug=CORPUS_SLUG, origin="builtin", format="txt", file_name="datasets/c.txt",
+        size_bytes=10, state="ready",
+    )  # fmt: skip
+    client = signed_in(alice)
+    saved = client.post("/configure/wizard/save/", {**WIZARD_ANSWERS, "name": "proposal", "then": "tune_lr"})
+    config = Config.objects.get(owner=alice, name="proposal")
+    assert saved.status_code == 302 and saved["Location"] == f"/sweeps/tune-lr/{config.pk}/"
+    proposed = config.latest.spec["training"]["optimizer"]["lr"]
+    plan = client.get(saved["Location"])
+    assert plan.status_code == 200 and b'data-testid="tune-plan"' in plan.content
+    assert signed_in(charlie).get(saved["Location"]).status_code == 404
+    assert signed_in(charlie).post(saved["Location"]).status_code == 404
+
+    started = client.post(saved["Location"])
+    sweep = Sweep.objects.get(owner=alice)
+    assert started.status_code == 302 and started["Location"] == f"/sweeps/{sweep.pk}/"
+    assert sweep.config_version == config.latest and sweep.budget == 6 and sweep.parallelism == 2
+    (lr,) = sweep.space
+    assert lr["path"] == "training.optimizer.lr" and lr["log"]
+    assert lr["low"] == pytest.approx(proposed / 3) and lr["high"] == pytest.approx(min(proposed * 3, 1.0))
+    assert sweep.first_trials == [{"training.optimizer.lr": proposed}]  # the proposal itself is tried first
+    page = client.get(started["Location"]).content.decode()
+    assert 'data-testid="trials-table"' in page and "sweep-page-config" in page
