@@ -34,6 +34,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -234,12 +235,14 @@ def save_checkpoint(
     step: int,
     *,
     model: nn.Module,
-    optimizer: OptimizerState,
+    optimizer: OptimizerState | None,
     spec: Spec,
     loop_state: dict[str, Any],
     data_state: dict[str, Any],
     scaler: torch.amp.GradScaler | None = None,
     keep: int = 2,
+    rng_state: dict[str, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Commit the checkpoint of ``step`` under ``root`` and prune to the newest ``keep``; returns its path.
 
@@ -247,6 +250,10 @@ def save_checkpoint(
     Re-saving an existing step (after a rollback or a resume) replaces it: the old directory is moved
     aside, the new one renamed in, then the old one deleted, so a crash in between leaves at worst one
     checkpoint fewer, never a mixed one.
+
+    Several processes (``workers.engine.distributed``): ``optimizer`` None and ``write_extra(scratch folder)`` writes
+    their sharded state into the checkpoint before its manifest lists it; ``rng_state`` replaces this process's
+    generators (``{..., "ranks": [every rank's]}``).
     """
     if keep < 1:
         raise ValueError("keep must be at least 1")
@@ -258,19 +265,22 @@ def save_checkpoint(
     trash: Path | None = None
     try:
         save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scaler": None if scaler is None else scaler.state_dict()},
-            tmp / "optimizer.pt",
-        )
-        torch.save(capture_rng_state(), tmp / "rng.pt")
+        if optimizer is not None:
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scaler": None if scaler is None else scaler.state_dict()},
+                tmp / "optimizer.pt",
+            )
+        if write_extra is not None:
+            write_extra(tmp)
+        torch.save(capture_rng_state() if rng_state is None else rng_state, tmp / "rng.pt")
         state = {"step": step, "loop": loop_state, "data": data_state}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         (tmp / "spec.json").write_text(spec.model_dump_json(indent=2))
 
         files: dict[str, dict[str, Any]] = {}
-        for file in sorted(tmp.iterdir()):
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
             _fsync_file(file)
-            files[file.name] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
+            files[file.relative_to(tmp).as_posix()] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
         manifest = {"format": MANIFEST_FORMAT, "step": step, "created": time.time(), "files": files}
         partial = tmp / f"{MANIFEST}.partial"
         with open(partial, "w") as f:
@@ -326,11 +336,13 @@ def load_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     restore_rng: bool = True,
     verify: bool = True,
+    rank: int = 0,
 ) -> LoadedCheckpoint:
     """Restore ``model`` (strictly: every key must match), ``optimizer``, ``scaler`` and the RNGs from a
     checkpoint; returns the loop state, data cursor and spec for the caller to apply.
 
-    The model must already be on its device; tensors are loaded onto that device.
+    The model must already be on its device; tensors are loaded onto that device. ``rank``: the process of a
+    distributed run whose generators to restore (a checkpoint of fewer processes gives rank 0's to the others).
     """
     root = Path(path)
     if verify:
@@ -346,7 +358,9 @@ def load_checkpoint(
         if scaler is not None and states["scaler"] is not None:
             scaler.load_state_dict(states["scaler"])
     if restore_rng:
-        restore_rng_state(torch.load(root / "rng.pt", map_location="cpu", weights_only=True))
+        rng = torch.load(root / "rng.pt", map_location="cpu", weights_only=True)
+        ranks = rng.get("ranks") or []
+        restore_rng_state(ranks[rank] if rank < len(ranks) else rng)
     state = json.loads((root / "state.json").read_text())
     return LoadedCheckpoint(
         path=root,

@@ -62,6 +62,7 @@ Every token is routed, padding included; the trainer masks padding out of the ta
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -357,6 +358,9 @@ class MoEFeedForward(nn.Module):
         self.shared: FeedForward | None = None
         if moe.num_shared_experts > 0:
             self.shared = FeedForward(d_model, moe.num_shared_experts * self.hidden, activation)
+        # Expert parallelism (``workers.engine.distributed``) sets this: it runs the routed rows on the device that
+        # holds their expert, given (rows grouped by expert, rows per expert, w_in, w_out); None: all here.
+        self.expert_dispatch: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Choose experts for ``x`` ``(N, C)``.
@@ -428,8 +432,11 @@ class MoEFeedForward(nn.Module):
             # grouped_mm is not autocast-aware: cast to the autocast dtype ourselves.
             dtype = torch.get_autocast_dtype(x.device.type)
             xs, w_in, w_out = xs.to(dtype), w_in.to(dtype), w_out.to(dtype)
-        h = activate(grouped_matmul(xs, w_in, kept), self.activation, self.hidden)  # (M, H)
-        ys = grouped_matmul(h, w_out, kept)  # (M, C)
+        if self.expert_dispatch is not None:
+            ys = self.expert_dispatch(xs, kept, w_in, w_out)  # (M, C), computed where the experts live
+        else:
+            h = activate(grouped_matmul(xs, w_in, kept), self.activation, self.hidden)  # (M, H)
+            ys = grouped_matmul(h, w_out, kept)  # (M, C)
         gate = weights.reshape(-1).index_select(0, order)  # (M,) routing weight of each kept assignment
         ys = ys * gate.unsqueeze(1).to(ys.dtype)
         out = torch.zeros(N, C, dtype=ys.dtype, device=x.device).index_add_(0, token_of, ys)  # (N, C)

@@ -66,6 +66,7 @@ from pydantic import ValidationError
 from workers.engine.allocator import keep_freed_memory
 from workers.engine.checkpoint import (
     LoadedCheckpoint,
+    capture_rng_state,
     checkpoint_spec,
     latest_checkpoint,
     load_checkpoint,
@@ -80,6 +81,7 @@ from workers.engine.data import (
     preparation_settings,
     prepare,
 )
+from workers.engine.distributed import Parallel
 from workers.engine.hf import load_hf_weights
 from workers.engine.interventions import Anomaly, AnomalyGuard, PlateauWatch
 from workers.engine.layout import RunLayout
@@ -347,6 +349,7 @@ def train(
     stop_after_step: int | None = None,
     faults: FaultInjection | None = None,
     init_from: str | os.PathLike[str] | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train ``spec`` on ``data`` (a prepared dataset or a source file to prepare) into ``out_dir``.
 
@@ -358,6 +361,8 @@ def train(
     - ``stop_after_step``: checkpoint and return ``"stopped"`` once this step is done; the LR schedule still
       follows ``training.max_steps`` (how a run is split into resumable pieces).
     - ``faults``: test-only fault injection.
+    - ``parallel``: this process's place in a multi-device run (``workers.engine.distributed``, which starts such
+      runs); None: one process. Only rank 0 writes files and sends to ``sink``.
     - ``init_from``: a Hugging Face folder (``workers.engine.hf``) whose weights the model starts from instead of
       a random initialisation; read only when the run has no checkpoint yet (a resumed run continues from its own).
 
@@ -378,8 +383,12 @@ def train(
         else:
             prepared = prepare(spec, data, run.prepared_data, tokenizer_file=tokenizer_file)
         _check_data_fits(spec, prepared, tokenizer_file)
-        run.spec.write_text(spec.model_dump_json(indent=2))
-        trainer = _Trainer(spec, prepared, run, sink, dev, autocast, faults or FaultInjection())
+        parallel = parallel or Parallel.single()
+        if parallel.distributed and init_from is not None:
+            raise EngineConfigError("starting from a Hugging Face folder is not offered on several devices yet")
+        if parallel.is_main:
+            run.spec.write_text(spec.model_dump_json(indent=2))
+        trainer = _Trainer(spec, prepared, run, sink, dev, autocast, faults or FaultInjection(), parallel)
         trainer.start(resume, init_from)
         return trainer.run(lambda: signals.preempt, should_stop, stop_after_step)
 
@@ -437,8 +446,10 @@ class _Trainer:
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager[Any]],
         faults: FaultInjection,
+        parallel: Parallel | None = None,
     ) -> None:
         t = spec.training
+        self.parallel = parallel = parallel or Parallel.single()
         self.spec = spec
         self.prepared = prepared
         self.sink = sink
@@ -451,6 +462,8 @@ class _Trainer:
         self.model = build_model(spec).to(device)
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.model.train()
+        # What the step calls (a DDP wrapper, or the model itself); self.model stays the handle for its methods.
+        self.step_model = parallel.wrap(self.model, device)
         self.optimizer = build_optimizer(self.model, spec, device)
         self.peak_lrs = peak_learning_rates(self.optimizer)  # before a checkpoint's groups replace them
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
@@ -471,7 +484,8 @@ class _Trainer:
     # -- start: fresh or resumed ---------------------------------------------------------------------------
 
     def start(self, resume: bool, init_from: str | os.PathLike[str] | None = None) -> None:
-        latest = latest_checkpoint(self.ckpt_root)
+        # Rank 0 decides which checkpoint every rank starts from (the others would race its writes otherwise).
+        latest = self.parallel.broadcast(latest_checkpoint(self.ckpt_root) if self.parallel.is_main else None)
         if latest is None:
             if init_from is not None:
                 fresh = load_hf_weights(self.model, init_from)  # before step 0: its checkpoint holds these weights
@@ -511,7 +525,15 @@ class _Trainer:
                     f"checkpoint {path.name} was trained with a different '{section}' section; "
                     "train into a new directory"
                 )
-        loaded = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scaler=self.scaler)
+        p = self.parallel
+        if p.sharded_optimizer:
+            # The whole model is one file; each rank takes its part of it, and its own optimizer shards.
+            shadow = p.shadow(self.spec)
+            loaded = load_checkpoint(path, model=shadow, rank=p.rank)
+            p.load_full_model_state(self.model, shadow.state_dict())
+            p.read_optimizer(self.model, self.optimizer, path)
+        else:
+            loaded = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scaler=self.scaler, rank=p.rank)
         self.state = LoopState(**loaded.loop_state)
         self.batches.load_state_dict(loaded.data_state)
         self.model.set_dropout(self.state.dropout)  # an intervention may have raised it
@@ -531,9 +553,14 @@ class _Trainer:
         while True:
             # Stop requests are honoured between steps: the state is consistent there, so the
             # checkpoint taken on the way out resumes exactly.
-            if preempted():
+            preempt, stop = preempted(), should_stop is not None and should_stop()
+            if self.parallel.distributed:
+                # Every rank stops at the same step: the final checkpoint is written by all of them together.
+                asked_stop, asked_preempt = self.parallel.stop_requested()
+                preempt, stop = self.parallel.agree(preempt or asked_preempt, stop or asked_stop)
+            if preempt:
                 return self._finish("preempted", "SIGTERM received")
-            if should_stop is not None and should_stop():
+            if stop:
                 return self._finish("stopped", "stop requested")
             if st.step >= t.max_steps:
                 return self._finish("completed", f"reached max_steps {t.max_steps}")
@@ -588,19 +615,21 @@ class _Trainer:
         numbers = []
         for micro in range(accum):
             number, batch = self._next_batch()
+            batch = self.parallel.shard(batch)  # this rank's rows of the global micro-batch
             numbers.append(number)
             input_ids = batch.input_ids.to(self.device, non_blocking=True)  # (B, T)
             labels = batch.labels.to(self.device, non_blocking=True)  # (B, T) or (B,)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
-            with self.autocast():
-                out = self.model(input_ids, labels=labels, attention_mask=mask)
-            assert out.loss is not None and out.task_loss is not None  # labels were given
-            loss = self.faults.apply(step, out.loss, micro)
-            scaled = loss / accum
-            if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            with self.parallel.no_sync(self.step_model, micro == accum - 1):
+                with self.autocast():
+                    out = self.step_model(input_ids, labels=labels, attention_mask=mask)
+                assert out.loss is not None and out.task_loss is not None  # labels were given
+                loss = self.faults.apply(step, out.loss, micro)
+                scaled = loss / accum
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
             loss_sum += loss.detach().float()
             task_sum += out.task_loss.detach().float()
             aux_sum += out.aux_loss.detach().float()
@@ -610,6 +639,13 @@ class _Trainer:
             load = out.expert_load.detach().float()
             load_sum = load if load_sum is None else load_sum + load
 
+        if self.parallel.distributed:
+            # The step's figures over the global batch: the mean of the ranks' (equal-sized) shares, one all-reduce.
+            sums = [loss_sum, task_sum, aux_sum, dropped_sum, mtp_sum]
+            flat = torch.cat([torch.stack(sums), torch.zeros(0) if load_sum is None else load_sum.reshape(-1)])
+            flat = self.parallel.mean(flat.to(self.device))
+            loss_sum, task_sum, aux_sum, dropped_sum, mtp_sum = flat[:5]
+            load_sum = None if load_sum is None else flat[5:].view_as(load_sum)
         loss_value = loss_sum.item() / accum
         outcome = _StepOutcome(
             step=step,
@@ -632,8 +668,7 @@ class _Trainer:
             self.scaler.unscale_(as_torch_optimizer(self.optimizer))  # clip and report the true gradient norm
         clip = self.state.grad_clip
         # max_norm=inf measures without clipping (the scale factor is clamped to exactly 1).
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf)
-        outcome.grad_norm = float(grad_norm)
+        outcome.grad_norm = self.parallel.clip_grad_norm(self.model, clip if clip is not None else math.inf)
         if self.scaler is None:  # with fp16 the scaler owns non-finite gradients (it skips the step)
             outcome.anomaly = self.guard.check_grad_norm(self.state, step, loss_value, outcome.grad_norm)
             if outcome.anomaly is not None:
@@ -645,6 +680,7 @@ class _Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.parallel.reduce_router_loads(self.model)  # every rank applies the same loads: the biases stay equal
         self.model.update_router_biases()
 
         st = self.state
@@ -694,20 +730,58 @@ class _Trainer:
     def _save(self) -> Path:
         st = self.state
         began = time.perf_counter()
+        if self.parallel.distributed:
+            path = self._save_distributed()
+        else:
+            path = save_checkpoint(
+                self.ckpt_root,
+                st.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                spec=self.spec,
+                loop_state=asdict(st),
+                data_state=self.batches.state_dict(),
+                scaler=self.scaler,
+                keep=self.spec.training.keep_checkpoints,
+            )
+        self.last_checkpoint, self.last_checkpoint_step = path, st.step
+        self.sink.event("checkpoint", {"step": st.step, "path": str(path), "seconds": time.perf_counter() - began})
+        return path
+
+    def _save_distributed(self) -> Path:
+        """Every rank takes part (collectives); rank 0 commits the checkpoint; every rank returns its path."""
+        p, st = self.parallel, self.state
+        rngs = p.gather(capture_rng_state())
+        sharded = p.sharded_optimizer
+        full = p.full_model_state(self.model) if sharded else None
+        if not p.is_main:
+            if sharded:  # rank 0 names the scratch folder the shards go to
+                p.write_optimizer(self.model, self.optimizer, Path(p.broadcast(None)))
+            return Path(p.broadcast(None))
+        model: torch.nn.Module = self.model
+        if full is not None:
+            model = p.shadow(self.spec)
+            model.load_state_dict(full)
+
+        def write_shards(scratch: Path) -> None:
+            p.broadcast(str(scratch))
+            p.write_optimizer(self.model, self.optimizer, scratch)
+
+        assert rngs is not None
         path = save_checkpoint(
             self.ckpt_root,
             st.step,
-            model=self.model,
-            optimizer=self.optimizer,
+            model=model,
+            optimizer=None if sharded else self.optimizer,
             spec=self.spec,
             loop_state=asdict(st),
             data_state=self.batches.state_dict(),
             scaler=self.scaler,
             keep=self.spec.training.keep_checkpoints,
+            rng_state={**rngs[0], "ranks": rngs},
+            write_extra=write_shards if sharded else None,
         )
-        self.last_checkpoint, self.last_checkpoint_step = path, st.step
-        self.sink.event("checkpoint", {"step": st.step, "path": str(path), "seconds": time.perf_counter() - began})
-        return path
+        return Path(p.broadcast(str(path)))  # also the barrier: no rank reads checkpoints before the commit
 
     def _finish(self, status: TrainStatus, reason: str) -> TrainResult:
         if self.last_checkpoint_step != self.state.step:
