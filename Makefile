@@ -13,12 +13,13 @@ PORT ?= 8000
 VAR_DIR ?= $(CURDIR)/var
 export VAR_DIR
 
-.PHONY: help install frontend run test test-postgres lint bench clean
+.PHONY: help install frontend run test test-postgres lint bench gpu-check clean
 
 help:
 	@echo "make run    - install what is missing, then start Redis, a Celery worker and the web server"
 	@echo "make test   - ruff, mypy and pytest against real services"
 	@echo "make bench  - throughput figures as JSON"
+	@echo "make gpu-check - on a CUDA machine: autocast, fused AdamW, expert matmul, fused head, DDP, engine vs HF (JSON)"
 
 # Re-installs only when pyproject.toml changes, so a second `make run` starts at once.
 $(INSTALLED): pyproject.toml clients/python/pyproject.toml
@@ -85,6 +86,12 @@ bench: install frontend
 	$(PY) -m bench.engine
 	@# The platform: training inside a job against the bare engine, launch → first point, publish → browser.
 	$(PY) -m bench.platform
+
+# What a GPU host must run (bench/gpu_check.py): bf16/fp16 autocast steps, fused AdamW, the grouped expert matmul,
+# the fused head, a 2-GPU DDP step when two exist, engine vs Hugging Face with MFU. JSON; the CPU fallback elsewhere.
+gpu-check: install
+	@$(PY) -c "import transformers" 2>/dev/null || $(PIP) install -q -e '.[bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) frontend/node_modules frontend/dist .mypy_cache .ruff_cache .pytest_cache
