@@ -21,6 +21,7 @@ from builder.core.redaction import describe_failure, hide_server_paths
 from builder.jobs import lifecycle
 from builder.jobs.files import claim_folder, resolve_data
 from builder.jobs.models import Job, JobState
+from builder.jobs.multidevice import train_on_devices
 from builder.jobs.remote import mirrored, restore, store_prepared
 from builder.jobs.signals import job_succeeded
 from builder.jobs.sink import BackgroundSink, DatabaseStreamSink
@@ -65,15 +66,16 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
     stream = DatabaseStreamSink(lease)
     # The first step this attempt writes: TensorBoard drops what a lost attempt wrote past the checkpoint.
     purge_step = None if lease.resume_from is None else lease.resume_from + 1
+    # Remote storage: each checkpoint is stored before the database records it (builder.jobs.remote).
+    platform = BackgroundSink(
+        mirrored(FanoutSink(stream, TensorBoardSink(run.tensorboard, purge_step=purge_step)), layout, lease)
+    )
     sink = FanoutSink(
         # The local JSON lines first and in this thread (cheap): the file is always at least as far as any
         # checkpoint. The database + stream and TensorBoard on a thread of their own: the training loop never
         # waits for a transaction, the broker or TensorBoard's writes, except at checkpoints (see BackgroundSink).
         JsonlSink(run.metrics),
-        # Remote storage: each checkpoint is stored before the database records it (builder.jobs.remote).
-        BackgroundSink(
-            mirrored(FanoutSink(stream, TensorBoardSink(run.tensorboard, purge_step=purge_step)), layout, lease)
-        ),
+        platform,
     )
     beat = Heartbeat(lifecycle.JOBS, lease, settings.JOB_HEARTBEAT_SECONDS)
     beat.start()
@@ -82,13 +84,18 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
     # plain SQL because building the ORM query each time costs more than the query (~0.5 ms a step here).
     cancel_sql = f"SELECT cancel_requested FROM {Job._meta.db_table} WHERE id = %s"
 
-    def should_stop() -> bool:
-        if beat.lost.is_set() or stream.lost:
-            return True  # the lease moved on: stop at once, writing nothing more
+    def lease_lost() -> bool:
+        return beat.lost.is_set() or stream.lost
+
+    def cancel_requested() -> bool:
         with connection.cursor() as cursor:
             cursor.execute(cancel_sql, [job_id])
             row = cursor.fetchone()
         return row is None or bool(row[0])
+
+    def should_stop() -> bool:
+        # A lost lease: the lease moved on, stop at once, writing nothing more.
+        return lease_lost() or cancel_requested()
 
     try:
         data_path = resolve_data(job, layout)
@@ -110,7 +117,20 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
             token=lease.token,
         )
         began = time.perf_counter()
-        result = train(spec, prepared, run.root, sink, resume=True, should_stop=should_stop, device=_device())
+        if spec.training.distributed.devices > 1:
+            # The ranks write rank 0's points to the JSON lines file themselves; the runner tails them to `platform`.
+            result = train_on_devices(
+                job_id,
+                lease,
+                spec,
+                run,
+                platform,
+                lease_lost=lease_lost,
+                cancel_requested=cancel_requested,
+                device=_device(),
+            )
+        else:
+            result = train(spec, prepared, run.root, sink, resume=True, should_stop=should_stop, device=_device())
         sink.close()  # the last writes drain before the outcome is recorded: they are part of the run's cost
         train_seconds = time.perf_counter() - began
     except Exception as exc:
