@@ -65,8 +65,9 @@ INSTALLED_APPS = [
     "builder.datasets",
     "builder.configs",
     "builder.reports",
-    "builder.fleet",
+    "builder.checkpoints",
     "builder.sweeps",
+    "builder.fleet",
 ]
 
 MIDDLEWARE = [
@@ -296,6 +297,8 @@ DATASET_MAX_EXAMPLE_BYTES = env_int("DATASET_MAX_EXAMPLE_BYTES", 1024**2, minimu
 DATASET_UPLOAD_CHUNK_BYTES = env_int("DATASET_UPLOAD_CHUNK_BYTES", 8 * 1024**2, minimum=64 * 1024, maximum=64 * 1024**2)
 # A single multipart POST (curl -F file=@data.jsonl) is accepted up to this size; larger files use chunks.
 DATASET_SIMPLE_UPLOAD_MAX_BYTES = env_int("DATASET_SIMPLE_UPLOAD_MAX_BYTES", 32 * 1024**2, minimum=1)
+# An imported Hugging Face folder (POST /api/checkpoints, one multipart request) is accepted up to this size in all.
+CHECKPOINT_MAX_UPLOAD_BYTES = env_int("CHECKPOINT_MAX_UPLOAD_BYTES", 512 * 1024**2, minimum=1024)
 # Where chunked uploads are assembled on the web host before they go to storage (empty: MEDIA_ROOT/.uploads,
 # on the same disk as local storage so that the final move is a rename).
 DATASET_UPLOAD_DIR = env_str("DATASET_UPLOAD_DIR")

@@ -13,6 +13,7 @@ urlpatterns = [
     path("api/", include("builder.datasets.api")),
     path("api/", include("builder.configs.api")),
     path("api/", include("builder.reports.api")),
+    path("api/", include("builder.checkpoints.api")),
     path("api/", include("builder.sweeps.api")),
     path("api/", include("builder.fleet.api")),
     path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),

@@ -53,6 +53,14 @@ class Job(DurableWork):
         related_name="jobs",
         help_text="The saved configuration version launched, if any (spec holds what runs).",
     )
+    init_checkpoint = models.ForeignKey(
+        "checkpoints.ImportedCheckpoint",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="jobs",
+        help_text="The imported Hugging Face folder whose weights (and tokenizer) the run starts from, if any.",
+    )
     data_source = models.CharField(
         max_length=500, help_text="Storage name of the file the job trains on (copied from the dataset at submit)."
     )

@@ -16,6 +16,7 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+from builder.checkpoints.services import starting_folder
 from builder.core.durable import Heartbeat
 from builder.core.redaction import describe_failure, hide_server_paths
 from builder.jobs import lifecycle
@@ -47,7 +48,7 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
     """
     from workers.engine.data import prepare
     from workers.engine.sinks import FanoutSink, JsonlSink, TensorBoardSink
-    from workers.engine.train import train
+    from workers.engine.train import initial_tokenizer, train
 
     close_old_connections()
     lease = lifecycle.claim(job_id, worker)
@@ -102,7 +103,15 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
         began = time.perf_counter()
         lifecycle.add_event(job_id, "preparing", {"source": job.data_source}, token=lease.token)
         # The same per-example limit as the dataset's validation: one huge line cannot exhaust the worker either.
-        prepared = prepare(spec, data_path, run.prepared_data, max_example_bytes=settings.DATASET_MAX_EXAMPLE_BYTES)
+        # A job that starts from an imported checkpoint: its folder on this worker (weights, tokenizer).
+        init_from = starting_folder(job, layout.root / "init")
+        prepared = prepare(
+            spec,
+            data_path,
+            run.prepared_data,
+            max_example_bytes=settings.DATASET_MAX_EXAMPLE_BYTES,
+            tokenizer_file=initial_tokenizer(init_from),
+        )
         store_prepared(job_id, run.prepared_data)  # remote storage: another host resumes without tokenizing again
         splits = prepared.meta.get("splits", {})
         lifecycle.add_event(
@@ -130,7 +139,16 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
                 device=_device(),
             )
         else:
-            result = train(spec, prepared, run.root, sink, resume=True, should_stop=should_stop, device=_device())
+            result = train(
+                spec,
+                prepared,
+                run.root,
+                sink,
+                resume=True,
+                should_stop=should_stop,
+                device=_device(),
+                init_from=init_from,
+            )
         sink.close()  # the last writes drain before the outcome is recorded: they are part of the run's cost
         train_seconds = time.perf_counter() - began
     except Exception as exc:

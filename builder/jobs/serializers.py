@@ -60,7 +60,7 @@ class JobSerializer(serializers.ModelSerializer[Job]):
             "total_steps", "progress",
             "attempts", "max_attempts", "cancel_requested", "last_checkpoint_step", "queue_position",
             "eta_seconds",
-            "created_at", "started_at", "finished_at", "error", "result",
+            "created_at", "started_at", "finished_at", "error", "result", "init_checkpoint",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -85,6 +85,12 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
     )
     dataset = serializers.IntegerField(
         min_value=1, help_text="Id of a ready dataset (yours or built-in); it sets data.text_field/label_field."
+    )
+    init_checkpoint = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        help_text="Id of one of your imported checkpoints (POST /api/checkpoints) to start from: its weights and "
+        "tokenizer; the spec's model must match the checkpoint's (its spec).",
     )
     queue = serializers.CharField(
         required=False,
@@ -118,6 +124,14 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
             )
         return dataset
 
+    def validate_init_checkpoint(self, value: int) -> Any:
+        from builder.checkpoints.services import own_checkpoints
+
+        checkpoint = own_checkpoints(self.context["request"].user).filter(pk=value).first()
+        if checkpoint is None:  # someone else's is answered as if it did not exist
+            raise serializers.ValidationError(f"no imported checkpoint of yours with id {value}")
+        return checkpoint
+
     def validate_config_version(self, value: int) -> ConfigVersion:
         version = visible_config_versions(self.context["request"].user).filter(pk=value).first()
         if version is None:
@@ -144,6 +158,7 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
             queue=data["queue"],
             spec=data.get("spec"),
             config_version=data.get("config_version"),
+            init_checkpoint=data.get("init_checkpoint"),
         )
 
 

@@ -88,6 +88,7 @@ class Submission:
     queue: str = ""  # a hardware class; "" is JOBS_DEFAULT_QUEUE
     spec: dict[str, Any] | None = None
     config_version: ConfigVersion | None = None
+    init_checkpoint: Any = None  # an ImportedCheckpoint of the owner's, to start from
 
 
 def submit_job(owner: Any, submission: Submission) -> Job:
@@ -102,6 +103,12 @@ def submit_job(owner: Any, submission: Submission) -> Job:
     version = submission.config_version
     raw_spec = version.spec if version is not None else submission.spec
     spec = resolve_spec(raw_spec, submission.dataset)
+    if submission.init_checkpoint is not None:
+        from builder.checkpoints.services import check_job_start
+
+        if submission.init_checkpoint.owner_id != owner.pk:
+            raise Refusal("init_checkpoint", "no imported checkpoint of yours with that id")
+        check_job_start(submission.init_checkpoint, spec)
     check_fits(spec, queue)
     with transaction.atomic():
         check_active_limit(owner)
@@ -114,6 +121,7 @@ def submit_job(owner: Any, submission: Submission) -> Job:
             queue=queue,
             total_steps=spec["training"]["max_steps"],
             config_version=version,
+            init_checkpoint=submission.init_checkpoint,
         )
         lifecycle.add_event(job.pk, "state", {"from": None, "to": "queued", "reason": "submitted"})
         lifecycle.dispatch(job)

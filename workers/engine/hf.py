@@ -820,3 +820,34 @@ def load_spec_model(checkpoint_dir: str | os.PathLike[str]) -> ModelSpec:
     from workers.engine.spec import load_spec
 
     return load_spec(json.loads((Path(checkpoint_dir) / "spec.json").read_text())).model
+
+
+# Model fields a job may set differently from the folder it starts from: they shape no imported weight (dropout,
+# initialisation of new parts, the MTP modules that start fresh, balancing and capacity, which act in training).
+ADJUSTABLE_MODEL_FIELDS = frozenset({"dropout", "attention_dropout", "init_std", "mtp_depth", "max_seq_len"})
+ADJUSTABLE_MOE_FIELDS = frozenset(
+    {"balancing", "aux_loss_coef", "bias_update_speed", "router_z_loss_coef", "capacity_factor"}
+)
+
+
+def architecture_differences(job: ModelSpec, derived: ModelSpec) -> list[tuple[str, str]]:
+    """``[(spec path, message)]`` for every model field where a job that starts from a folder departs from the
+    architecture the folder's ``config.json`` describes (fields in ``ADJUSTABLE_*`` may differ)."""
+    out: list[tuple[str, str]] = []
+    for name in ModelSpec.model_fields:
+        if name in ADJUSTABLE_MODEL_FIELDS:
+            continue
+        mine, theirs = getattr(job, name), getattr(derived, name)
+        if name == "moe":
+            for field_name in type(mine).model_fields:
+                a, b = getattr(mine, field_name), getattr(theirs, field_name)
+                if field_name not in ADJUSTABLE_MOE_FIELDS and a != b:
+                    out.append((f"model.moe.{field_name}", f"{a!r}: the checkpoint has {b!r}"))
+        elif name == "mla":
+            if job.attention == "mla" and mine != theirs:
+                out.append(("model.mla", f"{mine.model_dump()}: the checkpoint has {theirs.model_dump()}"))
+        elif mine != theirs:
+            out.append((f"model.{name}", f"{mine!r}: the checkpoint has {theirs!r}"))
+    if job.max_seq_len > derived.max_seq_len:
+        out.append(("model.max_seq_len", f"{job.max_seq_len}: the checkpoint has {derived.max_seq_len} positions"))
+    return out
