@@ -51,7 +51,7 @@ VALIDATE_RESPONSE = inline_serializer(
         "valid": serializers.BooleanField(),
         "errors": PathErrorSerializer(many=True),
         "warnings": s.AdviceSerializer(many=True),
-        "spec": serializers.JSONField(allow_null=True, help_text="The complete spec (defaults filled in) if valid."),
+        "spec": serializers.DictField(allow_null=True, help_text="The complete spec (defaults filled in) if valid."),
     },
 )
 

@@ -105,6 +105,34 @@ class Refusal(Exception):
         return {"errors": errors, **self.extra}
 
 
+# The code a serializer gives a problem that the published schema cannot state (an id naming no object of yours,
+# a rule between fields): when every problem of a request has it, the answer is 422 instead of 400.
+UNPROCESSABLE = "unprocessable"
+
+
+class Unprocessable(ValidationError):
+    """DRF validation errors answered 422: the request matches its schema but breaks rules it cannot state."""
+
+    status_code = 422
+
+
+def validated(serializer: Any) -> Any:
+    """``serializer.validated_data``, or raise its errors: 422 (``Unprocessable``) when every problem has the code
+    ``UNPROCESSABLE``, else 400 (DRF's ``ValidationError``) with all of them."""
+    if serializer.is_valid():
+        return serializer.validated_data
+    codes = serializer.errors and _codes(serializer.errors)
+    raise (Unprocessable if codes and codes == {UNPROCESSABLE} else ValidationError)(serializer.errors)
+
+
+def _codes(detail: Any) -> set[str]:
+    if isinstance(detail, dict):
+        return {code for value in detail.values() for code in _codes(value)}
+    if isinstance(detail, list):
+        return {code for item in detail for code in _codes(item)}
+    return {getattr(detail, "code", "") or ""}
+
+
 def _rebuild(cls: type[Refusal], errors: tuple[FieldError, ...], status: int, extra: dict[str, Any]) -> Refusal:
     return cls.of(errors, status, **extra)
 

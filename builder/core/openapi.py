@@ -7,8 +7,8 @@ the error answers that ``builder.core.errors.exception_handler`` and DRF give ev
   but breaks a rule the schema cannot express (a rule between fields, such as a spec's ``top_k`` against its
   expert count, or one about the data it names, such as a file's contents): the message names the field and the
   rule; 413 and 415 for one with a body (too large: ``builder.core.parsers``, ``builder.core.body_limits``; a media
-  type the URL does not read: JSON unless its request body lists others); 409 for a change to an object whose
-  state does not allow it;
+  type the URL does not read: JSON unless its request body lists others); 409 for a change the state of things does
+  not allow (an object that is busy, a name that is taken);
 - 401 and 403 for a view that needs a signed-in user; 404 for a URL that names an object (another person's object
   answers 404 too); 429 for a view with a rate limit (``Retry-After`` says when to try again).
 
@@ -80,8 +80,8 @@ class AutoSchema(openapi.AutoSchema):
             codes += ["401", "403"]
         if "{" in self.path:
             codes.append("404")
-            if self.method in UNSAFE:
-                codes.append("409")
+        if self.method in UNSAFE and ("{" in self.path or has_body):
+            codes.append("409")  # a change the state of things does not allow now (a taken name, a busy object)
         if has_body:
             codes.append("413")
         if "requestBody" in operation:

@@ -4,6 +4,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
 from builder.core.health import check_all
@@ -51,6 +52,7 @@ def status(request: HttpRequest) -> HttpResponse:
     )
 
 
+@csrf_exempt  # it changes nothing; a POST without a CSRF token must get this 404, not the HTML CSRF page
 def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
     """Any URL under ``/api/`` that names no operation: 404 in the API's shape (``{"detail"}``, JSON), never
     Django's HTML page, so that a client reading JSON can read this answer too."""

@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 
 from builder.accounts import audit
 from builder.accounts.models import AuditAction
-from builder.core.errors import Refusal
+from builder.core.errors import Refusal, validated
 from builder.core.parsers import MAX_DB_INT
 from builder.jobs import history, lifecycle, remote
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
@@ -67,7 +67,7 @@ class JobListView(APIView):
     )
     def post(self, request: Request) -> Response:
         serializer = JobCreateSerializer(data=request.data, context={"request": request})
-        serializer.is_valid(raise_exception=True)
+        validated(serializer)  # 422 when only ids naming nothing of yours (or other unstated rules) are at fault
         job = submit_job(request.user, serializer.submission())
         audit.record(request, AuditAction.JOB_LAUNCHED, job, queue=job.queue)
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)

@@ -10,7 +10,7 @@ from rest_framework import serializers
 from builder.configs.models import ConfigVersion
 from builder.configs.serializers import SpecJSON
 from builder.configs.services import spec_status
-from builder.core.errors import Refusal
+from builder.core.errors import UNPROCESSABLE, Refusal
 from builder.datasets.models import DatasetState
 from builder.datasets.services import visible_datasets
 from builder.jobs import lifecycle
@@ -116,7 +116,7 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
         request = self.context["request"]
         dataset = visible_datasets(request.user).filter(pk=value).first()
         if dataset is None:
-            raise serializers.ValidationError(f"no dataset with id {value}")
+            raise serializers.ValidationError(f"no dataset with id {value}", code=UNPROCESSABLE)
         if dataset.state != DatasetState.READY or not dataset.file_name:
             # The id is right; the dataset's state is not (yet): a conflict, not a malformed request.
             raise Refusal(
@@ -135,7 +135,7 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
     def validate_config_version(self, value: int) -> ConfigVersion:
         version = visible_config_versions(self.context["request"].user).filter(pk=value).first()
         if version is None:
-            raise serializers.ValidationError(f"no configuration version with id {value}")
+            raise serializers.ValidationError(f"no configuration version with id {value}", code=UNPROCESSABLE)
         return version
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

@@ -110,7 +110,7 @@ def test_api_validates_and_names_the_field(client: Client, alice: Any, charlie: 
     response = client.post(
         "/api/jobs", {"name": "x", "spec": tiny_spec(10), "dataset": dataset.pk}, content_type="application/json"
     )
-    assert response.status_code == 400 and set(response.json()) == {"dataset"}
+    assert response.status_code == 422 and set(response.json()) == {"dataset"}  # an id naming nothing of hers
     assert Job.objects.count() == 0
 
 
