@@ -321,8 +321,8 @@ def restore(job: Job, layout: JobLayout) -> int | None:
 
     Storage whose ``owner.json`` names another row with the same id (SQLite reuses a deleted last id) is emptied
     first, as the folder is. Fetched: the newest checkpoint stored with its manifest, when the folder has none as
-    new; the tokenized data, when the folder has none; TensorBoard event files and the JSON lines the folder
-    lacks (those it has were written here and are at least as long).
+    new; the tokenized data, when the folder has none; TensorBoard event files the folder lacks; the JSON lines
+    when the folder lacks them or a checkpoint was fetched (another host went further).
     """
     if not is_mirrored():
         return None
@@ -339,20 +339,26 @@ def restore(job: Job, layout: JobLayout) -> int | None:
     run = layout.run
     if not (run.prepared_data / PREPARED_MARKER).is_file():
         _fetch_prepared(store, job.pk, run.prepared_data)
-    events = [f"run/tensorboard/{name}" for name in _files(store, _key(job.pk, "run/tensorboard"))]
-    for relative in [*events, "run/metrics.jsonl"]:
-        if not (layout.root / relative).exists():
-            with contextlib.suppress(FileNotFoundError):
-                _fetch(store, _key(job.pk, relative), layout.root / relative)
     local = latest_checkpoint(run.checkpoints)
     local_step = -1 if local is None else checkpoint_step(local)
+    fetched = None
     for step in reversed(stored_checkpoint_steps(job.pk) or []):
         if step <= local_step:
             break
         if _fetch_checkpoint(store, job.pk, step, run.checkpoints) is not None:
             log.info("job %s: fetched the checkpoint of step %s from storage", job.pk, step)
-            return step
-    return None
+            fetched = step
+            break
+    # TensorBoard files are one per writer: those this host wrote are its own, at least as long as their stored
+    # copies. The JSON lines are one file for every attempt: when another host went further (its checkpoint was
+    # fetched), the stored file holds that host's lines and is taken instead of this host's older one.
+    events = [f"run/tensorboard/{name}" for name in _files(store, _key(job.pk, "run/tensorboard"))]
+    for relative in [*events, "run/metrics.jsonl"]:
+        replace = fetched is not None and relative == "run/metrics.jsonl"
+        if replace or not (layout.root / relative).exists():
+            with contextlib.suppress(FileNotFoundError):
+                _fetch(store, _key(job.pk, relative), layout.root / relative)
+    return fetched
 
 
 # --------------------------------------------------------------------------------------------------------

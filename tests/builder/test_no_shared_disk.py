@@ -24,12 +24,16 @@ from typing import Any
 
 import boto3
 import pytest
+import torch
+from django.test import override_settings
 from rest_framework.authtoken.models import Token
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from websockets.sync.client import connect
 from websockets.typing import Origin
 
 from builder.datasets.models import Dataset
+from builder.jobs import remote
+from builder.jobs.files import claim_folder
 from builder.jobs.models import Job, JobEvent, MetricPoint
 from builder.reports.models import Report
 from tests.builder.test_jobs import CORPUS, tiny_spec
@@ -45,6 +49,9 @@ from tests.services import (
     wait_for,
     wait_worker_ready,
 )
+from workers.engine.checkpoint import latest_checkpoint, save_checkpoint
+from workers.engine.model import build_model
+from workers.engine.spec import Spec
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -193,6 +200,10 @@ def test_a_job_killed_on_one_host_resumes_on_another_from_storage_and_the_web_se
     )
     assert done.state == "succeeded", done.error
     assert resumed.attempts == 2 and done.result["checkpoint_step"] == STEPS
+    # Every checkpoint the database recorded was stored first (the time it took rides on its event).
+    stored = [e.data.get("stored_seconds") for e in JobEvent.objects.filter(job_id=job_id, kind="checkpoint")]
+    assert stored and None not in stored
+    print(f"storing a checkpoint (tiny model) took {min(stored):.2f}-{max(stored):.2f} s, {len(stored)} checkpoints")
 
     # The second host had nothing of the job: it fetched the checkpoint from storage and continued from it.
     resume = JobEvent.objects.get(job_id=job_id, kind="resume")
@@ -266,3 +277,122 @@ def test_a_job_killed_on_one_host_resumes_on_another_from_storage_and_the_web_se
     with urllib.request.urlopen(headers["Location"], timeout=30) as response:
         text = response.read().decode()
     assert json.loads(text)["checkpoint"]["step"] == STEPS and not [f for f in folders if f in text]
+
+
+# --- The storage contract, in this process (no worker): what is stored, what a host fetches, and when ------------
+
+
+@pytest.fixture
+def on_s3(bucket: tuple[str, Any], moto_s3: str, monkeypatch: Any, tmp_path: Path, settings: Any) -> Iterator[Any]:
+    """This process on the bucket (as every host of the test above is); yields a function that switches this
+    process to host ``name`` (a work folder of its own)."""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    options = {"bucket_name": bucket[0], "endpoint_url": moto_s3, "region_name": "us-east-1",
+               "addressing_style": "path", "file_overwrite": False}  # fmt: skip
+    storages = {"default": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": options},
+                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # fmt: skip
+    with override_settings(STORAGES=storages):
+
+        def host(name: str) -> None:
+            settings.JOBS_WORK_DIR = tmp_path / name  # restored after the test by pytest-django
+
+        yield host
+
+
+def _checkpoint(root: Path, spec: Spec, step: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return save_checkpoint(root, step, model=model, optimizer=optimizer, spec=spec, loop_state={}, data_state={})
+
+
+def _keys(s3: Any, bucket: str, prefix: str) -> set[str]:
+    return {o["Key"][len(prefix) :] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+
+
+def test_checkpoints_are_stored_manifest_last_pruned_as_the_folder_and_fetched_by_another_host(
+    on_s3: Any, bucket: tuple[str, Any], alice: Any
+) -> None:
+    bucket_name, s3 = bucket
+    spec_dict = tiny_spec(30)
+    spec = Spec.model_validate(spec_dict)
+    job = Job.objects.create(owner=alice, name="j", spec=spec_dict, data_source="d.txt", queue="gpu")
+    prefix = f"jobs/job-{job.pk}/"
+
+    on_s3("one")
+    assert remote.is_mirrored()
+    first = claim_folder(job)
+    assert remote.restore(job, first) is None  # a new job: storage only learns whose prefix it is
+    assert _keys(s3, bucket_name, prefix) == {"owner.json"}
+    for step in (10, 20, 30):
+        remote.store_checkpoint(job.pk, _checkpoint(first.run.checkpoints, spec, step, seed=step))
+    (first.run.root / "metrics.jsonl").write_text('{"step": 30}\n')
+    stored = _keys(s3, bucket_name, prefix)
+    # The folder keeps the newest 2 (keep_checkpoints): so does storage.
+    assert {k.split("/")[2] for k in stored if k.startswith("run/checkpoints/")} == {"step-000020", "step-000030"}
+    assert remote.stored_checkpoint_steps(job.pk) == [20, 30]
+    # A step whose manifest is not stored is not committed: nobody takes it.
+    s3.delete_object(Bucket=bucket_name, Key=f"{prefix}run/checkpoints/step-000030/manifest.json")
+    assert remote.stored_checkpoint_steps(job.pk) == [20]
+
+    on_s3("two")
+    second = claim_folder(job)
+    assert remote.restore(job, second) == 20
+    fetched = latest_checkpoint(second.run.checkpoints)
+    assert fetched is not None and fetched.name == "step-000020"
+    assert (fetched / "model.safetensors").read_bytes() == (
+        first.run.checkpoints / "step-000020" / "model.safetensors"
+    ).read_bytes()
+    # A stored file that does not match its manifest is refused: the host falls back to what it has.
+    remote.store_checkpoint(job.pk, _checkpoint(first.run.checkpoints, spec, 40, seed=40))
+    s3.put_object(Bucket=bucket_name, Key=f"{prefix}run/checkpoints/step-000040/rng.pt", Body=b"x",
+                  ContentType="application/octet-stream")  # fmt: skip
+    assert remote.restore(job, second) is None
+    assert latest_checkpoint(second.run.checkpoints) == fetched
+
+    # Any host reads a stored checkpoint through a verified copy; a new checkpoint stored under the same step
+    # (a reused id, a rollback) replaces the copy.
+    remote.store_checkpoint(job.pk, _checkpoint(first.run.checkpoints, spec, 50, seed=50))
+    on_s3("web")
+    copy = remote.local_checkpoint(job.pk, 50)
+    assert copy.is_dir() and copy.parents[3].name == ".cache"
+    old = (copy / "manifest.json").read_bytes()
+    remote.store_checkpoint(job.pk, _checkpoint(first.run.checkpoints, spec, 50, seed=99))
+    again = remote.local_checkpoint(job.pk, 50)
+    assert again == copy and (again / "manifest.json").read_bytes() != old
+    assert not remote.local_checkpoint(job.pk, 20).exists()  # pruned when step 40 was stored: kept nowhere
+
+
+def test_a_reused_job_id_empties_the_stored_prefix(on_s3: Any, bucket: tuple[str, Any], alice: Any) -> None:
+    bucket_name, s3 = bucket
+    spec_dict = tiny_spec(30)
+    job = Job.objects.create(owner=alice, name="j", spec=spec_dict, data_source="d.txt", queue="gpu")
+    on_s3("one")
+    layout = claim_folder(job)
+    remote.restore(job, layout)
+    remote.store_checkpoint(job.pk, _checkpoint(layout.run.checkpoints, Spec.model_validate(spec_dict), 10, 1))
+    prefix = f"jobs/job-{job.pk}/"
+    assert len(_keys(s3, bucket_name, prefix)) > 1
+    pk = job.pk
+    job.delete()
+    reused = Job.objects.create(pk=pk, owner=alice, name="k", spec=spec_dict, data_source="d.txt", queue="gpu")
+    assert remote.restore(reused, claim_folder(reused)) is None
+    assert _keys(s3, bucket_name, prefix) == {"owner.json"}
+    assert json.loads(s3.get_object(Bucket=bucket_name, Key=f"{prefix}owner.json")["Body"].read())["created_at"] == (
+        reused.created_at.isoformat()
+    )
+
+
+def test_with_local_storage_the_job_folder_is_all_there_is(media_root: Path, alice: Any) -> None:
+    from workers.engine.sinks import MemorySink
+
+    spec_dict = tiny_spec(30)
+    job = Job.objects.create(owner=alice, name="j", spec=spec_dict, data_source="d.txt", queue="gpu")
+    assert not remote.is_mirrored() and remote.stored_checkpoint_steps(job.pk) is None
+    layout = claim_folder(job)
+    assert remote.restore(job, layout) is None
+    sink = MemorySink()
+    assert remote.mirrored(sink, layout, None) is sink  # type: ignore[arg-type]  # no lease needed: not wrapped
+    assert remote.local_checkpoint(job.pk, 10) == layout.run.checkpoint(10)
+    assert not (media_root / "jobs").exists()
