@@ -13,13 +13,14 @@ PORT ?= 8000
 VAR_DIR ?= $(CURDIR)/var
 export VAR_DIR
 
-.PHONY: help install frontend run test test-postgres lint bench gpu-check clean
+.PHONY: help install frontend run test test-postgres lint bench soak gpu-check clean
 
 help:
 	@echo "make run    - install what is missing, then start Redis, a Celery worker and the web server"
 	@echo "make test   - ruff, mypy and pytest against real services"
 	@echo "make bench  - throughput figures as JSON"
 	@echo "make gpu-check - on a CUDA machine: autocast, fused AdamW, expert matmul, fused head, DDP, engine vs HF (JSON)"
+	@echo "make soak   - the web tier under load (500 websocket viewers, 50 jobs) as JSON"
 
 # Re-installs only when pyproject.toml changes, so a second `make run` starts at once.
 $(INSTALLED): pyproject.toml clients/python/pyproject.toml
@@ -86,6 +87,11 @@ bench: install frontend
 	$(PY) -m bench.engine
 	@# The platform: training inside a job against the bare engine, launch → first point, publish → browser.
 	$(PY) -m bench.platform
+
+# The web tier under load: 500 websocket viewers on 50 jobs streaming through the real sink, two web processes on
+# one socket; prints publish → client p95, points lost and web memory as JSON (bench/soak.py).
+soak: install frontend
+	$(PY) -m bench.soak
 
 # What a GPU host must run (bench/gpu_check.py): bf16/fp16 autocast steps, fused AdamW, the grouped expert matmul,
 # the fused head, a 2-GPU DDP step when two exist, engine vs Hugging Face with MFU. JSON; the CPU fallback elsewhere.
