@@ -24,6 +24,7 @@ urlpatterns = [
     path("jobs/", include("builder.jobs.urls")),
     path("configure/", include("builder.configs.urls")),
     path("reports/", include("builder.reports.urls")),
+    path("checkpoints/", include("builder.checkpoints.urls")),
     path("sweeps/", include("builder.sweeps.urls")),
     path("workers/", include("builder.fleet.urls")),
     path("", include("builder.core.urls")),

@@ -14,3 +14,4 @@ class CheckpointsConfig(AppConfig):
 
         # An upload is one multipart request: the folder's files (or its zip) and their boundaries.
         body_limits.allow("POST", r"^/api/checkpoints/?$", lambda: settings.CHECKPOINT_MAX_UPLOAD_BYTES + 64 * 1024)
+        body_limits.allow("POST", r"^/checkpoints/?$", lambda: settings.CHECKPOINT_MAX_UPLOAD_BYTES + 64 * 1024)

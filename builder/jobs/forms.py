@@ -7,6 +7,7 @@ from typing import Any
 
 from django import forms
 
+from builder.checkpoints.services import own_checkpoints
 from builder.core import hardware_classes
 from builder.core.errors import NON_FIELD, Refusal
 from builder.core.parsers import db_int
@@ -40,6 +41,14 @@ class LaunchForm(forms.Form):
         choices=lambda: [(name, _class_label(name)) for name in queues()], label="Hardware class", required=False
     )
     name = forms.CharField(max_length=200, required=False, help_text="Default: the configuration's name.")
+    init_checkpoint: forms.ModelChoiceField[Any] = forms.ModelChoiceField(
+        queryset=None,
+        required=False,
+        label="Start from",
+        empty_label="random initialisation",
+        help_text="One of your imported checkpoints (Checkpoints): its weights and tokenizer; the configuration's "
+        "model must be the checkpoint's.",
+    )
 
     def __init__(self, user: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,6 +59,9 @@ class LaunchForm(forms.Form):
         dataset_field = self.fields["dataset"]
         assert isinstance(dataset_field, forms.ModelChoiceField)
         dataset_field.queryset = visible_ready_datasets(user).order_by("owner", "name")
+        checkpoint_field = self.fields["init_checkpoint"]
+        assert isinstance(checkpoint_field, forms.ModelChoiceField)
+        checkpoint_field.queryset = own_checkpoints(user)
 
     @staticmethod
     def initial_for(user: Any, query: Mapping[str, str]) -> dict[str, Any]:
@@ -61,6 +73,9 @@ class LaunchForm(forms.Form):
         version = db_int(query.get("config_version", ""))
         if version is not None and visible_config_versions(user).filter(pk=version).exists():
             initial["config_version"] = version
+        checkpoint = db_int(query.get("init_checkpoint", ""))
+        if checkpoint is not None and own_checkpoints(user).filter(pk=checkpoint).exists():
+            initial["init_checkpoint"] = checkpoint
         return initial
 
     def clean_queue(self) -> str:
@@ -74,7 +89,13 @@ class LaunchForm(forms.Form):
         data = self.cleaned_data
         version = data["config_version"]
         name = data["name"] or _version_label(version)
-        return Submission(name=name[:200], dataset=data["dataset"], queue=data["queue"], config_version=version)
+        return Submission(
+            name=name[:200],
+            dataset=data["dataset"],
+            queue=data["queue"],
+            config_version=version,
+            init_checkpoint=data.get("init_checkpoint"),
+        )
 
     def add_refusal(self, refusal: Refusal) -> None:
         """Show each of the service's errors next to its field (spec problems belong to the configuration)."""

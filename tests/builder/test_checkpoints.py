@@ -199,3 +199,39 @@ def test_a_job_starts_from_the_owners_checkpoint_on_a_worker_and_nobody_elses(
     assert sha(written.files["model.safetensors"].read_bytes()) == made["weights_sha256"]
     # In use: deleting it is refused.
     assert owner.delete(f"/api/checkpoints/{made['id']}").status_code == 409
+
+
+@pytest.mark.django_db
+def test_the_pages_import_show_the_derived_spec_and_launch_from_a_checkpoint_for_its_owner_only(
+    folder: Path,
+    alice: Any,
+    charlie: Any,
+    dataset: Dataset,  # noqa: F811  (the fixture imported above)
+    media_root: Path,
+) -> None:
+    owner, outsider = signed_in(alice), signed_in(charlie)
+    assert 'data-testid="no-checkpoints"' in owner.get("/checkpoints/").content.decode()
+    refused = owner.post("/checkpoints/", {"name": "bad", "files": files_of(folder, ("pytorch_model.bin", PICKLE))})
+    assert refused.status_code == 400 and "pytorch_model.bin" in refused.content.decode()
+
+    made = owner.post("/checkpoints/", {"name": "tiny glm", "files": files_of(folder)})
+    assert made.status_code == 302
+    checkpoint = ImportedCheckpoint.objects.get(owner=alice)
+    page = owner.get(made["Location"]).content.decode()
+    assert "Glm4MoeForCausalLM" in page and "&quot;scoring&quot;: &quot;sigmoid&quot;" in page
+    assert outsider.get(made["Location"]).status_code == 404
+    assert f'data-checkpoint-row="{checkpoint.pk}"' not in outsider.get("/checkpoints/").content.decode()
+
+    launch = owner.post(f"/checkpoints/{checkpoint.pk}/configure/", {"name": "from glm"})
+    assert launch.status_code == 302 and f"init_checkpoint={checkpoint.pk}" in launch["Location"]
+    form = owner.get(launch["Location"]).content.decode()
+    assert f'<option value="{checkpoint.pk}" selected>' in form
+    version = launch["Location"].split("config_version=")[1].split("&")[0]
+    # The outsider cannot start from it: not one of their choices.
+    stranger = outsider.post("/jobs/new/", {"config_version": version, "dataset": dataset.pk,
+                                               "init_checkpoint": checkpoint.pk})  # fmt: skip
+    assert stranger.status_code == 400 and not checkpoint.jobs.exists()
+    started = owner.post("/jobs/new/", {"config_version": version, "dataset": dataset.pk,
+                                           "init_checkpoint": checkpoint.pk})  # fmt: skip
+    assert started.status_code == 302, started.content.decode()[-2000:]
+    assert checkpoint.jobs.count() == 1
