@@ -71,7 +71,7 @@ lint: install
 # ids past the integer range, and the apps whose views are mostly queries.
 POSTGRES_TESTS := tests/builder/test_concurrency.py tests/builder/test_durable_work.py \
 	tests/builder/test_jobs_lifecycle.py tests/builder/test_huge_ids.py tests/builder/test_configs_api.py \
-	tests/builder/test_accounts.py tests/builder/test_audit.py
+	tests/builder/test_accounts.py tests/builder/test_audit.py tests/builder/test_sweeps_api.py
 
 test: install frontend lint
 	$(VENV)/bin/pytest

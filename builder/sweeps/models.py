@@ -128,7 +128,9 @@ class Trial(models.Model):
     job = models.OneToOneField("jobs.Job", on_delete=models.SET_NULL, null=True, blank=True, related_name="sweep_trial")
     params: models.JSONField[Any] = models.JSONField(help_text="Spec path → the value this trial tries.")
     state = models.CharField(max_length=10, choices=TrialState.choices, default=TrialState.PENDING, db_index=True)
-    objective = models.FloatField(null=True, blank=True)
+    objective = models.FloatField(
+        null=True, blank=True, help_text="Complete: its best validation value; pruned: its value where it was stopped."
+    )
     reason = models.TextField(blank=True, help_text="Why it ended this way (pruned, refused, failed, cancelled).")
     # The last validation step reported to the study: each tick reports only the points after it.
     reported_step = models.PositiveIntegerField(default=0)

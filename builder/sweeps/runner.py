@@ -174,7 +174,8 @@ class Tick:
             step, value = pruned_at
             reason = self.prune_reason(step, value)
             self.tell(trial, pruned=True)
-            self.end_trial(trial, TrialState.PRUNED, reason)
+            # Its value where it was stopped (what Optuna records for a pruned trial): shown, never the best.
+            self.end_trial(trial, TrialState.PRUNED, reason, objective=value)
             if not ended:
                 with contextlib.suppress(Refusal):  # it ended a moment ago: the trial is pruned all the same
                     lifecycle.request_cancel(job, reason=reason)

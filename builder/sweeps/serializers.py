@@ -72,7 +72,9 @@ class TrialSerializer(serializers.Serializer[dict[str, Any]]):
     number = serializers.IntegerField()
     state = serializers.ChoiceField(choices=TrialState.choices)
     params = serializers.DictField(child=serializers.JSONField(), help_text="Spec path → the value it tries.")
-    objective = serializers.FloatField(allow_null=True, help_text="Its best validation value, once complete.")
+    objective = serializers.FloatField(
+        allow_null=True, help_text="Complete: its best validation value; pruned: its value where it was stopped."
+    )
     reason = serializers.CharField(help_text="Why it ended so (pruned, refused, failed, cancelled) or waits.")
     job = serializers.IntegerField(allow_null=True, help_text="The job that runs it (null: refused or waiting).")
     job_state = serializers.CharField(allow_null=True)

@@ -21,8 +21,9 @@ from django.db import connections
 # Trials the sampler draws at random before TPE models the results (TPE's own default is 10: too many for the
 # budgets of a few trials that a person launches here).
 MAX_RANDOM_STARTUP_TRIALS = 10
-# Finished trials the median pruner waits for before it prunes anything.
-PRUNER_STARTUP_TRIALS = 1
+# Completed trials the median pruner waits for before it prunes anything (with one, its "median" would be that one
+# trial, and every trial worse than it would be stopped).
+PRUNER_STARTUP_TRIALS = 2
 
 
 def storage_url(alias: str = "default") -> Any:
@@ -136,10 +137,13 @@ def trial_handle(storage: Any, study: Any, number: int) -> Any:
 
 def importances(study: Any) -> dict[str, float]:
     """Optuna's parameter importances over the finished trials (``get_param_importances`` with its PED-ANOVA
-    evaluator, which needs no scikit-learn); empty while there are too few, or all drew the same values."""
+    evaluator, which needs no scikit-learn); empty until two trials have completed."""
     import optuna
     from optuna.importance import PedAnovaImportanceEvaluator
 
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}  # Optuna would call every parameter equally important: say nothing instead
     try:
         found = optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
     except (ValueError, RuntimeError):

@@ -137,7 +137,8 @@ class SweepPage {
         el("td", {}, t.number),
         el("td", {}, el("span", { class: `job-state s-${t.state}` }, t.state)),
         ...sweep.space.map((p) => el("td", { class: "num" }, fmtValue(t.params[p.path]))),
-        el("td", { class: "num" }, t.objective == null ? "–" : fmt(t.objective), best ? el("span", { class: "small" }, " ★") : ""),
+        el("td", { class: "num", title: t.state === "pruned" ? "where it was stopped" : "" },
+          t.objective == null ? "–" : fmt(t.objective) + (t.state === "pruned" ? " ✂" : ""), best ? el("span", { class: "small" }, " ★") : ""),
         el("td", {}, job, progress),
         el("td", { class: "small" }, t.reason || ""),
       );
@@ -152,15 +153,17 @@ class SweepPage {
   }
 
   renderObjective(sweep) {
-    const done = sweep.trials.filter((t) => FINISHED.has(t.state) && t.objective != null || t.state === "complete");
+    const done = sweep.trials.filter((t) => FINISHED.has(t.state) && t.objective != null);
     const xs = sweep.trials.map((t) => t.number);
     const better = sweep.direction === "maximize" ? Math.max : Math.min;
     let best = null;
     const values = [];
+    const pruned = [];
     const bests = [];
     for (const t of sweep.trials) {
       const v = t.state === "complete" ? t.objective : null;
       values.push(v);
+      pruned.push(t.state === "pruned" ? t.objective : null);
       if (v != null) best = best == null ? v : better(best, v);
       bests.push(best);
     }
@@ -172,9 +175,10 @@ class SweepPage {
       series: [
         { label: "trial" },
         { label: sweep.objective, stroke: "#1c7ed6", width: 0, points: { show: true, size: 9, fill: "#1c7ed6" } },
+        { label: "pruned (where it stopped)", stroke: "#f08c00", width: 0, points: { show: true, size: 9, fill: "#fff" } },
         { label: "best so far", stroke: "#2b8a3e", width: 2, spanGaps: true },
       ],
-    }, [xs, values, bests]);
+    }, [xs, values, pruned, bests]);
     this.root.querySelector("[data-chart=objective]").dataset.points = String(done.length);
   }
 

@@ -21,10 +21,11 @@ from builder.datasets.models import Dataset
 from builder.jobs.models import Job, JobEvent
 from builder.sweeps import study as studies
 from builder.sweeps.models import Sweep, Trial
-from tests.conftest import signed_in
+from tests.conftest import sign_in, signed_in
 from tests.services import (
     point_at_redis,
     service_env,
+    start_asgi,
     start_beat,
     start_redis,
     start_worker,
@@ -33,7 +34,7 @@ from tests.services import (
 )
 from workers.engine.spec import load_spec
 
-pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.services, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 CORPUS = "\n\n".join(
     " ".join(f"the expert {(i + j) % 7} routes token {j % 5} to layer {i % 3}." for j in range(8)) for i in range(60)
@@ -66,7 +67,7 @@ def base(alice: Any, media_root: Path) -> tuple[ConfigVersion, Dataset]:
 
 
 def test_a_sweep_finishes_prunes_a_bad_trial_loses_none_to_a_killed_worker_and_saves_its_best(
-    alice: Any, charlie: Any, base: tuple[ConfigVersion, Dataset], tmp_path: Path
+    alice: Any, charlie: Any, base: tuple[ConfigVersion, Dataset], tmp_path: Path, page: Any, artifacts: Path
 ) -> None:
     version, dataset = base
     redis_service, url = start_redis(tmp_path / "redis")
@@ -110,9 +111,14 @@ def test_a_sweep_finishes_prunes_a_bad_trial_loses_none_to_a_killed_worker_and_s
                 "budget": 6,
                 "parallelism": 2,
                 "seed": 7,
-                # Two good trials first; the bad one is asked when one of them has finished, so the median
-                # pruner has a finished trial to compare it with.
-                "first_trials": [{LR: 3e-3, TOP_K: 2}, {LR: 2e-3, TOP_K: 2}, {LR: BAD_LR, TOP_K: 2}],
+                # Three good trials first; the bad one is asked when two trials have ended, i.e. once the median
+                # pruner has the two completed trials it waits for (a trial cannot be pruned before that).
+                "first_trials": [
+                    {LR: 3e-3, TOP_K: 2},
+                    {LR: 2e-3, TOP_K: 2},
+                    {LR: 1e-3, TOP_K: 2},
+                    {LR: BAD_LR, TOP_K: 2},
+                ],
             },
             format="json",
         )
@@ -173,9 +179,14 @@ def test_a_sweep_finishes_prunes_a_bad_trial_loses_none_to_a_killed_worker_and_s
         # The bad trial was pruned, with the reason; a pruned trial still training was cancelled with it.
         bad = next(t for t in trials if t.params[LR] == BAD_LR)
         assert bad.state == "pruned" and bad.reason.startswith("pruned at step"), bad.reason
-        pruned_jobs = [t.job for t in trials if t.state == "pruned" and t.job is not None]
-        for job in pruned_jobs:
-            assert job.state in ("cancelled", "succeeded")
+        pruned_jobs = [t.job_id for t in trials if t.state == "pruned" and t.job_id is not None]
+        for pruned_job in pruned_jobs:
+
+            def stopped(pk: int = pruned_job) -> Job | None:
+                return Job.objects.filter(pk=pk, state__in=("cancelled", "succeeded")).first()
+
+            # A pruned trial is over at once; its job stops within a step of the cancel (or had just ended).
+            job = wait_for(stopped, 60, f"pruned job {pruned_job} to stop")
             if job.state == "cancelled":
                 reasons = JobEvent.objects.filter(job=job, kind="state").values_list("data", flat=True)
                 assert any("pruned" in (r.get("reason") or "") for r in reasons)
@@ -191,15 +202,26 @@ def test_a_sweep_finishes_prunes_a_bad_trial_loses_none_to_a_killed_worker_and_s
             f"importances {detail['importances']}"
         )
 
-        # The outsider sees nothing; the owner saves the best trial as a new version of the configuration.
-        assert (
-            signed_in(charlie, APIClient).post(f"/api/sweeps/{sweep_id}/save-best", {}, format="json").status_code
-            == 404
-        )
-        saved = owner.post(f"/api/sweeps/{sweep_id}/save-best", {"note": "tuned by the sweep"}, format="json")
-        assert saved.status_code == 201, saved.content
-        new = ConfigVersion.objects.get(pk=saved.json()["id"])
-        assert new.config_id == version.config_id and new.number == 2 and new.note == "tuned by the sweep"
+        # The outsider sees nothing.
+        outsider = signed_in(charlie, APIClient)
+        assert outsider.post(f"/api/sweeps/{sweep_id}/save-best", {}, format="json").status_code == 404
+
+        # The sweep's page, live over the websocket: every trial, the charts, and "save the best trial".
+        asgi, base_url = start_asgi(env, tmp_path)
+        services.append(asgi)
+        sign_in(page, base_url, alice)
+        page.goto(f"{base_url}/sweeps/{sweep_id}/")
+        page.wait_for_selector("[data-field=live]:has-text('live')")
+        assert page.locator("[data-trials] tr").count() == 6
+        assert page.locator("[data-trials] .s-pruned").count() == sum(t.state == "pruned" for t in trials)
+        assert page.locator("[data-chart=parallel]").get_attribute("data-lines") == str(len(complete))
+        assert page.locator("[data-chart=objective] canvas").count() == 1
+        assert page.locator(f"[data-trial='{best.number}'] a").get_attribute("href") == f"/jobs/{best.job_id}/"
+        page.screenshot(path=str(artifacts / "sweep-page.png"), full_page=True)
+        page.click("[data-action=save-best]")
+        page.wait_for_selector("[data-saved]:not([hidden])")
+        new = ConfigVersion.objects.get(config_id=version.config_id, number=2)
+        assert new.note.startswith(f"best trial {best.number} of sweep")
         assert new.spec["training"]["optimizer"]["lr"] == best.params[LR]
         assert new.spec["model"]["moe"]["top_k"] == best.params[TOP_K]
         # A finished sweep cannot be stopped.

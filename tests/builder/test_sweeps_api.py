@@ -203,3 +203,54 @@ def test_the_wizard_starts_a_small_sweep_of_the_learning_rate_around_its_proposa
     assert sweep.first_trials == [{"training.optimizer.lr": proposed}]  # the proposal itself is tried first
     page = client.get(started["Location"]).content.decode()
     assert 'data-testid="trials-table"' in page and "sweep-page-config" in page
+
+
+@pytest.mark.django_db(transaction=True)  # the study's storage reads the rows through a connection of its own
+def test_a_tick_fails_a_refused_trial_without_a_job_and_a_stop_cancels_the_active_ones(
+    alice: Any, version: ConfigVersion, dataset: Dataset
+) -> None:
+    """Ticks run in this process (no worker: the jobs they submit stay queued), against the real study storage."""
+    from builder.jobs.models import Job
+    from builder.sweeps import services
+    from builder.sweeps import study as studies
+    from builder.sweeps.runner import run_tick
+
+    top_k = {"path": "model.moe.top_k", "kind": "choice", "choices": [1, 2, 8]}  # 8 > the 4 experts: the rules
+    hidden = {"path": "model.hidden_size", "kind": "choice", "choices": [32, 16384]}  # 16384: does not fit the CPU
+    request = services.SweepRequest(
+        name="tick", config_version=version.pk, dataset=dataset.pk, space=[top_k, hidden], budget=5, parallelism=2,
+        first_trials=[
+            {"model.moe.top_k": 8, "model.hidden_size": 32}, {"model.moe.top_k": 2, "model.hidden_size": 16384},
+            {"model.moe.top_k": 2, "model.hidden_size": 32}, {"model.moe.top_k": 1, "model.hidden_size": 32},
+        ],
+    )  # fmt: skip
+    sweep = services.start_sweep(alice, request)
+    assert run_tick(sweep.pk, "test")["outcome"] == "waiting"
+    trials = {t.number: t for t in Trial.objects.filter(sweep=sweep)}
+    # Refused trials count against the budget, name the reason, and have no job; two others fill the parallelism.
+    assert [trials[n].state for n in (0, 1)] == [TrialState.FAILED] * 2 and not (trials[0].job or trials[1].job)
+    assert "refused before dispatch" in trials[0].reason and "top_k (8) cannot exceed" in trials[0].reason
+    assert "refused before dispatch" in trials[1].reason and "cannot train on" in trials[1].reason
+    assert [trials[n].state for n in (2, 3)] == [TrialState.RUNNING] * 2, [trials[n].reason for n in (2, 3)]
+    jobs = [trials[n].job for n in (2, 3)]
+    assert [j.spec["model"]["moe"]["top_k"] for j in jobs if j is not None] == [2, 1]
+    assert all(j is not None and j.state == "queued" for j in jobs)
+    assert run_tick(sweep.pk, "test")["outcome"] == "not claimable"  # waiting: only a requested tick runs
+    dashboard = signed_in(alice).get(f"/jobs/{trials[2].job_id}/").content.decode()  # the job says whose trial
+    assert f'href="/sweeps/{sweep.pk}/" data-testid="sweep-link">trial 2 of sweep' in dashboard
+
+    services.stop_sweep(sweep)
+    assert Sweep.objects.get(pk=sweep.pk).state == "queued"
+    assert run_tick(sweep.pk, "test")["outcome"] == "stopped"
+    sweep.refresh_from_db()
+    assert sweep.state == "stopped" and sweep.is_final
+    stopped = Trial.objects.filter(sweep=sweep, number__in=[2, 3])
+    assert {t.state for t in stopped} == {TrialState.CANCELLED}
+    assert {t.reason for t in stopped} == {"the sweep was stopped"}
+    assert set(Job.objects.filter(sweep_trial__sweep=sweep).values_list("state", flat=True)) == {"cancelled"}
+    assert Trial.objects.filter(sweep=sweep).count() == 4  # nothing asked after the stop
+    with studies.storage_session() as storage:
+        import optuna
+
+        told = optuna.load_study(study_name=sweep.study_name, storage=storage).get_trials(deepcopy=False)
+    assert [t.state.name for t in told] == ["FAIL"] * 4
