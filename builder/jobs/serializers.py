@@ -16,7 +16,7 @@ from builder.datasets.services import visible_datasets
 from builder.jobs import lifecycle
 from builder.jobs.history import eta_seconds
 from builder.jobs.models import Job
-from builder.jobs.submit import Submission, visible_config_versions
+from builder.jobs.submit import Submission, queues, visible_config_versions
 from workers.engine.spec import load_spec, spec_errors
 
 
@@ -92,12 +92,18 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
         help_text="Id of one of your imported checkpoints (POST /api/checkpoints) to start from: its weights and "
         "tokenizer; the spec's model must match the checkpoint's (its spec).",
     )
-    queue = serializers.CharField(
+    queue = serializers.ChoiceField(
+        choices=(),  # the hardware classes, set per instance (below) from QUEUE_HARDWARE: the schema lists them
         required=False,
-        default="",
-        max_length=40,
-        help_text="The hardware class to train on (GET /api/hardware/classes; default: JOBS_DEFAULT_QUEUE, gpu).",
+        help_text="The hardware class to train on (GET /api/hardware/classes); default: JOBS_DEFAULT_QUEUE (gpu).",
+        error_messages={"invalid_choice": '"{input}" is not a hardware class (GET /api/hardware/classes lists them)'},
     )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        queue = self.fields["queue"]
+        assert isinstance(queue, serializers.ChoiceField)
+        queue.choices = list(queues())
 
     def validate_spec(self, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -155,7 +161,7 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
         return Submission(
             name=data["name"],
             dataset=data["dataset"],
-            queue=data["queue"],
+            queue=data.get("queue", ""),
             spec=data.get("spec"),
             config_version=data.get("config_version"),
             init_checkpoint=data.get("init_checkpoint"),
