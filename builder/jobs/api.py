@@ -151,7 +151,8 @@ class JobTensorBoardView(APIView):
             audit.record(request, AuditAction.DOWNLOAD, job, file="tensorboard.tar.gz")
             archive_name = f"job-{job.pk}-tensorboard"
             response = StreamingHttpResponse(
-                remote.tensorboard_archive(job.pk, names, archive_name), content_type="application/gzip"
+                remote.off_the_event_loop(remote.tensorboard_archive(job.pk, names, archive_name)),
+                content_type="application/gzip",
             )
             response["Content-Disposition"] = f'attachment; filename="{archive_name}.tar.gz"'
             return response

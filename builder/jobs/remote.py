@@ -33,10 +33,11 @@ import shutil
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.files import File
 from django.core.files.base import ContentFile
@@ -442,6 +443,17 @@ class _Chunks:
 def tensorboard_files(job_id: int) -> list[str]:
     """Names of job ``job_id``'s stored TensorBoard event files."""
     return _files(_store(), _key(job_id, "run/tensorboard"))
+
+
+async def off_the_event_loop(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """``chunks`` as an async iterator whose every step runs on a worker thread: the ASGI server streams it chunk by
+    chunk (Django would read a synchronous iterator into memory whole before sending any of it)."""
+
+    def next_chunk() -> bytes | None:
+        return next(chunks, None)
+
+    while (chunk := await sync_to_async(next_chunk, thread_sensitive=False)()) is not None:
+        yield chunk
 
 
 def tensorboard_archive(job_id: int, names: list[str], folder: str) -> Iterator[bytes]:
