@@ -60,10 +60,13 @@ def _free_port() -> int:
 def running_postgres(bindir: Path, workdir: Path | None = None) -> Iterator[str]:
     """A PostgreSQL server on a free loopback port, for the duration of the block; yields its database URL
     (user ``postgres``, database ``moe``, no password: loopback connections are trusted)."""
-    owner = Path(tempfile.mkdtemp(prefix="moe-pg-", dir=workdir))
+    root = os.geteuid() == 0
+    # As root, under /tmp unless told otherwise: the postgres user must be able to reach the folder (root's own
+    # TMPDIR, e.g. under /root, is closed to it).
+    owner = Path(tempfile.mkdtemp(prefix="moe-pg-", dir=workdir or ("/tmp" if root else None)))
     data, socket_dir = owner / "data", owner / "run"
     as_user: list[str] = []
-    if os.geteuid() == 0:
+    if root:
         # initdb and postgres refuse root: run them as the postgres user, on folders it owns.
         account = pwd.getpwnam("postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
