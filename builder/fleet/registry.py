@@ -197,31 +197,33 @@ def _state(worker: Worker, now: Any) -> str:
     return "silent" if now - worker.heartbeat_at > _silent_after() else "live"
 
 
-def _running_jobs_by_worker() -> dict[str, Job]:
-    """Running jobs by the worker node that holds them (a lease names ``node:pid``, durable.this_worker)."""
-    running = (
-        Job.objects.filter(state=JobState.RUNNING).exclude(lease_owner="").only("pk", "name", "owner", "lease_owner")
-    )
-    return {job.lease_owner.rsplit(":", 1)[0]: job for job in running}
+def _running_jobs_by_worker() -> dict[str, list[Job]]:
+    """Running jobs by the worker node that holds them (a lease names ``node:pid``, durable.this_worker): one per
+    pool process, so a worker of concurrency N may hold N."""
+    running = Job.objects.filter(state=JobState.RUNNING).exclude(lease_owner="").only("pk", "name", "lease_owner")
+    by_worker: dict[str, list[Job]] = {}
+    for job in running.order_by("pk"):
+        by_worker.setdefault(job.lease_owner.rsplit(":", 1)[0], []).append(job)
+    return by_worker
 
 
 def rows_for(user: Any) -> list[dict[str, Any]]:
-    """The workers page's rows for ``user``. A current job ``user`` may see (theirs, or shared with them) has its
-    name and link; anyone else's is only "busy": an outsider learns neither its name nor its owner."""
+    """The workers page's rows for ``user``. A current job (``jobs``: one per busy pool process) that ``user`` may
+    see (theirs, or shared with them) has its name and link; anyone else's is only "busy": an outsider learns
+    neither its name, its id nor its owner."""
     now = timezone.now()
     workers = listed_workers()
     jobs = _running_jobs_by_worker()
-    visible = set(visible_jobs(user).filter(pk__in=[j.pk for j in jobs.values()]).values_list("pk", flat=True))
+    held = [job.pk for held_jobs in jobs.values() for job in held_jobs]
+    visible = set(visible_jobs(user).filter(pk__in=held).values_list("pk", flat=True))
     rows = []
     for worker in workers:
-        job = jobs.get(worker.name) if worker.stopped_at is None else None
-        current: dict[str, Any] | None = None
-        if job is not None:
-            current = (
-                {"visible": True, "id": job.pk, "name": job.name, "url": reverse("jobs:detail", args=[job.pk])}
-                if job.pk in visible
-                else {"visible": False}
-            )
+        current = [
+            {"visible": True, "id": job.pk, "name": job.name, "url": reverse("jobs:detail", args=[job.pk])}
+            if job.pk in visible
+            else {"visible": False}
+            for job in (jobs.get(worker.name, []) if worker.stopped_at is None else [])
+        ]
         rows.append(
             {
                 "name": worker.name,
@@ -230,7 +232,7 @@ def rows_for(user: Any) -> list[dict[str, Any]]:
                 "hardware": worker.hardware,
                 "hardware_text": describe(worker.hardware),
                 "mismatches": mismatches(worker.queues, worker.hardware),
-                "job": current,
+                "jobs": current,
                 "heartbeat_at": worker.heartbeat_at.isoformat(),
                 "heartbeat_age_s": round((now - worker.heartbeat_at).total_seconds(), 1),
                 "started_at": worker.started_at.isoformat(),

@@ -41,7 +41,7 @@ class WorkerSerializer(serializers.Serializer[dict[str, Any]]):
     hardware = WorkerHardwareSerializer()
     hardware_text = serializers.CharField()
     mismatches = serializers.ListField(child=serializers.CharField())
-    job = CurrentJobSerializer(allow_null=True)
+    jobs = CurrentJobSerializer(many=True, help_text="What it trains now: one per busy pool process.")
     heartbeat_at = serializers.DateTimeField()
     heartbeat_age_s = serializers.FloatField()
     started_at = serializers.DateTimeField()

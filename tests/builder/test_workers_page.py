@@ -61,10 +61,11 @@ def test_alice_sees_her_job_on_its_worker_and_charlie_sees_only_that_it_is_busy(
     assert "busy: another user's job" in outsider
     assert SECRET not in outsider and f"/jobs/{job.pk}/" not in outsider and "alice" not in outsider
     rows = {row["name"]: row for row in signed_in(charlie).get("/api/workers").json()}
-    assert rows["gpu@host-a"]["job"] == {"visible": False}
-    assert rows["a100@host-b"]["state"] == "silent" and rows["a100@host-b"]["job"] is None
+    assert rows["gpu@host-a"]["jobs"] == [{"visible": False}]
+    assert rows["a100@host-b"]["state"] == "silent" and rows["a100@host-b"]["jobs"] == []
     mine = {row["name"]: row for row in signed_in(alice).get("/api/workers").json()}
-    assert mine["gpu@host-a"]["job"]["name"] == SECRET and mine["gpu@host-a"]["hardware"]["count"] == 2
+    assert [job["name"] for job in mine["gpu@host-a"]["jobs"]] == [SECRET]
+    assert mine["gpu@host-a"]["hardware"]["count"] == 2
 
     anonymous = Client()
     assert anonymous.get("/workers/").status_code == 302
@@ -119,9 +120,9 @@ def test_the_socket_pushes_the_registry_as_each_user_may_see_it(stack: Stack, al
             raise AssertionError(f"{name} never arrived")
 
         seen = next_with(alices, "gpu@pushed")
-        assert seen["row"]["job"]["name"] == SECRET and SECRET in seen["html"]
+        assert seen["row"]["jobs"][0]["name"] == SECRET and SECRET in seen["html"]
         hidden = next_with(charlies, "gpu@pushed")
-        assert hidden["row"]["job"] == {"visible": False} and SECRET not in hidden["html"]
+        assert hidden["row"]["jobs"] == [{"visible": False}] and SECRET not in hidden["html"]
         alices.send(json.dumps({"type": "nonsense"}))
         for _ in range(20):
             message = json.loads(alices.recv(timeout=15))
