@@ -59,8 +59,10 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
     spec = load_spec(job.spec)
     layout = claim_folder(job)
     # Remote storage: the folder gets what storage holds (the newest stored checkpoint, the tokenized data, the
-    # events), so that this host resumes a job another host ran. Raised here, the attempt is retried.
-    restore(job, layout)
+    # events), so that this host resumes a job another host ran. Raised here, the attempt is retried. The lease is
+    # renewed meanwhile: a large checkpoint can take longer to fetch than JOB_LEASE_SECONDS.
+    with Heartbeat(lifecycle.JOBS, lease, settings.JOB_HEARTBEAT_SECONDS):
+        restore(job, layout)
     run = layout.run
     Job.objects.filter(pk=job_id, lease_token=lease.token).update(total_steps=spec.training.max_steps)
 
