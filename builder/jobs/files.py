@@ -1,7 +1,8 @@
 """A job's folder on the worker that trains it: where it is, whose it is, and the local copy of its data.
 
 The names inside the folder are the engine's (``workers.engine.layout``); this module only says where the folder
-of a job row is (``JOBS_WORK_DIR/job-<id>``) and makes it ready for that row.
+of a job row is (``JOBS_WORK_DIR/job-<id>``) and makes it ready for that row. With remote storage (S3) the folder is
+a cache: ``builder.jobs.remote`` keeps its contents in the bucket and fills it from there on any host.
 """
 
 from __future__ import annotations
