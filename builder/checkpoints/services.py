@@ -41,6 +41,9 @@ from workers.engine.hf import (
 from workers.engine.spec import load_spec, spec_errors
 
 COPY_BLOCK = 1 << 20
+# Files that are well-formed parts of a multipart request but not a folder the engine can take: a rule about the
+# data the schema cannot state (422), never a malformed request (400).
+UNFIT = 422
 CONTENT_TYPES = {".json": "application/json", ".safetensors": "application/octet-stream"}
 
 
@@ -83,7 +86,7 @@ def _unzip(archive_path: Path, folder: Path, budget: list[int]) -> None:
     try:
         archive = zipfile.ZipFile(archive_path)
     except zipfile.BadZipFile:
-        raise Refusal("files", "not a readable zip file") from None
+        raise Refusal("files", "not a readable zip file", UNFIT) from None
     with archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         parts = [PurePosixPath(m.filename).parts for m in members]
@@ -91,10 +94,12 @@ def _unzip(archive_path: Path, folder: Path, budget: list[int]) -> None:
         names: list[str] = []
         for info, path in zip(members, parts, strict=True):
             if info.filename.startswith("/") or ".." in path or len(path) > 2 or (len(path) == 2 and len(prefixes) > 1):
-                raise Refusal("files", f"{info.filename}: the zip holds one folder's files, nothing nested deeper")
+                raise Refusal(
+                    "files", f"{info.filename}: the zip holds one folder's files, nothing nested deeper", UNFIT
+                )
             names.append(path[-1])
         if len(set(names)) != len(names):
-            raise Refusal("files", "the zip holds two files of the same name")
+            raise Refusal("files", "the zip holds two files of the same name", UNFIT)
         _check_names(names)
         if sum(m.file_size for m in members) > budget[0]:
             raise _too_large(settings.CHECKPOINT_MAX_UPLOAD_BYTES)
@@ -107,7 +112,7 @@ def _check_names(names: list[str]) -> None:
     try:
         check_folder_files(names)
     except HFImportError as exc:
-        raise Refusal("files", f"{exc.field}: {exc.message}") from None
+        raise Refusal("files", f"{exc.field}: {exc.message}", UNFIT) from None
 
 
 def _stage(uploads: Iterable[Any], folder: Path) -> None:
@@ -125,7 +130,7 @@ def _stage(uploads: Iterable[Any], folder: Path) -> None:
         return
     names = [_folder_name(f.name) for f in files]
     if len(set(names)) != len(names):
-        raise Refusal("files", "two files of the same name")
+        raise Refusal("files", "two files of the same name", UNFIT)
     _check_names(names)
     for upload, name in zip(files, names, strict=True):
         upload.seek(0)
@@ -149,16 +154,17 @@ def import_checkpoint(owner: Any, name: str, uploads: Iterable[Any]) -> Imported
         try:
             hf = read_hf_folder(folder)
         except HFImportError as exc:
-            raise Refusal(f"config.{exc.field}" if exc.field not in ALLOWED_FILES else "files", exc.message) from None
+            field = f"config.{exc.field}" if exc.field not in ALLOWED_FILES else "files"
+            raise Refusal(field, exc.message, UNFIT) from None
         try:
             spec = load_spec(derived_spec(hf))
         except ValidationError as exc:
             problems = [(f"spec.{e['path']}", f"{e['message']} (derived from config.json)") for e in spec_errors(exc)]
-            raise Refusal.of(problems, 422) from None
+            raise Refusal.of(problems, UNFIT) from None
         try:
             engine_state_from_folder(hf, spec.model)  # every tensor present, of its shape; nothing unpickled
         except HFImportError as exc:
-            raise Refusal("files", f"model.safetensors: {exc.field}: {exc.message}", 422) from None
+            raise Refusal("files", f"model.safetensors: {exc.field}: {exc.message}", UNFIT) from None
 
         weights_sha256 = _sha256(folder / WEIGHTS)
         key = f"checkpoints/user-{owner.pk}/{uuid.uuid4().hex}"
@@ -189,7 +195,7 @@ def check_job_start(checkpoint: ImportedCheckpoint, spec: dict[str, Any]) -> Non
     derived = load_spec(checkpoint.spec).model
     problems = architecture_differences(job_model, derived)
     if problems:
-        raise Refusal.of([(f"spec.{path}", message) for path, message in problems], 422)
+        raise Refusal.of([(f"spec.{path}", message) for path, message in problems], UNFIT)
 
 
 def delete_checkpoint(checkpoint: ImportedCheckpoint) -> None:

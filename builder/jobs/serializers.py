@@ -135,7 +135,7 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
 
         checkpoint = own_checkpoints(self.context["request"].user).filter(pk=value).first()
         if checkpoint is None:  # someone else's is answered as if it did not exist
-            raise serializers.ValidationError(f"no imported checkpoint of yours with id {value}")
+            raise serializers.ValidationError(f"no imported checkpoint of yours with id {value}", code=UNPROCESSABLE)
         return checkpoint
 
     def validate_config_version(self, value: int) -> ConfigVersion:
