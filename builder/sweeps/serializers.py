@@ -7,7 +7,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from builder.core.parsers import BoundedJSONField
+from builder.core.parsers import MAX_DB_INT, BoundedJSONField
 from builder.sweeps.models import Objective, Pruner, SweepState, TrialState
 from builder.sweeps.services import SweepRequest
 
@@ -37,12 +37,16 @@ class FirstTrialsField(BoundedJSONField):
 
 class SweepCreateSerializer(serializers.Serializer[dict[str, Any]]):
     name = serializers.CharField(max_length=200)
-    config_version = serializers.IntegerField(min_value=1, help_text="A saved configuration version of yours.")
-    dataset = serializers.IntegerField(min_value=1, help_text="A ready dataset you may train on.")
+    config_version = serializers.IntegerField(
+        min_value=1, max_value=MAX_DB_INT, help_text="A saved configuration version of yours."
+    )
+    dataset = serializers.IntegerField(min_value=1, max_value=MAX_DB_INT, help_text="A ready dataset you may train on.")
     space = SpaceField(help_text="The search space; each path and bound is checked against the spec.")
     objective = serializers.ChoiceField(choices=Objective.choices, default=Objective.VAL_LOSS)
-    budget = serializers.IntegerField(min_value=1, default=6, help_text="Trials in all (SWEEP_MAX_TRIALS at most).")
-    parallelism = serializers.IntegerField(min_value=1, default=2, help_text="Trials training at once.")
+    budget = serializers.IntegerField(
+        min_value=1, max_value=10000, default=6, help_text="Trials in all (SWEEP_MAX_TRIALS at most)."
+    )
+    parallelism = serializers.IntegerField(min_value=1, max_value=16, default=2, help_text="Trials training at once.")
     pruner = serializers.ChoiceField(choices=Pruner.choices, default=Pruner.MEDIAN)
     queue = serializers.CharField(required=False, default="", allow_blank=True, help_text="Hardware class.")
     seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)

@@ -254,3 +254,60 @@ def test_a_tick_fails_a_refused_trial_without_a_job_and_a_stop_cancels_the_activ
 
         told = optuna.load_study(study_name=sweep.study_name, storage=storage).get_trials(deepcopy=False)
     assert [t.state.name for t in told] == ["FAIL"] * 4
+
+
+async def _socket(user: Any, sweep_id: int) -> list[dict[str, Any]]:
+    """Connect to the sweep's socket as ``user``: its first message (a snapshot), an answer to a message it does
+    not take, then the snapshot a tick's ``sweep.changed`` brings; or how it was refused."""
+    from channels.layers import get_channel_layer
+    from channels.routing import URLRouter
+    from channels.testing import WebsocketCommunicator
+
+    from builder.sweeps.routing import websocket_urlpatterns
+    from builder.sweeps.work import group_name
+
+    communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/sweeps/{sweep_id}/")
+    communicator.scope["user"] = user
+    connected, code = await communicator.connect(timeout=30)
+    if not connected:
+        return [{"type": "refused", "code": code}]
+    replies = [await communicator.receive_json_from(timeout=30)]
+    await communicator.send_json_to({"type": "resync"})
+    replies.append(await communicator.receive_json_from(timeout=30))
+    await get_channel_layer().group_send(group_name(sweep_id), {"type": "sweep.changed"})
+    replies.append(await communicator.receive_json_from(timeout=30))
+    await communicator.disconnect()
+    return replies
+
+
+@pytest.mark.django_db(transaction=True)  # the consumer reads through database_sync_to_async's own connections
+def test_the_socket_serves_the_owner_snapshots_and_refuses_everyone_else(
+    alice: Any, charlie: Any, version: ConfigVersion, dataset: Dataset, settings: Any
+) -> None:
+    from asgiref.sync import async_to_sync
+    from django.contrib.auth.models import AnonymousUser
+
+    # One process here: the in-memory layer carries the group message a tick would publish through Redis.
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    response = signed_in(alice, APIClient).post("/api/sweeps", body(version, dataset), format="json")
+    sweep_id = response.json()["id"]
+    first, refused, changed = async_to_sync(_socket)(alice, sweep_id)
+    assert first["type"] == "snapshot" and first["sweep"]["id"] == sweep_id and first["sweep"]["space"] == [LR]
+    assert refused["type"] == "error" and refused["field"] == "type"
+    assert changed["type"] == "snapshot" and changed["sweep"]["id"] == sweep_id
+    assert async_to_sync(_socket)(charlie, sweep_id) == [{"type": "refused", "code": 4404}]
+    assert async_to_sync(_socket)(AnonymousUser(), sweep_id) == [{"type": "refused", "code": 4401}]
+
+
+def test_ids_beyond_a_database_integer_are_refused_not_a_server_error(
+    alice: Any, version: ConfigVersion, dataset: Dataset
+) -> None:
+    huge = 6518275700690105925632
+    client = signed_in(alice, APIClient)
+    assert client.get(f"/api/sweeps/{huge}").status_code == 404
+    assert client.post(f"/api/sweeps/{huge}/stop").status_code == 404
+    assert signed_in(alice).get(f"/sweeps/{huge}/").status_code == 404
+    assert signed_in(alice).get(f"/sweeps/tune-lr/{huge}/").status_code == 404
+    for field in ("config_version", "dataset"):
+        response = client.post("/api/sweeps", {**body(version, dataset), field: huge}, format="json")
+        assert response.status_code == 400 and field in response.json()
