@@ -184,9 +184,11 @@ def store_checkpoint(job_id: int, checkpoint: Path) -> None:
     prefix = _key(job_id, f"run/checkpoints/{checkpoint.name}")
     # A step stored again (after a rollback) is not committed in storage until its new manifest is there.
     store.delete(f"{prefix}/{MANIFEST}")
-    for path in sorted(checkpoint.iterdir()):
-        if path.is_file() and path.name != MANIFEST:
-            _put_file(store, f"{prefix}/{path.name}", path)
+    # Every file, in sub-folders too (a sharded checkpoint has them); the manifest names them the same way.
+    for path in sorted(checkpoint.rglob("*")):
+        relative = path.relative_to(checkpoint).as_posix()
+        if path.is_file() and relative != MANIFEST:
+            _put_file(store, f"{prefix}/{relative}", path)
     _put_file(store, f"{prefix}/{MANIFEST}", checkpoint / MANIFEST, "application/json")
     kept = {path.name for path in list_checkpoints(run.checkpoints)} | {checkpoint.name}
     root = _key(job_id, "run/checkpoints")
