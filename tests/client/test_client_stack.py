@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moe_builder_client import BadRequest, Client, DatasetInvalid, JobFailed, Point, SpecInvalid
+from moe_builder_client import BadRequest, Client, Conflict, DatasetInvalid, JobFailed, Point, SpecInvalid
 
 from tests.builder.test_jobs import CORPUS
 from tests.services import UVICORN_OPTIONS, VENV_BIN, Service, Stack, free_port, wait_for
@@ -84,7 +85,8 @@ def tiny(spec: dict[str, Any], max_steps: int) -> dict[str, Any]:
     """A template's spec cut down to seconds on this CPU (byte tokens, two narrow layers) for the tests."""
     spec = json.loads(json.dumps(spec))
     spec["model"].update({"vocab_size": 260, "num_layers": 2, "hidden_size": 32, "num_heads": 2, "max_seq_len": 32})
-    spec["model"]["moe"].update({"num_routed_experts": 4, "top_k": 2, "expert_hidden_size": 32})
+    # Sigmoid router scores: the Hugging Face export then has a family (GLM-4-MoE) that expresses the model.
+    spec["model"]["moe"].update({"num_routed_experts": 4, "top_k": 2, "expert_hidden_size": 32, "scoring": "sigmoid"})
     spec["training"].update(
         {"batch_size": 4, "max_steps": max_steps, "log_interval": 1, "eval_interval": 10, "eval_batches": 2,
          "checkpoint_interval": 10}
@@ -100,8 +102,13 @@ def corpus_file(tmp_path: Path) -> Path:
     return path
 
 
-def cli(web: WebServer, token: str, *args: str, home: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def cli(
+    web: WebServer, token: str, *args: str, home: Path, terminal: bool = False, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """``moe-builder`` in a subprocess; ``terminal``: rich draws its live display as on a terminal."""
     env = {**os.environ, "MOE_BUILDER_URL": web.url, "MOE_BUILDER_TOKEN": token, "MOE_BUILDER_CONFIG": str(home)}
+    if terminal:
+        env.update({"TTY_COMPATIBLE": "1", "COLUMNS": "120", "NO_COLOR": "1"})
     return subprocess.run([MOE_BUILDER, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -144,13 +151,19 @@ def test_from_a_template_to_a_downloaded_report(web: WebServer, alice: Any, tmp_
     print(f"\njob {finished['started_at']} → {finished['finished_at']}; report timings {timings}")
     artifacts = {p.name for p in client.reports.artifacts(report["id"], tmp_path / "artifacts")}  # SHA-256 checked
     assert {"model.safetensors", "tokenizer.json", "spec.json", f"job-{job['id']}-tensorboard.tar.gz"} <= artifacts
+    family = client.reports.get(report["id"])["huggingface"]["family"]
+    folder = client.reports.huggingface(report["id"], tmp_path / "hf")  # what from_pretrained loads
+    assert json.loads((folder / "config.json").read_text())["model_type"] == family
+    assert (folder / "model.safetensors").stat().st_size > 0
     text = client.playground.generate(job["id"], "the expert", report=report["id"], max_tokens=8, seed=1)
     assert isinstance(text, str) and text
 
     # The same from the command line: watching a finished job, downloading its report.
     home = tmp_path / "cli.json"
-    watched = cli(web, client.token, "jobs", "watch", str(job["id"]), "--quiet", home=home)
+    watched = cli(web, client.token, "jobs", "watch", str(job["id"]), home=home, terminal=True)
     assert watched.returncode == 0 and json.loads(watched.stdout)["state"] == "succeeded", watched.stderr
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", watched.stderr)  # the live display, without terminal codes
+    assert f"job {job['id']} succeeded" in drawn and "step 30/30" in drawn, drawn
     out = tmp_path / "from-cli.pdf"
     downloaded = cli(web, client.token, "reports", "download", "--job", str(job["id"]), "-o", str(out), home=home)
     assert downloaded.returncode == 0, downloaded.stderr
@@ -248,9 +261,15 @@ def test_a_watch_survives_the_web_server_dying_without_losing_or_repeating_a_poi
     loss_steps = [p.step for p in points if p.name == "loss"]
     assert loss_steps == list(range(1, loss_steps[-1] + 1))  # no step missing across the restart
 
+    # Cancelling it again is a conflict; resuming continues from its checkpoint (then it is cancelled again).
+    with pytest.raises(Conflict) as conflict:
+        client.jobs.cancel(job["id"])
+    assert conflict.value.status == 409
+    assert client.jobs.resume(job["id"])["state"] in ("queued", "running")
+    client.jobs.cancel(job["id"])
     # A job that ended cancelled: `jobs watch` and `jobs wait` exit 3; the client raises JobFailed.
     with pytest.raises(JobFailed):
-        client.jobs.wait(job["id"])
+        client.jobs.wait(job["id"], timeout=120)
     home = tmp_path / "cli.json"
     assert cli(web, client.token, "jobs", "watch", str(job["id"]), "--quiet", home=home).returncode == 3
     assert cli(web, client.token, "jobs", "wait", str(job["id"]), home=home).returncode == 3

@@ -24,6 +24,9 @@ from moe_builder_client.client import Client
 from moe_builder_client.errors import EXIT_CODES, ApiError, ClientError, JobFailed
 
 err = Console(stderr=True)
+# Events the progress bar already shows (state) or that say nothing a person watching needs; interventions,
+# anomalies, resumes and the rest are printed above the bar.
+QUIET_EVENTS = frozenset({"state", "checkpoint", "preparing", "data_ready"})
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
 
 
@@ -291,7 +294,7 @@ def jobs_list(ctx: Context) -> None:
 @click.option("--template", help="A template's spec (see `configs templates`).")
 @click.option("--set", "settings", multiple=True, metavar="PATH=VALUE", help="Change a field of --spec/--template.")
 @click.option("--name")
-@click.option("--queue", type=click.Choice(["gpu", "cpu"]))
+@click.option("--queue", help="A hardware class (queue) of the platform: gpu (default), cpu, or one it defines.")
 @click.option("--wait", is_flag=True, help="Watch it until it ends; exit 3 unless it succeeded.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--timeout", "wait_timeout", type=float, help="With --wait: give up after this many seconds (exit 7).")
@@ -317,6 +320,7 @@ def jobs_launch(
     spec = None
     if spec_file is not None:
         spec = apply_settings(read_spec(spec_file), settings)
+        name = name or (Path(spec_file).stem if spec_file != "-" else None)  # a job with an inline spec needs one
     elif template is not None:
         chosen = client.configs.template(template)
         spec = apply_settings(chosen["spec"], settings)
@@ -337,30 +341,35 @@ def jobs_launch(
 
 
 def follow(client: Client, job_id: int, quiet: bool, timeout: float | None = None) -> dict[str, Any]:
-    """Show a job's live progress (step, loss, ETA, events) until it ends; return its final state."""
+    """Show a job's live progress (state, step, loss, ETA, events) until it ends; return its final state."""
     import time
 
     began = time.monotonic()
     watch = client.jobs.watch(job_id)
     with Progress(
         TextColumn("[bold]job {task.fields[job]}[/bold] {task.fields[state]}"), BarColumn(), TaskProgressColumn(),
-        TextColumn("step {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]}"), TimeRemainingColumn(),
+        TextColumn("step {task.fields[steps]}  loss {task.fields[loss]}"), TimeRemainingColumn(),
         console=err, disable=quiet,
     ) as bar:  # fmt: skip
-        task = bar.add_task("", total=None, job=job_id, state="", loss="-")
+        task = bar.add_task("", total=None, job=job_id, state="", loss="-", steps="-")
         seen_events = 0
+        refreshed = 0.0
 
         def show(point: Any = None) -> None:
-            nonlocal seen_events
+            nonlocal seen_events, refreshed
+            if not watch.job.get("total_steps") and time.monotonic() - refreshed > 2:
+                # A queued job learns its number of steps when a worker starts it; the socket's state messages
+                # do not carry it.
+                refreshed = time.monotonic()
+                watch.job = {**watch.job, **client.jobs.get(job_id)}
             total = watch.job.get("total_steps") or None
-            fields: dict[str, Any] = {"state": watch.state}
+            step = point.step if point is not None else watch.job.get("step", 0)
+            fields: dict[str, Any] = {"state": watch.state, "steps": f"{step}/{total or '?'}"}
             if point is not None and point.name == "loss":
                 fields["loss"] = f"{point.value:.4f}"
-            bar.update(
-                task, total=total, completed=point.step if point is not None else watch.job.get("step", 0), **fields
-            )
+            bar.update(task, total=total, completed=step, **fields)
             for event in watch.events[seen_events:]:
-                if event.get("kind") not in ("state", "checkpoint"):
+                if event.get("kind") not in QUIET_EVENTS:
                     line = f"  step {event.get('step')}: [{event.get('kind')}] {json.dumps(event.get('data'))}"
                     bar.console.print(line, markup=False, highlight=False)
             seen_events = len(watch.events)
@@ -455,11 +464,19 @@ def reports_wait(ctx: Context, job_id: int, wait_timeout: float) -> None:
 @click.option("--format", "fmt", type=click.Choice(["pdf", "json", "md", "html"]), default="pdf", show_default=True)
 @click.option("-o", "--output", default=".", show_default=True, help="A file, or a folder.")
 @click.option("--artifacts", "artifacts_dir", help="Also download every model artifact into this folder.")
+@click.option("--huggingface", "hf_dir", help="Also unpack the Hugging Face export (from_pretrained) into this folder.")
 @pass_context
 def reports_download(
-    ctx: Context, report_id: int | None, job: int | None, fmt: str, output: str, artifacts_dir: str | None
+    ctx: Context,
+    report_id: int | None,
+    job: int | None,
+    fmt: str,
+    output: str,
+    artifacts_dir: str | None,
+    hf_dir: str | None,
 ) -> None:
-    """Download a report (PDF by default), and optionally the weights, tokenizer and ONNX model."""
+    """Download a report (PDF by default), and optionally the weights, tokenizer and ONNX model, and the Hugging
+    Face folder."""
     if (report_id is None) == (job is None):
         raise click.UsageError("give REPORT_ID or --job")
     client = ctx.client
@@ -468,6 +485,8 @@ def reports_download(
     saved = [str(client.reports.download(report_id, output, fmt, progress=_bytes_progress(f"report.{fmt}")))]
     if artifacts_dir:
         saved += [str(p) for p in client.reports.artifacts(report_id, artifacts_dir)]
+    if hf_dir:
+        saved.append(str(client.reports.huggingface(report_id, hf_dir)))
     emit({"report": report_id, "files": saved})
 
 

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -438,9 +439,11 @@ class Jobs:
         config_version: int | None = None,
         name: str | None = None,
         queue: str | None = None,
+        init_checkpoint: int | None = None,
     ) -> dict[str, Any]:
         """Queue a training job on ``dataset`` (an id, a dataset, or a name/slug) with an inline ``spec``, or a
-        saved ``config`` (its newest version, or ``version``), or a ``config_version`` id. Returns the job."""
+        saved ``config`` (its newest version, or ``version``), or a ``config_version`` id; ``init_checkpoint``
+        (an imported checkpoint's id) starts from its weights. Returns the job."""
         if isinstance(dataset, str):
             dataset = self.client.datasets.find(dataset)
         dataset_id = dataset["id"] if isinstance(dataset, dict) else int(dataset)
@@ -449,7 +452,14 @@ class Jobs:
             config_version = int(self.client.configs.version(config_id, version)["id"])
         result: dict[str, Any] = self.client.call(
             "job_create",
-            json={"dataset": dataset_id, "spec": spec, "config_version": config_version, "name": name, "queue": queue},
+            json={
+                "dataset": dataset_id,
+                "spec": spec,
+                "config_version": config_version,
+                "name": name,
+                "queue": queue,
+                "init_checkpoint": init_checkpoint,
+            },
         )
         return result
 
@@ -568,6 +578,27 @@ class Reports:
         """One model artifact: ``model.safetensors``, ``tokenizer.json``, ``model.onnx``, ``spec.json``,
         ``labels.json`` (classifiers)."""
         return self.client.download("report_artifact", dest, progress, report_id=report_id, name=name)
+
+    def huggingface(self, report_id: int, dest: str | Path, extract: bool = True) -> Path:
+        """The Hugging Face export (``huggingface.zip``: config.json, model.safetensors, tokenizer) unpacked into
+        ``dest``; returns the folder that ``transformers``' ``from_pretrained`` loads as the family the report
+        names (``get(report_id)["huggingface"]["family"]``). ``extract=False`` keeps the zip file instead. A model
+        no family can express raises ``NotFound`` naming the spec field that prevents the export."""
+        export = self.get(report_id).get("huggingface") or {}
+        if not export.get("family"):
+            reason = export.get("reason") or "this report has no Hugging Face export"
+            raise NotFound(404, [FieldError(str(export.get("field") or ""), str(reason))])
+        folder = Path(dest)
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = self.artifact(report_id, "huggingface.zip", folder / "huggingface.zip")
+        if not extract:
+            return archive
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(folder)  # zipfile drops absolute paths and ".." from member names
+            configs = sorted((n for n in zipped.namelist() if n.rsplit("/", 1)[-1] == "config.json"), key=len)
+        archive.unlink()
+        # The archive holds one folder (``job-<id>/``): the one with config.json is what from_pretrained takes.
+        return (folder / configs[0]).parent if configs else folder
 
     def artifacts(self, report_id: int, dest: str | Path) -> builtins.list[Path]:
         """Every artifact the report lists, into the folder ``dest``, each checked against its SHA-256."""

@@ -86,7 +86,9 @@ OPERATIONS: dict[str, Operation] = {
     "upload_abort": op("DELETE", "/api/datasets/uploads/{session_id}"),
     # Jobs
     "jobs": op("GET", "/api/jobs", reads="id name state"),
-    "job_create": op("POST", "/api/jobs", body="name spec config_version dataset queue", reads=JOB_READS),
+    "job_create": op(
+        "POST", "/api/jobs", body="name spec config_version dataset queue init_checkpoint", reads=JOB_READS
+    ),
     "job": op("GET", "/api/jobs/{job_id}", reads=JOB_READS),
     "job_cancel": op("POST", "/api/jobs/{job_id}/cancel", reads="state"),
     "job_resume": op("POST", "/api/jobs/{job_id}/resume", reads="state"),
@@ -98,7 +100,7 @@ OPERATIONS: dict[str, Operation] = {
     "job_reports": op("GET", "/api/jobs/{job_id}/reports", reads="id state checkpoint_step"),
     "report_create": op("POST", "/api/jobs/{job_id}/reports", body="step", reads="id state"),
     "reports": op("GET", "/api/reports", query="job state", reads="id job state"),
-    "report": op("GET", "/api/reports/{report_id}", reads="id job state error metrics downloads"),
+    "report": op("GET", "/api/reports/{report_id}", reads="id job state error metrics downloads huggingface"),
     "report_file": op("GET", "/api/reports/{report_id}/{name}"),
     "report_artifact": op("GET", "/api/reports/{report_id}/artifacts/{name}"),
 }
