@@ -401,7 +401,8 @@ def local_checkpoint(job_id: int, step: int, *, all_data: bool = False) -> Path:
     cache = cache_layout(job_id)
     cached = cache.run.checkpoint(step)
     if stored is None:
-        return cached
+        # Not in the bucket: a job that ran before S3 was set up, on this host, is still read from its folder.
+        return own if own.is_dir() else cached
     if _same_file(own / MANIFEST, stored) and (own.parent.parent / "data" / PREPARED_MARKER).is_file():
         return own
     with _locked(cache.root):

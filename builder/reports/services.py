@@ -114,7 +114,7 @@ def _check_kept(job: Job, step: int) -> None:
     from workers.engine.checkpoint import checkpoint_step, list_checkpoints
 
     kept = stored_checkpoint_steps(job.pk)
-    if kept is None:
+    if not kept:  # local storage, or a job that ran before S3 was set up (its folder, if it is on this machine)
         root = checkpoint_path(job.pk, step).parent
         if not root.is_dir():
             return

@@ -396,3 +396,14 @@ def test_with_local_storage_the_job_folder_is_all_there_is(media_root: Path, ali
     assert remote.mirrored(sink, layout, None) is sink  # type: ignore[arg-type]  # no lease needed: not wrapped
     assert remote.local_checkpoint(job.pk, 10) == layout.run.checkpoint(10)
     assert not (media_root / "jobs").exists()
+
+
+def test_a_job_that_ran_before_the_bucket_is_read_from_its_folder_on_its_host(on_s3: Any, alice: Any) -> None:
+    spec_dict = tiny_spec(30)
+    job = Job.objects.create(owner=alice, name="j", spec=spec_dict, data_source="d.txt", queue="gpu")
+    on_s3("one")
+    own = _checkpoint(claim_folder(job).run.checkpoints, Spec.model_validate(spec_dict), 10, seed=1)
+    assert remote.stored_checkpoint_steps(job.pk) == []
+    assert remote.local_checkpoint(job.pk, 10) == own
+    on_s3("two")
+    assert not remote.local_checkpoint(job.pk, 10).exists()  # another host has no way to it
