@@ -22,7 +22,7 @@ from builder.core.errors import Refusal
 from builder.jobs.models import Job
 from builder.jobs.submit import resolve_spec, visible_config_versions, visible_ready_datasets
 from builder.sweeps.models import ACTIVE_TRIAL_STATES, Objective, Pruner, Sweep, Trial, TrialState
-from builder.sweeps.space import apply, parse_first_trials, parse_space
+from builder.sweeps.space import UNFIT, apply, parse_first_trials, parse_space
 from builder.sweeps.work import SWEEPS, publish, request_tick
 
 MAX_PARALLELISM = 16
@@ -59,27 +59,32 @@ class SweepRequest:
 
 
 def start_sweep(owner: Any, request: SweepRequest) -> Sweep:
-    """Create the sweep and queue its first tick (which creates the study and submits the first trials)."""
+    """Create the sweep and queue its first tick (which creates the study and submits the first trials).
+
+    Refusals name their field: 422 for what the API's schema cannot state (an id naming nothing of yours, a path
+    the spec does not have, a bound the spec refuses), 400 for a space whose shape is not the published one."""
     version = visible_config_versions(owner).filter(pk=request.config_version).first()
     if version is None:
-        raise Refusal("config_version", "no saved configuration version of yours has this id")
+        raise Refusal("config_version", "no saved configuration version of yours has this id", UNFIT)
     dataset = visible_ready_datasets(owner).filter(pk=request.dataset).first()
     if dataset is None:
-        raise Refusal("dataset", "no ready dataset you may train on has this id")
+        raise Refusal("dataset", "no ready dataset you may train on has this id", UNFIT)
     if request.queue and request.queue not in settings.QUEUE_HARDWARE:
-        raise Refusal("queue", f"choose one of {', '.join(settings.QUEUE_HARDWARE)} (or leave it out)")
+        raise Refusal("queue", f"choose one of {', '.join(settings.QUEUE_HARDWARE)} (or leave it out)", UNFIT)
     if request.objective not in Objective.values:
-        raise Refusal("objective", f"choose one of {', '.join(Objective.values)}")
+        raise Refusal("objective", f"choose one of {', '.join(Objective.values)}", UNFIT)
     if request.pruner not in Pruner.values:
-        raise Refusal("pruner", f"choose one of {', '.join(Pruner.values)}")
+        raise Refusal("pruner", f"choose one of {', '.join(Pruner.values)}", UNFIT)
     if not 1 <= request.budget <= settings.SWEEP_MAX_TRIALS:
-        raise Refusal("budget", f"a sweep runs 1 to {settings.SWEEP_MAX_TRIALS} trials")
+        raise Refusal("budget", f"a sweep runs 1 to {settings.SWEEP_MAX_TRIALS} trials", UNFIT)
     if not 1 <= request.parallelism <= min(request.budget, MAX_PARALLELISM):
-        raise Refusal("parallelism", f"between 1 and the budget ({min(request.budget, MAX_PARALLELISM)} at most)")
+        raise Refusal(
+            "parallelism", f"between 1 and the budget ({min(request.budget, MAX_PARALLELISM)} at most)", UNFIT
+        )
     # The spec every trial starts from: the version's, with the data fields the dataset decides (as a job's).
     base = resolve_spec(version.spec, dataset)
     if request.objective == Objective.VAL_ACCURACY and base["model"]["task"] != "classification":
-        raise Refusal("objective", "val_accuracy is measured for classifiers only; use val_loss")
+        raise Refusal("objective", "val_accuracy is measured for classifiers only; use val_loss", UNFIT)
     params = parse_space(request.space, base)
     first = parse_first_trials(request.first_trials, params)
     with transaction.atomic():

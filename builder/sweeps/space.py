@@ -31,6 +31,22 @@ KINDS = ("float", "int", "choice")
 # Set from the dataset when a job is submitted (builder.jobs.submit.resolve_spec): varying them would do nothing.
 FROM_THE_DATASET = frozenset({"data.text_field", "data.label_field"})
 Scalar = bool | int | float | str | None
+# Refusals answer 422 (the request matches its published schema but the spec cannot take it), or 400 when one of
+# the problems is with the shape the schema publishes (a kind that is not float, int or choice; a bound that is not a
+# number), which the API's schema states.
+UNFIT = 422
+
+
+class Malformed(tuple[str, str]):
+    """A problem with the published shape of the space (answered 400, not 422)."""
+
+
+def _malformed(path: str, message: str) -> Malformed:
+    return Malformed((path, message))
+
+
+def refusal(problems: list[tuple[str, str]]) -> Refusal:
+    return Refusal.of(problems, 400 if any(isinstance(p, Malformed) for p in problems) else UNFIT)
 
 
 @dataclass(frozen=True)
@@ -124,17 +140,17 @@ def field_problems(base: dict[str, Any], path: str, value: Any) -> list[str]:
 def parse_space(raw: Any, base: dict[str, Any]) -> list[Parameter]:
     """Check ``raw`` against the (complete, valid) ``base`` spec; a ``Refusal`` names every problem
     (``space.<i>.<key>``)."""
-    if not isinstance(raw, list) or not raw:
-        raise Refusal("space", "give the search space as a non-empty list of parameters")
-    if len(raw) > MAX_PARAMETERS:
-        raise Refusal("space", f"at most {MAX_PARAMETERS} parameters")
+    if not isinstance(raw, list):
+        raise Refusal("space", "give the search space as a list of parameters")
+    if not raw or len(raw) > MAX_PARAMETERS:
+        raise Refusal("space", f"give the search space as a list of 1 to {MAX_PARAMETERS} parameters", UNFIT)
     problems: list[tuple[str, str]] = []
     params: list[Parameter] = []
     seen: set[str] = set()
     for i, item in enumerate(raw):
         at = f"space.{i}"
         if not isinstance(item, dict):
-            problems.append((at, "each parameter is an object with path and kind"))
+            problems.append(_malformed(at, "each parameter is an object with path and kind"))
             continue
         unknown = sorted(set(item) - {"path", "kind", "low", "high", "log", "step", "choices"})
         if unknown:
@@ -147,7 +163,7 @@ def parse_space(raw: Any, base: dict[str, Any]) -> list[Parameter]:
         else:
             problems.extend(found)
     if problems:
-        raise Refusal.of(problems)
+        raise refusal(problems)
     return params
 
 
@@ -156,7 +172,7 @@ def _parse_parameter(
 ) -> Parameter | list[tuple[str, str]]:
     path, kind = item.get("path"), item.get("kind")
     if not isinstance(path, str) or not path:
-        return [(f"{at}.path", "give the dotted path of a spec field, e.g. training.optimizer.lr")]
+        return [_malformed(f"{at}.path", "give the dotted path of a spec field, e.g. training.optimizer.lr")]
     if path in seen:
         return [(f"{at}.path", f"{path} appears twice in the space")]
     if path in FROM_THE_DATASET:
@@ -168,7 +184,7 @@ def _parse_parameter(
     if isinstance(current, dict | list):
         return [(f"{at}.path", f"{path} is a section of the spec, not one value; name a field inside it")]
     if kind not in KINDS:
-        return [(f"{at}.kind", "kind must be float, int or choice")]
+        return [_malformed(f"{at}.kind", "kind must be float, int or choice")]
     if kind == "choice":
         return _parse_choices(item, base, at, path)
     if kind == "float" and _is_int(current):
@@ -179,7 +195,9 @@ def _parse_parameter(
 
 def _parse_choices(item: dict[str, Any], base: dict[str, Any], at: str, path: str) -> Parameter | list[tuple[str, str]]:
     choices = item.get("choices")
-    if not isinstance(choices, list) or not 1 <= len(choices) <= MAX_CHOICES:
+    if not isinstance(choices, list):
+        return [_malformed(f"{at}.choices", f"give a list of 1 to {MAX_CHOICES} values")]
+    if not 1 <= len(choices) <= MAX_CHOICES:
         return [(f"{at}.choices", f"give a list of 1 to {MAX_CHOICES} values")]
     problems = []
     for j, value in enumerate(choices):
@@ -202,17 +220,20 @@ def _parse_range(
     low: Any = item.get("low")
     high: Any = item.get("high")
     log, step = item.get("log", False), item.get("step")
-    check = _is_int if kind == "int" else _is_number
-    problems = [(f"{at}.{k}", f"{k} must be {'an integer' if kind == 'int' else 'a number'}")
-                for k, v in (("low", low), ("high", high)) if not check(v)]  # fmt: skip
+    problems: list[tuple[str, str]] = []
+    for key, value in (("low", low), ("high", high)):
+        if not _is_number(value):  # the published shape: a number
+            problems.append(_malformed(f"{at}.{key}", f"{key} must be {'an integer' if kind == 'int' else 'a number'}"))
+        elif kind == "int" and not _is_int(value):
+            problems.append((f"{at}.{key}", f"{key} must be an integer"))
     if not isinstance(log, bool):
-        problems.append((f"{at}.log", "log must be true or false"))
+        problems.append(_malformed(f"{at}.log", "log must be true or false"))
     if "choices" in item:
         problems.append((f"{at}.choices", "choices are for kind choice"))
     if kind == "float" and step is not None:
         problems.append((f"{at}.step", "step is for kind int"))
     if kind == "int" and step is not None and (not _is_int(step) or step < 1):
-        problems.append((f"{at}.step", "step must be a positive integer"))
+        problems.append(_malformed(f"{at}.step", "step must be a positive integer"))
     if problems:
         return problems
     if kind == "float":
@@ -254,14 +275,16 @@ def parse_first_trials(raw: Any, params: list[Parameter]) -> list[dict[str, Any]
     range or choices); a ``Refusal`` names ``first_trials.<i>.<path>``."""
     if raw is None:
         return []
-    if not isinstance(raw, list) or len(raw) > 20:
+    if not isinstance(raw, list):
         raise Refusal("first_trials", "give a list of at most 20 parameter sets ({path: value})")
+    if len(raw) > 20:
+        raise Refusal("first_trials", "give a list of at most 20 parameter sets ({path: value})", UNFIT)
     by_path = {p.path: p for p in params}
     problems: list[tuple[str, str]] = []
     for i, values in enumerate(raw):
         at = f"first_trials.{i}"
         if not isinstance(values, dict):
-            problems.append((at, "each is an object {path: value} over the space's paths"))
+            problems.append(_malformed(at, "each is an object {path: value} over the space's paths"))
             continue
         for path in sorted(set(values) - set(by_path)):
             problems.append((f"{at}.{path}", "not a path of the space"))
@@ -272,7 +295,7 @@ def parse_first_trials(raw: Any, params: list[Parameter]) -> list[dict[str, Any]
             if param is not None and not param.contains(value):
                 problems.append((f"{at}.{path}", f"{value!r} is outside the space ({_describe(param)})"))
     if problems:
-        raise Refusal.of(problems)
+        raise refusal(problems)
     return [dict(values) for values in raw]
 
 

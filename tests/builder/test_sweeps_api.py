@@ -63,27 +63,30 @@ def test_a_space_over_the_issue_fields_is_accepted_and_applies_to_the_spec(versi
 
 
 @pytest.mark.parametrize(
-    ("space", "field", "words"),
+    ("space", "field", "words", "status"),
     [
-        ([{"path": "training.optimizer.lrr", "kind": "float", "low": 1e-4, "high": 1e-3}], "space.0.path", "no field"),
-        ([{"path": "model.moe", "kind": "choice", "choices": [1]}], "space.0.path", "section"),
-        ([{**LR, "high": 3.0}], "space.0.high", "training.optimizer.lr"),
-        ([{**LR, "low": 0}], "space.0.low", "log scale"),
-        ([{**LR, "low": 1e-2}], "space.0.high", "above low"),
-        ([{"path": "model.moe.top_k", "kind": "float", "low": 1, "high": 2}], "space.0.kind", "integer field"),
-        ([{"path": "model.moe.top_k", "kind": "choice", "choices": [1, 64]}], "space.0.choices.1", "32"),
-        ([{"path": "model.moe.top_k", "kind": "int", "low": 1.5, "high": 2}], "space.0.low", "integer"),
-        ([{"path": "data.text_field", "kind": "choice", "choices": ["a"]}], "space.0.path", "dataset"),
-        ([LR, LR], "space.1.path", "twice"),
-        ([{"path": "model.moe.top_k", "kind": "range"}], "space.0.kind", "float, int or choice"),
-        ([], "space", "non-empty"),
+        ([{**LR, "path": "training.optimizer.lrr"}], "space.0.path", "no field", 422),
+        ([{"path": "model.moe", "kind": "choice", "choices": [1]}], "space.0.path", "section", 422),
+        ([{**LR, "high": 3.0}], "space.0.high", "training.optimizer.lr", 422),
+        ([{**LR, "low": 0}], "space.0.low", "log scale", 422),
+        ([{**LR, "low": 1e-2}], "space.0.high", "above low", 422),
+        ([{"path": "model.moe.top_k", "kind": "float", "low": 1, "high": 2}], "space.0.kind", "integer field", 422),
+        ([{"path": "model.moe.top_k", "kind": "choice", "choices": [1, 64]}], "space.0.choices.1", "32", 422),
+        ([{"path": "model.moe.top_k", "kind": "int", "low": 1.5, "high": 2}], "space.0.low", "integer", 422),
+        ([{"path": "data.text_field", "kind": "choice", "choices": ["a"]}], "space.0.path", "dataset", 422),
+        ([LR, LR], "space.1.path", "twice", 422),
+        ([], "space", "1 to 20", 422),
+        # What the published schema states is a 400: the kind's values, a bound's type, a parameter's shape.
+        ([{"path": "model.moe.top_k", "kind": "range"}], "space.0.kind", "float, int or choice", 400),
+        ([{**LR, "low": "small"}], "space.0.low", "a number", 400),
+        (["lr"], "space.0", "an object", 400),
     ],
-)
+)  # fmt: skip
 def test_each_bad_path_range_or_choice_is_refused_naming_its_field(
-    alice: Any, version: ConfigVersion, dataset: Dataset, space: Any, field: str, words: str
+    alice: Any, version: ConfigVersion, dataset: Dataset, space: Any, field: str, words: str, status: int
 ) -> None:
     response = signed_in(alice, APIClient).post("/api/sweeps", body(version, dataset, space=space), format="json")
-    assert response.status_code == 400, response.content
+    assert response.status_code == status, response.content
     errors = response.json()
     assert field in errors, errors
     assert words in " ".join(errors[field]), errors
@@ -92,18 +95,19 @@ def test_each_bad_path_range_or_choice_is_refused_naming_its_field(
 
 def test_the_other_fields_are_checked_too(alice: Any, charlie: Any, version: ConfigVersion, dataset: Dataset) -> None:
     client = signed_in(alice, APIClient)
-    cases: dict[str, dict[str, Any]] = {
-        "budget": {"budget": 0},
-        "parallelism": {"budget": 2, "parallelism": 3},
-        "objective": {"objective": "val_accuracy"},  # the tiny model is a language model
-        "first_trials.0.training.optimizer.lr": {"first_trials": [{"training.optimizer.lr": 0.5}]},
-    }
-    for field, changes in cases.items():
+    cases: list[tuple[str, dict[str, Any], int]] = [
+        ("budget", {"budget": 0}, 400),  # below the published minimum
+        ("parallelism", {"budget": 2, "parallelism": 3}, 422),
+        ("objective", {"objective": "val_accuracy"}, 422),  # the tiny model is a language model
+        ("first_trials.0.training.optimizer.lr", {"first_trials": [{"training.optimizer.lr": 0.5}]}, 422),
+        ("queue", {"queue": "tpu"}, 422),
+    ]
+    for field, changes, status in cases:
         response = client.post("/api/sweeps", body(version, dataset, **changes), format="json")
-        assert response.status_code == 400 and field in response.json(), (field, response.json())
+        assert response.status_code == status and field in response.json(), (field, response.json())
     # Charlie cannot search around alice's configuration, nor train on her dataset.
     response = signed_in(charlie, APIClient).post("/api/sweeps", body(version, dataset), format="json")
-    assert response.status_code == 400 and "config_version" in response.json()
+    assert response.status_code == 422 and "config_version" in response.json()
 
 
 def test_only_the_owner_sees_stops_and_saves_a_sweep(
@@ -310,4 +314,4 @@ def test_ids_beyond_a_database_integer_are_refused_not_a_server_error(
     assert signed_in(alice).get(f"/sweeps/tune-lr/{huge}/").status_code == 404
     for field in ("config_version", "dataset"):
         response = client.post("/api/sweeps", {**body(version, dataset), field: huge}, format="json")
-        assert response.status_code == 400 and field in response.json()
+        assert response.status_code == 400 and field in response.json()  # beyond the published maximum
