@@ -20,6 +20,7 @@ from django.db import connection
 
 from builder.core.errors import NON_FIELD, Refusal
 from builder.datasets.models import Dataset
+from builder.jobs import lifecycle
 from builder.jobs.lifecycle import JOBS
 from builder.jobs.models import Job, JobEvent
 from builder.jobs.submit import Submission, submit_job
@@ -94,6 +95,32 @@ def test_twenty_workers_claiming_the_same_jobs_take_each_exactly_once(alice: Any
         # One claim each: the first and only token, one attempt, held by the worker that reported it.
         winner = next(f"w{i}" for i, r in enumerate(results) if isinstance(r, list) and job.pk in r)
         assert (job.state, job.lease_token, job.attempts, job.lease_owner) == ("running", 1, 1, winner)
+
+
+def test_twenty_workers_taking_deliveries_through_fair_share_start_each_job_once(alice: Any, broker: str) -> None:
+    """The path a worker really takes (``lifecycle.claim``: fair share may hand a delivery another queued job of the
+    class, and the claim records a state event in the same transaction): every job starts exactly once."""
+    jobs = [
+        Job.objects.create(owner=alice, name=f"j{i}", spec=SPEC, data_source="d.txt", queue="gpu") for i in range(5)
+    ]
+
+    def deliveries(worker: str) -> Callable[[], list[int]]:
+        def take() -> list[int]:
+            leases = (lifecycle.claim(job.pk, worker) for job in jobs)
+            return [lease.job_id for lease in leases if lease is not None]
+
+        return take
+
+    results = all_at_once([deliveries(f"w{i}") for i in range(CALLERS)])
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors
+    started = sorted(pk for r in results if isinstance(r, list) for pk in r)
+    assert started == sorted(job.pk for job in jobs)
+    for job in Job.objects.filter(pk__in=started):
+        assert (job.state, job.lease_token, job.attempts) == ("running", 1, 1)
+        events = JobEvent.objects.filter(job=job, kind="state")
+        assert [e.data["to"] for e in events] == ["running"]
+        assert len({e.seq for e in JobEvent.objects.filter(job=job)}) == JobEvent.objects.filter(job=job).count()
 
 
 def test_twenty_simultaneous_submissions_stay_within_the_per_user_limit(
