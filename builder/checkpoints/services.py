@@ -119,7 +119,9 @@ def _stage(uploads: Iterable[Any], folder: Path) -> None:
     """Write the uploaded files (or the one zip's content) into ``folder``, checking names and the size limit."""
     files = list(uploads)
     if not files:
-        raise Refusal("files", "send the folder's files (config.json, model.safetensors, tokenizer.json) or a zip")
+        raise Refusal(
+            "files", "send the folder's files (config.json, model.safetensors, tokenizer.json) or a zip", UNFIT
+        )
     budget = [settings.CHECKPOINT_MAX_UPLOAD_BYTES]
     if sum(int(f.size) for f in files) > budget[0]:
         raise _too_large(budget[0])
