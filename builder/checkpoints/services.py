@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from builder.checkpoints.models import ImportedCheckpoint
 from builder.core.errors import Refusal
 from builder.datasets import storage
+from builder.datasets.services import check_quota
 from workers.engine.hf import (
     ALLOWED_FILES,
     WEIGHTS,
@@ -168,12 +169,14 @@ def import_checkpoint(owner: Any, name: str, uploads: Iterable[Any]) -> Imported
         except HFImportError as exc:
             raise Refusal("files", f"model.safetensors: {exc.field}: {exc.message}", UNFIT) from None
 
+        # The owner's storage quota covers datasets and imported checkpoints together.
+        size = sum(path.stat().st_size for path in folder.iterdir())
+        held = own_checkpoints(owner).aggregate(total=models.Sum("size_bytes"))["total"] or 0
+        check_quota(owner, held + size, field="files")
         weights_sha256 = _sha256(folder / WEIGHTS)
         key = f"checkpoints/user-{owner.pk}/{uuid.uuid4().hex}"
         stored = {}
-        size = 0
         for path in sorted(folder.iterdir()):
-            size += path.stat().st_size
             content_type = CONTENT_TYPES.get(path.suffix, "text/plain")
             stored[path.name] = storage.save_local_file(f"{key}/{path.name}", path, content_type, move=True)
         return ImportedCheckpoint.objects.create(

@@ -150,6 +150,14 @@ def test_config_and_spec_problems_name_their_key_and_the_size_limit_is_413(
     missing = upload(owner, [f for f in files_of(folder) if f.name != "model.safetensors"])
     assert missing.status_code == 422 and "model.safetensors" in missing.json()["files"][0]
 
+    # The storage quota counts imported checkpoints with the datasets.
+    folder_bytes = sum(p.stat().st_size for p in folder.iterdir())
+    settings.DATASET_QUOTA_BYTES = folder_bytes + 100
+    assert upload(owner, files_of(folder)).status_code == 201
+    over = upload(owner, files_of(folder))
+    assert over.status_code == 413 and "quota" in over.json()["files"][0]
+    ImportedCheckpoint.objects.all().delete()
+
     settings.CHECKPOINT_MAX_UPLOAD_BYTES = (folder / "model.safetensors").stat().st_size // 2
     assert upload(owner, files_of(folder)).status_code == 413
     assert upload(owner, [zipped(folder)]).status_code == 413
