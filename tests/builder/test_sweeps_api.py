@@ -138,6 +138,9 @@ def test_only_the_owner_sees_stops_and_saves_a_sweep(
     stopped = owner.post(f"{url}/stop")
     assert stopped.status_code == 200 and stopped.json()["stop_requested"]
     assert owner.get(f"/sweeps/{sweep['id']}/").status_code == 200
+    listed = signed_in(alice).get("/sweeps/").content.decode()
+    assert f'href="/sweeps/{sweep["id"]}/"' in listed and 'data-testid="sweeps-table"' in listed
+    assert 'data-testid="no-sweeps"' in signed_in(charlie).get("/sweeps/").content.decode()
 
 
 def test_save_best_makes_a_new_version_of_the_best_completed_trial(
@@ -315,3 +318,33 @@ def test_ids_beyond_a_database_integer_are_refused_not_a_server_error(
     for field in ("config_version", "dataset"):
         response = client.post("/api/sweeps", {**body(version, dataset), field: huge}, format="json")
         assert response.status_code == 400 and field in response.json()  # beyond the published maximum
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_trial_past_the_owners_job_limit_waits_and_is_submitted_when_a_job_ends(
+    alice: Any, version: ConfigVersion, dataset: Dataset, settings: Any
+) -> None:
+    from builder.jobs import lifecycle
+    from builder.sweeps import services
+    from builder.sweeps.runner import run_tick
+
+    settings.JOBS_MAX_ACTIVE_PER_USER = 1
+    request = services.SweepRequest(
+        name="limited", config_version=version.pk, dataset=dataset.pk, space=[LR], budget=3, parallelism=2
+    )
+    sweep = services.start_sweep(alice, request)
+    run_tick(sweep.pk, "test")
+    first, second = Trial.objects.filter(sweep=sweep).order_by("number")
+    assert first.state == TrialState.RUNNING and first.job is not None
+    assert second.state == TrialState.PENDING and second.job is None
+    assert second.reason.startswith("waiting: you already have 1 active jobs")
+    # Its job ends (cancelled by its owner): the job's end asks for a tick, which fails that trial and submits the
+    # waiting one (the budget's third trial waits in turn).
+    lifecycle.request_cancel(first.job)
+    assert Sweep.objects.get(pk=sweep.pk).state == "queued"
+    run_tick(sweep.pk, "test")
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.state == TrialState.CANCELLED and first.reason == "cancelled before it ran"
+    assert second.state == TrialState.RUNNING and second.job is not None and second.reason == ""
+    assert Trial.objects.get(sweep=sweep, number=2).state == TrialState.PENDING
