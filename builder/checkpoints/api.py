@@ -61,7 +61,7 @@ class CheckpointListView(APIView):
     @extend_schema(
         request={"multipart/form-data": UPLOAD_REQUEST},
         responses={201: CheckpointSerializer},
-        summary="Import a Hugging Face folder (DeepSeek-V3, GLM-4-MoE or Qwen2-MoE) to start jobs from",
+        summary="Import a Hugging Face folder (DeepSeek-V3/V2, GLM-4-MoE or Qwen2-MoE) to start jobs from",
         description="JSON and safetensors only: any other file (a pickle, a .bin or .pt checkpoint) is refused by "
         "name. The spec is derived from config.json and validated; refusals name the config key, spec field, file "
         "or tensor at fault. Over CHECKPOINT_MAX_UPLOAD_BYTES: 413.",

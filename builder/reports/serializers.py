@@ -88,7 +88,7 @@ class MetricsSerializer(serializers.Serializer[dict[str, Any]]):
 
 class HuggingFaceSerializer(serializers.Serializer[dict[str, Any]]):
     family = serializers.CharField(
-        allow_null=True, help_text="transformers model_type: deepseek_v3, glm4_moe or qwen2_moe."
+        allow_null=True, help_text="transformers model_type: deepseek_v3, deepseek_v2, glm4_moe or qwen2_moe."
     )
     architecture = serializers.CharField(allow_null=True, help_text="The class from_pretrained builds.")
     field = serializers.CharField(allow_null=True, help_text="The spec field no family can express (no export).")

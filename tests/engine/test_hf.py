@@ -55,6 +55,11 @@ FAMILY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
         {"attention": "mla", "mla": {**MLA, "q_lora_rank": 0},
          "moe": {**MOE, "scoring": "sigmoid", "num_shared_experts": 0}},
     ),
+    "deepseek_v2 (MLA, softmax, groups, scaling)": (
+        "deepseek_v2",
+        {"attention": "mla", "mla": MLA,
+         "moe": {**MOE, "balancing": "aux_loss", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.5}},
+    ),
     "glm4_moe (GQA, 2 shared, untied)": (
         "glm4_moe",
         {"attention": "gqa", "num_kv_heads": 2, "tie_embeddings": False,
@@ -141,7 +146,7 @@ def test_each_family_loads_with_from_pretrained_and_gives_the_engines_logits_on_
         ({"activation": "gelu"}, "model.activation"),
         ({"task": "classification", "num_labels": 3}, "model.task"),
         ({"moe": {**MOE, "balancing": "aux_free"}}, "model.moe.balancing"),
-        ({"attention": "mla", "mla": MLA, "moe": {**MOE, "balancing": "aux_loss"}}, "model.moe.scoring"),
+        ({"attention": "mla", "mla": MLA, "moe": {**MOE}}, "model.moe.balancing"),
         ({"moe": {**MOE, "balancing": "aux_loss", "n_group": 4, "topk_group": 2}}, "model.moe.n_group"),
         ({"attention": "mla", "mla": MLA, "norm_eps": 1e-5, "moe": {**MOE, "scoring": "sigmoid"}}, "model.norm_eps"),
         ({"moe": {**MOE, "scoring": "sigmoid", "n_group": 8, "topk_group": 2}}, "model.moe.n_group"),

@@ -8,6 +8,8 @@ decides the family (``hf_family``):
 family          class                       the engine's specs it expresses
 ==============  ==========================  ==========================================================
 ``deepseek_v3`` ``DeepseekV3ForCausalLM``   attention ``mla``, sigmoid scoring (group-limited or not)
+``deepseek_v2`` ``DeepseekV2ForCausalLM``   attention ``mla``, softmax scoring without a selection bias
+                                            (group-limited or not)
 ``glm4_moe``    ``Glm4MoeForCausalLM``      attention ``mha``/``gqa``, sigmoid scoring (DeepSeek-V3's router
                                             with standard attention)
 ``qwen2_moe``   ``Qwen2MoeForCausalLM``     attention ``mha``/``gqa``, softmax scoring without a selection bias
@@ -24,7 +26,8 @@ What the conversion does besides renaming (each exact, or exact up to float roun
 export → import → export writes the same bytes):
 
 - ``router_temperature`` is folded into the router weight (``x W^T / t = x (W / t)^T``);
-- rotary encoding stays rotate-half (``rope_interleave: false`` for DeepSeek-V3), the engine's layout;
+- rotary encoding stays rotate-half (``rope_interleave: false`` for DeepSeek-V3), the engine's layout; DeepSeek-V2
+  rotates interleaved pairs only, so the rotary rows of its query and latent projections are permuted into pairs;
 - ``qwen2_moe``: its shared expert is gated by ``sigmoid(x · g)``; ``g = 0`` gives exactly ½, so the shared expert's
   down projection is written doubled (exact in binary floating point); ``routed_scaling_factor`` is folded into the
   routed experts' down projections; a model without shared experts gets a zero-width one;
@@ -34,7 +37,7 @@ export → import → export writes the same bytes):
 Multi-token prediction modules are not exported: transformers does not run them (``num_nextn_predict_layers: 0``).
 
 Import (``read_hf_folder`` + ``spec_from_hf_config`` + ``load_hf_weights``): the reverse, for a folder of one of the
-three families, with the ``model`` section of a spec derived from ``config.json``. Anything the engine cannot
+four families, with the ``model`` section of a spec derived from ``config.json``. Anything the engine cannot
 represent is refused by name (``HFImportError.field`` is the ``config.json`` key or tensor name): attention biases,
 per-head query/key norms, partial rotary encoding, rope scaling, a non-zero Qwen shared-expert gate, an activation
 other than SiLU. DeepSeek's interleaved rotary layout (``rope_interleave: true``, as the published checkpoints use)
@@ -60,6 +63,7 @@ from torch import Tensor
 from workers.engine.spec import ModelSpec, Spec
 
 ARCHITECTURES = {
+    "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -123,17 +127,21 @@ def hf_family(model: ModelSpec) -> str:
                 )
             return "deepseek_v3"
         return "glm4_moe"
-    if model.attention == "mla":
-        raise NotExpressible(
-            "model.moe.scoring",
-            "softmax with multi-head latent attention: transformers' DeepSeek-V3 scores experts with sigmoid only",
-        )
     if moe.balancing == "aux_free":
         raise NotExpressible(
             "model.moe.balancing",
             "aux_free with softmax scoring selects experts by softmax + bias; no stock softmax router has a bias "
             "(use sigmoid scoring for DeepSeek-V3/GLM-4-MoE, or aux_loss balancing for Qwen2-MoE)",
         )
+    if model.attention == "mla":
+        # DeepSeek-V2: softmax, top-k kept as they are, groups scored by their best expert (as the engine does).
+        if model.norm_eps != DEEPSEEK_LATENT_NORM_EPS:
+            raise NotExpressible(
+                "model.norm_eps",
+                f"{model.norm_eps}: transformers' DeepSeek-V2 normalises the attention latents with eps 1e-6 "
+                "whatever rms_norm_eps is; use 1e-6",
+            )
+        return "deepseek_v2"
     if grouped:
         raise NotExpressible(
             "model.moe.n_group", "group-limited routing with softmax scoring: Qwen2-MoE's router has no groups"
@@ -196,7 +204,19 @@ def hf_config(model: ModelSpec, specials: SpecialTokens = SpecialTokens()) -> di
             first_k_dense_replace=moe.first_dense_layers,
             num_nextn_predict_layers=0,
         )
-    if family == "deepseek_v3":
+    if family == "deepseek_v2":
+        config.update(
+            n_routed_experts=moe.num_routed_experts,
+            n_shared_experts=moe.num_shared_experts,
+            topk_method="group_limited_greedy" if grouped else "greedy",
+            n_group=moe.n_group if grouped else None,
+            topk_group=moe.topk_group if grouped else None,
+            routed_scaling_factor=moe.routed_scaling_factor,
+            norm_topk_prob=False,
+            first_k_dense_replace=moe.first_dense_layers,
+            aux_loss_alpha=moe.aux_loss_coef,
+        )
+    if family in ("deepseek_v2", "deepseek_v3"):
         mla = model.mla
         config.update(
             num_key_value_heads=model.num_heads,
@@ -205,8 +225,9 @@ def hf_config(model: ModelSpec, specials: SpecialTokens = SpecialTokens()) -> di
             qk_nope_head_dim=mla.qk_nope_head_dim,
             qk_rope_head_dim=mla.qk_rope_head_dim,
             v_head_dim=mla.v_head_dim,
-            rope_interleave=False,
         )
+        if family == "deepseek_v3":
+            config["rope_interleave"] = False  # the engine's rotate-half layout (DeepSeek-V2 has only interleaved)
     else:
         config.update(num_key_value_heads=model.kv_heads, head_dim=model.head_dim)
     if family == "glm4_moe":
@@ -236,6 +257,16 @@ def _swiglu_halves(w_in: Tensor, hidden: int) -> tuple[Tensor, Tensor]:
     return w_in[:hidden], w_in[hidden:]
 
 
+def _interleave_rows(weight: Tensor, heads: int, nope: int, rope: int) -> Tensor:
+    """The inverse of ``_deinterleave_rows``: each head's last ``rope`` rows from rotate-half order
+    ``(x0 .. x_{R/2-1}, x_{R/2} ..)`` to interleaved pairs ``(x0, x_{R/2}), (x1, x_{R/2+1}) ...``, which an
+    interleaved rotation turns by the same angles (the attention scores, dot products over both, are unchanged)."""
+    w = weight.view(heads, nope + rope, -1)
+    first, second = w[:, nope : nope + rope // 2], w[:, nope + rope // 2 :]
+    pairs = torch.stack((first, second), dim=2).reshape(heads, rope, -1)  # (heads, R, in): x0, x_{R/2}, x1 ...
+    return torch.cat((w[:, :nope], pairs), dim=1).reshape(weight.shape)
+
+
 def to_hf_state_dict(model: ModelSpec, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The engine's ``state_dict`` (``MoETransformer``, as its checkpoints store it) renamed and reshaped for the
     family of ``model``. MTP modules are left out. Every tensor is a fresh contiguous fp32 copy."""
@@ -256,13 +287,18 @@ def to_hf_state_dict(model: ModelSpec, state: Mapping[str, Tensor]) -> dict[str,
         put(dst + "post_attention_layernorm.weight", state[src + "ffn_norm.weight"])
         attn = dst + "self_attn."
         if model.attention == "mla":
-            if model.mla.q_lora_rank:
+            mla = model.mla
+            q, kv_down = state[src + "attn.q_proj.weight"], state[src + "attn.kv_down.weight"]
+            if family == "deepseek_v2":  # its rotary encoding is interleaved only
+                q = _interleave_rows(q, model.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim)
+                kv_down = _interleave_rows(kv_down, 1, mla.kv_lora_rank, mla.qk_rope_head_dim)
+            if mla.q_lora_rank:
                 put(attn + "q_a_proj.weight", state[src + "attn.q_down.weight"])
                 put(attn + "q_a_layernorm.weight", state[src + "attn.q_norm.weight"])
-                put(attn + "q_b_proj.weight", state[src + "attn.q_proj.weight"])
+                put(attn + "q_b_proj.weight", q)
             else:
-                put(attn + "q_proj.weight", state[src + "attn.q_proj.weight"])
-            put(attn + "kv_a_proj_with_mqa.weight", state[src + "attn.kv_down.weight"])
+                put(attn + "q_proj.weight", q)
+            put(attn + "kv_a_proj_with_mqa.weight", kv_down)
             put(attn + "kv_a_layernorm.weight", state[src + "attn.kv_norm.weight"])
             put(attn + "kv_b_proj.weight", state[src + "attn.kv_up.weight"])
         else:
@@ -306,7 +342,8 @@ def to_hf_state_dict(model: ModelSpec, state: Mapping[str, Tensor]) -> dict[str,
             put(shared + "down_proj.weight", down)
             put(mlp + "shared_expert_gate.weight", torch.zeros(1, model.hidden_size))
         else:
-            put(mlp + "gate.e_score_correction_bias", state[src + "ffn.router.bias"])
+            if family != "deepseek_v2":  # DeepSeek-V2's router has no selection bias (the spec has none to give)
+                put(mlp + "gate.e_score_correction_bias", state[src + "ffn.router.bias"])
             shared = mlp + "shared_experts."
             if moe.num_shared_experts:
                 gate, up = _swiglu_halves(state[src + "ffn.shared.w_in.weight"], shared_hidden)
@@ -356,7 +393,7 @@ def from_hf_state_dict(
     put("norm.weight", get("model.norm.weight"))
     if not model.tie_embeddings:
         put("lm_head.weight", get("lm_head.weight"))
-    interleaved = family == "deepseek_v3" and bool(config.get("rope_interleave", True))
+    interleaved = family == "deepseek_v2" or (family == "deepseek_v3" and bool(config.get("rope_interleave", True)))
     for i in range(model.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         put(dst + "attn_norm.weight", get(src + "input_layernorm.weight"))
@@ -503,7 +540,26 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]
             topk_group=config.get("topk_group") or 1,
             routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
         )
-    if family == "deepseek_v3":
+    if family == "deepseek_v2":
+        refuse_unless("attention_bias", not config.get("attention_bias", False), "the engine's attention has no biases")
+        refuse_unless("norm_topk_prob", not config.get("norm_topk_prob", False),
+                      "the engine keeps the top-k softmax scores as they are")  # fmt: skip
+        method = config.get("topk_method", "greedy")
+        refuse_unless("topk_method", method in ("greedy", "group_limited_greedy"), "greedy or group_limited_greedy")
+        grouped = method == "group_limited_greedy"
+        moe.update(
+            num_routed_experts=config["n_routed_experts"],
+            num_shared_experts=config.get("n_shared_experts", 1) or 0,
+            first_dense_layers=config.get("first_k_dense_replace", 0) or 0,
+            dense_hidden_size=config["intermediate_size"],
+            scoring="softmax",
+            balancing="aux_loss",
+            aux_loss_coef=float(config.get("aux_loss_alpha", 0.001)),
+            n_group=(config.get("n_group") or 1) if grouped else 1,
+            topk_group=(config.get("topk_group") or 1) if grouped else 1,
+            routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
+        )
+    if family in ("deepseek_v2", "deepseek_v3"):
         model["attention"] = "mla"
         model["mla"] = {
             "q_lora_rank": config.get("q_lora_rank") or 0,
