@@ -196,11 +196,14 @@ def import_checkpoint(owner: Any, name: str, uploads: Iterable[Any]) -> Imported
 def check_job_start(checkpoint: ImportedCheckpoint, spec: dict[str, Any]) -> None:
     """Refuse a job spec whose model departs from the checkpoint's architecture (each difference named: the
     weights would not fit), or whose task the checkpoint cannot serve."""
-    job_model = load_spec(spec).model
+    job_spec = load_spec(spec)
     derived = load_spec(checkpoint.spec).model
-    problems = architecture_differences(job_model, derived)
+    problems = [(f"spec.{path}", message) for path, message in architecture_differences(job_spec.model, derived)]
+    devices = getattr(getattr(job_spec.training, "distributed", None), "devices", 1)
+    if devices > 1:  # the multi-device launcher does not load a starting checkpoint yet
+        problems.append(("spec.training.distributed.devices", "a job that starts from a checkpoint runs on 1 device"))
     if problems:
-        raise Refusal.of([(f"spec.{path}", message) for path, message in problems], UNFIT)
+        raise Refusal.of(problems, UNFIT)
 
 
 def delete_checkpoint(checkpoint: ImportedCheckpoint) -> None:

@@ -194,6 +194,11 @@ def test_a_job_starts_from_the_owners_checkpoint_on_a_worker_and_nobody_elses(
     refused = owner.post("/api/jobs", other_shape, content_type="application/json")
     assert refused.status_code == 422 and "spec.model.num_layers" in refused.json(), refused.content
 
+    on_two = launch_spec(made["spec"])
+    on_two["training"]["distributed"] = {"devices": 2}
+    refused = owner.post("/api/jobs", {**request, "spec": on_two}, content_type="application/json")
+    assert refused.status_code == 422 and "spec.training.distributed.devices" in refused.json(), refused.content
+
     answer = owner.post("/api/jobs", request, content_type="application/json")
     assert answer.status_code == 201, answer.content
     assert answer.json()["init_checkpoint"] == made["id"]
