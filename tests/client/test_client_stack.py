@@ -273,3 +273,33 @@ def test_a_watch_survives_the_web_server_dying_without_losing_or_repeating_a_poi
     home = tmp_path / "cli.json"
     assert cli(web, client.token, "jobs", "watch", str(job["id"]), "--quiet", home=home).returncode == 3
     assert cli(web, client.token, "jobs", "wait", str(job["id"]), home=home).returncode == 3
+
+
+def test_a_sweep_from_the_client_saves_its_best_trial(web: WebServer, alice: Any, tmp_path: Path) -> None:
+    client = Client(web.url, token_for(web, alice))
+    dataset = client.datasets.upload(corpus_file(tmp_path), "corpus")
+    config = client.configs.save("to tune", tiny(client.configs.template("tiny-cpu-demo")["spec"], max_steps=10))
+    space = [{"path": "training.optimizer.lr", "kind": "float", "low": 1e-4, "high": 3e-3, "log": True}]
+
+    # A refused space names its field, from Python and from the command line (exit 4).
+    with pytest.raises(BadRequest) as refused:
+        client.sweeps.start("bad", dataset, [{**space[0], "high": 3.0}], config=config)
+    assert "space.0.high" in refused.value.fields, refused.value.errors
+    home = tmp_path / "cli.json"
+    bad = json.dumps([{**space[0], "high": 3.0}])
+    started = cli(web, client.token, "sweeps", "start", "--name", "bad", "--config", str(config["id"]), "--dataset",
+                  str(dataset["id"]), "--space", bad, home=home)  # fmt: skip
+    assert started.returncode == 4 and "space.0.high" in started.stderr, started.stderr
+
+    sweep = client.sweeps.start("tune lr", dataset, space, config=config, budget=2, parallelism=2, seed=1)
+    finished = client.sweeps.wait(sweep["id"], timeout=400)
+    assert finished["state"] == "finished", finished
+    trials = client.sweeps.trials(sweep["id"])  # rows: one column per parameter
+    assert len(trials) == 2 and all("training.optimizer.lr" in row for row in trials)
+    assert all(row["job"] for row in trials)
+    saved = client.sweeps.save_best(sweep["id"], note="best lr")
+    assert saved["number"] == 2 and client.configs.version(config["id"])["id"] == saved["id"]
+    with pytest.raises(Conflict):
+        client.sweeps.stop(sweep["id"])  # it already ended
+    shown = cli(web, client.token, "sweeps", "show", str(sweep["id"]), home=home)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["best"]["number"] in (0, 1), shown.stderr

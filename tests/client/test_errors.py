@@ -29,6 +29,9 @@ def test_the_field_shape_names_fields_detail_and_paths_inside_messages() -> None
     error = error_for(422, body)
     assert isinstance(error, Unprocessable) and isinstance(error, BadRequest)
     assert error.fields == ["spec.model.moe.top_k", "dataset"]
+    about_the_spec = "training.optimizer.lr: Input should be less than or equal to 1"
+    bound = error_for(422, {"space.0.high": [about_the_spec]})  # a path inside, but not below space.0.high
+    assert bound.errors == [FieldError("space.0.high", about_the_spec)]
     conflict = error_for(409, {"offset": ["expected offset 10, got 0"], "received": 10})
     assert isinstance(conflict, Conflict) and conflict.fields == ["offset"] and conflict.extra == {"received": 10}
     assert error_for(409, {"detail": "this job already ended", "state": "succeeded"}).extra == {"state": "succeeded"}

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColum
 
 from moe_builder_client import credentials
 from moe_builder_client.client import Client
-from moe_builder_client.errors import EXIT_CODES, ApiError, ClientError, JobFailed
+from moe_builder_client.errors import EXIT_CODES, ApiError, ClientError, JobFailed, WorkFailed
 
 err = Console(stderr=True)
 # Events the progress bar already shows (state) or that say nothing a person watching needs; interventions,
@@ -498,6 +498,139 @@ def _bytes_progress(what: str) -> Callable[[int, int], None]:
                 err.print("", highlight=False)
 
     return show
+
+
+# --- sweeps -------------------------------------------------------------------------------------------------------
+
+
+@cli.group(epilog=EPILOG)
+def sweeps() -> None:
+    """Hyperparameter sweeps over spec fields around a saved configuration."""
+
+
+def read_space(space: str) -> list[dict[str, Any]]:
+    """A search space: a JSON list inline, or a file holding one (``-`` for stdin)."""
+    text = space if space.lstrip().startswith("[") else (sys.stdin.read() if space == "-" else Path(space).read_text())
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"the space is not JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise click.BadParameter("the space is a JSON list of {path, kind, ...}")
+    return data
+
+
+@sweeps.command("start")
+@click.option("--name", required=True)
+@click.option("--config", "config_id", type=int, required=True, help="The configuration to search around.")
+@click.option("--version", type=int, help="Its version (default: the newest).")
+@click.option("--dataset", required=True, help="A dataset id, name or built-in slug.")
+@click.option(
+    "--space",
+    required=True,
+    help='JSON list or file: [{"path": "training.optimizer.lr", "kind": "float", "low": 1e-4, "high": 3e-3, '
+    '"log": true}, {"path": "model.moe.top_k", "kind": "choice", "choices": [1, 2]}]',
+)
+@click.option("--objective", type=click.Choice(["val_loss", "val_accuracy"]))
+@click.option("--budget", type=int, help="Trials in all.")
+@click.option("--parallelism", type=int, help="Trials training at once.")
+@click.option("--pruner", type=click.Choice(["median", "halving"]))
+@click.option("--queue")
+@click.option("--seed", type=int)
+@click.option("--wait", is_flag=True, help="Wait until it ends (trials as they finish on stderr).")
+@pass_context
+def sweeps_start(
+    ctx: Context,
+    name: str,
+    config_id: int,
+    version: int | None,
+    dataset: str,
+    space: str,
+    objective: str | None,
+    budget: int | None,
+    parallelism: int | None,
+    pruner: str | None,
+    queue: str | None,
+    seed: int | None,
+    wait: bool,
+) -> None:
+    """Start a sweep; a refused space names its field (space.0.high)."""
+    client = ctx.client
+    target: int | str = int(dataset) if dataset.isdigit() else dataset
+    sweep = client.sweeps.start(
+        name, target, read_space(space), config=config_id, version=version, objective=objective, budget=budget,
+        parallelism=parallelism, pruner=pruner, queue=queue, seed=seed,
+    )  # fmt: skip
+    err.print(f"sweep {sweep['id']} started", highlight=False)
+    if wait:
+        sweep = follow_sweep(client, sweep["id"])
+    emit(sweep)
+    if sweep["state"] == "failed":
+        raise WorkFailed(f"sweep {sweep['id']} failed: {sweep.get('error') or 'no reason given'}")
+
+
+def follow_sweep(client: Client, sweep_id: int) -> dict[str, Any]:
+    """Poll a sweep until it stops running, printing each trial once it ends; return the sweep."""
+    import time
+
+    told: set[int] = set()
+    while True:
+        sweep = client.sweeps.get(sweep_id)
+        for trial in sweep["trials"]:
+            if trial["state"] not in ("pending", "running", "waiting") and trial["number"] not in told:
+                told.add(trial["number"])
+                err.print(
+                    f"trial {trial['number']} {trial['state']}: objective {trial['objective']} {trial['params']}"
+                    + (f" ({trial['reason']})" if trial.get("reason") else ""),
+                    markup=False,
+                    highlight=False,
+                )
+        if not sweep["running"]:
+            return sweep
+        time.sleep(2)
+
+
+@sweeps.command("list")
+@pass_context
+def sweeps_list(ctx: Context) -> None:
+    keys = ("id", "name", "state", "budget", "counts", "best")
+    emit([{k: s.get(k) for k in keys} for s in ctx.client.sweeps.list()])
+
+
+@sweeps.command("show")
+@click.argument("sweep_id", type=int)
+@pass_context
+def sweeps_show(ctx: Context, sweep_id: int) -> None:
+    """A sweep: its trials, best trial and parameter importances."""
+    emit(ctx.client.sweeps.get(sweep_id))
+
+
+@sweeps.command("wait")
+@click.argument("sweep_id", type=int)
+@pass_context
+def sweeps_wait(ctx: Context, sweep_id: int) -> None:
+    """Wait until a sweep ends; exit 3 if it failed."""
+    sweep = follow_sweep(ctx.client, sweep_id)
+    emit(sweep)
+    if sweep["state"] == "failed":
+        raise WorkFailed(f"sweep {sweep_id} failed: {sweep.get('error') or 'no reason given'}")
+
+
+@sweeps.command("stop")
+@click.argument("sweep_id", type=int)
+@pass_context
+def sweeps_stop(ctx: Context, sweep_id: int) -> None:
+    """Ask for no new trial and cancel the active ones."""
+    emit(ctx.client.sweeps.stop(sweep_id))
+
+
+@sweeps.command("save-best")
+@click.argument("sweep_id", type=int)
+@click.option("--note", default="")
+@pass_context
+def sweeps_save_best(ctx: Context, sweep_id: int, note: str) -> None:
+    """Save the best trial's spec as a new version of the configuration."""
+    emit(ctx.client.sweeps.save_best(sweep_id, note))
 
 
 @cli.command(epilog=EPILOG)

@@ -49,7 +49,7 @@ class Client:
 
     Without arguments: ``MOE_BUILDER_URL`` and ``MOE_BUILDER_TOKEN``, else what ``moe-builder login`` saved.
     ``Client.login(url, username, password)`` obtains a token. Resources: ``configs``, ``datasets``, ``jobs``,
-    ``reports``, ``playground``. Use it as a context manager, or ``close()`` it.
+    ``reports``, ``sweeps``, ``playground``. Use it as a context manager, or ``close()`` it.
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float = 60.0) -> None:
@@ -69,6 +69,7 @@ class Client:
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
         self.reports = Reports(self)
+        self.sweeps = Sweeps(self)
         self.playground = Playground(self)
 
     @classmethod
@@ -625,3 +626,89 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: source.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class Sweeps:
+    """Hyperparameter sweeps: an Optuna study over spec fields around a saved configuration; each trial is a job."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def list(self) -> builtins.list[dict[str, Any]]:
+        return _items(self.client.call("sweeps"))
+
+    def get(self, sweep_id: int) -> dict[str, Any]:
+        """The sweep with its ``trials`` (state, params, objective, job), ``best`` and ``importances``."""
+        result: dict[str, Any] = self.client.call("sweep", sweep_id=sweep_id)
+        return result
+
+    def start(
+        self,
+        name: str,
+        dataset: int | str | dict[str, Any],
+        space: builtins.list[dict[str, Any]],
+        *,
+        config: int | dict[str, Any] | None = None,
+        version: int | None = None,
+        config_version: int | None = None,
+        objective: str | None = None,
+        budget: int | None = None,
+        parallelism: int | None = None,
+        pruner: str | None = None,
+        queue: str | None = None,
+        seed: int | None = None,
+        first_trials: builtins.list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Start a sweep around a saved ``config`` (its newest version, or ``version``) or a ``config_version``
+        id, on ``dataset``. ``space``: ``[{"path": "training.optimizer.lr", "kind": "float", "low": 1e-4,
+        "high": 3e-3, "log": True}, {"path": "model.moe.top_k", "kind": "choice", "choices": [1, 2]}]``.
+        A refusal names the field (``space.0.high``)."""
+        if isinstance(dataset, str):
+            dataset = self.client.datasets.find(dataset)
+        dataset_id = dataset["id"] if isinstance(dataset, dict) else int(dataset)
+        if config is not None:
+            config_id = config["id"] if isinstance(config, dict) else int(config)
+            config_version = int(self.client.configs.version(config_id, version)["id"])
+        if config_version is None:
+            raise TypeError("give config or config_version")
+        result: dict[str, Any] = self.client.call(
+            "sweep_create",
+            json={
+                "name": name,
+                "config_version": config_version,
+                "dataset": dataset_id,
+                "space": space,
+                "objective": objective,
+                "budget": budget,
+                "parallelism": parallelism,
+                "pruner": pruner,
+                "queue": queue,
+                "seed": seed,
+                "first_trials": first_trials,
+            },
+        )
+        return result
+
+    def wait(self, sweep_id: int, timeout: float | None = None) -> dict[str, Any]:
+        """The sweep once it stopped running (finished, stopped or failed)."""
+        return _wait(lambda: self.get(sweep_id), lambda s: not s["running"], timeout, f"sweep {sweep_id}")
+
+    def stop(self, sweep_id: int) -> dict[str, Any]:
+        """Ask for no new trial and cancel the active ones; 409 ``Conflict`` once it ended."""
+        result: dict[str, Any] = self.client.call("sweep_stop", sweep_id=sweep_id)
+        return result
+
+    def save_best(self, sweep_id: int, note: str = "") -> dict[str, Any]:
+        """The best completed trial's spec as a new version of the configuration (409 while none completed)."""
+        result: dict[str, Any] = self.client.call("sweep_save_best", sweep_id=sweep_id, json={"note": note})
+        return result
+
+    def trials(self, sweep_id: int) -> builtins.list[dict[str, Any]]:
+        """The trials as rows (``number``, ``state``, ``objective``, ``job``, and each parameter by its path):
+        ``pandas.DataFrame`` takes them."""
+        rows = []
+        for trial in self.get(sweep_id)["trials"]:
+            row = {k: v for k, v in trial.items() if k != "params"}
+            row.update(trial.get("params") or {})
+            rows.append(row)
+        return rows

@@ -137,6 +137,12 @@ class DatasetInvalid(ClientError):
         super().__init__(f"dataset {dataset.get('id')} is {dataset.get('state')}: {where}{about}: {message}")
 
 
+class WorkFailed(ClientError):
+    """Work the platform did ended failed (a sweep, say)."""
+
+    exit_code = 3
+
+
 class JobFailed(ClientError):
     """A job waited for ended ``failed`` or ``cancelled``; ``job`` is its last state, ``error`` the reason."""
 
@@ -210,9 +216,11 @@ def field_errors(body: Any) -> tuple[list[FieldError], dict[str, Any]]:
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             path = "" if key == NON_FIELD else key
             for message in value:
-                # The jobs API files a spec's problems under "spec" as "model.moe.top_k: message".
-                inner = _PATH_PREFIX.match(message)
-                if inner and path:
+                # The jobs API files a spec's problems under "spec" as "model.moe.top_k: message" (paths below
+                # the spec). Elsewhere a leading path names something else (the spec field a sweep's bound breaks,
+                # under "space.0.high"): the message is kept whole.
+                inner = _PATH_PREFIX.match(message) if key == "spec" else None
+                if inner:
                     problems.append(FieldError(f"{path}.{inner.group(1)}", inner.group(2)))
                 else:
                     problems.append(FieldError(path, message))

@@ -103,6 +103,17 @@ OPERATIONS: dict[str, Operation] = {
     "report": op("GET", "/api/reports/{report_id}", reads="id job state error metrics downloads huggingface"),
     "report_file": op("GET", "/api/reports/{report_id}/{name}"),
     "report_artifact": op("GET", "/api/reports/{report_id}/artifacts/{name}"),
+    # Sweeps
+    "sweeps": op("GET", "/api/sweeps", reads="id name state"),
+    "sweep_create": op(
+        "POST",
+        "/api/sweeps",
+        body="name config_version dataset space objective budget parallelism pruner queue seed first_trials",
+        reads="id state",
+    ),
+    "sweep": op("GET", "/api/sweeps/{sweep_id}", reads="id state running trials best importances counts"),
+    "sweep_stop": op("POST", "/api/sweeps/{sweep_id}/stop", reads="state"),
+    "sweep_save_best": op("POST", "/api/sweeps/{sweep_id}/save-best", body="note", reads="id number"),
 }
 
 # Websocket routes (not in the OpenAPI schema; the consumers' docstrings are their contract).
