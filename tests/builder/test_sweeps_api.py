@@ -348,3 +348,62 @@ def test_a_trial_past_the_owners_job_limit_waits_and_is_submitted_when_a_job_end
     assert first.state == TrialState.CANCELLED and first.reason == "cancelled before it ran"
     assert second.state == TrialState.RUNNING and second.job is not None and second.reason == ""
     assert Trial.objects.get(sweep=sweep, number=2).state == TrialState.PENDING
+
+
+def _scripted_run(job: Any, points: list[tuple[int, float]], metric: str) -> None:
+    """What a worker records for ``job`` (a scripted worker: the claim, the validation points, the success)."""
+    from builder.jobs import lifecycle
+    from builder.jobs.models import JobState, MetricPoint
+
+    lease = lifecycle.claim(job.pk, "scripted")
+    assert lease is not None and lease.job_id == job.pk
+    for seq, (step, value) in enumerate(points, start=1):
+        MetricPoint.objects.create(job_id=job.pk, seq=seq, step=step, name=metric, value=value)
+    assert lifecycle.transition(job.pk, JobState.SUCCEEDED, token=lease.token, reason="scripted")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_classifier_sweep_maximises_accuracy_and_prunes_a_trial_below_the_median(
+    alice: Any, dataset: Dataset, settings: Any
+) -> None:
+    """Accuracy is better higher: the best completed trial is the most accurate, and a trial whose accuracy falls
+    below the median of the completed ones is pruned (its job, still running, is asked to stop with the reason)."""
+    from builder.jobs.models import Job
+    from builder.sweeps import services
+    from builder.sweeps.runner import run_tick
+
+    settings.JOBS_MAX_ACTIVE_PER_USER = 10
+    spec = {**TINY, "model": {**TINY["model"], "task": "classification", "num_labels": 2}}
+    config = Config.objects.create(owner=alice, name="classifier")
+    version = ConfigVersion.objects.create(config=config, number=1, spec=load_spec(spec).model_dump(mode="json"))
+    Dataset.objects.filter(pk=dataset.pk).update(label_field="label")
+    request = services.SweepRequest(
+        name="accuracy", config_version=version.pk, dataset=dataset.pk, space=[LR], budget=3, parallelism=3,
+        objective="val_accuracy",
+    )  # fmt: skip
+    sweep = services.start_sweep(alice, request)
+    run_tick(sweep.pk, "test")
+    trials = list(Trial.objects.filter(sweep=sweep).select_related("job").order_by("number"))
+    assert [t.state for t in trials] == [TrialState.RUNNING] * 3
+    jobs = [Job.objects.get(sweep_trial=t) for t in trials]
+    _scripted_run(jobs[0], [(10, 0.60), (20, 0.70)], "val_accuracy")
+    _scripted_run(jobs[1], [(10, 0.80), (20, 0.90)], "val_accuracy")
+    # The third is still training, and far less accurate at step 10 than the median of the two completed.
+    from builder.jobs import lifecycle
+    from builder.jobs.models import MetricPoint
+
+    third = jobs[2]
+    assert lifecycle.claim(third.pk, "scripted") is not None
+    MetricPoint.objects.create(job_id=third.pk, seq=1, step=10, name="val_accuracy", value=0.2)
+    Sweep.objects.filter(pk=sweep.pk).update(state="queued")  # what beat's poll does for a waiting sweep
+    run_tick(sweep.pk, "test")
+
+    done = {t.number: t for t in Trial.objects.filter(sweep=sweep)}
+    assert (done[0].state, done[0].objective) == (TrialState.COMPLETE, 0.70)  # the best of its points: the highest
+    assert (done[1].state, done[1].objective) == (TrialState.COMPLETE, 0.90)
+    assert done[2].state == TrialState.PRUNED and done[2].reason.startswith("pruned at step 10: val_accuracy 0.2")
+    assert "below the median" in done[2].reason
+    assert Job.objects.get(pk=third.pk).cancel_requested  # the worker stops it within a step
+    best = services.best_trial(Sweep.objects.get(pk=sweep.pk))
+    assert best is not None and best.number == 1
+    assert Sweep.objects.get(pk=sweep.pk).state == "finished"  # the budget is spent and nothing is active
