@@ -32,7 +32,7 @@ class SpecField(SpecJSON):
             return parse_spec(raw)
         except Refusal as exc:
             if exc.status != 400:
-                prefix = self.field_name
+                prefix = self.field_name or "spec"
                 raise Refusal.of(
                     ((f"{prefix}.{e.path}" if e.path else prefix, e.message) for e in exc.errors), exc.status
                 ) from None
