@@ -19,7 +19,8 @@ Figures:
 - ``points``: the points each viewer should hold at the end (the job's last sequence number, from the database),
   those it got live, those it refetched after a gap, and ``lost`` (never obtained). Target: 0 lost.
 - ``web_memory_mib``: the resident memory of the web processes (all of them together, and each), after start-up,
-  with every viewer connected, at the peak and at the end. Bounded: it must not grow with the run's length.
+  with every viewer connected, at the peak and at the end, and every 5 s while the jobs stream
+  (``while_streaming``: [seconds, MiB]). Bounded: it must level off, not grow with the run's length.
 - ``sockets_per_process``: how many websocket connections each web process held (several processes share one
   address; Channels groups go through Redis, so a viewer on any process gets every job's stream).
 - ``cpu_while_streaming``: CPU seconds the web processes, the viewers, Redis and the feeding threads used during
@@ -381,10 +382,15 @@ def main(argv: list[str] | None = None) -> int:
             }
             cpu_before = {name: cpu_seconds(procs) for name, procs in accounted.items()}
             started = time.monotonic()
+            timeline: list[list[float]] = []  # [seconds into the stream, MiB of all web processes], every 5 s
             while time.monotonic() - started < args.seconds:
                 time.sleep(1)
-                for pid, mib in rss_mib(processes).items():
+                sizes = rss_mib(processes)
+                for pid, mib in sizes.items():
                     peak[pid] = max(peak.get(pid, 0.0), mib)
+                elapsed = time.monotonic() - started
+                if not timeline or elapsed - timeline[-1][0] >= 5:
+                    timeline.append([round(elapsed, 1), round(sum(sizes.values()), 1)])
             cpu_used = {name: round(cpu_seconds(procs) - cpu_before[name], 1) for name, procs in accounted.items()}
             stream_seconds = time.monotonic() - started
             stop_feeding.set()
@@ -401,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 "connected_memory": connected_memory,
                 "peak_memory": peak,
                 "sockets": per_process,
+                "timeline": timeline,
                 "cpu": {"seconds_of_streaming": round(stream_seconds, 1), "cpu_seconds": cpu_used},
             }
             end_memory = rss_mib(processes)
@@ -439,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 "peak": total(phases["peak_memory"]),
                 "end": total(end_memory),
                 "per_process_peak": phases["peak_memory"],
+                "while_streaming": phases["timeline"],
             }
             report["sockets_per_process"] = phases["sockets"]
             report["cpu_while_streaming"] = phases["cpu"]
