@@ -87,6 +87,8 @@ bench: install frontend
 	$(PY) -m bench.engine
 	@# The platform: training inside a job against the bare engine, launch → first point, publish → browser.
 	$(PY) -m bench.platform
+	@# One job on 1 vs 2 processes, the collectives' cost, loss parity (DDP/FSDP2/EP), resume after a killed rank.
+	$(PY) -m bench.distributed
 
 # The web tier under load: 500 websocket viewers on 50 jobs streaming through the real sink, two web processes on
 # one socket; prints publish → client p95, points lost and web memory as JSON (bench/soak.py).
