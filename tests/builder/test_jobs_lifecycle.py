@@ -311,13 +311,14 @@ def test_the_dataset_sets_the_spec_data_fields(alice: Any) -> None:
 def test_the_api_refuses_datasets_that_are_not_ready_or_not_yours(alice: Any, charlie: Any, dataset: Dataset) -> None:
     client = signed_in(alice)
     busy = Dataset.objects.create(owner=alice, name="b", format="txt", file_name="b.txt", state="validating")
-    for dataset_id, words in ((busy.pk, "validating"), (999999, "no dataset")):
+    # Not ready: its state (409). No such dataset of hers: an id the schema cannot check (422).
+    for dataset_id, words, status in ((busy.pk, "validating", 409), (999999, "no dataset", 422)):
         response = client.post(
             "/api/jobs", {"name": "x", "spec": SPEC, "dataset": dataset_id}, content_type="application/json"
         )
-        assert response.status_code == 400 and words in response.json()["dataset"][0]
+        assert response.status_code == status and words in response.json()["dataset"][0]
     response = client.post("/api/jobs", {"name": "x", "dataset": dataset.pk}, content_type="application/json")
-    assert response.status_code == 400 and set(response.json()) == {"spec"}
+    assert response.status_code == 422 and set(response.json()) == {"spec"}  # neither spec nor config_version
     response = client.post(
         "/api/jobs", {"name": "x", "spec": [1], "dataset": dataset.pk}, content_type="application/json"
     )
