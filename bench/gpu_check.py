@@ -62,7 +62,7 @@ def _sync(device: str) -> None:
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
+    return float((a.detach().float() - b.detach().float()).abs().max())
 
 
 # -- the device -----------------------------------------------------------------------------------------------------
