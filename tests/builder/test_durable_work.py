@@ -1,9 +1,10 @@
-"""The one durable-work base (``builder.core.durable``) under each of its four kinds: jobs, reports, hardware
-calibrations and dataset processing. The same table of cases runs against every kind; the last tests run the
-reaper and redelivery against the session's real worker."""
+"""The one durable-work base (``builder.core.durable``) under each of its kinds: jobs, reports, hardware
+calibrations, dataset processing and sweeps' ticks. The same table of cases runs against every kind; the last tests
+run the reaper and redelivery against the session's real worker."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
@@ -23,6 +24,8 @@ from builder.jobs.lifecycle import JOBS
 from builder.jobs.models import Job, JobEvent
 from builder.reports.models import Report
 from builder.reports.work import REPORTS
+from builder.sweeps.models import Sweep
+from builder.sweeps.work import SWEEPS, TICK_TASK
 from tests.services import Stack, wait_for
 
 
@@ -44,18 +47,26 @@ def _dataset(owner: Any, **fields: Any) -> Dataset:
     return Dataset.objects.create(owner=owner, name="d", format="txt", file_name="datasets/x/d.txt", **fields)
 
 
+def _sweep(owner: Any, **fields: Any) -> Sweep:
+    return Sweep.objects.create(
+        owner=owner, name="s", base_spec={}, space=[], budget=1, parallelism=1, study_name=os.urandom(8).hex(), **fields
+    )
+
+
 # (kind, factory, the working state a claim enters, the error field a failure fills)
 KINDS: dict[str, tuple[durable.WorkKind[Any], Callable[..., Any], str, str]] = {
     "job": (JOBS, _job, "running", "error"),
     "report": (REPORTS, _report, "running", "error"),
     "calibration": (CALIBRATIONS, _calibration, "running", "error"),
     "dataset": (DATASETS, _dataset, "validating", "error_message"),
+    "sweep": (SWEEPS, _sweep, "ticking", "error"),
 }
 
 
 def test_every_kind_of_durable_work_is_registered_once() -> None:
     assert sorted(k.label for k in durable.kinds()) == sorted(KINDS)
-    assert {k.task for k in durable.kinds()} == {"jobs.train", "reports.evaluate", "calibration.run", ANALYZE_TASK}
+    tasks = {k.task for k in durable.kinds()}
+    assert tasks == {"jobs.train", "reports.evaluate", "calibration.run", ANALYZE_TASK, TICK_TASK}
 
 
 @pytest.mark.django_db
