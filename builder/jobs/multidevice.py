@@ -122,7 +122,9 @@ def train_on_devices(
 def _outcome(job_id: int, lease: lifecycle.Lease, run: RunLayout, returncode: int) -> TrainResult:
     """The ranks' result file, or what a crash means for the job."""
     result_file = run.root / RESULT_FILE
-    if returncode == 0 and result_file.is_file():
+    # Rank 0 writes the file after the last collective (the final checkpoint): the run ended, even if the launcher
+    # then exits non-zero (a SIGTERM that reached it too).
+    if result_file.is_file():
         outcome = json.loads(result_file.read_text())
         if "error" in outcome:
             raise EngineConfigError(outcome["error"])

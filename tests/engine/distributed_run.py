@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from workers.engine.data import Batches, PreparedData
-from workers.engine.distributed import DiscardSink, Parallel
+from workers.engine.distributed import STOP_FILE, DiscardSink, Parallel
 from workers.engine.model import build_model
 from workers.engine.sinks import MemorySink, MetricsSink
 from workers.engine.spec import Spec, load_spec
@@ -85,6 +85,14 @@ def main() -> None:
         results[f"{name}-split"] = {"first": first, "second": second}
         if spec.training.distributed.expert_parallel:
             results[f"{name}-layer"] = _expert_parallel_equals_unsharded(spec, prepared, parallel)
+    # The worker's stop file: every rank stops before the next step, together, with a checkpoint.
+    spec = load_spec(json.loads(specs_file.read_text())[0][1])
+    parallel = Parallel.from_environment(spec, torch.device("cpu"), run_root=out_dir / "preempted")
+    if parallel.is_main:
+        (out_dir / "preempted").mkdir()
+        (out_dir / "preempted" / STOP_FILE).write_text("preempt")
+    parallel.barrier()
+    results["preempted"] = _run(spec, prepared, out_dir / "preempted", parallel)
     if dist.get_rank() == 0:
         (out_dir / "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()

@@ -132,6 +132,12 @@ def test_a_resumed_two_process_run_continues_exactly(runs: dict[str, Any], layou
     assert split["second"]["loss"] == whole["loss"][3:]
 
 
+def test_the_stop_file_stops_every_rank_at_the_same_step_with_a_checkpoint(runs: dict[str, Any]) -> None:
+    preempted = runs["preempted"]
+    assert preempted["status"] == "preempted" and preempted["step"] == 0 and preempted["loss"] == []
+    assert latest_checkpoint(Path(runs["out"]) / "preempted" / "checkpoints") is not None
+
+
 def test_expert_parallel_forward_and_gradients_equal_the_unsharded_model(runs: dict[str, Any]) -> None:
     layer = runs["ep-layer"]
     print(f"expert parallel vs unsharded: forward {layer['forward_max_abs']:.2e}, grads {layer['grad_max_rel']:.2e}")

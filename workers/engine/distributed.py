@@ -515,6 +515,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     spec = load_spec(json.loads(args.spec.read_text()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda" and local_rank >= torch.cuda.device_count():
+        # Every rank sees the same count: all refuse, and no retry can help (rank 0 says why).
+        message = (
+            f"training.distributed.devices asks for {spec.training.distributed.devices} GPUs; "
+            f"this worker has {torch.cuda.device_count()}"
+        )
+        if int(os.environ.get("RANK", "0")) == 0:
+            _write_result(args.out, {"error": message})
+        return 0
     device = resolve_device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -541,11 +550,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         sink.close()
     if parallel.is_main:
-        tmp = args.out / f".{RESULT_FILE}.partial"
-        tmp.write_text(json.dumps(outcome))
-        os.replace(tmp, args.out / RESULT_FILE)
+        _write_result(args.out, outcome)
     dist.destroy_process_group()
     return 0
+
+
+def _write_result(out: Path, outcome: dict[str, Any]) -> None:
+    tmp = out / f".{RESULT_FILE}.partial"
+    tmp.write_text(json.dumps(outcome))
+    os.replace(tmp, out / RESULT_FILE)
 
 
 if __name__ == "__main__":
