@@ -121,6 +121,23 @@ def test_a_reaped_job_records_why_in_its_events(alice: Any) -> None:
 
 
 @pytest.mark.django_db
+def test_a_reaped_job_that_was_asked_to_stop_ends_cancelled_with_the_reason(alice: Any) -> None:
+    """Queued again it would wait forever: a job with a cancel requested is never claimed."""
+    from builder.jobs import lifecycle
+
+    job = _job(alice)
+    assert JOBS.claim(job.pk, "w1") is not None
+    job.refresh_from_db()
+    lifecycle.request_cancel(job, reason="pruned at step 10")
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(days=1))
+    assert JOBS.reap() == [job.pk]
+    job.refresh_from_db()
+    assert job.state == "cancelled"
+    reasons = [e["reason"] for e in JobEvent.objects.filter(job=job, kind="state").values_list("data", flat=True)]
+    assert reasons[-1] == "pruned at step 10"
+
+
+@pytest.mark.django_db
 def test_a_cleaned_version_without_data_is_cleaned_and_every_other_dataset_is_analyzed(alice: Any) -> None:
     source = _dataset(alice)
     version = _dataset(alice, origin=Origin.CLEANED, parent=source)
