@@ -7,6 +7,7 @@ same settings), so that one test can kill it in the middle of a watch and start 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -183,6 +184,20 @@ def test_an_invalid_file_raises_naming_its_line_and_field(web: WebServer, alice:
     result = cli(web, client.token, "datasets", "upload", str(bad), "--text-field", "text", "--quiet", home=tmp_path)
     assert result.returncode == 3, result.stderr
     assert "line 3" in result.stderr and "'text'" in result.stderr
+
+
+def test_an_upload_cut_short_resumes_from_the_byte_the_server_has(web: WebServer, alice: Any, tmp_path: Path) -> None:
+    client = Client(web.url, token_for(web, alice))
+    path = corpus_file(tmp_path)
+    data = path.read_bytes()
+    # A first process sent one chunk and died.
+    session = client.call("upload_start", json={"filename": path.name, "size": len(data), "name": "resumed"})
+    client.call("upload_chunk", session_id=session["id"], query={"offset": 0}, content=data[:CHUNK])
+    sent: list[int] = []
+    dataset = client.datasets.resume_upload(session["id"], path, progress=lambda s, t: sent.append(s))
+    assert sent == [len(data)]  # only the rest went: one chunk, from byte CHUNK
+    assert dataset["state"] == "ready" and dataset["size_bytes"] == len(data)
+    assert dataset["sha256"] == hashlib.sha256(data).hexdigest()  # the bytes stored are the file's
 
 
 def test_refusals_are_typed_and_exit_codes_tell_them_apart(web: WebServer, alice: Any, tmp_path: Path) -> None:

@@ -381,6 +381,33 @@ class Datasets:
             raise
         return self.wait(dataset["id"], timeout) if wait else dataset
 
+    def resume_upload(
+        self,
+        session_id: str,
+        path: str | Path,
+        *,
+        progress: Progress | None = None,
+        wait: bool = True,
+        timeout: float | None = 600,
+    ) -> dict[str, Any]:
+        """Finish an upload that stopped part-way (the process died, the network went): send the rest of the file
+        at ``path`` from the byte the server has (``GET /api/datasets/uploads/<id>``), then complete it as
+        ``upload`` does. The session's id is the ``id`` that ``upload_start`` answered (``DatasetInvalid``,
+        ``wait`` and ``timeout`` as in ``upload``)."""
+        path = Path(path)
+        session = self.client.call("upload_status", session_id=session_id)
+        session = {**session, "id": session_id}
+        size = path.stat().st_size
+        if int(session["size"]) != size:
+            raise ClientError(f"{path} has {size} bytes; the upload {session_id} was started for {session['size']}")
+        if not session.get("complete"):
+            with path.open("rb") as source:
+                self._send_chunks(session, source, size, progress)
+            dataset: dict[str, Any] = self.client.call("upload_complete", session_id=session_id)
+        else:
+            dataset = {"id": session["dataset"]}
+        return self.wait(dataset["id"], timeout) if wait else dataset
+
     def _send_chunks(self, session: dict[str, Any], source: BinaryIO, size: int, progress: Progress | None) -> None:
         chunk_size = int(session["chunk_size"])
         offset = int(session.get("received") or 0)

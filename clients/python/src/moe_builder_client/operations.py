@@ -80,7 +80,7 @@ OPERATIONS: dict[str, Operation] = {
         body="filename size name description format text_field label_field",
         reads="id chunk_size received",
     ),
-    "upload_status": op("GET", "/api/datasets/uploads/{session_id}", reads="received size complete"),
+    "upload_status": op("GET", "/api/datasets/uploads/{session_id}", reads="received size complete chunk_size dataset"),
     "upload_chunk": op("PUT", "/api/datasets/uploads/{session_id}", query="offset", body_type=BYTES, reads="received"),
     "upload_complete": op("POST", "/api/datasets/uploads/{session_id}/complete", reads="id state"),
     "upload_abort": op("DELETE", "/api/datasets/uploads/{session_id}"),
