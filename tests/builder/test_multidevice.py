@@ -117,3 +117,42 @@ def test_a_two_device_job_trains_on_two_ranks_and_resumes_after_one_is_killed(
     # No rank outlives its job.
     assert _rank(slow_worker, 0) is None and _rank(slow_worker, 1) is None
     assert Job.objects.get(pk=job_id).result["status"] == "completed"
+
+
+def test_a_cancel_reaches_every_rank_which_stop_together_and_keep_a_checkpoint(
+    alice: Any, tmp_path: Path, media_root: Path
+) -> None:
+    """The runner's loop without Celery: rank 0's points come back through the tailed file, and a cancel (the stop
+    file) ends both ranks at the same step with the checkpoint a resume continues from."""
+    from builder.jobs import lifecycle
+    from builder.jobs.multidevice import train_on_devices
+    from workers.engine.data import prepare
+    from workers.engine.layout import RunLayout
+    from workers.engine.sinks import MemorySink
+    from workers.engine.spec import load_spec
+
+    spec = load_spec(tiny_spec(40, **TWO_DEVICES))
+    job = Job.objects.create(owner=alice, name="j", spec=spec.model_dump(mode="json"), data_source="x.txt", queue="gpu")
+    lease = lifecycle.claim(job.pk, "test-worker")
+    assert lease is not None
+    corpus_file = tmp_path / "corpus.txt"
+    corpus_file.write_text(CORPUS)
+    run = RunLayout.at(tmp_path / "run")
+    prepare(spec, corpus_file, run.prepared_data)
+    sink = MemorySink()
+    result = train_on_devices(
+        job.pk,
+        lease,
+        spec,
+        run,
+        sink,
+        lease_lost=lambda: False,
+        cancel_requested=lambda: len(sink.series("loss")) >= 3,
+        device="cpu",
+        faults={"sleep_per_step_s": 0.2},
+    )
+    assert result.status == "stopped" and 3 <= result.step < 40
+    assert [step for step, _ in sink.series("loss")] == list(range(1, result.step + 1))
+    assert result.checkpoint is not None and result.checkpoint.name == f"step-{result.step:06d}"
+    assert latest_checkpoint(run.checkpoints) == result.checkpoint
+    assert sink.events_of("checkpoint")[-1]["step"] == result.step
