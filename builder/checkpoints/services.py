@@ -159,6 +159,8 @@ def import_checkpoint(owner: Any, name: str, uploads: Iterable[Any]) -> Imported
         except HFImportError as exc:
             field = f"config.{exc.field}" if exc.field not in ALLOWED_FILES else "files"
             raise Refusal(field, exc.message, UNFIT) from None
+        if hf.tokenizer is not None:
+            _check_tokenizer(hf.tokenizer)
         try:
             spec = load_spec(derived_spec(hf))
         except ValidationError as exc:
@@ -190,6 +192,25 @@ def import_checkpoint(owner: Any, name: str, uploads: Iterable[Any]) -> Imported
             size_bytes=size,
             weights_sha256=weights_sha256,
             notes=hf.notes,
+        )
+
+
+def _check_tokenizer(path: Path) -> None:
+    """A tokenizer the data pipeline can use: it separates documents with ``<eos>`` and pads with ``<pad>``
+    (workers.engine.data), so a folder's tokenizer must have them (a report's folder does)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own error types for a malformed file
+        raise Refusal("files", f"tokenizer.json: not a readable tokenizer ({exc})", UNFIT) from None
+    missing = [token for token in ("<eos>", "<pad>", "<bos>") if tokenizer.token_to_id(token) is None]
+    if missing:
+        raise Refusal(
+            "files",
+            f"tokenizer.json has no {', '.join(missing)} token: the training data pipeline needs them; leave the "
+            "tokenizer out to train a new one (the token ids then start over)",
+            UNFIT,
         )
 
 

@@ -147,6 +147,11 @@ def test_config_and_spec_problems_name_their_key_and_the_size_limit_is_413(
     assert answer.status_code == 422, answer.content
     message = answer.json()["files"][0]
     assert message.startswith("model.safetensors: layers.") and "shape" in message, message
+    foreign = json.loads((folder / "tokenizer.json").read_text())
+    foreign["added_tokens"] = [t for t in foreign["added_tokens"] if t["content"] != "<eos>"]
+    no_eos = [f for f in files_of(folder) if f.name != "tokenizer.json"]
+    answer = upload(owner, [*no_eos, SimpleUploadedFile("tokenizer.json", json.dumps(foreign).encode())])
+    assert answer.status_code == 422 and "no <eos> token" in answer.json()["files"][0], answer.content
     missing = upload(owner, [f for f in files_of(folder) if f.name != "model.safetensors"])
     assert missing.status_code == 422 and "model.safetensors" in missing.json()["files"][0]
 
