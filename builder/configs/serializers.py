@@ -160,9 +160,10 @@ class EstimateRequestSerializer(serializers.Serializer[dict[str, Any]]):
     hardware = serializers.ChoiceField(choices=list(PROFILES), default="cpu")
     num_gpus = serializers.IntegerField(min_value=1, max_value=64, default=1)
     parallelism = serializers.ChoiceField(
-        choices=["ddp", "expert"],
+        choices=["ddp", "expert", "fsdp"],
         default="ddp",
-        help_text="ddp: every GPU holds every expert; expert: routed experts sharded over the GPUs.",
+        help_text="ddp: every GPU holds every expert; expert: routed experts sharded over the GPUs; fsdp: parameters, "
+        "gradients and optimizer state sharded over the GPUs (training.distributed.strategy).",
     )
     dataset_tokens = serializers.IntegerField(
         min_value=1, required=False, allow_null=True, help_text="Tokens in the training data, for data advice."

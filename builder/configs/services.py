@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from builder.configs.models import Config, ConfigVersion, HardwareCalibration
 from builder.core.durable import WorkState
 from builder.core.errors import Refusal
-from workers.engine.estimate import estimate
+from workers.engine.estimate import Parallelism, estimate
 from workers.engine.hardware import PROFILES, HardwareProfile
 from workers.engine.lint import lint, lint_raw
 from workers.engine.spec import Spec, load_spec, spec_errors
@@ -115,7 +115,7 @@ def estimate_with_advice(spec: Spec, request: EstimateRequest) -> dict[str, Any]
         spec,
         request.hardware,
         num_gpus=request.num_gpus,
-        parallelism="expert" if request.parallelism == "expert" else "ddp",
+        parallelism=cast(Parallelism, request.parallelism if request.parallelism in ("expert", "fsdp") else "ddp"),
         calibration=calibration_factor(request.hardware.key),
         dataset_tokens=request.dataset_tokens,
     )

@@ -70,9 +70,11 @@ def _launch_url(version_id: int | None) -> str | None:
 
 
 def _parallelism(request: HttpRequest) -> str:
-    """``par``: ``ddp`` (every GPU holds every expert, the default) or ``expert`` (experts sharded)."""
+    """``par``: ``ddp`` (every GPU holds every expert, the default), ``expert`` (experts sharded) or ``fsdp``
+    (parameters, gradients and optimizer state sharded)."""
     params = request.POST if request.method == "POST" else request.GET
-    return "expert" if params.get("par") == "expert" else "ddp"
+    chosen = params.get("par")
+    return chosen if chosen in ("expert", "fsdp") else "ddp"
 
 
 def _estimate_context(

@@ -156,3 +156,22 @@ def test_a_cancel_reaches_every_rank_which_stop_together_and_keep_a_checkpoint(
     assert result.checkpoint is not None and result.checkpoint.name == f"step-{result.step:06d}"
     assert latest_checkpoint(run.checkpoints) == result.checkpoint
     assert sink.events_of("checkpoint")[-1]["step"] == result.step
+
+
+def test_the_estimate_api_and_comparison_predict_each_layout(alice: Any) -> None:
+    """FSDP is offered beside data and expert parallelism, and predicts less memory per GPU than DDP."""
+    from rest_framework.test import APIClient
+
+    client = signed_in(alice, APIClient)
+    spec = tiny_spec(10, distributed={"devices": 4}, batch_size=8)
+    peaks = {}
+    for layout in ("ddp", "expert", "fsdp"):
+        response = client.post(
+            "/api/specs/estimate",
+            {"spec": spec, "hardware": "a100-80gb", "num_gpus": 4, "parallelism": layout},
+            format="json",
+        )
+        assert response.status_code == 200, response.content
+        assert response.json()["estimate"]["parallelism"] == layout
+        peaks[layout] = response.json()["estimate"]["memory"]["optimizer"]
+    assert peaks["fsdp"] < peaks["expert"] < peaks["ddp"]
