@@ -152,7 +152,8 @@ class JobCreateSerializer(serializers.Serializer[dict[str, Any]]):
             raise Refusal("spec", message, 422)  # each field alone is well-formed: a rule between them
         if "name" not in attrs:
             if "config_version" not in attrs:
-                raise serializers.ValidationError({"name": ["a job with an inline spec needs a name"]})
+                # A rule between fields (name is optional with config_version only): 422, not a malformed request.
+                raise Refusal("name", "a job with an inline spec needs a name", 422)
             attrs["name"] = str(attrs["config_version"])[:200]
         return attrs
 

@@ -149,9 +149,10 @@ def test_the_api_takes_a_saved_configuration(
     both = client.post("/api/jobs", {**body, "spec": SPEC}, content_type="application/json")
     assert both.status_code == 422 and "not both" in both.json()["spec"][0]
     nameless = client.post("/api/jobs", {"spec": SPEC, "dataset": dataset.pk}, content_type="application/json")
-    assert nameless.status_code == 400 and set(nameless.json()) == {"name"}
+    assert nameless.status_code == 422 and set(nameless.json()) == {"name"}
     outsider = signed_in(charlie).post("/api/jobs", body, content_type="application/json")
-    assert outsider.status_code == 400 and set(outsider.json()) == {"config_version", "dataset"}
+    # Ids that name nothing of charlie's: 422 (well-formed ids, every problem of that kind).
+    assert outsider.status_code == 422 and set(outsider.json()) == {"config_version", "dataset"}
     schema = client.get("/api/schema?format=json").json()
     for route in ("/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/cancel", "/api/jobs/{job_id}/resume",
                   "/api/jobs/{job_id}/metrics", "/api/jobs/{job_id}/events"):  # fmt: skip
