@@ -66,8 +66,28 @@ PATHS_ANY: dict[str, Any] = {
 }
 
 
+# DRF trims a text field with Python's ``str.strip`` before its blank check: a required text must hold a character
+# that is not Python whitespace, which is more than JSON Schema's ``minLength: 1`` says.
+NOT_ONLY_WHITESPACE = (
+    "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+)
+
+
 class AutoSchema(openapi.AutoSchema):
     """drf-spectacular's schema, plus each operation's error answers (see the module docstring)."""
+
+    def _map_serializer_field(self, field: Any, direction: Any, bypass_extensions: bool = False) -> Any:
+        schema = super()._map_serializer_field(field, direction, bypass_extensions)
+        if (
+            direction == "request"
+            and type(field) is serializers.CharField
+            and field.trim_whitespace
+            and not field.allow_blank
+            and isinstance(schema, dict)
+            and "pattern" not in schema
+        ):
+            schema["pattern"] = NOT_ONLY_WHITESPACE
+        return schema
 
     def _error_codes(self, operation: dict[str, Any]) -> list[str]:
         codes = []
