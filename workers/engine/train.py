@@ -642,8 +642,8 @@ class _Trainer:
         if self.parallel.distributed:
             # The step's figures over the global batch: the mean of the ranks' (equal-sized) shares, one all-reduce.
             sums = [loss_sum, task_sum, aux_sum, dropped_sum, mtp_sum]
-            flat = torch.cat([torch.stack(sums), torch.zeros(0) if load_sum is None else load_sum.reshape(-1)])
-            flat = self.parallel.mean(flat.to(self.device))
+            loads = torch.zeros(0, device=self.device) if load_sum is None else load_sum.reshape(-1)
+            flat = self.parallel.mean(torch.cat([torch.stack(sums), loads]))
             loss_sum, task_sum, aux_sum, dropped_sum, mtp_sum = flat[:5]
             load_sum = None if load_sum is None else flat[5:].view_as(load_sum)
         loss_value = loss_sum.item() / accum
