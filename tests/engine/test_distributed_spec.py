@@ -45,6 +45,12 @@ RULES = [
         _spec({"distributed": {"devices": 2, "strategy": "ddp", "expert_parallel": True}}),
     ),
     (
+        "expert_parallel_is_not_for_fp16",
+        _spec({"distributed": {"devices": 2, "expert_parallel": True}, "precision": "fp16"}),
+        "training.distributed.expert_parallel",
+        _spec({"distributed": {"devices": 2, "expert_parallel": True}, "precision": "bf16"}),
+    ),
+    (
         "fsdp_is_not_for_muon",
         _spec({"distributed": {"devices": 2, "strategy": "fsdp"}, "optimizer": {"name": "muon"}}),
         "training.distributed.strategy",

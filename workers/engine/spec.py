@@ -671,6 +671,9 @@ def _distributed_problems(spec: Spec) -> list[tuple[str, str]]:
                     "expert parallelism runs the rest of the model data parallel: use strategy ddp with it",
                 )
             )
+        if t.precision == "fp16" and n > 1:
+            # Each rank's loss scaler would judge its own experts' gradients: one rank could skip a step another takes.
+            out.append(("training.distributed.expert_parallel", "expert parallelism trains in fp32 or bf16: use bf16"))
     if dist.strategy == "fsdp" and n > 1:
         if t.optimizer.name == "muon":
             # Muon orthogonalises whole matrices; FSDP gives each device a slice of each one.
