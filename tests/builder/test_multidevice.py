@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -119,11 +120,13 @@ def test_a_two_device_job_trains_on_two_ranks_and_resumes_after_one_is_killed(
     assert Job.objects.get(pk=job_id).result["status"] == "completed"
 
 
-def test_a_cancel_reaches_every_rank_which_stop_together_and_keep_a_checkpoint(
-    alice: Any, tmp_path: Path, media_root: Path
+@pytest.mark.parametrize("how", ["cancel", "sigterm"])
+def test_a_cancel_or_a_preemption_reaches_every_rank_which_stop_together_and_keep_a_checkpoint(
+    alice: Any, tmp_path: Path, media_root: Path, how: str
 ) -> None:
-    """The runner's loop without Celery: rank 0's points come back through the tailed file, and a cancel (the stop
-    file) ends both ranks at the same step with the checkpoint a resume continues from."""
+    """The runner's loop without Celery: rank 0's points come back through the tailed file, and a cancel (or SIGTERM
+    to the worker's process, a warm shutdown) ends both ranks at the same step with the checkpoint a resume continues
+    from."""
     from builder.jobs import lifecycle
     from builder.jobs.multidevice import train_on_devices
     from workers.engine.data import prepare
@@ -140,6 +143,15 @@ def test_a_cancel_reaches_every_rank_which_stop_together_and_keep_a_checkpoint(
     run = RunLayout.at(tmp_path / "run")
     prepare(spec, corpus_file, run.prepared_data)
     sink = MemorySink()
+    sent: list[int] = []
+
+    def preempt() -> bool:
+        """SIGTERM to this process once (the worker's pool process at a warm shutdown); never a cancel."""
+        if not sent:
+            sent.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return False
+
     result = train_on_devices(
         job.pk,
         lease,
@@ -147,11 +159,11 @@ def test_a_cancel_reaches_every_rank_which_stop_together_and_keep_a_checkpoint(
         run,
         sink,
         lease_lost=lambda: False,
-        cancel_requested=lambda: len(sink.series("loss")) >= 3,
+        cancel_requested=lambda: len(sink.series("loss")) >= 3 and (how == "cancel" or preempt()),
         device="cpu",
         faults={"sleep_per_step_s": 0.2},
     )
-    assert result.status == "stopped" and 3 <= result.step < 40
+    assert result.status == ("stopped" if how == "cancel" else "preempted") and 3 <= result.step < 40
     assert [step for step, _ in sink.series("loss")] == list(range(1, result.step + 1))
     assert result.checkpoint is not None and result.checkpoint.name == f"step-{result.step:06d}"
     assert latest_checkpoint(run.checkpoints) == result.checkpoint
