@@ -16,7 +16,7 @@ from builder.sweeps.models import Sweep, Trial
 from builder.sweeps.work import publish
 from tests.builder.test_sweeps import LR, TINY, TOP_K
 from tests.conftest import sign_in
-from tests.services import Stack
+from tests.services import Stack, wait_for
 from workers.engine.spec import load_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -82,3 +82,44 @@ def test_the_sweep_page_shows_its_trials_live_and_saves_the_best(
     assert saved.note.startswith('best trial 3 of sweep "tune lr": val_loss 3.1')
     assert saved.spec["training"]["optimizer"]["lr"] == 1e-3 and saved.spec["model"]["moe"]["top_k"] == 2
     assert "version 2" in page.locator("[data-saved]").inner_text()
+
+
+def test_the_wizard_lets_the_platform_tune_the_learning_rate(stack: Stack, page: Any, alice: Any) -> None:
+    """From the wizard's proposal to a sweep of its learning rate: "Save and let the platform tune the learning
+    rate", the plan, "Start the sweep", the sweep's page."""
+    from builder.datasets.demo import CORPUS_SLUG
+
+    Dataset.objects.create(
+        name="built-in corpus", slug=CORPUS_SLUG, origin="builtin", format="txt", file_name="datasets/c.txt",
+        size_bytes=10, state="ready",
+    )  # fmt: skip
+    sign_in(page, stack.base_url, alice)
+    page.goto(f"{stack.base_url}/configure/wizard/")
+    page.check("input[name=task][value=generation]")
+    page.click("[data-testid=next]")
+    page.wait_for_selector("[data-testid=wizard-step-2]")
+    page.check("input[name=data_size][value=tiny]")
+    page.click("[data-testid=next]")
+    page.wait_for_selector("[data-testid=wizard-step-3]")
+    page.select_option("select[name=hardware]", "cpu")
+    page.click("[data-testid=next]")
+    page.wait_for_selector("[data-testid=wizard-step-4]")
+    page.check("input[name=priority][value=quality]")
+    page.click("[data-testid=next]")
+    page.wait_for_selector("[data-testid=proposal]")
+    page.fill("#id_name", "tuned by the platform")
+    page.click("[data-testid=save-and-tune]")
+    page.wait_for_selector("[data-testid=tune-plan]")
+    config = Config.objects.get(owner=alice, name="tuned by the platform")
+    assert page.url.endswith(f"/sweeps/tune-lr/{config.pk}/")
+    assert "the proposal's" in page.locator("[data-testid=tune-plan]").inner_text()
+    page.click("[data-testid=start-sweep]")
+    page.wait_for_selector("[data-sweep-page]")
+    sweep = Sweep.objects.get(owner=alice)
+    assert page.url.endswith(f"/sweeps/{sweep.pk}/") and sweep.config_version == config.latest
+    assert sweep.first_trials == [{LR: config.latest.spec["training"]["optimizer"]["lr"]}]
+    # Its trials would train on the session's worker: stop it (the tick cancels whatever it submitted).
+    page.click("[data-action=stop]")
+    page.wait_for_selector("[data-field=state]:has-text('stopped')", timeout=60000)
+    assert Sweep.objects.get(pk=sweep.pk).state == "stopped"
+    wait_for(lambda: not Job.objects.filter(owner=alice, state__in=("queued", "running")).exists(), 60, "its jobs")
