@@ -78,6 +78,8 @@ class AutoSchema(openapi.AutoSchema):
 
     def _map_serializer_field(self, field: Any, direction: Any, bypass_extensions: bool = False) -> Any:
         schema = super()._map_serializer_field(field, direction, bypass_extensions)
+        if direction == "request" and isinstance(field, serializers.FileField) and not field.allow_empty_file:
+            schema = {**schema, "minLength": 1}  # DRF refuses an empty file
         if (
             direction == "request"
             and type(field) is serializers.CharField

@@ -68,7 +68,16 @@ UPLOAD_FORMAT_CHOICES = [("", "from the extension"), *DataFormat.choices]
 
 class UploadStartSerializer(_FieldsMixin):
     filename = serializers.CharField(max_length=255)
-    size = serializers.IntegerField(min_value=0, help_text="Exact size of the file in bytes.")
+    size = serializers.IntegerField(
+        min_value=0, help_text="Exact size of the file in bytes (at most DATASET_MAX_UPLOAD_BYTES and your free quota)."
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The largest upload, published as the field's maximum (read when a request or the schema is made, so a
+        # changed setting shows). Over it: 413, as before, now also a schema error a client can see beforehand.
+        self.fields["size"].max_value = settings.DATASET_MAX_UPLOAD_BYTES
+
     name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
     description = serializers.CharField(max_length=5000, required=False, default="", allow_blank=True)
     format = serializers.ChoiceField(choices=UPLOAD_FORMAT_CHOICES, required=False, default="")

@@ -13,7 +13,8 @@ schema, an undocumented status code or content type, a valid request rejected, a
 A request that matches the schema may still be refused for what the schema cannot state, and only so: 404 for an
 object it names that does not exist, 409 for a state that does not allow it (Schemathesis's defaults), and 422, the
 documented answer to a rule between fields or about the data it names (a spec's ``top_k`` above its expert count, a
-file whose name and format disagree). A 400 is a failure: what a 400 refuses, the schema must publish.
+file whose name and format disagree), and 413 for an upload larger than the user's free quota. A 400 is a failure:
+what a 400 refuses, the schema must publish.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ CHECKS = [
     "response_schema_conformance",
     "positive_data_acceptance",
 ]
-# What a schema-valid request may be answered (see the module docstring): Schemathesis's defaults, plus 422.
-ACCEPTED_REFUSALS = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
+# What a schema-valid request may be answered (see the module docstring): Schemathesis's defaults, plus 422, and 413
+# for an upload over the user's free storage quota (state of the account; the hard size limit is in the schema).
+ACCEPTED_REFUSALS = ["2xx", "3xx", "401", "403", "404", "409", "413", "422", "429", "5xx"]
 # Per operation and phase: enough to reach every documented answer, few enough for ~2 minutes on 2 slow cores.
 MAX_EXAMPLES = 5
 MAX_SECONDS = 100
