@@ -282,7 +282,7 @@ class Tick:
             self.end_trial(trial, TrialState.FAILED, "the sweep's dataset was deleted")
             return True
         submission = Submission(
-            name=f"{sweep.name} · trial {trial.number}",
+            name=f"{sweep.name[:180]} · trial {trial.number}",  # a job's name holds 200 characters
             dataset=sweep.dataset,
             queue=sweep.queue,
             spec=apply(sweep.base_spec, trial.params),

@@ -218,7 +218,7 @@ class TunePlan:
 
     def request(self) -> SweepRequest:
         return SweepRequest(
-            name=f"tune the learning rate of {self.version.config.name} v{self.version.number}",
+            name=f"tune the learning rate of {self.version.config.name} v{self.version.number}"[:200],
             config_version=self.version.pk,
             dataset=self.dataset.pk,
             space=[{"path": TUNE_LR_PATH, "kind": "float", "low": self.low, "high": self.high, "log": True}],
