@@ -15,7 +15,7 @@ STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("task", "Task", ("task", "num_labels")),
     ("data", "Data", ("data_size",)),
     ("hardware", "Hardware and budget", ("hardware", "num_gpus", "hours")),
-    ("priority", "Speed or quality", ("priority",)),
+    ("priority", "Speed, quality and use", ("priority", "context", "continue_later")),
 )
 
 
@@ -59,13 +59,34 @@ class WizardForm(forms.Form):
         ],
         widget=forms.RadioSelect,
     )
+    context = forms.ChoiceField(
+        choices=[
+            ("short", "Short texts: prompts and replies of a few hundred tokens (or classification)"),
+            ("long", "Long texts: generating from long documents or conversations, or for many users at once"),
+        ],
+        widget=forms.RadioSelect,
+        initial="short",
+        required=False,
+        label="Length of what it generates",
+        help_text="Long generation makes the attention cache the memory that counts: the wizard then proposes "
+        "latent or grouped-query attention.",
+    )
+    continue_later = forms.BooleanField(
+        required=False,
+        label="I may train it further later (more steps or new data)",
+        help_text="Then the learning rate stays at its peak until near the end (warmup-stable-decay), so the run "
+        "can be continued.",
+    )
 
     def __init__(self, data: Mapping[str, Any] | None = None, *, step: int = len(STEPS), **kwargs: Any) -> None:
+        if data is not None and not data.get("context"):
+            # Short texts unless said otherwise: the question then shows its default chosen.
+            data = {**{k: data.get(k) for k in data}, "context": "short"}
         super().__init__(data, **kwargs)
         self.step = step
         asked = {name for _, _, names in STEPS[:step] for name in names}
         for name, field in self.fields.items():
-            field.required = name in asked and name != "num_labels"
+            field.required = name in asked and name not in ("num_labels", "context", "continue_later")
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -86,6 +107,8 @@ class WizardForm(forms.Form):
             hours=float(d["hours"]),
             priority=d["priority"],
             num_labels=int(d.get("num_labels") or 2),
+            context="long" if d.get("context") == "long" else "short",
+            continue_later=bool(d.get("continue_later")),
         )
 
 
@@ -95,6 +118,8 @@ TWEAKS: tuple[tuple[str, str, Any], ...] = (
     ("model.num_layers", "Layers", "int"),
     ("model.hidden_size", "Hidden size", "int"),
     ("model.num_heads", "Heads", "int"),
+    ("model.attention", "Attention", ("mha", "gqa", "mla")),
+    ("model.mtp_depth", "Multi-token prediction modules", "int"),
     ("model.moe.num_routed_experts", "Routed experts", "int"),
     ("model.moe.top_k", "Experts per token (top-k)", "int"),
     ("model.moe.num_shared_experts", "Shared experts", "int"),
@@ -108,6 +133,21 @@ TWEAKS: tuple[tuple[str, str, Any], ...] = (
     ("model.dropout", "Dropout", "float"),
     ("training.precision", "Precision", ("fp32", "bf16", "fp16")),
     ("training.gradient_checkpointing", "Gradient checkpointing", "bool"),
+)
+
+
+# Choices shown with their reasons beside the tweaks (not tweakable there: they come with settings of their own,
+# which the JSON editor edits), the rest of the reasons stay folded away.
+HIGHLIGHTED_REASONS: tuple[str, ...] = (
+    "training.optimizer.name",
+    "training.schedule.kind",
+    "model.num_kv_heads",
+    "model.mla.kv_lora_rank",
+    "model.mla.qk_rope_head_dim",
+    "training.mtp_loss_weight",
+    "model.moe.n_group",
+    "model.moe.topk_group",
+    "model.moe.routed_scaling_factor",
 )
 
 

@@ -9,7 +9,7 @@ the same schema.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
@@ -19,7 +19,15 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from builder.accounts import audit
 from builder.accounts.models import AuditAction
-from builder.configs.forms import STEPS, TWEAKS, SaveForm, WizardForm, apply_tweaks, read_tweaks
+from builder.configs.forms import (
+    HIGHLIGHTED_REASONS,
+    STEPS,
+    TWEAKS,
+    SaveForm,
+    WizardForm,
+    apply_tweaks,
+    read_tweaks,
+)
 from builder.configs.models import Config, VersionSource
 from builder.configs.presets import PRESETS
 from builder.configs.services import (
@@ -36,8 +44,9 @@ from builder.configs.specdiff import align, diff_specs, flatten
 from builder.configs.wizard import DATA_SIZES, propose
 from builder.core.errors import Refusal
 from builder.core.parsers import load_json
+from workers.engine.estimate import Parallelism, estimate_time
 from workers.engine.hardware import PROFILES
-from workers.engine.spec import json_schema
+from workers.engine.spec import Spec, json_schema
 
 MAX_COMPARED = 4
 
@@ -85,6 +94,58 @@ def _estimate_context(
     # The bar's full width: the device's memory, or the peak when it does not fit.
     scale = max(est["memory"]["peak"], est["memory"]["capacity"])
     return {"est": est, "warnings": result["warnings"], "hw": PROFILES[hardware], "scale": scale}
+
+
+def _shown(value: Any) -> Any:
+    """A value as the comparison shows it (a share to whole per cent), so equal-looking cells are not marked."""
+    return round(value, 2) if isinstance(value, float) else value
+
+
+def architecture_costs(
+    spec: Spec, est: dict[str, Any], hardware: str, gpus: int, parallelism: str = "ddp"
+) -> dict[str, Any]:
+    """What the DeepSeek-V3 choices cost, for the comparison: the attention and its KV cache per token next to
+    multi-head attention's with the same heads (fp32, all layers), multi-token prediction's parameters and
+    extra step time (the estimate without the MTP modules), and the optimizer with the state it holds."""
+    m, o = spec.model, spec.training.optimizer
+    attention = {"mha": "multi-head", "gqa": f"grouped-query ({m.kv_heads} KV heads)", "mla": "latent (MLA)"}
+    mha_kv = 2 * m.num_layers * m.num_heads * m.head_dim * 4
+    mtp_extra = None
+    if m.mtp_depth:
+        raw = spec.model_dump(mode="json")
+        raw["model"]["mtp_depth"] = 0
+        without = estimate_time(
+            parse_spec(raw),
+            PROFILES[hardware],
+            num_gpus=gpus,
+            parallelism=cast(Parallelism, parallelism),
+            calibration=est["time"]["calibration_factor"],
+        )
+        mtp_extra = est["time"]["step_seconds"] / without.step_seconds - 1
+    return {
+        "attention": attention[m.attention]
+        + (f", latent {m.mla.kv_lora_rank} + rotary {m.mla.qk_rope_head_dim}" if m.attention == "mla" else ""),
+        "kv_bytes_per_token": est["kv_cache"]["bytes_per_token"],
+        "kv_bytes_per_token_mha": mha_kv,
+        "kv_smaller": round(mha_kv / est["kv_cache"]["bytes_per_token"], 1),
+        "kv_bytes_per_sequence": est["kv_cache"]["bytes_per_sequence"],
+        "mtp_depth": m.mtp_depth,
+        "mtp_loss_weight": spec.training.mtp_loss_weight,
+        "mtp_parameters": est["parameters"].get("mtp", 0),
+        "mtp_step_extra": mtp_extra,
+        "optimizer": o.name,
+        "optimizer_state_bytes": est["memory"]["optimizer"],
+    }
+
+
+# Rows of the comparison's architecture block: (row, the keys of architecture_costs it shows).
+ARCHITECTURE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("attention",)),
+    ("kv_cache", ("kv_bytes_per_token",)),
+    ("mtp", ("mtp_depth", "mtp_step_extra")),
+    ("optimizer", ("optimizer",)),
+    ("optimizer_state", ("optimizer_state_bytes",)),
+)
 
 
 @login_required
@@ -178,6 +239,10 @@ def _proposal_context(form: WizardForm, data: Any) -> dict[str, Any]:
         for path, label, kind in TWEAKS
     ]
     shown = {path for path, _, _ in TWEAKS}
+    context["highlighted_reasons"] = [
+        (p, flat.get(p), proposal.reasons[p]) for p in HIGHLIGHTED_REASONS if p in proposal.reasons
+    ]
+    shown |= set(HIGHLIGHTED_REASONS)
     context["other_reasons"] = [(p, flat.get(p), r) for p, r in proposal.reasons.items() if p not in shown]
     context["data_label"] = DATA_SIZES[answers.data_size].label
     context["field_errors"] = [(p, m) for p, m in field_errors.items() if p not in shown]
@@ -399,11 +464,19 @@ def compare(request: HttpRequest) -> HttpResponse:
         )
     if refs and len(refs) < 2:
         errors.append("c: choose at least two configurations to compare")
+    for column in columns:
+        column["arch"] = architecture_costs(parse_spec(column["spec"]), column["est"], hw, gpus, _parallelism(request))
+    # A row is highlighted where the columns differ (the MTP row by its depth and cost, rounded as shown).
+    arch_differs = {
+        label: len({tuple(_shown(c["arch"][k]) for k in keys) for c in columns}) > 1
+        for label, keys in ARCHITECTURE_ROWS
+    }
     rows = align([c["spec"] for c in columns]) if columns else []
     scale = max([c["est"]["memory"]["peak"] for c in columns] + [PROFILES[hw].memory_bytes], default=1)
     context = {
         "columns": columns,
         "rows": rows,
+        "arch_differs": arch_differs,
         "differing": sum(1 for r in rows if r.differs),
         "choices": _choices(request),
         "slots": [refs[i] if i < len(refs) else "" for i in range(MAX_COMPARED)],

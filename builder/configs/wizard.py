@@ -17,6 +17,19 @@ show the result. The rules of thumb, in the order they are applied:
    AdamW (β = 0.9/0.95, weight decay 0.01, clipping at 1.0), warmup then cosine decay to 10%, the learning
    rate that models of this size train with, dropout 0.1 when data is scarce, label smoothing 0.1 for
    classification.
+6. **Attention from how the model is used**: short texts (or classification) → multi-head attention; long
+   generation (long documents or conversations, many sequences served at once: the KV cache dominates memory) →
+   multi-head latent attention for quality (DeepSeek-V2: a compressed cache, MHA's quality), grouped-query
+   attention for speed (the cheapest step with a small cache); on a GPU long generation also trains on longer
+   sequences.
+7. **DeepSeek-V3's training choices**: multi-token prediction (one module) for quality generation when the
+   budget affords every pass over the data the run wants even with MTP's extra cost (it then adds training
+   signal per token; when the budget is the limit, plain next-token steps are worth more); group-limited
+   routing with one group per GPU when experts are spread over several (each token reaches at most half of
+   them); the routed scaling factor stays 1 (softmax weights are not renormalised). The optimizer: Adafactor
+   when memory is tight (gradient checkpointing needed), Muon for quality when the estimator says its
+   Newton-Schulz iterations add at most ``MUON_MAX_EXTRA`` to the step, else fused AdamW; the schedule:
+   warmup-stable-decay when the run may be continued later, else cosine.
 """
 
 from __future__ import annotations
@@ -25,12 +38,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from builder.core.formatting import human_bytes
 from workers.engine.estimate import (
     Estimate,
     count_parameters,
     estimate,
     estimate_memory,
     estimate_time,
+    kv_cache_bytes_per_token,
+    optimizer_state_elements,
     parameter_breakdown,
 )
 from workers.engine.hardware import PROFILES, HardwareProfile
@@ -39,6 +55,7 @@ from workers.engine.spec import Spec, load_spec
 
 Task = Literal["generation", "classification"]
 Priority = Literal["speed", "quality"]
+Context = Literal["short", "long"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,8 @@ HOURS_CHOICES: tuple[float, ...] = (0.25, 1, 4, 12, 24, 72, 168)
 GPU_COUNTS: tuple[int, ...] = (1, 2, 4, 8)
 WIDTHS: tuple[int, ...] = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096)
 MIN_STEPS = 100
+# Muon is proposed for quality only while its Newton-Schulz iterations add at most this share to the step.
+MUON_MAX_EXTRA = 0.10
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,8 @@ class Answers:
     hours: float
     priority: Priority
     num_labels: int = 2
+    context: Context = "short"  # how long the texts the model generates from and into are
+    continue_later: bool = False  # the run may be trained further later (more steps or new data)
 
     def __post_init__(self) -> None:
         # The forms validate each answer for the person; this guards the function's own contract.
@@ -98,10 +119,28 @@ class Answers:
             raise ValueError(f"priority: {self.priority!r} is not speed or quality")
         if self.task == "classification" and not 2 <= self.num_labels <= 10000:
             raise ValueError("num_labels: between 2 and 10000")
+        if self.context not in ("short", "long"):
+            raise ValueError(f"context: {self.context!r} is not short or long")
+
+    @property
+    def long_generation(self) -> bool:
+        return self.task == "generation" and self.context == "long"
 
     @property
     def dataset_tokens(self) -> int:
         return DATA_SIZES[self.data_size].examples * TOKENS_PER_EXAMPLE[self.task]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What the proposal measured while choosing: the reasons quote it."""
+
+    adamw_step_seconds: float = 0.0  # the chosen shape's step with AdamW
+    muon_step_seconds: float = 0.0  # ... with Muon
+    mtp_step_seconds: float | None = None  # ... with one MTP module (None: not considered)
+    mtp_affordable_steps: int = 0
+    mtp_blocked: str = ""  # why MTP is out whatever the budget: "memory" or "data" (its module's parameters)
+    wanted_steps: int = 0
 
 
 @dataclass
@@ -142,11 +181,15 @@ def _shape_candidates(answers: Answers) -> list[tuple[int, int]]:
 
 
 def _moe_settings(width: int, answers: Answers) -> dict[str, Any]:
-    """Routed/shared experts: fine-grained (16 experts, top-4) for quality on wide models, else 8, top-2."""
+    """Routed/shared experts: fine-grained (16 experts, top-4) for quality on wide models, else 8, top-2.
+    Several GPUs: one expert group per GPU, each token routed within half of them (at least enough groups for
+    its top-k)."""
     fine = answers.priority == "quality" and width >= 512
     experts, top_k, shared = (16, 4, 1) if fine else (8, 2, 1)
     # The active feed-forward width (top_k + shared experts) matches a dense SwiGLU of 8/3 × width.
     expert_hidden = _round_to(8 / 3 * width / (top_k + shared), 32)
+    groups = answers.num_gpus if answers.num_gpus > 1 and experts % answers.num_gpus == 0 else 1
+    per_group = experts // groups
     return {
         "num_routed_experts": experts,
         "num_shared_experts": shared,
@@ -154,7 +197,32 @@ def _moe_settings(width: int, answers: Answers) -> dict[str, Any]:
         "expert_hidden_size": expert_hidden,
         "balancing": "aux_free",
         "scoring": "softmax",
+        "n_group": groups,
+        "topk_group": max(math.ceil(top_k / per_group), groups // 2) if groups > 1 else 1,
+        "routed_scaling_factor": 1.0,
     }
+
+
+def _attention_settings(width: int, answers: Answers) -> dict[str, Any]:
+    """Multi-head attention, unless the model generates long texts: then latent attention (quality) or
+    grouped-query attention (speed). MLA's shape follows DeepSeek-V2(-Lite): per head ``head_dim`` dimensions
+    without position and ``head_dim / 2`` rotary ones, values a head wide, a latent of a quarter of the width
+    (at least 2 heads' worth, at most 512) and compressed queries only on wide models."""
+    heads = _heads_for(width)
+    if not answers.long_generation:
+        return {"attention": "mha", "num_kv_heads": None}
+    head_dim = width // heads
+    if answers.priority == "speed":
+        kv_heads = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 4))
+        return {"attention": "gqa", "num_kv_heads": kv_heads}
+    mla = {
+        "q_lora_rank": 0 if width < 2048 else min(1536, width // 2),
+        "kv_lora_rank": min(512, max(2 * head_dim, width // 4)),
+        "qk_nope_head_dim": head_dim,
+        "qk_rope_head_dim": head_dim // 2,
+        "v_head_dim": head_dim,
+    }
+    return {"attention": "mla", "num_kv_heads": None, "mla": mla}
 
 
 def _seq_len(answers: Answers, hardware: HardwareProfile) -> int:
@@ -162,6 +230,8 @@ def _seq_len(answers: Answers, hardware: HardwareProfile) -> int:
     index = order.index(answers.data_size)
     by_size = (128, 128, 256, 256, 512) if answers.task == "classification" else (128, 256, 512, 1024, 2048)
     seq = by_size[index]
+    if answers.long_generation and hardware.kind == "gpu":
+        seq = min(4096, 2 * seq)  # long generation: train on the longer contexts it will see
     if hardware.kind == "cpu":
         seq = min(seq, 128 if answers.task == "classification" else 256)
     return seq
@@ -185,6 +255,7 @@ def _base_spec(answers: Answers, layers: int, width: int, seq: int) -> dict[str,
             "max_seq_len": seq,
             "activation": "swiglu",
             "dropout": 0.0,  # set once the size is known
+            **_attention_settings(width, answers),
             "moe": {**_moe_settings(width, answers), "first_dense_layers": 1 if layers >= 8 else 0},
         },
         "training": {
@@ -235,6 +306,64 @@ def _fit_batch(raw: dict[str, Any], answers: Answers) -> tuple[Spec, list[str]] 
                 return spec, steps_taken
             batch //= 2
     return None
+
+
+def _changed(spec: Spec, model: dict[str, Any] | None = None, training: dict[str, Any] | None = None) -> Spec:
+    raw = spec.model_dump(mode="json")
+    raw["model"].update(model or {})
+    raw["training"].update(training or {})
+    return load_spec(raw)
+
+
+_MUON = {"name": "muon", "weight_decay": 0.01, "adamw_weight_decay": 0.01, "adamw_betas": [0.9, 0.95]}
+_ADAFACTOR = {"name": "adafactor", "weight_decay": 0.01}
+
+
+def _training_choices(
+    spec: Spec,
+    answers: Answers,
+    memory_steps: list[str],
+    budget_seconds: float,
+    wanted_steps: int,
+    calibration: float,
+) -> tuple[Spec, int, Choices]:
+    """The optimizer and multi-token prediction for the chosen shape (rule 7), and the steps the budget then
+    affords. The schedule follows later with the step count."""
+    hardware = PROFILES[answers.hardware]
+
+    def step_seconds(candidate: Spec) -> float:
+        return estimate_time(candidate, hardware, num_gpus=answers.num_gpus, calibration=calibration).step_seconds
+
+    adamw = step_seconds(spec)
+    muon_spec = _changed(spec, training={"optimizer": _MUON})
+    muon = step_seconds(muon_spec)
+    if "checkpointing" in memory_steps:
+        spec = _changed(spec, training={"optimizer": _ADAFACTOR})
+    elif answers.priority == "quality" and muon <= (1 + MUON_MAX_EXTRA) * adamw:
+        spec = muon_spec
+    affordable = int(budget_seconds / step_seconds(spec))
+    mtp_seconds: float | None = None
+    mtp_affordable = 0
+    blocked = ""
+    if answers.task == "generation":
+        mtp_spec = _changed(spec, model={"mtp_depth": 1})
+        mtp_seconds = step_seconds(mtp_spec)
+        mtp_affordable = int(budget_seconds / mtp_seconds)
+        if not _fits(mtp_spec, hardware, answers.num_gpus):
+            blocked = "memory"
+        elif count_parameters(mtp_spec) * OVERFIT_TOKENS_PER_PARAMETER > answers.dataset_tokens:
+            blocked = "data"  # (the module's parameters would take the model past what the data carries)
+        if answers.priority == "quality" and not blocked and mtp_affordable >= wanted_steps:
+            spec, affordable = mtp_spec, mtp_affordable
+    choices = Choices(
+        adamw_step_seconds=adamw,
+        muon_step_seconds=muon,
+        mtp_step_seconds=mtp_seconds,
+        mtp_affordable_steps=mtp_affordable,
+        mtp_blocked=blocked,
+        wanted_steps=wanted_steps,
+    )
+    return spec, affordable, choices
 
 
 def propose(answers: Answers, *, calibration: float = 1.0) -> Proposal:
@@ -293,6 +422,9 @@ def propose(answers: Answers, *, calibration: float = 1.0) -> Proposal:
     spec, memory_steps, affordable_steps, _ = chosen
     tokens_per_step = spec.tokens_per_step * answers.num_gpus
     wanted_steps = math.ceil(max_epochs * dataset_tokens / tokens_per_step)
+    spec, affordable_steps, choices = _training_choices(
+        spec, answers, memory_steps, budget_seconds, wanted_steps, calibration
+    )
     steps = max(MIN_STEPS, min(affordable_steps, wanted_steps))
     if affordable_steps < MIN_STEPS:
         notes.append(f"The budget allows only about {affordable_steps} steps; {MIN_STEPS} are proposed anyway.")
@@ -303,13 +435,19 @@ def propose(answers: Answers, *, calibration: float = 1.0) -> Proposal:
     t = raw["training"]
     t["max_steps"] = steps
     t["schedule"]["warmup_steps"] = warmup
-    t["optimizer"]["lr"] = lr
+    if answers.continue_later:
+        t["schedule"].update(kind="wsd", decay_fraction=0.2)
+    if t["optimizer"]["name"] in ("adamw", "muon"):  # (Adafactor's rate is relative: its default stays)
+        t["optimizer"]["lr"] = lr
+    if t["optimizer"]["name"] == "muon":
+        t["optimizer"]["adamw_lr"] = lr
     t["eval_interval"] = max(10, steps // 20)
     t["eval_batches"] = 4 if hardware.kind == "cpu" else 8
     t["checkpoint_interval"] = max(10, min(steps, steps // 10 or 1))
     spec = load_spec(raw)
 
     reasons = _reasons(answers, spec, memory_steps, affordable_steps, wanted_steps, low, high, calibration, cut_by)
+    _deepseek_reasons(answers, spec, choices, reasons)
     if spec.model.num_layers < low:
         because = (
             f"so that training fits {answers.hours:g} h on {hardware.name}"
@@ -456,6 +594,196 @@ def _reasons(
     r["training.eval_interval"] = f"Validation every {t.eval_interval} steps: about 20 points on the loss curve."
     r["training.checkpoint_interval"] = f"A checkpoint every {t.checkpoint_interval} steps, so a stop loses little."
     return r
+
+
+def _more(seconds: float | None, than: float) -> str:
+    """``seconds`` as a share more than ``than``: "+12%"."""
+    return f"+{max(0.0, (seconds or than) / than - 1):.0%}"
+
+
+def _deepseek_reasons(answers: Answers, spec: Spec, choices: Choices, r: dict[str, str]) -> None:
+    """Add to ``r`` the reasons for the choices of rules 6 and 7 (attention, MTP, group-limited routing, the
+    routed scaling factor, the optimizer and the schedule), replacing the plain AdamW/cosine reasons of
+    ``_reasons`` where those differ."""
+    m, t, moe = spec.model, spec.training, spec.model.moe
+    # -- attention, from the use ---------------------------------------------------------------------------
+    kv = kv_cache_bytes_per_token(spec)
+    mha_kv = m.num_layers * 2 * m.hidden_size * 4  # keys and values of every head, fp32
+    per_seq = f"{human_bytes(kv * m.max_seq_len)} for a full {m.max_seq_len}-token sequence"
+    if m.task == "classification":
+        r["model.attention"] = (
+            "Multi-head attention: classification reads each text once and keeps no KV cache, so latent or "
+            "grouped-query attention would have nothing to save."
+        )
+    elif m.attention == "mha":
+        r["model.attention"] = (
+            f"Multi-head attention: with short texts the KV cache ({human_bytes(kv)} per token, {per_seq}) is not "
+            "what limits generation, and MHA trains fastest. For long generation the wizard proposes latent "
+            "attention (MLA), whose compressed cache is several times smaller."
+        )
+    elif m.attention == "mla":
+        r["model.attention"] = (
+            f"Multi-head latent attention (DeepSeek-V2/V3): you generate long texts, where the KV cache limits "
+            f"how long and how many sequences fit. MLA caches a latent and one rotary key per token and layer: "
+            f"{human_bytes(kv)} per token against multi-head attention's {human_bytes(mha_kv)} "
+            f"({mha_kv / kv:.1f}× smaller, {per_seq}), with MHA's quality (DeepSeek-V2); its projections cost "
+            "some compute per step. Grouped-query attention shrinks the cache too, at some cost in quality."
+        )
+        r["model.mla.kv_lora_rank"] = (
+            f"A latent of {m.mla.kv_lora_rank} numbers (a quarter of the hidden size, within DeepSeek's 512): "
+            "keys and values are up-projected from it, and it is what the cache keeps."
+        )
+        r["model.mla.qk_rope_head_dim"] = (
+            f"{m.mla.qk_rope_head_dim} rotary dimensions per head (half a head, as DeepSeek-V2): position enters "
+            "through a separate key shared by every head (decoupled RoPE), so the latent stays free of position "
+            "and the cache small."
+        )
+        r["model.mla.qk_nope_head_dim"] = f"{m.mla.qk_nope_head_dim}: a head's worth of dimensions without position."
+        r["model.mla.v_head_dim"] = f"{m.mla.v_head_dim}: values a head wide, as multi-head attention's."
+        r["model.mla.q_lora_rank"] = (
+            "0: queries are projected directly (DeepSeek-V2-Lite); compressing them saves memory only on wide models."
+            if m.mla.q_lora_rank == 0
+            else f"Queries compressed to {m.mla.q_lora_rank} (DeepSeek-V2/V3 on wide models): less activation "
+            "memory in training."
+        )
+    else:
+        r["model.attention"] = (
+            f"Grouped-query attention: you generate long texts and asked for speed. {m.kv_heads} key/value heads "
+            f"shared by {m.num_heads} query heads cache {human_bytes(kv)} per token against multi-head "
+            f"attention's {human_bytes(mha_kv)} ({mha_kv / kv:.1f}× smaller, {per_seq}) at no extra cost per "
+            "step; latent attention keeps MHA's quality but its projections cost more per step."
+        )
+        r["model.num_kv_heads"] = (
+            f"{m.kv_heads} key/value heads, about a quarter of the query heads: the cache shrinks "
+            f"{m.num_heads // m.kv_heads}× (LLaMA-2 70B: 8 of 64)."
+        )
+    if answers.long_generation and spec.data.seq_len > 256:
+        r["data.seq_len"] = f"{spec.data.seq_len} tokens per sequence: twice the usual, for long generation."
+    # -- multi-token prediction ------------------------------------------------------------------------------
+    mtp_cost = _more(choices.mtp_step_seconds, _step_without_mtp(choices, t.optimizer.name))
+    if m.task == "classification":
+        r["model.mtp_depth"] = "No multi-token prediction: classification predicts a label, not tokens."
+    elif m.mtp_depth:
+        r["model.mtp_depth"] = (
+            f"One multi-token prediction module (DeepSeek-V3): each position also predicts the token after next, "
+            f"a denser training signal from the same data. It makes a step {mtp_cost} longer (estimated), and the "
+            f"budget still affords {choices.mtp_affordable_steps:,} steps, more than the {choices.wanted_steps:,} "
+            "the data asks for. Generation ignores the module."
+        )
+        r["training.mtp_loss_weight"] = (
+            f"{t.mtp_loss_weight:g}: DeepSeek-V3's weight for most of its training (0.1 at the end): the extra "
+            "loss helps the next-token loss without pulling it off course."
+        )
+    else:
+        if answers.priority == "speed":
+            why = (
+                f"each step would take {mtp_cost} longer (another block and output head per token), and you "
+                "asked for speed."
+            )
+        elif choices.mtp_blocked == "memory":
+            why = "a module (a block and an output head per token) would not fit in memory."
+        elif choices.mtp_blocked == "data":
+            why = (
+                f"a module adds a block's parameters, more than the data (about {answers.dataset_tokens / 1e6:.1f}M "
+                "tokens) can train without memorising."
+            )
+        else:
+            why = (
+                f"with it a step takes {mtp_cost} longer and the budget would afford "
+                f"{choices.mtp_affordable_steps:,} steps, fewer than the {choices.wanted_steps:,} the data asks "
+                "for: when the budget is the limit, plain next-token steps are worth more."
+            )
+        r["model.mtp_depth"] = f"No multi-token prediction: {why}"
+    # -- routing ---------------------------------------------------------------------------------------------
+    if moe.n_group == 1:
+        r["model.moe.n_group"] = (
+            "One group: on one GPU every expert is local, so there is no traffic between devices for group-limited "
+            "routing to bound (it would only narrow the router's choice)."
+            if answers.num_gpus == 1
+            else "One group: the experts do not split evenly over the GPUs."
+        )
+        r["model.moe.topk_group"] = "1, as n_group: no limit."
+    else:
+        per_group = moe.num_routed_experts // moe.n_group
+        r["model.moe.n_group"] = (
+            f"{moe.n_group} groups of {per_group} experts, one per GPU: with the experts spread over the GPUs "
+            "(expert parallelism) a group is a device, as DeepSeek-V3's groups are nodes."
+        )
+        r["model.moe.topk_group"] = (
+            f"Each token chooses its {moe.top_k} experts within its {moe.topk_group} best groups (a group scores "
+            f"as its best expert): it reaches at most {moe.topk_group} of {moe.n_group} GPUs, which bounds the "
+            "all-to-all traffic (DeepSeek-V3: 4 of 8 nodes)."
+        )
+    r["model.moe.routed_scaling_factor"] = (
+        f"1: the softmax weights of the top-{moe.top_k} experts are used as they are (not renormalised), so the "
+        "routed output keeps its scale; DeepSeek-V3's 2.5 makes up for sigmoid weights renormalised over 8 of "
+        "256 experts."
+    )
+    # -- optimizer and schedule ------------------------------------------------------------------------------
+    o = t.optimizer
+    state = human_bytes(optimizer_state_elements(spec) * 4)
+    adamw_state = human_bytes(optimizer_state_elements(_changed(spec, training={"optimizer": {"name": "adamw"}})) * 4)
+    muon_extra = _more(choices.muon_step_seconds, choices.adamw_step_seconds)
+    if o.name == "adafactor":
+        r["training.optimizer.name"] = (
+            f"Adafactor: memory is tight (gradient checkpointing is on), and its factored second moments hold "
+            f"{state} of optimizer state where AdamW would hold {adamw_state}."
+        )
+        r["training.optimizer.lr"] = (
+            f"{o.lr:g}: Adafactor's relative step: an update moves a weight by about {o.lr:.0%} of its RMS "
+            "(torch caps it at 1/√step early on), so AdamW's table of rates does not apply."
+        )
+        r["training.optimizer.weight_decay"] = "Weight decay 0.01 on the matrices: mild regularisation."
+        r.pop("training.optimizer.betas", None)
+    elif o.name == "muon":
+        r["training.optimizer.name"] = (
+            f"Muon for the hidden and expert matrices (their updates orthogonalised by Newton-Schulz iterations), "
+            f"AdamW for embeddings, head, norms and router, as Moonlight trains: about twice AdamW's compute "
+            f"efficiency at scale. Here its iterations make a step {muon_extra} longer (estimated; the wizard "
+            f"accepts up to +{MUON_MAX_EXTRA:.0%}), and its state is {state} where AdamW's would be {adamw_state}."
+        )
+        r["training.optimizer.lr"] += (
+            " Muon's update is scaled to AdamW's size (adjust_lr match_rms_adamw), so AdamW's rate carries over."
+        )
+        r["training.optimizer.adamw_lr"] = "The same peak rate for the AdamW part (embeddings, head, norms, router)."
+        r["training.optimizer.weight_decay"] = "Decoupled weight decay 0.01 on Muon's matrices: mild regularisation."
+        r["training.optimizer.adamw_betas"] = r.pop("training.optimizer.betas", "")
+    else:
+        if answers.priority == "speed":
+            why_not = f"Muon would make each step {muon_extra} longer (estimated), and you asked for speed"
+        else:
+            why_not = (
+                f"Muon would make each step {muon_extra} longer here (estimated; its Newton-Schulz matmuls are a "
+                f"large share of a small model's or small batch's step), more than the +{MUON_MAX_EXTRA:.0%} it "
+                "is worth"
+            )
+        r["training.optimizer.name"] = (
+            f"AdamW (fused): the well-tried default. {why_not}; Adafactor saves optimizer memory ({adamw_state} "
+            "here), which is not short; SGD trains transformers markedly worse."
+        )
+    warmup_for = {"adamw": "AdamW's", "muon": "Muon's momentum and AdamW's", "adafactor": "Adafactor's"}[o.name]
+    r["training.schedule.warmup_steps"] = (
+        f"{t.schedule.warmup_steps} warmup steps (~5% of the run, at most 2000): {warmup_for} statistics settle first."
+    )
+    if t.schedule.kind == "wsd":
+        r["training.schedule.kind"] = (
+            f"Warmup-stable-decay: the rate stays at its peak until the last {t.schedule.decay_fraction:.0%} of "
+            "the run, then falls linearly to 10%. You may continue training: a checkpoint from the stable phase "
+            "goes on at the peak rate with more steps or data and decays later, which cosine (its decay tied to "
+            "max_steps) does not allow; the final loss is on a par with cosine's (MiniCPM)."
+        )
+        r["training.schedule.decay_fraction"] = (
+            f"The last {t.schedule.decay_fraction:.0%} of the steps decay: enough to reach cosine's final loss."
+        )
+    else:
+        r["training.schedule.kind"] = (
+            "Cosine decay to 10% of the peak: a better final loss than a constant rate, for a run of fixed length "
+            "(warmup-stable-decay is proposed when you may continue training)."
+        )
+
+
+def _step_without_mtp(choices: Choices, optimizer: str) -> float:
+    return choices.muon_step_seconds if optimizer == "muon" else choices.adamw_step_seconds
 
 
 def estimate_proposal(proposal: Proposal, *, calibration: float = 1.0) -> Estimate:

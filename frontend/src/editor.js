@@ -13,7 +13,7 @@ import { syntaxTree } from "@codemirror/language";
 import { indentWithTab } from "@codemirror/commands";
 import { jsonSchemaLinter, jsonSchemaHover, jsonCompletion, stateExtensions } from "codemirror-json-schema";
 import { csrfToken } from "./common.js";
-import { toDraft04 } from "./schema-draft04.js";
+import { isMissingDiscriminator, toDraft04 } from "./schema-draft04.js";
 
 const boot = JSON.parse(document.getElementById("editor-boot").textContent);
 const csrf = csrfToken();
@@ -117,7 +117,9 @@ async function lintSpec(view) {
   };
   const parse = parseDiagnostic(state, text);
   if (parse) return done([parse]);
-  const schemaDiagnostics = schemaLint(view).map((d) => ({ ...d, source: d.source || "schema" }));
+  const schemaDiagnostics = schemaLint(view)
+    .filter((d) => !isMissingDiscriminator(d.message))
+    .map((d) => ({ ...d, source: d.source || "schema" }));
   if (schemaDiagnostics.length) return done(schemaDiagnostics);
   // The schema is satisfied: what is left are the cross-field rules, which only the server checks.
   const result = await serverValidate(text).catch(() => null);

@@ -10,8 +10,12 @@ import pytest
 
 from builder.configs.forms import TWEAKS
 from builder.configs.models import Config
+from builder.configs.presets import PRESETS
+from builder.configs.services import create_config
 from builder.configs.wizard import DATA_SIZES, GPU_COUNTS, HOURS_CHOICES, Answers, estimate_proposal, propose
+from builder.core.formatting import human_bytes
 from tests.conftest import signed_in
+from workers.engine.estimate import kv_cache_bytes_per_token, optimizer_state_elements
 from workers.engine.hardware import PROFILES
 from workers.engine.lint import lint
 from workers.engine.spec import load_spec
@@ -23,7 +27,8 @@ DECIDED = (
     "model.moe.balancing", "model.vocab_size", "model.dropout", "data.seq_len", "training.batch_size",
     "training.grad_accum_steps", "training.precision", "training.gradient_checkpointing", "training.max_steps",
     "training.optimizer.lr", "training.optimizer.weight_decay", "training.schedule.warmup_steps",
-    "training.schedule.kind", "training.grad_clip",
+    "training.schedule.kind", "training.grad_clip", "model.attention", "model.mtp_depth", "model.moe.n_group",
+    "model.moe.topk_group", "model.moe.routed_scaling_factor", "training.optimizer.name",
 )  # fmt: skip
 
 
@@ -34,12 +39,24 @@ DECIDED = (
 def test_every_combination_of_answers_gives_a_valid_spec(
     task: str, data_size: str, hardware: str, priority: str
 ) -> None:
-    """For each task × data × hardware × priority, every GPU count the hardware allows and every budget."""
+    """For each task × data × hardware × priority, every GPU count the hardware allows and every budget, with
+    short and long texts and continuing later or not in turn."""
     profile = PROFILES[hardware]
-    for gpus, hours in itertools.product(GPU_COUNTS, HOURS_CHOICES):
+    for i, (gpus, hours) in enumerate(itertools.product(GPU_COUNTS, HOURS_CHOICES)):
         if gpus > profile.max_devices:
             continue
-        answers = Answers(task, data_size, hardware, gpus, hours, priority, num_labels=7)  # type: ignore[arg-type]
+        context, continue_later = ("long" if i % 2 else "short"), i % 3 == 0
+        answers = Answers(
+            task,  # type: ignore[arg-type]
+            data_size,
+            hardware,
+            gpus,
+            hours,
+            priority,  # type: ignore[arg-type]
+            num_labels=7,
+            context=context,  # type: ignore[arg-type]
+            continue_later=continue_later,
+        )
         proposal = propose(answers)
         spec = load_spec(proposal.spec.model_dump(mode="json"))  # valid, and stable through JSON
         where = f"{answers}"
@@ -51,7 +68,13 @@ def test_every_combination_of_answers_gives_a_valid_spec(
             assert spec.training.label_smoothing == 0.1 and proposal.reasons["training.label_smoothing"], where
         # Rules of thumb the wizard promises.
         assert spec.model.hidden_size % spec.model.num_heads == 0 and spec.model.head_dim % 8 == 0, where
-        assert spec.model.activation == "swiglu" and spec.training.schedule.kind == "cosine", where
+        assert spec.model.activation == "swiglu", where
+        assert spec.training.schedule.kind == ("wsd" if continue_later else "cosine"), where
+        long_generation = context == "long" and task == "generation"
+        expected_attention = ("mla" if priority == "quality" else "gqa") if long_generation else "mha"
+        assert spec.model.attention == expected_attention, where
+        assert spec.model.mtp_depth == 0 or (task, priority) == ("generation", "quality"), where
+        assert spec.model.moe.n_group == gpus and spec.model.moe.topk_group == max(1, gpus // 2), where
         assert 0 < spec.training.schedule.warmup_steps <= max(10, spec.training.max_steps // 10), where
         assert spec.model.moe.num_routed_experts % gpus == 0, where
         assert profile.supports(spec.training.precision), where
@@ -90,11 +113,82 @@ def test_memory_pressure_turns_on_checkpointing_with_its_reason() -> None:
     assert proposal.reasons["training.gradient_checkpointing"].startswith("On:")
 
 
+def test_long_generation_gets_a_smaller_kv_cache_with_its_reason() -> None:
+    short = propose(Answers("generation", "small", "a10", 1, 12, "quality"))
+    quality = propose(Answers("generation", "small", "a10", 1, 12, "quality", context="long"))
+    speed = propose(Answers("generation", "small", "a10", 1, 12, "speed", context="long"))
+    classifier = propose(Answers("classification", "small", "a10", 1, 12, "quality", context="long"))
+    assert short.spec.model.attention == "mha" and "not what limits generation" in short.reasons["model.attention"]
+    assert classifier.spec.model.attention == "mha" and "no KV cache" in classifier.reasons["model.attention"]
+    m = quality.spec.model
+    assert m.attention == "mla" and m.num_kv_heads is None
+    latent, mha = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim, 2 * m.hidden_size
+    assert latent < mha / 2 and m.mla.qk_rope_head_dim == m.head_dim // 2
+    reason = quality.reasons["model.attention"]
+    assert "Multi-head latent attention" in reason and f"{mha / latent:.1f}× smaller" in reason, reason
+    assert quality.reasons["model.mla.kv_lora_rank"] and quality.reasons["model.mla.qk_rope_head_dim"]
+    # Long generation trains on longer sequences on a GPU.
+    assert quality.spec.data.seq_len == 2 * short.spec.data.seq_len
+    g = speed.spec.model
+    assert g.attention == "gqa" and g.num_heads % g.kv_heads == 0 and g.kv_heads <= g.num_heads // 4
+    assert "Grouped-query attention" in speed.reasons["model.attention"] and speed.reasons["model.num_kv_heads"]
+
+
+def test_multi_token_prediction_when_the_budget_affords_the_data_not_when_it_is_the_limit() -> None:
+    ample = propose(Answers("generation", "small", "a10", 1, 168, "quality"))
+    assert ample.spec.model.mtp_depth == 1 and ample.spec.training.mtp_loss_weight == 0.3
+    assert "One multi-token prediction module" in ample.reasons["model.mtp_depth"]
+    assert "DeepSeek-V3" in ample.reasons["training.mtp_loss_weight"]
+    tight = propose(Answers("generation", "medium", "cpu", 1, 0.25, "quality"))
+    assert tight.spec.model.mtp_depth == 0
+    assert "the budget is the limit" in tight.reasons["model.mtp_depth"], tight.reasons["model.mtp_depth"]
+    speed = propose(Answers("generation", "small", "a10", 1, 168, "speed"))
+    assert speed.spec.model.mtp_depth == 0 and "you asked for speed" in speed.reasons["model.mtp_depth"]
+
+
+def test_group_limited_routing_follows_the_gpus() -> None:
+    one = propose(Answers("generation", "medium", "h100-80gb", 1, 24, "quality"))
+    assert (one.spec.model.moe.n_group, one.spec.model.moe.topk_group) == (1, 1)
+    assert "every expert is local" in one.reasons["model.moe.n_group"]
+    four = propose(Answers("generation", "medium", "h100-80gb", 4, 24, "quality"))
+    moe = four.spec.model.moe
+    assert (moe.n_group, moe.topk_group) == (4, 2)
+    assert "one per GPU" in four.reasons["model.moe.n_group"]
+    assert "at most 2 of 4 GPUs" in four.reasons["model.moe.topk_group"]
+    assert moe.routed_scaling_factor == 1.0 and "not renormalised" in four.reasons["model.moe.routed_scaling_factor"]
+
+
+def test_the_optimizer_and_schedule_follow_memory_cost_and_whether_the_run_continues() -> None:
+    tight = propose(Answers("generation", "huge", "h100-80gb", 8, 72, "quality"))
+    assert tight.spec.training.gradient_checkpointing and tight.spec.training.optimizer.name == "adafactor"
+    assert "memory is tight" in tight.reasons["training.optimizer.name"]
+    speed = propose(Answers("generation", "small", "a10", 1, 12, "speed"))
+    assert speed.spec.training.optimizer.name == "adamw"
+    assert "you asked for speed" in speed.reasons["training.optimizer.name"]
+    for answers in (
+        Answers("generation", "small", "a10", 1, 12, "quality"),
+        *(Answers("generation", "medium", "h100-80gb", gpus, 24, "quality") for gpus in (1, 4)),
+    ):
+        proposal = propose(answers)
+        o, reason = proposal.spec.training.optimizer, proposal.reasons["training.optimizer.name"]
+        # Muon exactly when its estimated extra step time is within the wizard's threshold, said either way.
+        extra = int(reason.split("longer")[0].rsplit("+", 1)[1].strip().rstrip("%"))
+        assert (o.name == "muon") == (extra <= 10), reason
+        if o.name == "muon":
+            assert o.adamw_lr == o.lr and "AdamW's rate carries over" in proposal.reasons["training.optimizer.lr"]
+    again = propose(Answers("generation", "small", "a10", 1, 12, "quality", continue_later=True))
+    assert again.spec.training.schedule.kind == "wsd" and again.spec.training.schedule.decay_fraction == 0.2
+    assert "You may continue training" in again.reasons["training.schedule.kind"]
+    assert "warmup-stable-decay is proposed" in speed.reasons["training.schedule.kind"]
+
+
 def test_answers_are_checked() -> None:
     with pytest.raises(ValueError, match="num_gpus"):
-        Answers("generation", "tiny", "cpu", 2, 1, "speed")
+        Answers("generation", "tiny", "cpu", PROFILES["cpu"].max_devices + 1, 1, "speed")
     with pytest.raises(ValueError, match="data_size"):
         Answers("generation", "enormous", "cpu", 1, 1, "speed")
+    with pytest.raises(ValueError, match="context"):
+        Answers("generation", "tiny", "cpu", 1, 1, "speed", context="medium")  # type: ignore[arg-type]
 
 
 # -- pages ---------------------------------------------------------------------------------------------------
@@ -131,6 +225,15 @@ def test_wizard_steps_propose_tweak_and_save(alice: Any) -> None:
     html = response.content.decode()
     assert 'data-testid="proposal"' in html and 'data-testid="estimate"' in html
     assert html.count('data-testid="reason"') == len(TWEAKS)
+    # The optimizer, schedule, routing and prediction choices are shown with their reasons, not folded away.
+    for path in ("training.optimizer.name", "model.moe.n_group", "model.moe.routed_scaling_factor"):
+        assert f'<li data-path="{path}">' in html, path
+    assert "Multi-head attention" in html and "latent attention (MLA)" in html
+    # Long texts: latent attention, with its cache against multi-head attention's.
+    long = client.post("/configure/wizard/", {**data, "context": "long", "continue_later": "on", "step": "4"})
+    assert "Multi-head latent attention" in long.content.decode() and "× smaller" in long.content.decode()
+    assert '<li data-path="training.schedule.kind">' in long.content.decode()
+    assert "Warmup-stable-decay" in long.content.decode()
     # Going back keeps the answers.
     back = client.post("/configure/wizard/", {**data, "step": "5", "back": "1"}).content.decode()
     assert 'data-testid="wizard-step-4"' in back and 'value="tiny"' in back
@@ -213,3 +316,47 @@ def test_config_pages_diff_compare_and_the_outsider(alice: Any, charlie: Any) ->
     assert Config.objects.filter(pk=config.pk).exists()
     assert client.post(f"/configure/{config.pk}/delete/").status_code == 302
     assert not Config.objects.filter(pk=config.pk).exists()
+
+
+def _row(html: str, testid: str) -> str:
+    start = html.index(f'data-testid="{testid}"')
+    return html[html.rindex("<tr", 0, start) : html.index("</tr>", start)]
+
+
+@pytest.mark.django_db
+def test_the_comparison_shows_kv_cache_mtp_cost_and_optimizer_state_and_marks_differences(
+    alice: Any, charlie: Any
+) -> None:
+    demo = PRESETS["tiny-cpu-demo"].spec
+    raw = demo.model_dump(mode="json")
+    raw["model"].update(attention="mla", mtp_depth=1)
+    raw["model"]["mla"].update(kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+    raw["training"]["optimizer"] = {"name": "muon", "lr": 0.002, "adamw_lr": 0.002}
+    deepseek = load_spec(raw)
+    config = create_config(alice, "deepseek-style demo", "", deepseek, source="editor")
+    client = signed_in(alice)
+    url = f"/configure/compare/?c=config:{config.pk}&c=template:tiny-cpu-demo&hw=cpu"
+    html = client.get(url).content.decode()
+    kv = _row(html, "arch-kv-cache")
+    assert 'class="differs"' in kv
+    mla_kv, mha_kv = kv_cache_bytes_per_token(deepseek), kv_cache_bytes_per_token(demo)
+    assert mla_kv == 2 * (64 + 16) * 4 and mha_kv == 2 * 2 * 128 * 4
+    assert human_bytes(mla_kv) in kv and human_bytes(mha_kv) in kv
+    assert f"{mha_kv / mla_kv:.1f}× smaller" in kv
+    mtp = _row(html, "arch-mtp")
+    assert 'class="differs"' in mtp and "1 module</strong>, weight 0.3" in mtp and "% step time" in mtp
+    assert mtp.count("none") == 1  # the template has no MTP module
+    optimizer = _row(html, "arch-optimizer")
+    assert 'class="differs"' in optimizer and "<td>muon</td>" in optimizer and "<td>adamw</td>" in optimizer
+    state = _row(html, "arch-optimizer-state")
+    for spec in (deepseek, demo):
+        assert human_bytes(optimizer_state_elements(spec) * 4) in state
+    assert 'class="differs"' in _row(html, "arch-attention") and "latent (MLA)" in html
+    # Two columns that differ only in the optimizer: the attention rows are not marked.
+    raw["model"].update(attention="mha", mtp_depth=0)
+    other = create_config(alice, "muon only", "", load_spec(raw), source="editor")
+    html = client.get(f"/configure/compare/?c=config:{other.pk}&c=template:tiny-cpu-demo&hw=cpu").content.decode()
+    assert 'class="same"' in _row(html, "arch-kv-cache") and 'class="same"' in _row(html, "arch-mtp")
+    assert 'class="differs"' in _row(html, "arch-optimizer")
+    # The outsider cannot compare alice's configuration.
+    assert signed_in(charlie).get(url).status_code in (400, 404)

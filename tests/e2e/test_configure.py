@@ -161,6 +161,79 @@ def test_json_editor_marks_a_bad_value_and_saves_a_good_one(
     assert config.versions.count() == 2
 
 
+def _complete_at(page: Any, text: str, marker: str, screenshot: Path | None = None) -> list[str]:
+    """Put ``text`` in the editor, the cursor inside ``marker`` (its middle), and ask for completion."""
+    _set_doc(page, text)
+    page.locator(".cm-content").click()
+    page.evaluate(
+        "([m]) => { const v = window.specEditor; const at = v.state.doc.toString().indexOf(m) + m.length / 2;"
+        " v.dispatch({selection: {anchor: at}}); v.focus(); }",
+        [marker],
+    )
+    page.keyboard.press("Control+Space")
+    page.wait_for_selector(".cm-tooltip-autocomplete li", timeout=10000)
+    options = page.locator(".cm-tooltip-autocomplete li .cm-completionLabel").all_inner_texts()
+    if screenshot is not None:
+        page.screenshot(path=str(screenshot))
+    page.keyboard.press("Escape")
+    return options
+
+
+def test_json_editor_completes_and_checks_the_chosen_optimizer_and_latent_attention(
+    stack: Stack, page: Any, alice: Any, artifacts: Path
+) -> None:
+    """The optimizer is a oneOf chosen by ``name`` (the schema's discriminator): naming muon offers Muon's own
+    fields and not AdamW's, a Muon field out of bounds is marked at its line, an AdamW field under muon is
+    refused; MLA's fields complete under ``model.mla``."""
+    sign_in(page, stack.base_url, alice)
+    page.goto(f"{stack.base_url}/configure/editor/?template=tiny-cpu-demo")
+    page.wait_for_selector("[data-testid=editor-status][data-valid=true]", timeout=20000)
+
+    def keys(options: list[str]) -> set[str]:
+        return {o.strip().strip('"') for o in options}
+
+    shot = artifacts / "configure-editor-muon-completion.png"
+    muon = keys(_complete_at(page, '{"training": {"optimizer": {"name": "muon", "": 1}}}', '""', shot))
+    assert {"ns_steps", "adamw_lr", "adjust_lr", "momentum"} <= muon, muon
+    assert "betas" not in muon and "beta2_decay" not in muon, muon
+    adamw = keys(_complete_at(page, '{"training": {"optimizer": {"name": "adamw", "": 1}}}', '""'))
+    assert {"betas", "eps"} <= adamw and "ns_steps" not in adamw, adamw
+    adafactor = keys(_complete_at(page, '{"training": {"optimizer": {"name": "adafactor", "": 1}}}', '""'))
+    assert {"beta2_decay", "clip_threshold"} <= adafactor and "betas" not in adafactor, adafactor
+    names = _complete_at(page, '{"training": {"optimizer": {"name": ""}}}', '""')
+    assert {"adamw", "adafactor", "sgd", "muon"} <= keys(names), names
+    mla = keys(_complete_at(page, '{"model": {"attention": "mla", "mla": {"": 1}}}', '""'))
+    assert {"kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"} <= mla, mla
+
+    # Validation by the chosen optimizer: Muon's bound at its line; AdamW's betas are not Muon's.
+    spec = PRESETS["tiny-cpu-demo"].as_dict()["spec"]
+    spec["training"]["optimizer"] = {"name": "muon", "lr": 0.002, "ns_steps": 0}
+    text = json.dumps(spec, indent=2)
+    _set_doc(page, text)
+    page.wait_for_selector("[data-testid=editor-status][data-valid=false]")
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if '"ns_steps"' in row)
+    problems = page.locator("[data-testid=editor-problems] li")
+    assert problems.first.get_attribute("data-line") == str(line), problems.all_inner_texts()
+    assert "ns_steps" in problems.first.inner_text()
+    spec["training"]["optimizer"] = {"name": "muon", "betas": [0.9, 0.95]}
+    text = json.dumps(spec, indent=2)
+    _set_doc(page, text)
+    page.wait_for_selector("[data-testid=editor-status][data-valid=false]")
+    # (an unknown key is marked at the object that may not hold it)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if '"optimizer"' in row)
+    assert problems.first.get_attribute("data-line") == str(line), problems.all_inner_texts()
+    assert "betas" in problems.first.inner_text()
+    # Valid Muon and MLA settings (and an optimizer without a name, which is AdamW): no problem.
+    spec["training"]["optimizer"] = {"name": "muon", "lr": 0.002, "ns_steps": 3, "adamw_lr": 0.002}
+    spec["model"]["attention"] = "mla"
+    spec["model"]["mla"] = {"kv_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32}
+    _set_doc(page, json.dumps(spec, indent=2))
+    page.wait_for_selector("[data-testid=editor-status][data-valid=true]", timeout=15000)
+    spec["training"]["optimizer"] = {"lr": 0.002}
+    _set_doc(page, json.dumps(spec, indent=2))
+    page.wait_for_selector("[data-testid=editor-status][data-valid=true]", timeout=15000)
+
+
 def test_comparison_shows_differences_and_memory_bars(stack: Stack, page: Any, alice: Any, artifacts: Path) -> None:
     config = create_config(alice, "my small MoE", "", PRESETS["tiny-cpu-demo"].spec, source="template")
     sign_in(page, stack.base_url, alice)

@@ -14,7 +14,7 @@ error context.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -359,18 +359,19 @@ _Optimizer = Annotated[
 ]
 
 
-# The JSON Schema says that ``name`` chooses the optimizer (OpenAPI's discriminator, in the form pydantic writes for
-# a plain-field discriminator), so that the browser editor completes and checks the chosen optimizer's own fields.
-# pydantic cannot derive it from the callable discriminator above, which the default (no name: adamw) needs.
-_OPTIMIZER_DISCRIMINATOR = {
-    "propertyName": "name",
-    "mapping": {
-        "adamw": "#/$defs/AdamWSpec",
-        "adafactor": "#/$defs/AdafactorSpec",
-        "sgd": "#/$defs/SGDSpec",
-        "muon": "#/$defs/MuonSpec",
-    },
-}
+def _optimizer_discriminator(schema: dict[str, Any]) -> None:
+    """Say in the JSON Schema that ``name`` chooses the optimizer (OpenAPI's discriminator, in the form pydantic
+    writes for a plain-field discriminator), so that the browser editor completes and checks the chosen
+    optimizer's own fields. pydantic cannot derive it from the callable discriminator above, which the default
+    (no name: adamw) needs. The references are pydantic's own (it rewrites them into ``$defs`` or OpenAPI
+    components afterwards, mapping values included, as for the discriminators it writes)."""
+    names = [get_args(cls.model_fields["name"].annotation)[0] for cls in get_args(OptimizerSpec)]
+    # (the oneOf lists the choices in the order of the union, which OptimizerSpec repeats)
+    assert len(names) == len(schema["oneOf"])
+    schema["discriminator"] = {
+        "propertyName": "name",
+        "mapping": {name: choice["$ref"] for name, choice in zip(names, schema["oneOf"], strict=True)},
+    }
 
 
 class ScheduleSpec(_Strict):
@@ -453,7 +454,7 @@ class TrainingSpec(_Strict):
     optimizer: _Optimizer = Field(
         default_factory=AdamWSpec,
         description="Optimizer and its settings; name chooses it (adamw when left out).",
-        json_schema_extra={"discriminator": _OPTIMIZER_DISCRIMINATOR},
+        json_schema_extra=_optimizer_discriminator,
     )
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
     grad_clip: float | None = Field(1.0, gt=0.0, le=1000.0, description="Clip the global gradient norm; null: off.")
