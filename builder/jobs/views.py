@@ -42,6 +42,7 @@ OVERLAY_METRICS = (
     ("tokens_per_s", "Tokens/s"),
     ("memory_bytes", "Memory"),
     ("aux_loss", "Auxiliary loss"),
+    ("mtp_loss", "Multi-token prediction loss"),
     ("dropped_fraction", "Dropped tokens"),
     ("val_accuracy", "Validation accuracy"),
 )
@@ -87,6 +88,7 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
                 # The routing settings, so that a dead-expert alert says which knob this run has to turn.
                 "moe": _moe_settings(job.spec),
             },
+            "mtp_depth": _mtp_depth(job.spec),
         },
     )
 
@@ -98,6 +100,14 @@ def _moe_settings(spec: dict[str, Any]) -> dict[str, Any] | None:
         return load_spec(spec).model.moe.model_dump(mode="json")
     except ValidationError:
         return None
+
+
+def _mtp_depth(spec: dict[str, Any]) -> int:
+    """``model.mtp_depth`` of a stored spec (0 if it no longer validates): the dashboard plots the MTP loss."""
+    try:
+        return load_spec(spec).model.mtp_depth
+    except ValidationError:
+        return 0
 
 
 @login_required

@@ -25,6 +25,7 @@ const HIGHLIGHT = { intervention: "#f08c00", anomaly: "#c92a2a", rollback: "#c92
 const LOG_METRICS = [
   ["loss", "loss", fmtNumber], ["val_loss", "val_loss", fmtNumber], ["lr", "lr", fmtLr],
   ["grad_norm", "grad_norm", fmtNumber], ["tokens_per_s", "tok/s", fmtNumber], ["memory_bytes", "mem", fmtBytes],
+  ["mtp_loss", "mtp_loss", fmtNumber],
 ];
 
 function describeEvent(ev) {
@@ -110,6 +111,26 @@ class Dashboard {
       simple("tokens_per_s", "tokens/s", COLORS[5], fmtNumber, true),
       simple("memory_bytes", "memory", COLORS[4], fmtBytes, true, BYTE_INCREMENTS),
     ];
+    // Multi-token prediction (only on the page of a job that has MTP modules): their loss beside the
+    // next-token loss, both smoothed as the loss chart is, so the gap between predicting t+1 and t+2 shows.
+    if (chart("mtp_loss")) {
+      this.mtpChart = new LineChart(chart("mtp_loss"), {
+        markers,
+        empty: "The MTP loss appears with the first training step.",
+        build: () => {
+          const mtp = this.store.sorted("mtp_loss");
+          const next = this.store.sorted("loss");
+          return {
+            series: [{ label: "MTP (t+2…)", stroke: COLORS[6], width: 2 }, { label: "next token", stroke: COLORS[0], width: 1.2 }],
+            data: align([
+              { steps: mtp.steps, values: smooth(mtp.values, this.smoothing) },
+              { steps: next.steps, values: smooth(next.values, this.smoothing) },
+            ]),
+          };
+        },
+      });
+      this.others.push(this.mtpChart);
+    }
     this.heatmap = new ExpertHeatmap(this.root.querySelector("[data-heatmap]"), {
       legend: this.root.querySelector("[data-heatmap-legend]"),
       tip: this.root.querySelector("[data-heatmap-tip]"),
@@ -155,6 +176,7 @@ class Dashboard {
       this.smoothing = Number(slider.value);
       out.textContent = this.smoothing.toFixed(2);
       this.loss.update();
+      this.mtpChart?.update();
     });
     card.querySelector('[data-control="reset-zoom"]').addEventListener("click", () => this.loss.resetZoom());
     for (const button of this.root.querySelectorAll("[data-action]")) {

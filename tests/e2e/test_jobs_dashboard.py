@@ -166,3 +166,42 @@ def test_the_dashboard_recovers_from_a_gap_and_a_reconnect(stack: Stack, page: A
     page.wait_for_function("() => document.querySelector('[data-field=live]').dataset.state === 'live'")
     assert time.monotonic() - started < 10
     assert page.evaluate("() => window.jobDashboard.store.count('loss')") == 30
+
+
+def test_the_dashboard_plots_the_multi_token_prediction_loss(
+    stack: Stack, page: Any, alice: Any, artifacts: Path
+) -> None:
+    """A run with one MTP module streams its mtp_loss; the dashboard draws it beside the next-token loss (a run
+    without MTP has no such chart)."""
+    name = default_storage.save("datasets/e2e/mtp.txt", ContentFile(CORPUS.encode()))
+    dataset = Dataset.objects.create(owner=alice, name="mtp", format="txt", file_name=name, state="ready")
+    spec = tiny_spec(12)
+    spec["model"]["mtp_depth"] = 1
+    config = Config.objects.create(owner=alice, name="Tiny MoE with MTP")
+    version = ConfigVersion.objects.create(config=config, number=1, spec=spec)
+    sign_in(page, stack.base_url, alice)
+    page.goto(f"{stack.base_url}/jobs/new/?config_version={version.pk}")
+    page.select_option("#id_dataset", str(dataset.pk))
+    page.click("[data-testid=launch-form] button[type=submit]")
+    page.wait_for_url("**/jobs/*/")
+    page.wait_for_function(
+        "() => document.querySelector('[data-job-dashboard]').dataset.state === 'succeeded'", timeout=120000
+    )
+    job = Job.objects.get(owner=alice, config_version=version)
+    page.wait_for_function("() => window.jobDashboard.store.count('mtp_loss') === 12")
+    stored = MetricPoint.objects.filter(job=job, name="mtp_loss").count()
+    assert stored == 12
+    chart = page.locator("[data-testid=mtp-loss-chart]")
+    assert chart.locator("canvas").count() == 1 and chart.locator(".chart-empty").is_hidden()
+    legend = chart.locator(".u-legend").inner_text()
+    assert "MTP" in legend and "next token" in legend
+    chart.scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "jobs-dashboard-mtp-loss.png"), full_page=True)
+    # A run without MTP modules shows no MTP chart.
+    plain = saved_config(alice, "No MTP", max_steps=5)
+    other = Job.objects.create(
+        owner=alice, name="plain", config_version=plain, spec=plain.spec, state="succeeded", total_steps=5
+    )
+    page.goto(f"{stack.base_url}/jobs/{other.pk}/")
+    page.wait_for_selector("[data-testid=loss-chart]")
+    assert page.locator("[data-testid=mtp-loss-chart]").count() == 0
