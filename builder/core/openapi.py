@@ -66,11 +66,12 @@ PATHS_ANY: dict[str, Any] = {
 }
 
 
-# DRF trims a text field with Python's ``str.strip`` before its blank check: a required text must hold a character
-# that is not Python whitespace, which is more than JSON Schema's ``minLength: 1`` says.
-NOT_ONLY_WHITESPACE = (
-    "[^\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
-)
+# DRF refuses a NUL character in any text field, and trims a text field with Python's ``str.strip`` before its
+# blank check: a required text must hold a character that is not Python whitespace. JSON Schema's ``minLength``
+# says neither; these patterns (anchored, so the same in Python's and ECMAScript's regular expressions) do.
+_WHITESPACE = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NO_NUL = "^[^\\x00]*$"
+NOT_ONLY_WHITESPACE = f"^[^\\x00]*[^\\x00{_WHITESPACE}][^\\x00]*$"
 
 
 class AutoSchema(openapi.AutoSchema):
@@ -83,12 +84,10 @@ class AutoSchema(openapi.AutoSchema):
         if (
             direction == "request"
             and type(field) is serializers.CharField
-            and field.trim_whitespace
-            and not field.allow_blank
             and isinstance(schema, dict)
             and "pattern" not in schema
         ):
-            schema["pattern"] = NOT_ONLY_WHITESPACE
+            schema["pattern"] = NOT_ONLY_WHITESPACE if field.trim_whitespace and not field.allow_blank else NO_NUL
         return schema
 
     def _error_codes(self, operation: dict[str, Any]) -> list[str]:
