@@ -115,9 +115,9 @@ class AutoSchema(openapi.AutoSchema):
         operation = super().get_operation(*args, **kwargs)
         if operation is None:
             return None
-        body = operation.get("requestBody")
-        if body is not None and set(body.get("content", {})) == {"application/octet-stream"}:
-            body["required"] = True  # a raw byte body (an upload's chunk) is the request: there is none without it
+        request_body = operation.get("requestBody")
+        if request_body is not None and set(request_body.get("content", {})) == {"application/octet-stream"}:
+            request_body["required"] = True  # a raw byte body (a chunk) is the request itself
         as_paths = getattr(self.view, "errors_as_paths", False)
         responses = operation.setdefault("responses", {})
         for code in self._error_codes(operation):
