@@ -24,10 +24,20 @@ from builder.reports.models import Report
 SCHEMA_VERSION = 1
 # Points per curve in the document (and so in the figures): enough for the shape, small enough for a PDF.
 CURVE_POINTS = 400
-CURVES = ("loss", "val_loss", "lr")
+CURVES = ("loss", "val_loss", "mtp_loss", "lr")
 # The events a reader of the report cares about: what the trainer did on its own, and what went wrong.
 NOTABLE_EVENTS = ("intervention", "anomaly", "rollback", "early_stop", "error", "resume")
-FINAL_METRICS = ("loss", "val_loss", "val_ppl", "val_accuracy", "grad_norm", "lr", "tokens_per_s", "tokens_seen")
+FINAL_METRICS = (
+    "loss",
+    "val_loss",
+    "val_ppl",
+    "val_accuracy",
+    "mtp_loss",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "tokens_seen",
+)
 
 
 def iso(moment: datetime) -> str:

@@ -87,15 +87,16 @@ def _figure(height_in: float, ncols: int = 1) -> tuple[Figure, Any]:
 def training_curves(series: Mapping[str, Mapping[str, Sequence[float]]], markers: Sequence[Mapping[str, Any]]) -> str:
     """Loss (training and validation) and learning rate against the step.
 
-    ``series``: ``{name: {"step": [...], "value": [...]}}`` (``loss``, ``val_loss``, ``lr`` are drawn when
-    present). ``markers``: ``[{"step", "kind"}]`` events drawn as dashed lines (interventions amber, anomalies
-    and rollbacks red), as on the live dashboard.
+    ``series``: ``{name: {"step": [...], "value": [...]}}`` (``loss``, ``val_loss``, ``mtp_loss`` (multi-token
+    prediction), ``lr`` are drawn when present). ``markers``: ``[{"step", "kind"}]`` events drawn as dashed
+    lines (interventions amber, anomalies and rollbacks red), as on the live dashboard.
     """
     with _style():
         fig, (loss_ax, lr_ax) = _figure(2.6, ncols=2)
         fig.get_layout_engine().set(wspace=0.08)  # type: ignore[union-attr, call-arg]
         drawn = False
-        for name, label, colour in (("loss", "training", ACCENT), ("val_loss", "validation", SECOND)):
+        curves = (("loss", "training", ACCENT), ("val_loss", "validation", SECOND), ("mtp_loss", "MTP", "#7048e8"))
+        for name, label, colour in curves:
             data = series.get(name)
             if data and data.get("step"):
                 style = {"marker": "o", "markersize": 3} if name == "val_loss" else {}
@@ -104,7 +105,7 @@ def training_curves(series: Mapping[str, Mapping[str, Sequence[float]]], markers
         loss_ax.set_title("Loss")
         loss_ax.set_xlabel("step")
         if drawn:
-            values = [v for n in ("loss", "val_loss") for v in (series.get(n) or {}).get("value", [])]
+            values = [v for n, _, _ in curves for v in (series.get(n) or {}).get("value", []) if v is not None]
             if values and min(values) > 0 and max(values) / min(values) > 20:
                 loss_ax.set_yscale("log")
             loss_ax.legend(loc="upper right")

@@ -90,6 +90,7 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
         ("Parameters", f"{num(model.get('total_parameters'))} total, {num(model.get('active_parameters'))} active "
                        "per token"),
         ("Training time", f"{duration(job.get('train_seconds'), 1)} over {job['attempts']} attempt(s)"),
+        *_training_choices(model),
         ("Submitted / finished", f"{job.get('created_at') or '—'} / {job.get('finished_at') or '—'}"),
         ("Report", f"#{report['id']}, {report['trigger']}; "
                    + ", ".join(f"{TIMING_LABELS.get(k, k)} {duration(v, 1)}" for k, v in timings.items())),
@@ -115,6 +116,10 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
             ("BLEU-4", fixed(evaluation.get("bleu4"), 2), "sacreBLEU, 0–100, greedy continuations vs references"),
             ("ROUGE-L", fixed(evaluation.get("rouge_l"), 3), "mean F1 of the longest common word subsequence, 0–1"),
         ]
+        if "mtp_loss" in evaluation:
+            metrics.insert(1, ("MTP loss", num(evaluation.get("mtp_loss")),
+                               "multi-token prediction: the MTP modules' cross-entropy on the same text "
+                               "(predicting t+2 onwards)"))  # fmt: skip
     metrics.append(("Examples", num(evaluation.get("examples")), "held-out examples scored"))
 
     layers = routing.get("layers", [])
@@ -163,9 +168,42 @@ def sections(document: Mapping[str, Any]) -> dict[str, Any]:
         "latency_settings": deployment.get("settings", {}),
         "advice": advice,
         "huggingface": _huggingface_line(deployment.get("huggingface")),
+        "kv_cache": _kv_cache_rows(model.get("kv_cache"), document.get("spec", {})),
         "artifacts": [(a["name"], human_bytes(a.get("bytes")), a.get("sha256") or "—", a.get("url")) for a in
                       document.get("artifacts", [])],
     }  # fmt: skip
+
+
+ATTENTION_NAMES = {"mha": "multi-head", "gqa": "grouped-query", "mla": "multi-head latent (MLA)"}
+
+
+def _training_choices(model: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Summary rows for the attention, multi-token prediction and optimizer the run used (reports made before
+    these were recorded have none)."""
+    rows = []
+    if "attention" in model:
+        rows.append(("Attention", ATTENTION_NAMES.get(model["attention"], model["attention"])))
+    if "mtp_depth" in model:
+        depth = model["mtp_depth"]
+        rows.append(("Multi-token prediction", f"{depth} module(s), ignored by generation" if depth else "none"))
+    if "optimizer" in model:
+        rows.append(("Optimizer", f"{model['optimizer']}, {model.get('schedule', '—')} schedule"))
+    return rows
+
+
+def _kv_cache_rows(kv: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> list[tuple[str, str, str]] | None:
+    """The KV-cache block: (attention, bytes per token, bytes per max_seq_len sequence) for this model and for
+    multi-head attention of the same shape; None without a cache (classification, older reports)."""
+    if not kv:
+        return None
+    seq = (spec.get("model") or {}).get("max_seq_len") or 0
+    ours, mha = kv["bytes_per_token"], kv["bytes_per_token_mha"]
+    rows = [(f"this model: {ATTENTION_NAMES.get(kv['attention'], kv['attention'])}", human_bytes(ours),
+             human_bytes(ours * seq))]  # fmt: skip
+    if kv["attention"] != "mha":
+        ratio = f"{mha / ours:.1f}× more" if ours else "—"
+        rows.append((f"multi-head attention, same heads ({ratio})", human_bytes(mha), human_bytes(mha * seq)))
+    return rows
 
 
 def _huggingface_line(export: Mapping[str, Any] | None) -> str | None:
@@ -278,6 +316,9 @@ def render_markdown(document: Mapping[str, Any], generated_at: datetime) -> str:
     out += ["## Routing", "", f"Dead experts: {tables['dead_count']} (load under {tables['dead_threshold']}).", ""]
     out += _md_table(("layer", "balance entropy", "max / mean load", "dead experts", "assignments"), tables["routing"])
     out += ["## Deployment", ""]
+    if tables["kv_cache"]:
+        out += ["KV cache (fp32, all layers):", "", *_md_table(("attention", "per token", "per sequence"),
+                                                                tables["kv_cache"])]  # fmt: skip
     out += _md_table(("variant", "batch", "median ms", "p90 ms", "tokens/s", "size"), tables["latency"])
     out += _md_table(("latency target", "deploy", "why"), [(a["target"], a["choice"], a["reason"])
                                                            for a in tables["advice"]])  # fmt: skip

@@ -120,12 +120,24 @@ def normalize_evaluation(raw: Mapping[str, Any]) -> dict[str, Any]:
         }
     else:
         evaluation.update(perplexity=metrics.get("val_ppl"), bleu4=metrics.get("bleu4"), rouge_l=metrics.get("rouge_l"))
+        if "val_mtp_loss" in metrics:
+            evaluation["mtp_loss"] = metrics["val_mtp_loss"]
     checkpoint = raw.get("checkpoint", {})
     spec = load_spec(raw["spec"])
+    model: dict[str, Any] = {
+        "total_parameters": count_parameters(spec),
+        "active_parameters": active_parameters(spec),
+        "attention": spec.model.attention,
+        "mtp_depth": spec.model.mtp_depth,
+        "optimizer": spec.training.optimizer.name,
+        "schedule": spec.training.schedule.kind,
+    }
+    if raw.get("kv_cache"):
+        model["kv_cache"] = raw["kv_cache"]
     return {
         "checkpoint": {"step": checkpoint.get("step"), "sha256": checkpoint.get("sha256")},
         "spec": raw.get("spec"),
-        "model": {"total_parameters": count_parameters(spec), "active_parameters": active_parameters(spec)},
+        "model": model,
         "metrics": evaluation,
         "samples": raw.get("samples", []),
         "routing": raw.get("routing", {}),

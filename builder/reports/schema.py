@@ -92,7 +92,28 @@ REPORT_SCHEMA: dict[str, Any] = {
         "task": {"enum": ["causal_lm", "classification"]},
         "spec": {"type": "object", "description": "The spec the checkpoint was trained with (GET /api/specs/schema)."},
         "checkpoint": _object({"step": _INT, "sha256": {**_SHA256, "description": "SHA-256 of model.safetensors."}}),
-        "model": _object({"total_parameters": _INT, "active_parameters": _INT}),
+        "model": _object(
+            {
+                "total_parameters": _INT,
+                "active_parameters": _INT,
+                "attention": {"enum": ["mha", "gqa", "mla"]},
+                "mtp_depth": {**_INT, "description": "Multi-token prediction modules (0: next-token only)."},
+                "optimizer": {"enum": ["adamw", "adafactor", "sgd", "muon"]},
+                "schedule": {"type": "string", "description": "Learning-rate schedule kind."},
+                "kv_cache": _object(
+                    {
+                        "attention": {"enum": ["mha", "gqa", "mla"]},
+                        "bytes_per_token": _INT,
+                        "bytes_per_token_mha": {
+                            **_INT,
+                            "description": "What multi-head attention with the same heads would cache.",
+                        },
+                    },
+                    description="Generation's KV cache per token, fp32, all layers (causal_lm).",
+                ),
+            },
+            required=["total_parameters", "active_parameters"],
+        ),
         "training": _object(
             {
                 "series": {
@@ -128,6 +149,10 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "perplexity": _NUMBER_OR_NULL,
                 "bleu4": {**_NUMBER_OR_NULL, "description": "sacreBLEU corpus BLEU-4, 0–100 (causal_lm)."},
                 "rouge_l": {**_NUMBER_OR_NULL, "description": "Mean ROUGE-L F1, 0–1 (causal_lm)."},
+                "mtp_loss": {
+                    **_NUMBER_OR_NULL,
+                    "description": "Multi-token prediction: the MTP modules' mean loss on the same batches.",
+                },
                 "accuracy": {**_NUMBER_OR_NULL, "description": "0–1 (classification)."},
                 "macro_f1": {**_NUMBER_OR_NULL, "description": "0–1 (classification)."},
                 "confusion": _object(

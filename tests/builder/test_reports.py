@@ -253,6 +253,68 @@ def test_json_follows_its_schema_for_both_tasks(engine_runs: dict[str, Any], ali
 
 
 @pytest.mark.django_db
+def test_a_deepseek_style_run_reports_its_mtp_loss_kv_cache_and_optimizer(
+    alice: Any, media_root: Path, tmp_path: Path
+) -> None:
+    """Latent attention, one MTP module and Muon: the report shows the MTP loss (evaluated and the training
+    curve's last value), the KV cache per token next to multi-head attention's, and the optimizer."""
+    spec_dict = tiny_spec(12)
+    spec_dict["model"].update(
+        attention="mla",
+        mtp_depth=1,
+        mla={"kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16},
+    )
+    spec_dict["training"]["optimizer"] = {"name": "muon", "lr": 3e-3, "adamw_lr": 3e-3}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sink = MemorySink()
+        result = train(load_spec(spec_dict), corpus, tmp_path / "run", sink, device="cpu")
+        assert result.status == "completed" and result.checkpoint is not None
+        raw = evaluate(result.checkpoint, tmp_path / "run" / "data", max_examples=16, prompts=2, max_new_tokens=4)
+    finally:
+        torch.set_num_threads(previous)
+    job = make_job(alice, spec_dict)
+    mtp_points = sink.series("mtp_loss")
+    assert len(mtp_points) == 12
+    MetricPoint.objects.bulk_create(
+        MetricPoint(job=job, seq=job.metric_seq + i + 1, step=step, name="mtp_loss", value=value)
+        for i, (step, value) in enumerate(mtp_points)
+    )
+    Job.objects.filter(pk=job.pk).update(metric_seq=job.metric_seq + len(mtp_points))
+    report = finished_report(job, {"checkpoint": result.checkpoint, "evaluation": raw, "spec": spec_dict})
+    document = json.loads(render.render_json(report.document, T1))
+    validator = jsonschema.Draft202012Validator(REPORT_SCHEMA, format_checker=jsonschema.FormatChecker())
+    assert not [e.message for e in validator.iter_errors(document)]
+    assert document["evaluation"]["mtp_loss"] == pytest.approx(raw["metrics"]["val_mtp_loss"])
+    assert document["training"]["final"]["mtp_loss"] == pytest.approx(mtp_points[-1][1])
+    assert document["training"]["series"]["mtp_loss"]["step"][-1] == 12
+    # 2 layers × (latent 16 + rotary key 8) fp32 numbers, against 2 layers × keys and values of 2 heads of 16.
+    assert document["model"]["kv_cache"] == {"attention": "mla", "bytes_per_token": 192, "bytes_per_token_mha": 512}
+    assert document["model"]["optimizer"] == "muon" and document["model"]["mtp_depth"] == 1
+
+    formats = render.stored_formats(report.document, report.figures, T1)
+    html = formats["report.html"].decode()
+    mtp_row = re.search(r'data-metric="MTP loss">([^<]+)<', html)
+    assert mtp_row is not None and mtp_row.group(1) == render.num(raw["metrics"]["val_mtp_loss"])
+    kv = html[html.index('data-testid="kv-cache"') : html.index("</table>", html.index('data-testid="kv-cache"'))]
+    assert "multi-head latent (MLA)" in kv and "192 B" in kv and "512 B" in kv and "2.7× more" in kv
+    assert '<th scope="row">Optimizer</th><td>muon, cosine schedule</td>' in html
+    assert "<td>1 module(s), ignored by generation</td>" in html
+    markdown = formats["report.md"].decode()
+    assert "| MTP loss |" in markdown and "| this model: multi-head latent (MLA) | 192 B |" in markdown
+    _, text = pdf_text(formats["report.pdf"])
+    assert "KV cache" in text and "MTP loss" in text
+    # A multi-head model's report shows its own cache without the comparison; a classifier has none.
+    mha = render.sections({**document, "model": {**document["model"], "kv_cache": {
+        "attention": "mha", "bytes_per_token": 512, "bytes_per_token_mha": 512}}})["kv_cache"]  # fmt: skip
+    assert mha is not None and len(mha) == 1
+    assert render.sections({**document, "model": {"total_parameters": 1, "active_parameters": 1}})["kv_cache"] is None
+
+
+@pytest.mark.django_db
 def test_a_classifier_report_has_its_confusion_matrix(
     engine_runs: dict[str, Any], alice: Any, media_root: Path
 ) -> None:
