@@ -14,6 +14,7 @@ from builder.configs.presets import PRESETS
 from builder.configs.services import create_config
 from tests.conftest import sign_in
 from tests.services import Stack
+from workers.engine.spec import load_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -33,10 +34,16 @@ def test_wizard_end_to_end(stack: Stack, page: Any, alice: Any, artifacts: Path)
     page.click("[data-testid=next]")
     page.wait_for_selector("[data-testid=wizard-step-4]")
     page.check("input[name=priority][value=quality]")
+    # Long generation and a run that may be continued: latent attention and warmup-stable-decay, with reasons.
+    page.check("input[name=context][value=long]")
+    page.check("input[name=continue_later]")
     page.click("[data-testid=next]")
     page.wait_for_selector("[data-testid=proposal]")
     reasons = page.locator("[data-testid=reason]").all_inner_texts()
     assert all(reasons) and any("layers" in r for r in reasons)
+    assert "Multi-head latent attention" in page.locator("[data-path='model.attention'] .reason").inner_text()
+    highlighted = page.locator("[data-testid=highlighted-reasons]").inner_text()
+    assert "Warmup-stable-decay" in highlighted and "model.moe.routed_scaling_factor" in highlighted
     assert page.locator("[data-testid=oom-risk]").first.inner_text().lower() == "fits"
     page.screenshot(path=str(artifacts / "configure-wizard-proposal.png"), full_page=True)
 
@@ -277,3 +284,15 @@ def test_comparison_shows_differences_and_memory_bars(stack: Stack, page: Any, a
     page.wait_for_selector("[data-testid=column-title]:has-text('(edited)')")
     row = page.locator("[data-testid=fields-table] tr[data-path='model.num_layers'] td")
     assert row.nth(1).inner_text() == "3"
+    # Latent attention, MTP and Muon against the template: the KV cache, MTP's cost and the optimizer state.
+    raw = PRESETS["tiny-cpu-demo"].spec.model_dump(mode="json")
+    raw["model"].update(attention="mla", mtp_depth=1)
+    raw["model"]["mla"].update(kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+    raw["training"]["optimizer"] = {"name": "muon", "lr": 0.002, "adamw_lr": 0.002}
+    deepseek = create_config(alice, "deepseek-style", "", load_spec(raw), source="editor")
+    page.goto(f"{stack.base_url}/configure/compare/?c=config:{deepseek.pk}&c=template:tiny-cpu-demo&hw=cpu")
+    for testid in ("arch-attention", "arch-kv-cache", "arch-mtp", "arch-optimizer", "arch-optimizer-state"):
+        assert page.locator(f"[data-testid={testid}]").get_attribute("class") == "differs", testid
+    assert "× smaller" in page.locator("[data-testid=arch-kv-cache]").inner_text()
+    page.locator("[data-testid=arch-attention]").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "configure-compare-deepseek.png"), full_page=True)
