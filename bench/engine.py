@@ -17,7 +17,9 @@ A second section, ``deepseek_v3`` (``--deepseek-only`` runs just it, ``--no-deep
 engine's DeepSeek-V3 options against its own default at the same shape and 8 experts, interleaved the same way:
 multi-head latent attention and grouped-query attention against multi-head attention (tokens/s and KV-cache
 bytes per token), one multi-token prediction module against none (step time), and each optimizer (its step time
-and the state it holds, measured and as the estimator predicts).
+and the state it holds, measured and as the estimator predicts). Its ``same_wall_time`` part (``--no-wall-time``
+skips it, ``--wall-time-only`` runs just it; a few minutes) trains the tiny demo template on the built-in corpus
+for the same time with AdamW, Muon, and AdamW plus one MTP module, and reports each one's validation loss.
 """
 
 from __future__ import annotations
@@ -28,21 +30,27 @@ import json
 import math
 import os
 import platform
+import pydoc_data.topics
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from workers.engine.allocator import keep_freed_memory
+from workers.engine.data import prepare
 from workers.engine.estimate import kv_cache_bytes_per_token, optimizer_state_elements, parameter_breakdown
 from workers.engine.model import KVCache, build_model
 from workers.engine.optimizers import Optimizer, build_optimizer
+from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec
+from workers.engine.train import train
 
 
 @dataclass(frozen=True)
@@ -314,6 +322,137 @@ DEEPSEEK_NOTES = [
 ]
 
 
+WALL_TIME_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # name: (model changes, training changes) to the tiny demo template
+    "adamw": ({}, {}),
+    # Moonlight's learning-rate matching (adjust_lr match_rms_adamw) lets AdamW's rate and decay carry over.
+    "muon": (
+        {},
+        {
+            "optimizer": {
+                "name": "muon",
+                "lr": 0.002,
+                "weight_decay": 0.01,
+                "adamw_lr": 0.002,
+                "adamw_weight_decay": 0.01,
+            }
+        },
+    ),
+    "adamw_mtp_depth_1": ({"mtp_depth": 1}, {}),
+}
+
+
+def _step_seconds(sink: MemorySink) -> list[float]:
+    """Every trained step's time (log_interval 1: one point per step; evaluations and checkpoints excluded)."""
+    return [seconds for _, seconds in sink.series("step_time_s")]
+
+
+def tiny_demo_same_wall_time(
+    work: Path, budget_steps: int, calibration_steps: int, chunk: int, corpus_examples: int | None = None
+) -> dict[str, Any]:
+    """Validation loss of the tiny demo template (``tiny-cpu-demo`` on the built-in ``python-docs`` corpus) after
+    the same training time with AdamW (the template), Muon, and AdamW with one MTP module.
+
+    The budget is the template's AdamW run cut to ``budget_steps`` steps. Every variant first trains
+    ``calibration_steps`` steps (inside the warmup, where the rate does not depend on ``max_steps``; in
+    round-robin thirds; the median step counts); each
+    variant's ``max_steps`` is then set so that it trains for the budget at its own calibrated step time (the
+    schedule decays over the whole budget), and the variants train on in round-robin chunks of ``chunk`` steps
+    (``train`` resumes from its checkpoint), so load from other processes hits them alike. ``val_loss`` is the
+    next-token loss on the template's validation batches at each variant's last step (MTP's extra loss is not
+    in it); ``train_seconds`` is the measured step time summed (evaluations and checkpoints excluded).
+    ``corpus_examples`` (``--quick``): only the first that many help topics instead of the whole corpus, whose
+    making and tokenizing would take longer than the smoke test's training.
+    """
+    from builder.configs.presets import PRESETS
+    from builder.datasets.demo import build_corpus
+
+    corpus = work / "python-docs.jsonl"
+    if corpus_examples is None:
+        build_corpus(corpus)
+    else:
+        topics = pydoc_data.topics.topics
+        rows = [{"text": topics[name].strip()} for name in sorted(topics)[:corpus_examples]]
+        corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    base = PRESETS["tiny-cpu-demo"].spec
+    steps = min(budget_steps, base.training.max_steps)
+    specs: dict[str, Spec] = {}
+    for name, (model, training) in WALL_TIME_VARIANTS.items():
+        # Evaluate only at the end of each run (and at the calibration point): the same batches for all.
+        schedule = base.training.schedule.model_dump()
+        schedule["warmup_steps"] = min(schedule["warmup_steps"], steps // 2)  # (a --quick budget is short)
+        changes = {
+            "max_steps": steps,
+            "schedule": schedule,
+            "checkpoint_interval": 10_000_000,
+            "eval_interval": 10_000_000,
+            **training,
+        }
+        specs[name] = _variant(base, model, changes)
+    warmup = specs["adamw"].training.schedule.warmup_steps
+    calibration_steps = max(1, min(calibration_steps, warmup, steps))
+    prepared = prepare(specs["adamw"], corpus, work / "prepared")
+    sinks = {name: MemorySink() for name in specs}
+
+    def train_to(name: str, spec: Spec, stop: int) -> None:
+        train(spec, prepared, work / name, sinks[name], device="cpu", stop_after_step=stop)
+
+    # Calibration in round-robin thirds, so that a burst of load from other processes does not fall on one variant.
+    for stop in sorted({max(1, calibration_steps * k // 3) for k in (1, 2, 3)}):
+        for name, spec in specs.items():
+            train_to(name, spec, stop)
+    calibrated = {name: statistics.median(_step_seconds(sink)) for name, sink in sinks.items()}
+    budget_s = steps * calibrated["adamw"]
+    for name, spec in list(specs.items()):
+        own_steps = max(calibration_steps + 1, round(budget_s / calibrated[name]))
+        specs[name] = _variant(spec, training={"max_steps": own_steps, "eval_interval": own_steps})
+    at = dict.fromkeys(specs, calibration_steps)
+    while any(at[name] < spec.training.max_steps for name, spec in specs.items()):
+        for name, spec in specs.items():
+            if at[name] < spec.training.max_steps:
+                at[name] = min(at[name] + chunk, spec.training.max_steps)
+                train_to(name, spec, at[name])
+        print(f"same_wall_time: {at}", file=sys.stderr, flush=True)
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        sink = sinks[name]
+        seconds = _step_seconds(sink)
+        val = sink.series("val_loss")
+        mtp = sink.series("mtp_loss")
+        out[name] = {
+            "optimizer": spec.training.optimizer.name,
+            "mtp_depth": spec.model.mtp_depth,
+            "steps": spec.training.max_steps,
+            "calibrated_step_ms": round(calibrated[name] * 1000, 1),
+            "step_ms_median": round(statistics.median(seconds) * 1000, 1),
+            "train_seconds": round(sum(seconds), 1),
+            "val_loss": round(val[-1][1], 4),
+            "val_loss_step": val[-1][0],
+            "train_loss_last_50_mean": round(statistics.fmean(v for _, v in sink.series("loss")[-50:]), 4),
+            "mtp_loss_last_50_mean": round(statistics.fmean(v for _, v in mtp[-50:]), 4) if mtp else None,
+        }
+    return {
+        "template": "tiny-cpu-demo",
+        "dataset": "python-docs",
+        "budget_seconds": round(budget_s, 1),
+        "budget": f"{steps} AdamW steps at its calibrated step time",
+        "calibration_steps": calibration_steps,
+        "chunk_steps": chunk,
+        "load_average_1min_end": round(os.getloadavg()[0], 2),
+        "variants": out,
+    }
+
+
+WALL_TIME_NOTES = [
+    "same_wall_time: the tiny demo template (2 layers, d_model 128, 4 routed experts top-2 + 1 shared, vocab 2048 "
+    "BPE, 8 x 128 tokens, cosine schedule) on the built-in python-docs corpus; each variant's max_steps fills the "
+    "budget at its calibrated step time, variants interleaved in chunks; muon: lr 0.002 and weight decay 0.01 for "
+    "both parts (Moonlight's match_rms_adamw), mtp: one module, loss weight 0.3; val_loss excludes the MTP loss",
+    "this machine is shared with other work (2 cores, several agents): step times, hence steps within the budget, "
+    "vary run to run; train_seconds says how much time each variant actually trained",
+]
+
+
 def training_flops_per_token(spec: Spec) -> float:
     """Model FLOPs per trained token: 6 x active matmul parameters + causal attention scores and values.
 
@@ -336,6 +475,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-hf", action="store_true", help="run this engine only")
     parser.add_argument("--no-deepseek", action="store_true", help="skip the DeepSeek-V3 options section")
     parser.add_argument("--deepseek-only", action="store_true", help="run only the DeepSeek-V3 options section")
+    parser.add_argument(
+        "--no-wall-time",
+        action="store_true",
+        help="skip the DeepSeek-V3 section's same-wall-time training of the tiny demo template (minutes)",
+    )
+    parser.add_argument(
+        "--wall-time-only", action="store_true", help="run only the same-wall-time training of the tiny demo template"
+    )
     parser.add_argument(
         "--no-keep-freed",
         action="store_true",
@@ -390,10 +537,31 @@ def main(argv: list[str] | None = None) -> int:
     keep = contextlib.nullcontext(False) if args.no_keep_freed else keep_freed_memory()
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len), generator=torch.Generator().manual_seed(0))
     device = f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads"
+    # budget, calibration and chunk steps (and the corpus cut for --quick)
+    wall_time_args = (40, 10, 15, 40) if args.quick else (700, 30, 50, None)
+    if args.wall_time_only:
+        with tempfile.TemporaryDirectory() as work:
+            started = time.perf_counter()
+            same = tiny_demo_same_wall_time(Path(work), *wall_time_args)
+        result = {
+            "bench": "engine_tiny_demo_same_wall_time",
+            "quick": args.quick,
+            "device": device,
+            "torch": torch.__version__,
+            "seconds": round(time.perf_counter() - started, 1),
+            "same_wall_time": same,
+            "notes": WALL_TIME_NOTES,
+        }
+        print(json.dumps(result, indent=2))
+        return 0
+    same_wall_time: dict[str, Any] | None = None
     if args.deepseek_only:
         with keep:
             started = time.perf_counter()
             section = deepseek_section(shape, rounds, warmup, ids)
+        if not args.no_wall_time:
+            with tempfile.TemporaryDirectory() as work:
+                same_wall_time = tiny_demo_same_wall_time(Path(work), *wall_time_args)
         only = {
             "bench": "engine_deepseek_v3_options",
             "quick": args.quick,
@@ -404,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": warmup,
             "seconds": round(time.perf_counter() - started, 1),
             "deepseek_v3": section,
-            "notes": DEEPSEEK_NOTES,
+            "same_wall_time": same_wall_time,
+            "notes": DEEPSEEK_NOTES + (WALL_TIME_NOTES if same_wall_time else []),
         }
         print(json.dumps(only, indent=2))
         return 0
@@ -443,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         load_end = round(os.getloadavg()[0], 2)
         if not args.no_deepseek:
             deepseek = deepseek_section(shape, rounds, warmup, ids)
+    if not args.no_deepseek and not args.no_wall_time:
+        with tempfile.TemporaryDirectory() as work:
+            same_wall_time = tiny_demo_same_wall_time(Path(work), *wall_time_args)
 
     tokens = shape.batch * shape.seq_len
     peak_gflops = statistics.median(peaks)
@@ -543,7 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
     }
     if deepseek is not None:
-        report["deepseek_v3"] = {"results": deepseek, "notes": DEEPSEEK_NOTES}
+        report["deepseek_v3"] = {
+            "results": deepseek,
+            "same_wall_time": same_wall_time,
+            "notes": DEEPSEEK_NOTES + (WALL_TIME_NOTES if same_wall_time else []),
+        }
     print(json.dumps(report, indent=2))
     return 0
 

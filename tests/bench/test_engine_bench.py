@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +31,9 @@ def test_bench_quick_runs_without_hugging_face(capsys: pytest.CaptureFixture[str
 
 @pytest.mark.usefixtures("torch_threads_restored")
 def test_bench_quick_times_the_deepseek_v3_options(capsys: pytest.CaptureFixture[str]) -> None:
-    assert engine.main(["--quick", "--deepseek-only", "--no-thp", "--rounds", "1", "--warmup", "0"]) == 0
+    assert (
+        engine.main(["--quick", "--deepseek-only", "--no-wall-time", "--no-thp", "--rounds", "1", "--warmup", "0"]) == 0
+    )
     section = json.loads(capsys.readouterr().out)["deepseek_v3"]
     assert set(section) == {
         "default",
@@ -45,3 +49,19 @@ def test_bench_quick_times_the_deepseek_v3_options(capsys: pytest.CaptureFixture
         assert entry["kv_cache_bytes_per_token"] == entry["kv_cache_bytes_per_token_measured"], name
         assert entry["optimizer_state_bytes"] == entry["optimizer_state_bytes_predicted"], name
     assert section["attention_mla"]["kv_cache_bytes_per_token"] < section["default"]["kv_cache_bytes_per_token"]
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_the_tiny_demo_trains_for_the_same_time_with_each_choice(tmp_path: Path) -> None:
+    """The same-wall-time section at a smoke-test size (12 AdamW steps of budget, 20 help topics of corpus)."""
+    torch.set_num_threads(1)
+    same = engine.tiny_demo_same_wall_time(tmp_path, 12, 3, 12, corpus_examples=20)
+    variants = same["variants"]
+    assert set(variants) == {"adamw", "muon", "adamw_mtp_depth_1"}
+    assert variants["adamw"]["steps"] == 12 and same["calibration_steps"] == 3
+    uniform = math.log(2048)  # the template's vocabulary: the loss of a uniform guess
+    for name, entry in variants.items():
+        assert entry["steps"] > same["calibration_steps"] and entry["val_loss_step"] == entry["steps"], name
+        assert 0 < entry["val_loss"] < uniform, name  # trained down from the start
+        assert (entry["mtp_loss_last_50_mean"] is not None) == (name == "adamw_mtp_depth_1"), name
+    assert variants["muon"]["optimizer"] == "muon" and variants["adamw_mtp_depth_1"]["mtp_depth"] == 1

@@ -254,7 +254,7 @@ def test_json_follows_its_schema_for_both_tasks(engine_runs: dict[str, Any], ali
 
 @pytest.mark.django_db
 def test_a_deepseek_style_run_reports_its_mtp_loss_kv_cache_and_optimizer(
-    alice: Any, media_root: Path, tmp_path: Path
+    alice: Any, media_root: Path, tmp_path: Path, artifacts: Path
 ) -> None:
     """Latent attention, one MTP module and Muon: the report shows the MTP loss (evaluated and the training
     curve's last value), the KV cache per token next to multi-head attention's, and the optimizer."""
@@ -297,6 +297,7 @@ def test_a_deepseek_style_run_reports_its_mtp_loss_kv_cache_and_optimizer(
 
     formats = render.stored_formats(report.document, report.figures, T1)
     html = formats["report.html"].decode()
+    (artifacts / "report-deepseek-style.html").write_text(html)  # (a person looks at it)
     mtp_row = re.search(r'data-metric="MTP loss">([^<]+)<', html)
     assert mtp_row is not None and mtp_row.group(1) == render.num(raw["metrics"]["val_mtp_loss"])
     kv = html[html.index('data-testid="kv-cache"') : html.index("</table>", html.index('data-testid="kv-cache"'))]
