@@ -27,8 +27,9 @@ show the result. The rules of thumb, in the order they are applied:
    signal per token; when the budget is the limit, plain next-token steps are worth more); group-limited
    routing with one group per GPU when experts are spread over several (each token reaches at most half of
    them); the routed scaling factor stays 1 (softmax weights are not renormalised). The optimizer: Adafactor
-   when memory is tight (gradient checkpointing needed), Muon for quality when the estimator says its
-   Newton-Schulz iterations add at most ``MUON_MAX_EXTRA`` to the step, else fused AdamW; the schedule:
+   when memory is tight (gradient checkpointing needed), Muon for quality on a GPU when the estimator says its
+   Newton-Schulz iterations add at most ``MUON_MAX_EXTRA`` to the step (on a CPU they cost more than estimated,
+   and AdamW won at equal time on the tiny demo: ``make bench``), else fused AdamW; the schedule:
    warmup-stable-decay when the run may be continued later, else cosine.
 """
 
@@ -339,7 +340,7 @@ def _training_choices(
     muon = step_seconds(muon_spec)
     if "checkpointing" in memory_steps:
         spec = _changed(spec, training={"optimizer": _ADAFACTOR})
-    elif answers.priority == "quality" and muon <= (1 + MUON_MAX_EXTRA) * adamw:
+    elif answers.priority == "quality" and hardware.kind == "gpu" and muon <= (1 + MUON_MAX_EXTRA) * adamw:
         spec = muon_spec
     affordable = int(budget_seconds / step_seconds(spec))
     mtp_seconds: float | None = None
@@ -751,6 +752,12 @@ def _deepseek_reasons(answers: Answers, spec: Spec, choices: Choices, r: dict[st
     else:
         if answers.priority == "speed":
             why_not = f"Muon would make each step {muon_extra} longer (estimated), and you asked for speed"
+        elif PROFILES[answers.hardware].kind == "cpu":
+            why_not = (
+                "On a CPU, Muon's Newton-Schulz iterations on small matrices cost more than estimated: on the tiny "
+                "demo template a step took 28% longer, and for the same training time it ended with a higher "
+                "validation loss than AdamW (make bench, same_wall_time)"
+            )
         else:
             why_not = (
                 f"Muon would make each step {muon_extra} longer here (estimated; its Newton-Schulz matmuls are a "

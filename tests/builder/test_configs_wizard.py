@@ -162,6 +162,8 @@ def test_the_optimizer_and_schedule_follow_memory_cost_and_whether_the_run_conti
     tight = propose(Answers("generation", "huge", "h100-80gb", 8, 72, "quality"))
     assert tight.spec.training.gradient_checkpointing and tight.spec.training.optimizer.name == "adafactor"
     assert "memory is tight" in tight.reasons["training.optimizer.name"]
+    cpu = propose(Answers("generation", "tiny", "cpu", 1, 0.25, "quality"))
+    assert cpu.spec.training.optimizer.name == "adamw" and "On a CPU" in cpu.reasons["training.optimizer.name"]
     speed = propose(Answers("generation", "small", "a10", 1, 12, "speed"))
     assert speed.spec.training.optimizer.name == "adamw"
     assert "you asked for speed" in speed.reasons["training.optimizer.name"]
