@@ -181,6 +181,25 @@ def test_schema_templates_and_hardware(alice: Any) -> None:
     assert hardware["t4"]["peak_flops"]["bf16"] is None and hardware["cpu"]["calibration_factor"] == 1.0
 
 
+def test_the_optimizer_is_a_choice_by_name_in_both_published_schemas(alice: Any) -> None:
+    """The JSON Schema and the OpenAPI components say that ``name`` chooses the optimizer (the editor completes
+    and checks the chosen optimizer's fields by it), each name mapped to the schema whose name it is."""
+    client = signed_in(alice, APIClient)
+    published = client.get("/api/specs/schema").json()
+    openapi = client.get("/api/schema", HTTP_ACCEPT="application/json").json()["components"]["schemas"]
+    for defs, training in (
+        (published["$defs"], published["$defs"]["TrainingSpec"]),
+        (openapi, openapi["TrainingSpec"]),
+    ):
+        optimizer = training["properties"]["optimizer"]
+        discriminator = optimizer["discriminator"]
+        assert discriminator["propertyName"] == "name"
+        assert set(discriminator["mapping"]) == {"adamw", "adafactor", "sgd", "muon"}
+        assert sorted(discriminator["mapping"].values()) == sorted(choice["$ref"] for choice in optimizer["oneOf"])
+        for name, ref in discriminator["mapping"].items():
+            assert defs[ref.rsplit("/", 1)[-1]]["properties"]["name"]["const"] == name
+
+
 def test_every_endpoint_is_in_the_openapi_schema(alice: Any) -> None:
     client = signed_in(alice, APIClient)
     schema = client.get("/api/schema", HTTP_ACCEPT="application/json").json()
