@@ -37,6 +37,7 @@ def test_wizard_end_to_end(stack: Stack, page: Any, alice: Any, artifacts: Path)
     # Long generation and a run that may be continued: latent attention and warmup-stable-decay, with reasons.
     page.check("input[name=context][value=long]")
     page.check("input[name=continue_later]")
+    page.screenshot(path=str(artifacts / "configure-wizard-step-4.png"), full_page=True)
     page.click("[data-testid=next]")
     page.wait_for_selector("[data-testid=proposal]")
     reasons = page.locator("[data-testid=reason]").all_inner_texts()
