@@ -224,7 +224,7 @@ class EstimateView(PathErrorView):
         result = estimate_with_advice(
             data["spec"],
             EstimateRequest(
-                PROFILES[data["hardware"]], data["num_gpus"], data["parallelism"], data.get("dataset_tokens")
+                PROFILES[data["hardware"]], data.get("num_gpus"), data.get("parallelism"), data.get("dataset_tokens")
             ),
         )
         return Response(result)

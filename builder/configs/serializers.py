@@ -158,12 +158,18 @@ class AdviceSerializer(serializers.Serializer[dict[str, Any]]):
 class EstimateRequestSerializer(serializers.Serializer[dict[str, Any]]):
     spec = SpecField()
     hardware = serializers.ChoiceField(choices=list(PROFILES), default="cpu")
-    num_gpus = serializers.IntegerField(min_value=1, max_value=64, default=1)
+    num_gpus = serializers.IntegerField(
+        min_value=1,
+        max_value=64,
+        required=False,
+        help_text="Devices to estimate on; default: the spec's training.distributed.devices (what its job runs on).",
+    )
     parallelism = serializers.ChoiceField(
         choices=["ddp", "expert", "fsdp"],
-        default="ddp",
+        required=False,
         help_text="ddp: every GPU holds every expert; expert: routed experts sharded over the GPUs; fsdp: parameters, "
-        "gradients and optimizer state sharded over the GPUs (training.distributed.strategy).",
+        "gradients and optimizer state sharded over the GPUs. Default: the layout the spec's training.distributed "
+        "asks for.",
     )
     dataset_tokens = serializers.IntegerField(
         min_value=1, required=False, allow_null=True, help_text="Tokens in the training data, for data advice."
@@ -171,9 +177,17 @@ class EstimateRequestSerializer(serializers.Serializer[dict[str, Any]]):
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         profile = PROFILES[attrs["hardware"]]
-        if attrs["num_gpus"] > profile.max_devices:
-            # Each value is well-formed; the pair is not (the rule is the profile's): 422.
+        # Each value is well-formed; together they are not (the rule is the profile's): 422.
+        if "num_gpus" in attrs and attrs["num_gpus"] > profile.max_devices:
             raise Refusal("num_gpus", f"{profile.name} allows at most {profile.max_devices}", 422)
+        devices = attrs["spec"].training.distributed.devices
+        if "num_gpus" not in attrs and devices > profile.max_devices:
+            raise Refusal(
+                "spec.training.distributed.devices",
+                f"the spec asks for {devices} devices; {profile.name} allows at most {profile.max_devices} "
+                "(give num_gpus to estimate on fewer)",
+                422,
+            )
         return attrs
 
 

@@ -101,11 +101,16 @@ def calibration_factors() -> dict[str, float]:
     return {key: calibration_factor(key) for key in PROFILES}
 
 
+LAYOUTS = ("ddp", "expert", "fsdp")
+
+
 @dataclass(frozen=True)
 class EstimateRequest:
+    """What to estimate on. ``num_gpus``/``parallelism`` None: what the spec's ``training.distributed`` asks for."""
+
     hardware: HardwareProfile
-    num_gpus: int = 1
-    parallelism: str = "ddp"
+    num_gpus: int | None = None
+    parallelism: str | None = None
     dataset_tokens: int | None = None
 
 
@@ -115,11 +120,12 @@ def estimate_with_advice(spec: Spec, request: EstimateRequest) -> dict[str, Any]
         spec,
         request.hardware,
         num_gpus=request.num_gpus,
-        parallelism=cast(Parallelism, request.parallelism if request.parallelism in ("expert", "fsdp") else "ddp"),
+        parallelism=cast(Parallelism, request.parallelism) if request.parallelism in LAYOUTS else None,
         calibration=calibration_factor(request.hardware.key),
         dataset_tokens=request.dataset_tokens,
     )
-    advice = lint(spec, hardware=request.hardware, num_gpus=request.num_gpus, dataset_tokens=request.dataset_tokens)
+    devices = request.num_gpus or spec.training.distributed.devices
+    advice = lint(spec, hardware=request.hardware, num_gpus=devices, dataset_tokens=request.dataset_tokens)
     return {"estimate": result.as_dict(), "warnings": [a.as_dict() for a in advice]}
 
 

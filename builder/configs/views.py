@@ -55,15 +55,18 @@ def _is_htmx(request: HttpRequest) -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
-def _hardware_choice(request: HttpRequest, default: str = "cpu") -> tuple[str, int, list[str]]:
-    """``hw`` and ``gpus`` from the query or form, checked; errors name the parameter."""
+def _hardware_choice(request: HttpRequest, default: str = "cpu") -> tuple[str, int | None, list[str]]:
+    """``hw`` and ``gpus`` from the query or form, checked; errors name the parameter. ``gpus`` None (absent or
+    blank): each configuration on the devices its ``training.distributed`` asks for, what its job would run on."""
     params = request.POST if request.method == "POST" else request.GET
     errors: list[str] = []
     key = params.get("hw", default)
     if key not in PROFILES:
         errors.append(f"hw: choose one of {', '.join(PROFILES)}")
         key = default
-    raw = params.get("gpus", "1")
+    raw = params.get("gpus", "").strip()
+    if not raw:
+        return key, None, errors
     gpus = int(raw) if raw.isdigit() else 0
     if not 1 <= gpus <= PROFILES[key].max_devices:
         errors.append(f"gpus: between 1 and {PROFILES[key].max_devices} for {PROFILES[key].name}")
@@ -78,22 +81,31 @@ def _launch_url(version_id: int | None) -> str | None:
     return f"{reverse('jobs:launch')}?config_version={version_id}"
 
 
-def _parallelism(request: HttpRequest) -> str:
-    """``par``: ``ddp`` (every GPU holds every expert, the default), ``expert`` (experts sharded) or ``fsdp``
-    (parameters, gradients and optimizer state sharded)."""
+def _parallelism(request: HttpRequest) -> str | None:
+    """``par``: ``ddp`` (every GPU holds every expert), ``expert`` (experts sharded) or ``fsdp`` (parameters,
+    gradients and optimizer state sharded); None (absent): the layout each configuration's spec asks for."""
     params = request.POST if request.method == "POST" else request.GET
     chosen = params.get("par")
-    return chosen if chosen in ("expert", "fsdp") else "ddp"
+    return chosen if chosen in ("ddp", "expert", "fsdp") else None
 
 
 def _estimate_context(
-    spec: Any, hardware: str, gpus: int, dataset_tokens: int | None = None, parallelism: str = "ddp"
+    spec: Any, hardware: str, gpus: int | None, dataset_tokens: int | None = None, parallelism: str | None = None
 ) -> dict[str, Any]:
-    result = estimate_with_advice(spec, EstimateRequest(PROFILES[hardware], gpus, parallelism, dataset_tokens))
+    profile = PROFILES[hardware]
+    note = ""
+    if gpus is None and spec.training.distributed.devices > profile.max_devices:
+        # What the job asks for cannot run here: say so, and show the most this hardware holds.
+        note = (
+            f"training.distributed.devices: this configuration asks for {spec.training.distributed.devices} "
+            f"devices; {profile.name} has at most {profile.max_devices}, so it is estimated on {profile.max_devices}."
+        )
+        gpus = profile.max_devices
+    result = estimate_with_advice(spec, EstimateRequest(profile, gpus, parallelism, dataset_tokens))
     est = result["estimate"]
     # The bar's full width: the device's memory, or the peak when it does not fit.
     scale = max(est["memory"]["peak"], est["memory"]["capacity"])
-    return {"est": est, "warnings": result["warnings"], "hw": PROFILES[hardware], "scale": scale}
+    return {"est": est, "warnings": result["warnings"], "hw": profile, "scale": scale, "layout_note": note}
 
 
 def _shown(value: Any) -> Any:
@@ -102,7 +114,7 @@ def _shown(value: Any) -> Any:
 
 
 def architecture_costs(
-    spec: Spec, est: dict[str, Any], hardware: str, gpus: int, parallelism: str = "ddp"
+    spec: Spec, est: dict[str, Any], hardware: str, gpus: int | None, parallelism: str | None = None
 ) -> dict[str, Any]:
     """What the DeepSeek-V3 choices cost, for the comparison: the attention and its KV cache per token next to
     multi-head attention's with the same heads (fp32, all layers), multi-token prediction's parameters and
@@ -117,8 +129,8 @@ def architecture_costs(
         without = estimate_time(
             parse_spec(raw),
             PROFILES[hardware],
-            num_gpus=gpus,
-            parallelism=cast(Parallelism, parallelism),
+            num_gpus=est["num_gpus"],  # the devices the estimate used (the spec's, or those asked for)
+            parallelism=cast(Parallelism, est["parallelism"]),
             calibration=est["time"]["calibration_factor"],
         )
         mtp_extra = est["time"]["step_seconds"] / without.step_seconds - 1
@@ -457,6 +469,7 @@ def compare(request: HttpRequest) -> HttpResponse:
                 "edited": edited,
                 "est": ctx["est"],
                 "warnings": ctx["warnings"],
+                "layout_note": ctx["layout_note"],
                 "launch_url": _launch_url(version_id),
                 "version_id": version_id,
                 "saved": version_id is not None,

@@ -260,7 +260,7 @@ def _base_spec(answers: Answers, layers: int, width: int, seq: int) -> dict[str,
             "moe": {**_moe_settings(width, answers), "first_dense_layers": 1 if layers >= 8 else 0},
         },
         "training": {
-            "batch_size": 1,
+            "batch_size": answers.num_gpus,  # one sequence per device until the batch is fitted
             "grad_accum_steps": 1,
             "max_steps": 1000,
             "precision": precision,
@@ -269,6 +269,9 @@ def _base_spec(answers: Answers, layers: int, width: int, seq: int) -> dict[str,
             "label_smoothing": 0.1 if classification else 0.0,
             "optimizer": {"betas": [0.9, 0.95], "weight_decay": 0.01},
             "schedule": {"kind": "cosine", "min_lr_ratio": 0.1},
+            # The job runs on the GPUs asked for (torch.distributed, data parallel): batch_size is then the global
+            # micro-batch, split evenly over them.
+            "distributed": {"devices": answers.num_gpus, "strategy": "ddp", "expert_parallel": False},
         },
         "data": {"tokenizer": "bpe", "seq_len": seq},
     }
@@ -297,10 +300,10 @@ def _fit_batch(raw: dict[str, Any], answers: Answers) -> tuple[Spec, list[str]] 
                 continue
             raw["training"]["precision"] = "bf16"
             steps_taken.append("bf16")
-        batch = largest
+        batch = largest  # per device
         smallest_ok = 4 if setting == "plain" else 1
         while batch >= min(smallest_ok, largest):
-            raw["training"]["batch_size"] = batch
+            raw["training"]["batch_size"] = batch * answers.num_gpus  # the global micro-batch
             raw["training"]["grad_accum_steps"] = max(1, math.ceil(per_device / batch))
             spec = load_spec(raw)
             if _fits(spec, hardware, answers.num_gpus):
@@ -399,7 +402,7 @@ def propose(answers: Answers, *, calibration: float = 1.0) -> Proposal:
         too_big_for_data = total * OVERFIT_TOKENS_PER_PARAMETER > dataset_tokens
         needed = minimum_share * min(dataset_tokens, 20 * total)
         step_seconds = estimate_time(spec, hardware, num_gpus=answers.num_gpus, calibration=calibration).step_seconds
-        tokens_per_step = spec.tokens_per_step * answers.num_gpus
+        tokens_per_step = spec.tokens_per_step  # global: batch_size spans the GPUs
         affordable_steps = int(budget_seconds / step_seconds)
         why = "budget" if affordable_steps * tokens_per_step < needed else ("data" if too_big_for_data else "")
         candidate = (spec, memory_steps, affordable_steps, why)
@@ -421,7 +424,7 @@ def propose(answers: Answers, *, calibration: float = 1.0) -> Proposal:
             "collect more data if you can."
         )
     spec, memory_steps, affordable_steps, _ = chosen
-    tokens_per_step = spec.tokens_per_step * answers.num_gpus
+    tokens_per_step = spec.tokens_per_step
     wanted_steps = math.ceil(max_epochs * dataset_tokens / tokens_per_step)
     spec, affordable_steps, choices = _training_choices(
         spec, answers, memory_steps, budget_seconds, wanted_steps, calibration
@@ -546,13 +549,14 @@ def _reasons(
     r["training.optimizer.weight_decay"] = "AdamW weight decay 0.01: mild regularisation of the matrices."
     r["training.optimizer.betas"] = "β₂ = 0.95 adapts to the gradient spikes that routing causes (LLaMA, DeepSeek)."
     r["training.grad_clip"] = "Clipping the gradient norm at 1.0 absorbs occasional router spikes."
-    tokens_step = spec.tokens_per_step * answers.num_gpus
+    tokens_step = spec.tokens_per_step
     memory_note = ""
     if "checkpointing" in memory_steps:
         memory_note = " Memory is tight: gradient checkpointing recomputes activations in backward."
     r["training.batch_size"] = (
-        f"Micro-batch {t.batch_size}: as large as memory allows (aiming at {data.tokens_per_step:,} tokens per "
-        f"step).{memory_note}"
+        f"Micro-batch {t.batch_size}"
+        + (f" ({t.batch_size // answers.num_gpus} per GPU)" if answers.num_gpus > 1 else "")
+        + f": as large as memory allows (aiming at {data.tokens_per_step:,} tokens per step).{memory_note}"
     )
     r["training.grad_accum_steps"] = (
         f"{t.grad_accum_steps} accumulation step{'s' if t.grad_accum_steps > 1 else ''} → "

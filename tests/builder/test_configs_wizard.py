@@ -362,3 +362,40 @@ def test_the_comparison_shows_kv_cache_mtp_cost_and_optimizer_state_and_marks_di
     assert 'class="differs"' in _row(html, "arch-optimizer")
     # The outsider cannot compare alice's configuration.
     assert signed_in(charlie).get(url).status_code in (400, 404)
+
+
+def test_a_multi_gpu_proposal_asks_for_its_devices_and_predicts_what_they_run() -> None:
+    # 8 GPUs: the job runs torch.distributed on 8 devices, batch_size is the global micro-batch split over them, and
+    # the estimate (the same one submission checks) is of that layout, not of one device.
+    proposal = propose(Answers("generation", "medium", "h100-80gb", 8, 24, "quality"))  # type: ignore[arg-type]
+    spec = proposal.spec
+    assert spec.training.distributed.devices == 8 and spec.training.batch_size % 8 == 0
+    est = estimate_proposal(proposal)
+    assert est.num_gpus == 8
+    target = DATA_SIZES["medium"].tokens_per_step
+    assert target / 2 <= spec.tokens_per_step <= 2 * target  # global tokens per step, not 8 times them
+    assert f"({spec.training.batch_size // 8} per GPU)" in proposal.reasons["training.batch_size"]
+
+
+@pytest.mark.django_db
+def test_the_comparison_estimates_each_config_on_the_devices_it_asks_for(alice: Any) -> None:
+    two = PRESETS["tiny-cpu-demo"].spec.model_dump(mode="json")
+    two["training"]["distributed"] = {"devices": 2}
+    two["training"]["batch_size"] = 8
+    create_config(alice, "two devices", "", load_spec(two), source="api")
+    config = Config.objects.get(owner=alice, name="two devices")
+    client = signed_in(alice)
+    page = client.get(f"/configure/compare/?c=config:{config.pk}&c=template:tiny-cpu-demo&hw=t4")
+    assert page.status_code == 200
+    columns = page.context["columns"]
+    assert [c["est"]["num_gpus"] for c in columns] == [2, 1]  # each as configured, none forced to the selector
+    # A count given explicitly is a what-if for every column; more devices than the hardware has is said, not a 500.
+    forced = client.get(f"/configure/compare/?c=config:{config.pk}&c=template:tiny-cpu-demo&hw=t4&gpus=4")
+    assert [c["est"]["num_gpus"] for c in forced.context["columns"]] == [4, 4]
+    two["training"]["distributed"] = {"devices": 16}
+    two["training"]["batch_size"] = 16
+    create_config(alice, "sixteen", "", load_spec(two), source="api")
+    big = Config.objects.get(owner=alice, name="sixteen")
+    page = client.get(f"/configure/compare/?c=config:{big.pk}&c=template:tiny-cpu-demo&hw=t4")
+    assert page.status_code == 200 and "asks for 16 devices" in page.content.decode()
+    assert page.context["columns"][0]["est"]["num_gpus"] == 8
