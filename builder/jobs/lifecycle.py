@@ -298,8 +298,8 @@ def request_cancel(job: Job, reason: str = "") -> None:
 
 def cancel_reason(job_id: int) -> str:
     """Why the job was asked to stop: the reason of its latest ``cancel_requested`` event, or cancelled by its owner."""
-    data = JobEvent.objects.filter(job_id=job_id, kind="cancel_requested").order_by("-seq").values_list(
-        "data", flat=True
+    data = (
+        JobEvent.objects.filter(job_id=job_id, kind="cancel_requested").order_by("-seq").values_list("data", flat=True)
     )
     latest = data.first() or {}
     return str(latest.get("reason") or CANCELLED_BY_OWNER)
