@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.urls import reverse
@@ -76,7 +76,7 @@ class UploadStartSerializer(_FieldsMixin):
         super().__init__(*args, **kwargs)
         # The largest upload, published as the field's maximum (read when a request or the schema is made, so a
         # changed setting shows). Over it: 413, as before, now also a schema error a client can see beforehand.
-        self.fields["size"].max_value = settings.DATASET_MAX_UPLOAD_BYTES
+        cast(serializers.IntegerField, self.fields["size"]).max_value = settings.DATASET_MAX_UPLOAD_BYTES
 
     name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
     description = serializers.CharField(max_length=5000, required=False, default="", allow_blank=True)

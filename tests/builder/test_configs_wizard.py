@@ -367,7 +367,7 @@ def test_the_comparison_shows_kv_cache_mtp_cost_and_optimizer_state_and_marks_di
 def test_a_multi_gpu_proposal_asks_for_its_devices_and_predicts_what_they_run() -> None:
     # 8 GPUs: the job runs torch.distributed on 8 devices, batch_size is the global micro-batch split over them, and
     # the estimate (the same one submission checks) is of that layout, not of one device.
-    proposal = propose(Answers("generation", "medium", "h100-80gb", 8, 24, "quality"))  # type: ignore[arg-type]
+    proposal = propose(Answers("generation", "medium", "h100-80gb", 8, 24, "quality"))
     spec = proposal.spec
     assert spec.training.distributed.devices == 8 and spec.training.batch_size % 8 == 0
     est = estimate_proposal(proposal)
