@@ -43,6 +43,22 @@ def dataset(alice: Any) -> Dataset:
     )
 
 
+@pytest.fixture
+def no_worker() -> Any:
+    """Tasks sent during the test go nowhere (a closed port), so that the rows stay as the test's own ticks leave
+    them: once the session's services run, the app sends to their Redis, whose worker would train these jobs."""
+    from django.conf import settings
+
+    from tests.services import point_at_redis
+
+    before = settings.CELERY_BROKER_URL
+    point_at_redis("redis://127.0.0.1:9/0")
+    try:
+        yield
+    finally:
+        point_at_redis(before)
+
+
 def body(version: ConfigVersion, dataset: Dataset, **changes: Any) -> dict[str, Any]:
     return {"name": "tune", "config_version": version.pk, "dataset": dataset.pk, "space": [LR], **changes}
 
@@ -214,7 +230,7 @@ def test_the_wizard_starts_a_small_sweep_of_the_learning_rate_around_its_proposa
 
 @pytest.mark.django_db(transaction=True)  # the study's storage reads the rows through a connection of its own
 def test_a_tick_fails_a_refused_trial_without_a_job_and_a_stop_cancels_the_active_ones(
-    alice: Any, version: ConfigVersion, dataset: Dataset
+    no_worker: None, alice: Any, version: ConfigVersion, dataset: Dataset
 ) -> None:
     """Ticks run in this process (no worker: the jobs they submit stay queued), against the real study storage."""
     from builder.jobs.models import Job
@@ -322,7 +338,7 @@ def test_ids_beyond_a_database_integer_are_refused_not_a_server_error(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_trial_past_the_owners_job_limit_waits_and_is_submitted_when_a_job_ends(
-    alice: Any, version: ConfigVersion, dataset: Dataset, settings: Any
+    no_worker: None, alice: Any, version: ConfigVersion, dataset: Dataset, settings: Any
 ) -> None:
     from builder.jobs import lifecycle
     from builder.sweeps import services
@@ -364,7 +380,7 @@ def _scripted_run(job: Any, points: list[tuple[int, float]], metric: str) -> Non
 
 @pytest.mark.django_db(transaction=True)
 def test_a_classifier_sweep_maximises_accuracy_and_prunes_a_trial_below_the_median(
-    alice: Any, dataset: Dataset, settings: Any
+    no_worker: None, alice: Any, dataset: Dataset, settings: Any
 ) -> None:
     """Accuracy is better higher: the best completed trial is the most accurate, and a trial whose accuracy falls
     below the median of the completed ones is pruned (its job, still running, is asked to stop with the reason)."""

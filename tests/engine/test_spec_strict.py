@@ -13,7 +13,7 @@ from workers.engine.spec import load_spec, spec_errors
 REFUSED = [
     ({"model": {"num_layers": "2"}}, "model.num_layers"),
     ({"model": {"num_layers": True}}, "model.num_layers"),
-    ({"model": {"num_layers": 2.0}}, "model.num_layers"),
+    ({"model": {"num_layers": 2.5}}, "model.num_layers"),
     ({"model": {"moe": {"top_k": "1"}}}, "model.moe.top_k"),
     ({"model": {"tie_embeddings": 1}}, "model.tie_embeddings"),
     ({"model": {"tie_embeddings": "true"}}, "model.tie_embeddings"),
@@ -31,6 +31,13 @@ def test_a_value_of_the_wrong_type_is_refused_at_its_field(raw: dict[str, Any], 
         load_spec(raw)
     paths = [e["path"] for e in spec_errors(refused.value)]
     assert any(p.startswith(path) for p in paths), paths
+
+
+def test_a_float_that_holds_an_integer_is_that_integer() -> None:
+    # JSON Schema (the published one) counts 2.0 as an integer: the spec reads it as 2, at any depth.
+    spec = load_spec({"model": {"num_layers": 2.0, "moe": {"top_k": 1.0}}, "data": {"seq_len": 128.0}})
+    assert (spec.model.num_layers, spec.model.moe.top_k, spec.data.seq_len) == (2, 1, 128)
+    assert isinstance(spec.model.num_layers, int)
 
 
 def test_json_numbers_and_lists_still_parse() -> None:
