@@ -6,6 +6,7 @@ pieces (stop, then resume from the checkpoint), and compares the expert-parallel
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.engine.specs import merged_spec
+from tests.engine.test_train import BASE as TRAIN_BASE
 from workers.engine.checkpoint import latest_checkpoint, load_checkpoint
 from workers.engine.data import prepare
 from workers.engine.distributed import launch_environment
@@ -27,29 +29,10 @@ from workers.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
-BASE: dict[str, Any] = {
-    "model": {
-        "vocab_size": 259,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "max_seq_len": 32,
-        # No token dropping: a capacity computed on each rank's half of the batch would drop other tokens.
-        "moe": {"num_routed_experts": 4, "top_k": 2, "expert_hidden_size": 32, "balancing": "aux_free"},
-    },
-    "data": {"tokenizer": "bytes", "seq_len": 32, "val_fraction": 0.1},
-    "training": {
-        "max_steps": 6,
-        "batch_size": 8,
-        "log_interval": 1,
-        "eval_interval": 3,
-        "eval_batches": 2,
-        "checkpoint_interval": 3,
-        "optimizer": {"lr": 1e-2},
-        "schedule": {"warmup_steps": 2},
-        "seed": 11,
-    },
-}
+# test_train's tiny model (no token dropping: a capacity computed on each rank's half of the batch would drop other
+# tokens), with a run short enough for two processes.
+BASE: dict[str, Any] = copy.deepcopy(TRAIN_BASE)
+BASE["training"].update(max_steps=6, eval_interval=3, checkpoint_interval=3)
 LAYOUTS: dict[str, dict[str, Any]] = {
     "ddp": {"devices": 2},
     "fsdp": {"devices": 2, "strategy": "fsdp"},
