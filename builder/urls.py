@@ -19,7 +19,7 @@ urlpatterns = [
     path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     # Last of the API: a URL below /api/ that matched nothing (a malformed id, a typo) answers JSON, not HTML.
-    re_path(r"^api/(?P<rest>[\s\S]*)$", api_not_found),
+    re_path(r"^api/", api_not_found),  # a prefix: any rest, newlines included
     path("datasets/", include("builder.datasets.urls")),
     path("jobs/", include("builder.jobs.urls")),
     path("configure/", include("builder.configs.urls")),

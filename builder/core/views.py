@@ -53,7 +53,7 @@ def status(request: HttpRequest) -> HttpResponse:
 
 
 @csrf_exempt  # it changes nothing; a POST without a CSRF token must get this 404, not the HTML CSRF page
-def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
+def api_not_found(request: HttpRequest) -> JsonResponse:
     """Any URL under ``/api/`` that names no operation: 404 in the API's shape (``{"detail"}``, JSON), never
     Django's HTML page, so that a client reading JSON can read this answer too."""
     return JsonResponse({"detail": f"no API operation at {request.path}"}, status=404)
