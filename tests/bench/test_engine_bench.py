@@ -30,6 +30,37 @@ def test_bench_quick_runs_without_hugging_face(capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.usefixtures("torch_threads_restored")
+def test_the_fresh_harness_splits_every_step_by_component(capsys: pytest.CaptureFixture[str]) -> None:
+    """--fresh rebuilds the models before each timed step; every model's profiled step is split by component."""
+    args = ["--quick", "--no-hf", "--no-thp", "--no-deepseek", "--fresh", "--rounds", "2", "--warmup", "0"]
+    assert engine.main([*args, "--experts", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["harness"] == "fresh"
+    entry = report["results"]["4"]["ours"]
+    components = entry["components"]
+    assert set(components) == set(engine.COMPONENTS)
+    assert sum(c["share"] for c in components.values()) == pytest.approx(1.0, abs=0.01)
+    for name in ("attention", "norms", "experts", "head", "optimizer"):
+        assert components[name]["share"] > 0, name  # each one found in the profile, forward or backward
+    for name in ("attention", "experts", "head"):
+        assert components[name]["mfu"] is not None and components[name]["mfu"] > 0, name
+    assert components["optimizer"]["mfu"] is None
+
+
+def test_components_attribute_backward_to_the_forward_range() -> None:
+    """A backward matmul counts for the module whose forward made it: the expert-heavy model's experts dominate."""
+    spec = engine.our_spec(engine.QUICK, 4)
+    raw = spec.model_dump(mode="json")
+    raw["model"]["moe"]["expert_hidden_size"] = 512  # experts 8x wider than attention's projections
+    wide = engine.Spec.model_validate(raw)
+    model, optimizer = engine._seeded_build(lambda: engine.build_model(wide))
+    runner = engine.Runner("ours", 4, model, optimizer, True, [])
+    ids = torch.randint(0, engine.QUICK.vocab, (4, engine.QUICK.seq_len))
+    shares = engine.component_shares(runner, ids, steps=2)
+    assert shares["experts"] > shares["attention"] and shares["experts"] > shares["norms"]
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
 def test_bench_quick_times_the_deepseek_v3_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         engine.main(["--quick", "--deepseek-only", "--no-wall-time", "--no-thp", "--rounds", "1", "--warmup", "0"]) == 0
