@@ -284,8 +284,17 @@ def component_ranges(model: nn.Module) -> Iterator[None]:
             leave()
 
 
-def component_shares(runner: Runner, ids: torch.Tensor, steps: int = 2) -> dict[str, float]:
-    """Fractions of a profiled training step's main-thread time per component (``COMPONENTS``).
+def component_shares(runner: Runner, ids: torch.Tensor, steps: int = 3) -> dict[str, float]:
+    """Median over ``steps`` separately profiled training steps of each component's share (renormalised to 1):
+    a burst of load from other processes during one profiled step does not skew the split."""
+    each = [_profiled_shares(runner, ids) for _ in range(steps)]
+    medians = {name: statistics.median(shares[name] for shares in each) for name in COMPONENTS}
+    whole = sum(medians.values()) or 1.0
+    return {name: value / whole for name, value in medians.items()}
+
+
+def _profiled_shares(runner: Runner, ids: torch.Tensor) -> dict[str, float]:
+    """Fractions of one profiled training step's main-thread time per component (``COMPONENTS``).
 
     A forward operation belongs to the range it runs in; a backward one to the forward operation it differentiates
     (the profiler's sequence numbers link them); the optimizer's step and zero_grad to ``optimizer``; the rest
@@ -294,8 +303,7 @@ def component_shares(runner: Runner, ids: torch.Tensor, steps: int = 2) -> dict[
     from torch.profiler import ProfilerActivity, profile
 
     with component_ranges(runner.model), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            runner.step(ids)
+        runner.step(ids)
     events = prof.events()
     forward_of: dict[int, str] = {}
     totals = dict.fromkeys(COMPONENTS, 0.0)
@@ -861,7 +869,8 @@ def main(argv: list[str] | None = None) -> int:
         "second over the median fp32 matmul peak measured in the same rounds",
         "components: one profiled step per model split into attention, norms, experts (router, dispatch and "
         "expert matmuls; the outermost MoE/MLP module), head (output projection and loss: after the final norm), "
-        "optimizer (step and zero_grad) and other (embedding, residuals, gradient accumulation); a backward "
+        "optimizer (step and zero_grad) and other (embedding, residuals, gradient accumulation), the median "
+        "share over 3 separately profiled steps; a backward "
         "operation counts for the forward operation it differentiates; ms = share x the median step; mfu = the "
         "component's nominal matmul FLOPs (the shared shape) in that time over the measured peak",
         "harness 'persistent': each model built once, stepped in every round; 'fresh' (--fresh): rebuilt from the "

@@ -57,6 +57,7 @@ def test_components_attribute_backward_to_the_forward_range() -> None:
     runner = engine.Runner("ours", 4, model, optimizer, True, [])
     ids = torch.randint(0, engine.QUICK.vocab, (4, engine.QUICK.seq_len))
     shares = engine.component_shares(runner, ids, steps=2)
+    assert sum(shares.values()) == pytest.approx(1.0)
     assert shares["experts"] > shares["attention"] and shares["experts"] > shares["norms"]
 
 
