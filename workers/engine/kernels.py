@@ -7,8 +7,8 @@ backward that allocates less or makes fewer passes:
 - ``rope_tables`` / ``apply_rope``: rotary position encoding whose backward is the same rotation by the
   opposite angle (no saved activations);
 - ``grouped_matmul``: per-expert matmuls over rows sorted by expert, with ``torch.nn.functional.grouped_mm``
-  where it applies and a loop with a hand-written backward where it does not (older torch, or a width whose row
-  stride is not a multiple of 16 bytes);
+  where it applies and a loop where it does not (older torch, or a width whose row stride is not a multiple of
+  16 bytes); a ``torch.library`` custom operator with its own backward, so ``torch.compile`` keeps it opaque;
 - ``linear_cross_entropy``: the output head and its cross-entropy in one function, whose backward never holds
   the ``(N, V)`` gradient of the logits.
 """
@@ -57,6 +57,10 @@ class _SwiGLU(torch.autograd.Function):
 def activate(h: Tensor, activation: str, hidden: int) -> Tensor:
     """Apply the feed-forward nonlinearity to the input projection's output ``(..., in_width)``."""
     if activation == "swiglu":
+        if torch.compiler.is_compiling():
+            # Inductor fuses the plain composition, forward and backward; the hand-written backward's
+            # ``out=`` writes into slices would break the graph.
+            return F.silu(h[..., :hidden]) * h[..., hidden:]
         out: Tensor = _SwiGLU.apply(h, hidden)
         return out
     if activation == "gelu":
@@ -106,60 +110,25 @@ class _Rope(torch.autograd.Function):
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ``(B, T, H, D)`` by position; ``cos``/``sin`` are ``(T, D/2)`` for those positions."""
+    if torch.compiler.is_compiling():
+        # The plain composition, which Inductor fuses (forward and backward) into one pass each.
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
     out: Tensor = _Rope.apply(x, cos[:, None, :], sin[:, None, :])  # tables broadcast over heads
     return out
+
+
+def count_per_expert(expert_of: Tensor, num_experts: int) -> Tensor:
+    """``(E,)`` int64 number of entries of ``expert_of`` equal to each expert (``bincount`` with
+    ``minlength=E``, whose output length depends on the data: ``torch.compile`` would break the graph there)."""
+    return expert_of.new_zeros(num_experts).scatter_add_(0, expert_of, torch.ones_like(expert_of))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Grouped expert matmul
 # ----------------------------------------------------------------------------------------------------------
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    grouped_mm's CPU backward rejects stride-0 gradients (e.g. the expanded gradient of ``y.sum()``).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad.contiguous()
-
-
-class _LoopGroupedMM(torch.autograd.Function):
-    """``out[rows of e] = x[rows of e] @ w[e]`` with a hand-written backward (fallback for grouped_mm).
-
-    Indexing ``w[e]`` happens outside autograd, so the backward writes one ``(E, K, N)`` weight gradient
-    instead of a full-size gradient per expert (which would cost O(E^2) memory traffic).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
-        out = x.new_empty(x.shape[0], w.shape[2])
-        for e, (xs, os) in enumerate(zip(x.split(sizes), out.split(sizes), strict=True)):
-            if xs.shape[0]:
-                torch.mm(xs, w[e], out=os)
-        ctx.save_for_backward(x, w)
-        ctx.sizes = sizes
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, w = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(w)  # an expert with no rows gets a zero gradient
-        for e, (xs, gs, gxs) in enumerate(
-            zip(x.split(ctx.sizes), grad.split(ctx.sizes), grad_x.split(ctx.sizes), strict=True)
-        ):
-            if xs.shape[0]:
-                torch.mm(gs, w[e].t(), out=gxs)
-                torch.mm(xs.t(), gs, out=grad_w[e])
-        return grad_x, grad_w, None
 
 
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
@@ -168,15 +137,77 @@ def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     return _HAS_GROUPED_MM and (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
 
 
+# ``torch.compile`` sees the grouped matmul as one opaque operator (``moe_engine::grouped_matmul``) with a fake
+# (shape-only) implementation and a registered backward: the whole model then traces into one graph. Traced
+# through, ``grouped_mm``'s meta function demands bf16 operands (the CPU kernel takes fp32), and a
+# ``torch._dynamo.disable`` wrapper breaks the graph around every expert matmul (measured slower than eager).
+# Eager calls run the same operator; its dispatch costs a few microseconds per call.
+
+
+@torch.library.custom_op("moe_engine::grouped_matmul", mutates_args=())
+def _grouped_matmul_op(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """``(M, K)`` rows sorted by group, ``(E, K, N)`` weights, ``(E,)`` rows per group -> ``(M, N)``."""
+    if _grouped_mm_ok(x, w):
+        return F.grouped_mm(x, w, offs=torch.cumsum(counts, dim=0, dtype=torch.int32))
+    out = x.new_empty(x.shape[0], w.shape[2])
+    for e, (xs, os) in enumerate(zip(x.split(counts.tolist()), out.split(counts.tolist()), strict=True)):
+        if xs.shape[0]:
+            torch.mm(xs, w[e], out=os)
+    return out
+
+
+@_grouped_matmul_op.register_fake
+def _grouped_matmul_fake(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moe_engine::grouped_matmul_backward", mutates_args=())
+def _grouped_matmul_backward_op(grad: Tensor, x: Tensor, w: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(grad_x (M, K), grad_w (E, K, N))`` of ``grouped_matmul`` for the output gradient ``grad`` ``(M, N)``.
+
+    An expert with no rows gets a zero weight gradient. Indexing ``w[e]`` happens outside autograd, so the
+    weight gradient is written once as ``(E, K, N)`` instead of once per expert (O(E^2) memory traffic).
+    """
+    grad = grad.contiguous()  # grouped_mm's CPU kernel rejects stride-0 gradients (e.g. from ``y.sum()``)
+    if _grouped_mm_ok(x, w):
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        # The transposes are views whose row strides grouped_mm accepts (K and N pass ``_grouped_mm_ok``).
+        return F.grouped_mm(grad, w.transpose(-2, -1), offs=offs), F.grouped_mm(x.t(), grad, offs=offs)
+    sizes = counts.tolist()
+    grad_x = torch.empty_like(x)
+    grad_w = torch.zeros_like(w)
+    for e, (xs, gs, gxs) in enumerate(zip(x.split(sizes), grad.split(sizes), grad_x.split(sizes), strict=True)):
+        if xs.shape[0]:
+            torch.mm(gs, w[e].t(), out=gxs)
+            torch.mm(xs.t(), gs, out=grad_w[e])
+    return grad_x, grad_w
+
+
+@_grouped_matmul_backward_op.register_fake
+def _grouped_matmul_backward_fake(grad: Tensor, x: Tensor, w: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _grouped_matmul_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_matmul_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+    x, w, counts = ctx.saved_tensors
+    grad_x, grad_w = _grouped_matmul_backward_op(grad, x, w, counts)
+    return grad_x, grad_w, None
+
+
+_grouped_matmul_op.register_autograd(_grouped_matmul_backward, setup_context=_grouped_matmul_setup)
+
+
 def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """Rows of ``x`` ``(M, K)`` sorted by group, ``counts[e]`` rows for group ``e``; ``w`` is ``(E, K, N)``.
 
-    Returns ``(M, N)`` with ``out[rows of e] = x[rows of e] @ w[e]``. ``counts`` must sum to ``M``.
+    Returns ``(M, N)`` with ``out[rows of e] = x[rows of e] @ w[e]``. ``counts`` must sum to ``M``. Runs
+    ``torch.nn.functional.grouped_mm`` where it applies, else a loop of matmuls into one preallocated output.
     """
-    if _grouped_mm_ok(x, w):
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end of each group
-        return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
-    out: Tensor = _LoopGroupedMM.apply(x, w, counts.tolist())
+    out: Tensor = _grouped_matmul_op(x, w, counts)
     return out
 
 
