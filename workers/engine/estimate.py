@@ -474,6 +474,7 @@ class TimeEstimate:
     total_seconds: float
     calibration_factor: float
     precision_supported: bool
+    compile_seconds: float = 0.0  # training.compile: the one-off compilation at the start (in total_seconds)
 
 
 @dataclass(frozen=True)
@@ -799,10 +800,25 @@ def estimate_time(
         tokens_per_step=tokens_per_step,
         tokens_per_second=tokens_per_step / step_seconds,
         eval_seconds=eval_seconds,
-        total_seconds=t.max_steps * step_seconds + eval_seconds,
+        total_seconds=t.max_steps * step_seconds + eval_seconds + estimate_compile_seconds(spec),
         calibration_factor=calibration,
         precision_supported=supported,
+        compile_seconds=estimate_compile_seconds(spec),
     )
+
+
+# training.compile: TorchInductor compiles the training forward and backward once per start, on the host's CPU
+# whatever the accelerator; dynamo unrolls the blocks, so the time grows with their number, not their width.
+# Fitted to bench.compile on this 2-core CPU (see that module's output for the figures).
+_COMPILE_BASE_SECONDS = 20.0
+_COMPILE_SECONDS_PER_BLOCK = 8.0
+
+
+def estimate_compile_seconds(spec: Spec) -> float:
+    """Seconds the one-off ``torch.compile`` of the model takes at the start of a run; 0 with compile off."""
+    if not spec.training.compile:
+        return 0.0
+    return _COMPILE_BASE_SECONDS + _COMPILE_SECONDS_PER_BLOCK * (spec.model.num_layers + spec.model.mtp_depth)
 
 
 def _with_changes(spec: Spec, changes: dict[str, Any]) -> Spec:

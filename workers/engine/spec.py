@@ -462,6 +462,13 @@ class TrainingSpec(_Strict):
         "fp32", description="Autocast precision; fp16 uses a gradient scaler and needs CUDA."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (TorchInductor; the expert matmuls stay one opaque grouped operator). "
+        "Costs a one-off compile of tens of seconds at the first step (a 'compiling' phase of the job) and, when "
+        "the batch shape changes (validation), a second one; saves per-operator overhead and fuses the "
+        "elementwise work. Off by default: on the CPU templates it did not pay back its compile time (bench.compile).",
+    )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy.")
     mtp_loss_weight: float = Field(
         0.3,
