@@ -50,6 +50,10 @@ function describeEvent(ev) {
       return `early stop${d.reason ? `: ${d.reason}` : ""}`;
     case "preparing":
       return "preparing the data (tokenizing)";
+    case "compiling":
+      return "compiling the model (torch.compile): the first step waits for it";
+    case "compiled":
+      return `model compiled in ${Number(d.seconds || 0).toFixed(1)} s (its first step included)`;
     case "data_ready":
       return `data ready in ${Number(d.seconds || 0).toFixed(1)} s: ${fmtNumber(d.train_tokens)} training and ${fmtNumber(d.val_tokens)} validation tokens, vocabulary ${d.vocab_size}`;
     case "cancel_requested":
@@ -431,6 +435,8 @@ class Dashboard {
       const kinds = [...this.events.values()].map((e) => e.kind);
       const lastPrep = kinds.lastIndexOf("preparing");
       if (lastPrep >= 0 && kinds.lastIndexOf("data_ready") < lastPrep) return "Running · preparing the data (tokenizing)";
+      const lastCompile = kinds.lastIndexOf("compiling");
+      if (lastCompile >= 0 && kinds.lastIndexOf("compiled") < lastCompile) return "Running · compiling the model";
       return "Running · training";
     }
     const names = { succeeded: "Succeeded", failed: "Failed", cancelled: "Cancelled", preempted: "Preempted · waiting for a worker" };
