@@ -3,9 +3,11 @@
 Pure Python (no torch, no Django): the web tier imports it to estimate, the worker to say which profile its
 device is. Figures are vendor peaks for dense math (no sparsity), except ``cpu``, which was measured on this
 platform's reference machine (2 cores of an Intel Xeon with AMX, Debian 12, torch 2.13: a 1024² fp32 matmul
-reaches 135–220 GFLOP/s, bf16 through AMX about 1 TFLOP/s, a large ``numpy.copyto`` 18 GB/s). A profile's
-``efficiency`` is the fraction of peak that a whole training step of a small-to-medium transformer reaches
-(model FLOPs utilisation); a measured step time on a worker replaces guesses through a calibration factor
+reaches 135–390 GFLOP/s depending on the day, bf16 through AMX about 3.8 times the fp32 rate measured beside it, a
+large ``numpy.copyto`` 18 GB/s). The CPU profile offers bf16 only where the CPU multiplies bf16 natively (AVX-512
+BF16 or AMX, read from ``/proc/cpuinfo``: ``cpu_bf16_units``); elsewhere oneDNN emulates it, slower than fp32.
+A profile's ``efficiency`` is the fraction of peak that a whole training step of a small-to-medium transformer
+reaches (model FLOPs utilisation); a measured step time on a worker replaces guesses through a calibration factor
 (see ``workers.engine.estimate.estimate``).
 
 fp32 peaks on NVIDIA GPUs are plain FP32, not TF32: PyTorch leaves TF32 matmuls off by default.
@@ -68,17 +70,61 @@ def _physical_memory_bytes() -> int:
         return 16 * GB
 
 
-def _cpu_profile() -> HardwareProfile:
+# /proc/cpuinfo flags of the CPU units that multiply bf16 natively, each with the name a person knows it by.
+# oneDNN (torch's bf16 matmul on CPU) uses AMX tiles where the kernel offers them, else AVX-512 BF16 dot
+# products; without either it converts to fp32 and back, slower than plain fp32 (so bf16 is not offered there).
+BF16_CPU_UNITS: tuple[tuple[str, str], ...] = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"))
+# bf16 matmul rate over fp32's, measured interleaved on the reference machine (``python -m bench.precision``:
+# 1024² products on 2 threads, median over rounds, 3.8x with AMX). AVX-512 BF16 alone doubles the multiply-adds
+# per instruction: 2x, not measured here (no such CPU).
+BF16_SPEEDUP_AMX = 3.8
+BF16_SPEEDUP_AVX512 = 2.0
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The feature flags of this machine's CPU (the first ``flags`` line of ``/proc/cpuinfo``, or of the text
+    ``cpuinfo`` when given, for tests); empty when there is none (not Linux, or not x86)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_bf16_units(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The units of this CPU (or of ``flags``) that multiply bf16 natively, e.g. ``("AMX", "AVX-512 BF16")``;
+    empty when it has none and bf16 would be emulated. AMX counts only with its tile registers (``amx_tile``)."""
+    present = cpu_flags() if flags is None else flags
+    return tuple(
+        name for flag, name in BF16_CPU_UNITS if flag in present and (flag != "amx_bf16" or "amx_tile" in present)
+    )
+
+
+def cpu_profile(flags: frozenset[str] | None = None) -> HardwareProfile:
+    """The profile of this machine's CPU, or of one with the ``/proc/cpuinfo`` ``flags`` given (tests inject them):
+    ``peak_flops["bf16"]`` is None, bf16 not offered, unless the CPU multiplies bf16 natively."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    units = cpu_bf16_units(flags)
     # Per-core figures measured on the reference machine (module docstring); the worker's calibration corrects
     # them on another CPU. fp16 autocast on CPU is not offered: the spec reserves fp16 for CUDA.
+    fp32_peak = 110e9 * cores
+    bf16_peak: float | None = None
+    if units:
+        bf16_peak = fp32_peak * (BF16_SPEEDUP_AMX if "AMX" in units else BF16_SPEEDUP_AVX512)
+    bf16_note = f"bf16 through {' and '.join(units)}" if units else "no native bf16 (neither AVX-512 BF16 nor AMX)"
     return HardwareProfile(
         key="cpu",
         name=f"This CPU ({cores} core{'s' if cores != 1 else ''})",
         kind="cpu",
         memory_bytes=_physical_memory_bytes(),
         bandwidth_bytes_per_s=9 * GB * min(cores, 8),
-        peak_flops={"fp32": 110e9 * cores, "bf16": 500e9 * cores, "fp16": None},
+        peak_flops={"fp32": fp32_peak, "bf16": bf16_peak, "fp16": None},
         # Fitted to the step times of seven MoE shapes (0.9M-17M parameters, 1k-16k tokens per step) on the
         # reference machine: predictions within ±20% of each other's measured/predicted ratio.
         efficiency=0.7,
@@ -91,11 +137,12 @@ def _cpu_profile() -> HardwareProfile:
         activation_overhead=1.15,
         # One training process per core at most (torch.distributed over gloo): the processes share the cores.
         max_devices=cores,
-        notes="Measured on this platform's machine; fp16 needs CUDA. Calibrate with a short run on the worker.",
+        notes=f"Measured on this platform's machine; {bf16_note}; fp16 needs CUDA. Calibrate with a short run "
+        "on the worker.",
     )
 
 
-CPU = _cpu_profile()
+CPU = cpu_profile()
 
 PROFILES: dict[str, HardwareProfile] = {
     p.key: p

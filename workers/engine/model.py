@@ -75,6 +75,7 @@ from workers.engine.kernels import (
     IGNORE_INDEX,
     activate,
     apply_rope,
+    count_per_expert,
     grouped_matmul,
     linear_cross_entropy,
     rope_tables,
@@ -340,6 +341,35 @@ class MoEStats:
     kept: Tensor  # (E,) int64 assignments processed, after capacity
 
 
+# oneDNN, which runs bf16 matmuls on CPU, builds (JIT-compiles) a kernel for every new matrix shape and caches
+# it; the rows routed to an expert change every step, so unpadded expert matmuls in bf16 pay that build almost
+# every time (measured: 1024-wide products of 300-700 rows reach 180 GFLOP/s with a fresh row count each call,
+# 1,900 with a repeated one; fp32's kernels need no build). Padding every expert's rows to a multiple of this
+# keeps the shapes few (cached after the first steps) for ~this/2 wasted rows per expert.
+CPU_LOW_PRECISION_GROUP_ROWS = 32
+
+
+def pad_expert_groups(token_of: Tensor, counts: Tensor, gate: Tensor, multiple: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad every expert's group of assignment rows to a multiple of ``multiple`` rows.
+
+    ``token_of`` ``(M,)`` is the token of each assignment row, grouped by expert with ``counts`` ``(E,)`` rows
+    each, ``gate`` ``(M,)`` its routing weight. Returns them padded to ``(M',)`` and ``(E,)``: a padding row reads
+    token 0 with a gate of 0, so it adds nothing to the output and no gradient anywhere.
+    """
+    padded = torch.div(counts + (multiple - 1), multiple, rounding_mode="floor") * multiple  # (E,)
+    rows, padded_rows = token_of.shape[0], int(padded.sum())
+    if padded_rows == rows:
+        return token_of, counts, gate
+    group = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts, output_size=rows)
+    shift = torch.cumsum(padded - counts, 0) - (padded - counts)  # (E,) padding before each group
+    dest = torch.arange(rows, device=token_of.device) + shift[group]  # (M,) row in the padded layout
+    return (
+        token_of.new_zeros(padded_rows).index_copy_(0, dest, token_of),
+        padded,
+        gate.new_zeros(padded_rows).index_copy(0, dest, gate),
+    )
+
+
 class MoEFeedForward(nn.Module):
     """DeepSeekMoE: shared experts + top-k of fine-grained routed experts (see the module docstring)."""
 
@@ -407,7 +437,7 @@ class MoEFeedForward(nn.Module):
         logits, scores, chosen, weights = self.route(flat)
 
         expert_of = chosen.reshape(-1)  # (N*k,) expert of assignment a = token * k + slot
-        routed = torch.bincount(expert_of, minlength=E)  # (E,)
+        routed = count_per_expert(expert_of, E)  # (E,)
         capacity = None
         if self.training and moe.capacity_factor is not None:
             capacity = math.ceil(moe.capacity_factor * N * k / E)
@@ -425,10 +455,14 @@ class MoEFeedForward(nn.Module):
             kept = routed.clamp(max=capacity)
 
         token_of = torch.div(order, k, rounding_mode="floor")  # (M,)
+        gate = weights.reshape(-1).index_select(0, order)  # (M,) routing weight of each kept assignment
+        low_precision = torch.is_autocast_enabled(x.device.type)
+        if low_precision and x.device.type == "cpu" and self.expert_dispatch is None:
+            token_of, kept, gate = pad_expert_groups(token_of, kept, gate, CPU_LOW_PRECISION_GROUP_ROWS)
         xs = flat.index_select(0, token_of)  # (M, C) gathered token rows, grouped by expert
         w_in: Tensor = self.w_in
         w_out: Tensor = self.w_out
-        if torch.is_autocast_enabled(x.device.type):
+        if low_precision:
             # grouped_mm is not autocast-aware: cast to the autocast dtype ourselves.
             dtype = torch.get_autocast_dtype(x.device.type)
             xs, w_in, w_out = xs.to(dtype), w_in.to(dtype), w_out.to(dtype)
@@ -437,7 +471,6 @@ class MoEFeedForward(nn.Module):
         else:
             h = activate(grouped_matmul(xs, w_in, kept), self.activation, self.hidden)  # (M, H)
             ys = grouped_matmul(h, w_out, kept)  # (M, C)
-        gate = weights.reshape(-1).index_select(0, order)  # (M,) routing weight of each kept assignment
         ys = ys * gate.unsqueeze(1).to(ys.dtype)
         out = torch.zeros(N, C, dtype=ys.dtype, device=x.device).index_add_(0, token_of, ys)  # (N, C)
         if self.shared is not None:
@@ -770,3 +803,17 @@ class MoETransformer(nn.Module):
 def build_model(spec: Spec) -> MoETransformer:
     """The model described by ``spec.model``, randomly initialised with ``spec.model.init_std``."""
     return MoETransformer(spec)
+
+
+def compile_for_training(model: MoETransformer) -> nn.Module:
+    """``model`` compiled with ``torch.compile`` (TorchInductor, static shapes), for the training forward.
+
+    Returns a module with ``model``'s forward signature that shares its parameters and buffers; ``model`` itself
+    stays eager, so evaluation, generation and checkpoints use it unchanged (its ``state_dict`` keys carry no
+    ``_orig_mod.`` prefix, and a checkpoint loads into a compiled or an eager run alike). Compilation happens
+    at the first call (tens of seconds on a CPU); a new batch shape or mode compiles again. Static shapes: a
+    training run feeds one batch shape, and with dynamic shapes Inductor generates slower code.
+    """
+    compiled = torch.compile(model, dynamic=False)
+    assert isinstance(compiled, nn.Module)  # compiling a module gives a module (OptimizedModule)
+    return compiled

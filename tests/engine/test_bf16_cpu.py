@@ -1,0 +1,117 @@
+"""bf16 training on CPU: the expert rows padded for oneDNN compute what unpadded rows do, a bf16 run trains the
+tiny model down and resumes exactly from its checkpoint, and the CPU profile offers bf16 only with native units.
+
+The tiny model and corpus are test_train's (hidden 32, 2 layers, 4 routed experts, the a..p letter cycle).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.engine.test_train import LETTERS, losses, make_spec
+from workers.engine import model as model_module
+from workers.engine.data import PreparedData, prepare
+from workers.engine.hardware import cpu_bf16_units, cpu_flags, cpu_profile
+from workers.engine.model import build_model, pad_expert_groups
+from workers.engine.sinks import MemorySink
+from workers.engine.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
+
+SAPPHIRE_RAPIDS_FLAGS = "fpu vme sse sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
+SKYLAKE_FLAGS = "fpu vme sse sse2 avx2 avx512f avx512bw avx512_vnni"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    path = tmp_path_factory.mktemp("corpus") / "letters.jsonl"
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(200):
+            start = rng.randrange(len(LETTERS))
+            f.write(json.dumps({"text": "".join(LETTERS[(start + j) % 16] for j in range(60))}) + "\n")
+    return prepare(make_spec(), path, tmp_path_factory.mktemp("prepared"))
+
+
+def test_flags_are_read_from_cpuinfo_and_name_the_native_bf16_units() -> None:
+    cpuinfo = f"processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: {SAPPHIRE_RAPIDS_FLAGS}\n\nprocessor\t: 1\n"
+    assert "amx_tile" in cpu_flags(cpuinfo)
+    assert cpu_bf16_units(cpu_flags(cpuinfo)) == ("AMX", "AVX-512 BF16")
+    assert cpu_bf16_units(frozenset(SKYLAKE_FLAGS.split())) == ()
+    # AMX's bf16 instructions are useless without its tile registers (a kernel that did not enable them).
+    assert cpu_bf16_units(frozenset({"amx_bf16"})) == ()
+    assert cpu_flags("no flags here") == frozenset()
+
+
+def test_the_cpu_profile_offers_bf16_only_where_the_cpu_multiplies_it_natively() -> None:
+    amx = cpu_profile(frozenset(SAPPHIRE_RAPIDS_FLAGS.split()))
+    avx512 = cpu_profile(frozenset({"avx512f", "avx512_bf16"}))
+    without = cpu_profile(frozenset(SKYLAKE_FLAGS.split()))
+    assert amx.supports("bf16") and avx512.supports("bf16") and not without.supports("bf16")
+    assert without.peak_flops["bf16"] is None and "no native bf16" in without.notes
+    fp32 = amx.peak_flops["fp32"]
+    assert fp32 is not None
+    assert amx.peak_flops["bf16"] == pytest.approx(3.8 * fp32)  # measured: python -m bench.precision
+    assert "AMX" in amx.notes and not amx.supports("fp16")
+
+
+def test_padding_expert_groups_keeps_every_row_and_pads_with_zero_gates() -> None:
+    token_of = torch.tensor([5, 1, 2, 7, 0, 3, 4])
+    counts = torch.tensor([3, 0, 4])
+    gate = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], requires_grad=True)
+    padded_tokens, padded_counts, padded_gate = pad_expert_groups(token_of, counts, gate, 4)
+    assert padded_counts.tolist() == [4, 0, 4]
+    assert padded_tokens.tolist() == [5, 1, 2, 0, 7, 0, 3, 4]
+    assert padded_gate.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.0, 0.4, 0.5, 0.6, 0.7])
+    padded_gate.sum().backward()
+    assert gate.grad is not None and gate.grad.tolist() == [1.0] * 7  # the padding is connected to nothing
+
+
+def test_padded_expert_rows_give_the_unpadded_outputs_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the MoE layer pads each expert's rows (``CPU_LOW_PRECISION_GROUP_ROWS``); with no
+    padding (a multiple of 1) the same model gives the same loss and gradients, to bf16's rounding."""
+    spec = make_spec(model={"moe": {"num_routed_experts": 4, "top_k": 2, "expert_hidden_size": 32}})
+    ids = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for multiple in (1, 16):
+        monkeypatch.setattr(model_module, "CPU_LOW_PRECISION_GROUP_ROWS", multiple)
+        torch.manual_seed(0)
+        model = build_model(spec).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        assert loss is not None
+        loss.backward()
+        results[multiple] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (loss_1, grads_1), (loss_16, grads_16) = results[1], results[16]
+    torch.testing.assert_close(loss_16, loss_1, rtol=1e-3, atol=1e-3)
+    assert grads_1.keys() == grads_16.keys() and any("w_in" in name for name in grads_1)
+    for name, grad in grads_1.items():
+        torch.testing.assert_close(grads_16[name], grad, rtol=0.05, atol=2e-3, msg=name)
+
+
+def test_bf16_on_cpu_trains_the_tiny_model_down_and_resumes_exactly(prepared: PreparedData, tmp_path: Path) -> None:
+    spec = make_spec(training={"precision": "bf16", "checkpoint_interval": 5})
+    whole = MemorySink()
+    assert train(spec, prepared, tmp_path / "whole", whole).status == "completed"
+    loss = losses(whole)
+    first, last = [loss[s] for s in (1, 2, 3)], [loss[s] for s in (18, 19, 20)]
+    assert sum(last) < 0.5 * sum(first), (first, last)
+    assert whole.series("val_loss")[-1][1] < 0.5 * loss[1]
+
+    # Stop at step 7 (between checkpoints), resume: the same steps as the uninterrupted run, bit for bit.
+    split_first = MemorySink()
+    assert train(spec, prepared, tmp_path / "split", split_first, stop_after_step=7).step == 7
+    split_second = MemorySink()
+    assert train(spec, prepared, tmp_path / "split", split_second).status == "completed"
+    assert split_second.events_of("resume")[0]["step"] == 7
+    assert {**losses(split_first), **losses(split_second)} == loss
+    a, b = (tmp_path / run / "checkpoints" / "step-000020" / "model.safetensors" for run in ("whole", "split"))
+    weights_a, weights_b = load_file(a), load_file(b)
+    assert all(w.dtype == torch.float32 for w in weights_a.values())  # fp32 master weights under autocast
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
