@@ -33,7 +33,9 @@ loss over up to ``eval_batches`` validation batches), ``val_ppl`` (causal_lm, ``
 ``val_accuracy`` (classification).
 
 Events (``sink.event(kind, data)``, ``data["step"]`` always set): ``checkpoint``, ``resume``,
-``intervention`` (``changes: {name: {before, after}}``), ``anomaly``, ``rollback``, ``early_stop``.
+``intervention`` (``changes: {name: {before, after}}``), ``anomaly``, ``rollback``, ``early_stop``; with
+``training.compile``: ``compiling`` before the first step of this start (which compiles the model) and ``compiled``
+(``seconds``: that first step, compilation included) after it; the step-time metrics leave that step out.
 After ``resume``/``rollback`` the steps after ``data["step"]`` are emitted again (see ``sinks``).
 
 Determinism: with the same spec, data and device, a run resumed from a checkpoint takes exactly the steps
@@ -85,7 +87,7 @@ from workers.engine.distributed import Parallel
 from workers.engine.hf import load_hf_weights
 from workers.engine.interventions import Anomaly, AnomalyGuard, PlateauWatch
 from workers.engine.layout import RunLayout
-from workers.engine.model import ModelOutput, MoETransformer, build_model
+from workers.engine.model import ModelOutput, MoETransformer, build_model, compile_for_training
 from workers.engine.optimizers import as_torch_optimizer, build_optimizer, peak_learning_rates
 from workers.engine.sinks import MetricsSink
 from workers.engine.spec import Spec, load_spec
@@ -464,6 +466,11 @@ class _Trainer:
         self.model.train()
         # What the step calls (a DDP wrapper, or the model itself); self.model stays the handle for its methods.
         self.step_model = parallel.wrap(self.model, device)
+        # Compiled for the training forward only (evaluation and checkpoints use the eager self.model, which
+        # shares its parameters). Single-process runs: the distributed wrappers stay eager.
+        self.compile_pending = t.compile and not parallel.distributed
+        if self.compile_pending:
+            self.step_model = compile_for_training(self.model)
         self.optimizer = build_optimizer(self.model, spec, device)
         self.peak_lrs = peak_learning_rates(self.optimizer)  # before a checkpoint's groups replace them
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
@@ -567,9 +574,16 @@ class _Trainer:
             if stop_after_step is not None and st.step >= stop_after_step:
                 return self._finish("stopped", f"reached stop_after_step {stop_after_step}")
 
+            compiling = self.compile_pending
+            if compiling:
+                self.sink.event("compiling", {"step": st.step})
             began = time.perf_counter()
             outcome = self._train_step()  # ends with .item() calls, so on CUDA the time is the real one
             elapsed = time.perf_counter() - began
+            if compiling:
+                # A phase of its own (the dashboard shows it), not a training step's time.
+                self.compile_pending = False
+                self.sink.event("compiled", {"step": st.step, "seconds": round(elapsed, 3)})
             self.faults.attempt_done(outcome.step)
             if outcome.anomaly is not None:
                 failure = self.guard.recover(st, outcome.anomaly, outcome.micro_batches, self._roll_back_to)
@@ -578,10 +592,12 @@ class _Trainer:
                 st = self.state  # the rollback replaced the loop state
                 steps_since_log, seconds_since_log = 0, 0.0
                 continue
-            steps_since_log, seconds_since_log = steps_since_log + 1, seconds_since_log + elapsed
+            if not compiling:
+                steps_since_log, seconds_since_log = steps_since_log + 1, seconds_since_log + elapsed
 
             if st.step % t.log_interval == 0 or st.step == t.max_steps:
-                self._log(outcome, seconds_since_log / steps_since_log)
+                # None: only the compiling step since the last log, no step time to report.
+                self._log(outcome, seconds_since_log / steps_since_log if steps_since_log else None)
                 steps_since_log, seconds_since_log = 0, 0.0
             if st.step % t.eval_interval == 0 or st.step == t.max_steps:
                 early_stop = self._evaluate_and_react()
@@ -691,7 +707,8 @@ class _Trainer:
 
     # -- logging and evaluation ----------------------------------------------------------------------------
 
-    def _log(self, outcome: _StepOutcome, step_time: float) -> None:
+    def _log(self, outcome: _StepOutcome, step_time: float | None) -> None:
+        """Emit the step's metrics; ``step_time`` None (the compiling step alone) leaves out the throughput."""
         t = self.spec.training
         tokens_per_step = t.grad_accum_steps * t.batch_size * self.spec.data.seq_len
         metrics: dict[str, float] = {
@@ -699,13 +716,14 @@ class _Trainer:
             "aux_loss": outcome.aux_loss,
             "lr": lr_at(self.state.step, self.spec) * self.state.lr_scale,
             "grad_norm": outcome.grad_norm,
-            "tokens_per_s": tokens_per_step / step_time if step_time > 0 else 0.0,
-            "step_time_s": step_time,
             "memory_bytes": float(memory_bytes(self.device)),
             "dropped_fraction": outcome.dropped_fraction,
             "tokens_seen": float(self.state.tokens_seen),
             "epoch": self.batches.epoch_progress,
         }
+        if step_time is not None:
+            metrics["tokens_per_s"] = tokens_per_step / step_time if step_time > 0 else 0.0
+            metrics["step_time_s"] = step_time
         if outcome.mtp_loss is not None:
             metrics["mtp_loss"] = outcome.mtp_loss
         for keys, row in zip(self.load_keys, outcome.expert_load, strict=True):
