@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from workers.engine.allocator import keep_freed_memory
-from workers.engine.data import prepare
+from workers.engine.data import PreparedData, prepare
 from workers.engine.estimate import kv_cache_bytes_per_token, optimizer_state_elements, parameter_breakdown
 from workers.engine.model import KVCache, build_model
 from workers.engine.optimizers import Optimizer, build_optimizer
@@ -516,6 +516,82 @@ def _step_seconds(sink: MemorySink) -> list[float]:
     return [seconds for _, seconds in sink.series("step_time_s")]
 
 
+def write_demo_corpus(path: Path, corpus_examples: int | None = None) -> Path:
+    """The built-in ``python-docs`` corpus at ``path`` (JSON lines); ``corpus_examples`` (``--quick``): only the
+    first that many help topics, whose making and tokenizing is quicker than the whole corpus's."""
+    from builder.datasets.demo import build_corpus
+
+    if corpus_examples is None:
+        build_corpus(path)
+    else:
+        topics = pydoc_data.topics.topics
+        rows = [{"text": topics[name].strip()} for name in sorted(topics)[:corpus_examples]]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@dataclass
+class SameWallTimeRun:
+    """What ``train_same_wall_time`` trained: each variant's final spec (its own ``max_steps``), its metrics,
+    its calibrated step seconds, the budget in seconds and the calibration steps actually used."""
+
+    specs: dict[str, Spec]
+    sinks: dict[str, MemorySink]
+    calibrated: dict[str, float]
+    budget_s: float
+    calibration_steps: int
+
+
+def train_same_wall_time(
+    specs: dict[str, Spec],
+    prepared: PreparedData,
+    work: Path,
+    budget: Callable[[dict[str, float]], float],
+    calibration_steps: int,
+    chunk: int,
+    evaluations: int = 1,
+) -> SameWallTimeRun:
+    """Train every named spec (``log_interval`` 1) for the same training time, interleaved.
+
+    Every spec first trains ``calibration_steps`` steps (capped to the first spec's warmup, where the rate does
+    not depend on ``max_steps``), in round-robin thirds so that a burst of load from other processes does not
+    fall on one of them; the median step time is each one's calibrated step. ``budget(calibrated)`` gives the
+    budget in seconds; each spec's ``max_steps`` is then set so that it trains for the budget at its own
+    calibrated step (its schedule decays over the whole budget; a warmup longer than half of it is cut to half),
+    and all train on in round-robin chunks of ``chunk`` steps (``train`` resumes from its checkpoint under
+    ``work / name``). Each evaluates ``evaluations`` times at equal step intervals, the last at its last step
+    (evaluation time is not step time).
+    """
+    first = next(iter(specs.values()))
+    calibration_steps = max(1, min(calibration_steps, first.training.schedule.warmup_steps, first.training.max_steps))
+    sinks = {name: MemorySink() for name in specs}
+
+    def train_to(name: str, spec: Spec, stop: int) -> None:
+        train(spec, prepared, work / name, sinks[name], device="cpu", stop_after_step=stop)
+
+    for stop in sorted({max(1, calibration_steps * k // 3) for k in (1, 2, 3)}):
+        for name, spec in specs.items():
+            train_to(name, spec, stop)
+    calibrated = {name: statistics.median(_step_seconds(sink)) for name, sink in sinks.items()}
+    budget_s = budget(calibrated)
+    for name, spec in list(specs.items()):
+        own_steps = max(calibration_steps + 1, round(budget_s / calibrated[name]))
+        interval = max(1, -(-own_steps // max(1, evaluations)))
+        schedule = spec.training.schedule.model_dump()
+        # A budget shorter than the warmup (a machine slowed by other work) still trains and decays.
+        schedule["warmup_steps"] = min(schedule["warmup_steps"], own_steps // 2)
+        changes = {"max_steps": own_steps, "eval_interval": interval, "schedule": schedule}
+        specs[name] = _variant(spec, training=changes)
+    at = dict.fromkeys(specs, calibration_steps)
+    while any(at[name] < spec.training.max_steps for name, spec in specs.items()):
+        for name, spec in specs.items():
+            if at[name] < spec.training.max_steps:
+                at[name] = min(at[name] + chunk, spec.training.max_steps)
+                train_to(name, spec, at[name])
+        print(f"same_wall_time: {at}", file=sys.stderr, flush=True)
+    return SameWallTimeRun(dict(specs), sinks, calibrated, budget_s, calibration_steps)
+
+
 def tiny_demo_same_wall_time(
     work: Path, budget_steps: int, calibration_steps: int, chunk: int, corpus_examples: int | None = None
 ) -> dict[str, Any]:
@@ -534,15 +610,8 @@ def tiny_demo_same_wall_time(
     making and tokenizing would take longer than the smoke test's training.
     """
     from builder.configs.presets import PRESETS
-    from builder.datasets.demo import build_corpus
 
-    corpus = work / "python-docs.jsonl"
-    if corpus_examples is None:
-        build_corpus(corpus)
-    else:
-        topics = pydoc_data.topics.topics
-        rows = [{"text": topics[name].strip()} for name in sorted(topics)[:corpus_examples]]
-        corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    corpus = write_demo_corpus(work / "python-docs.jsonl", corpus_examples)
     base = PRESETS["tiny-cpu-demo"].spec
     steps = min(budget_steps, base.training.max_steps)
     specs: dict[str, Spec] = {}
@@ -558,30 +627,11 @@ def tiny_demo_same_wall_time(
             **training,
         }
         specs[name] = _variant(base, model, changes)
-    warmup = specs["adamw"].training.schedule.warmup_steps
-    calibration_steps = max(1, min(calibration_steps, warmup, steps))
     prepared = prepare(specs["adamw"], corpus, work / "prepared")
-    sinks = {name: MemorySink() for name in specs}
-
-    def train_to(name: str, spec: Spec, stop: int) -> None:
-        train(spec, prepared, work / name, sinks[name], device="cpu", stop_after_step=stop)
-
-    # Calibration in round-robin thirds, so that a burst of load from other processes does not fall on one variant.
-    for stop in sorted({max(1, calibration_steps * k // 3) for k in (1, 2, 3)}):
-        for name, spec in specs.items():
-            train_to(name, spec, stop)
-    calibrated = {name: statistics.median(_step_seconds(sink)) for name, sink in sinks.items()}
-    budget_s = steps * calibrated["adamw"]
-    for name, spec in list(specs.items()):
-        own_steps = max(calibration_steps + 1, round(budget_s / calibrated[name]))
-        specs[name] = _variant(spec, training={"max_steps": own_steps, "eval_interval": own_steps})
-    at = dict.fromkeys(specs, calibration_steps)
-    while any(at[name] < spec.training.max_steps for name, spec in specs.items()):
-        for name, spec in specs.items():
-            if at[name] < spec.training.max_steps:
-                at[name] = min(at[name] + chunk, spec.training.max_steps)
-                train_to(name, spec, at[name])
-        print(f"same_wall_time: {at}", file=sys.stderr, flush=True)
+    run = train_same_wall_time(
+        specs, prepared, work, lambda calibrated: steps * calibrated["adamw"], calibration_steps, chunk
+    )
+    specs, sinks, calibrated = run.specs, run.sinks, run.calibrated
     out: dict[str, Any] = {}
     for name, spec in specs.items():
         sink = sinks[name]
@@ -603,9 +653,9 @@ def tiny_demo_same_wall_time(
     return {
         "template": "tiny-cpu-demo",
         "dataset": "python-docs",
-        "budget_seconds": round(budget_s, 1),
+        "budget_seconds": round(run.budget_s, 1),
         "budget": f"{steps} AdamW steps at its calibrated step time",
-        "calibration_steps": calibration_steps,
+        "calibration_steps": run.calibration_steps,
         "chunk_steps": chunk,
         "load_average_1min_end": round(os.getloadavg()[0], 2),
         "variants": out,

@@ -1,0 +1,189 @@
+"""Learning per second: the tiny MoE demo template against a dense model of the same active size (``make bench``).
+
+``python -m bench.learning [--quick] [--seconds N]`` prints ONE JSON document to stdout. Both models train on
+the built-in ``python-docs`` corpus for the same training time (``--seconds``, per model), interleaved in chunks
+so that load from other processes hits both alike (``bench.engine.train_same_wall_time``), and both report
+their validation loss against training seconds: a curve of evaluations at equal step intervals, the clock being
+the summed step time (evaluations and checkpoints excluded), plus the step time and the final validation loss.
+
+The two models: ``moe`` is the ``tiny-cpu-demo`` template as it stands; ``dense`` is the same template with every
+layer dense (``moe.first_dense_layers = num_layers``), whose feed-forward hidden size defaults to
+``(top_k + num_shared_experts) x expert_hidden_size``: the same matmul work per token as the MoE layer's active
+experts. Width, depth, heads, vocabulary, batch, learning rate and schedule shape are the template's; each model's
+``max_steps`` fills the budget at its own calibrated step time, so each one's cosine schedule ends at the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.engine import _step_seconds, _variant, train_same_wall_time, write_demo_corpus
+from workers.engine.data import prepare
+from workers.engine.estimate import parameter_breakdown
+from workers.engine.sinks import MemorySink
+from workers.engine.spec import Spec
+
+TEMPLATE = "tiny-cpu-demo"
+
+
+def moe_and_dense(base: Spec) -> dict[str, Spec]:
+    """The template (``moe``) and its dense twin of the same active size (``dense``; module docstring)."""
+    moe = base.model.moe.model_dump()
+    dense = _variant(base, {"moe": {**moe, "first_dense_layers": base.model.num_layers}})
+    return {"moe": base, "dense": dense}
+
+
+def loss_curve(sink: MemorySink) -> list[dict[str, float]]:
+    """``[{"step", "seconds", "val_loss"}]``: each evaluation with the summed step time up to its step."""
+    seconds_at: dict[int, float] = {}
+    total = 0.0
+    for step, seconds in sorted(sink.series("step_time_s")):
+        total += seconds
+        seconds_at[step] = total
+    return [
+        {"step": step, "seconds": round(seconds_at[step], 2), "val_loss": round(value, 4)}
+        for step, value in sink.series("val_loss")
+        if step in seconds_at
+    ]
+
+
+def loss_at(curve: list[dict[str, float]], seconds: float) -> float | None:
+    """The validation loss at ``seconds`` of training, linearly interpolated between evaluations (None before
+    the first one or past the last)."""
+    for before, after in itertools.pairwise(curve):
+        if before["seconds"] <= seconds <= after["seconds"]:
+            span = after["seconds"] - before["seconds"]
+            t = 0.0 if span == 0 else (seconds - before["seconds"]) / span
+            return round(before["val_loss"] + t * (after["val_loss"] - before["val_loss"]), 4)
+    return None
+
+
+def learning_per_second(
+    work: Path,
+    seconds: float,
+    calibration_steps: int,
+    chunk: int,
+    evaluations: int,
+    corpus_examples: int | None = None,
+    warmup_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train the template and its dense twin for ``seconds`` of step time each; their curves and figures.
+
+    ``warmup_steps`` replaces the template's (``--quick``: a budget of a few seconds is shorter than it).
+    """
+    from builder.configs.presets import PRESETS
+
+    base = PRESETS[TEMPLATE].spec
+    schedule = base.training.schedule.model_dump()
+    if warmup_steps is not None:
+        schedule["warmup_steps"] = warmup_steps
+    # One checkpoint per chunk (train resumes from it); evaluations as train_same_wall_time sets them.
+    base = _variant(base, training={"checkpoint_interval": 10_000_000, "log_interval": 1, "schedule": schedule})
+    specs = moe_and_dense(base)
+    corpus = write_demo_corpus(work / "python-docs.jsonl", corpus_examples)
+    prepared = prepare(base, corpus, work / "prepared")
+    started = time.perf_counter()
+    load_start = round(os.getloadavg()[0], 2)
+    run = train_same_wall_time(specs, prepared, work, lambda _: seconds, calibration_steps, chunk, evaluations)
+    models: dict[str, Any] = {}
+    for name, spec in run.specs.items():
+        sink = run.sinks[name]
+        step_s = _step_seconds(sink)
+        curve = loss_curve(sink)
+        breakdown = parameter_breakdown(spec)
+        models[name] = {
+            "steps": spec.training.max_steps,
+            "calibrated_step_ms": round(run.calibrated[name] * 1000, 1),
+            "step_ms_median": round(statistics.median(step_s) * 1000, 1),
+            "train_seconds": round(sum(step_s), 1),
+            "final_val_loss": curve[-1]["val_loss"] if curve else None,
+            "parameters": breakdown["total"],
+            "active_matmul_parameters": breakdown["active_matmul"],
+            "curve": curve,
+        }
+    moe, dense = models["moe"], models["dense"]
+    # Compared where both curves have a point: at the shorter run's end (the budget, up to calibration noise).
+    common = min(moe["curve"][-1]["seconds"], dense["curve"][-1]["seconds"]) if moe["curve"] and dense["curve"] else 0
+    at_common = {name: loss_at(entry["curve"], common) for name, entry in models.items()}
+    m = base.model
+    return {
+        "template": TEMPLATE,
+        "dataset": "python-docs" if corpus_examples is None else f"python-docs (first {corpus_examples} topics)",
+        "shape": {
+            "layers": m.num_layers,
+            "hidden_size": m.hidden_size,
+            "heads": m.num_heads,
+            "vocab": m.vocab_size,
+            "routed_experts": m.moe.num_routed_experts,
+            "shared_experts": m.moe.num_shared_experts,
+            "top_k": m.moe.top_k,
+            "expert_hidden_size": m.moe.expert_hidden_size,
+            "dense_hidden_size": m.moe.resolved_dense_hidden_size,
+            "batch": base.training.batch_size,
+            "seq_len": base.data.seq_len,
+        },
+        "budget_seconds": round(run.budget_s, 1),
+        "calibration_steps": run.calibration_steps,
+        "chunk_steps": chunk,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
+        "models": models,
+        "compared_at_seconds": round(common, 2),
+        "val_loss_at_compared_seconds": at_common,
+        "moe_step_over_dense": round(moe["step_ms_median"] / dense["step_ms_median"], 3),
+        "moe_wins_per_second": (
+            at_common["moe"] is not None and at_common["dense"] is not None and at_common["moe"] < at_common["dense"]
+        ),
+    }
+
+
+NOTES = [
+    "moe: the tiny-cpu-demo template; dense: the same with every layer dense, feed-forward hidden "
+    "(top_k + shared) x expert_hidden_size (the same active matmul work per token); same data, batch, lr, schedule",
+    "each model's max_steps fills budget_seconds at its calibrated step time; the two train interleaved in chunks; "
+    "curve: val_loss (template's validation batches) at equal step intervals against summed step seconds "
+    "(evaluations and checkpoints excluded)",
+    "val_loss_at_compared_seconds: each curve interpolated at the shorter run's last evaluation",
+    "this machine is shared with other work (2 cores, several agents): step times vary run to run; see "
+    "load_average_1min",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.learning", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke test (seconds, part of the corpus)")
+    parser.add_argument("--seconds", type=float, default=None, help="training seconds per model (default 150)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seconds = args.seconds if args.seconds is not None else (5.0 if args.quick else 150.0)
+    # calibration steps, chunk steps, evaluations, corpus cut, warmup
+    settings = (3, 10, 3, 20, 3) if args.quick else (30, 50, 12, None, None)
+    with tempfile.TemporaryDirectory() as work:
+        result = learning_per_second(Path(work), seconds, *settings)
+    report = {
+        "bench": "learning_per_second",
+        "quick": args.quick,
+        "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "torch": torch.__version__,
+        **result,
+        "notes": NOTES,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The learning-per-second benchmark (``python -m bench.learning``) in its quick mode: both models train for the
+same time, and each reports a validation-loss curve against training seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from bench import learning
+
+
+@pytest.fixture
+def torch_threads_restored() -> Iterator[None]:
+    """The bench sets torch's thread count for its process; tests that run after it keep theirs."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_the_moe_and_its_dense_twin_train_for_the_same_time_and_report_loss_curves(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert learning.main(["--quick", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    models = report["models"]
+    assert set(models) == {"moe", "dense"}
+    shape = report["shape"]
+    assert shape["dense_hidden_size"] == (shape["top_k"] + shape["shared_experts"]) * shape["expert_hidden_size"]
+    # The same active matmul work per token, up to the router's (E, C) matrix.
+    router = shape["routed_experts"] * shape["hidden_size"] * shape["layers"]
+    assert models["moe"]["active_matmul_parameters"] == models["dense"]["active_matmul_parameters"] + router
+    assert models["moe"]["parameters"] > models["dense"]["parameters"]
+    uniform = math.log(shape["vocab"])
+    for name, entry in models.items():
+        curve = entry["curve"]
+        assert len(curve) >= 2, name
+        steps = [point["step"] for point in curve]
+        seconds = [point["seconds"] for point in curve]
+        assert steps == sorted(set(steps)) and steps[-1] == entry["steps"], name
+        assert seconds == sorted(seconds) and seconds[-1] <= entry["train_seconds"] + 0.01, name
+        assert 0 < entry["final_val_loss"] == curve[-1]["val_loss"] < uniform, name
+        assert entry["step_ms_median"] > 0, name
+    # Compared at the shorter run's end, where both curves have a value.
+    assert report["compared_at_seconds"] == min(m["curve"][-1]["seconds"] for m in models.values())
+    assert all(value is not None for value in report["val_loss_at_compared_seconds"].values())
+
+
+def test_a_curve_is_interpolated_between_evaluations_and_is_none_outside_them() -> None:
+    curve = [{"step": 10, "seconds": 1.0, "val_loss": 5.0}, {"step": 20, "seconds": 3.0, "val_loss": 4.0}]
+    assert learning.loss_at(curve, 2.0) == 4.5
+    assert learning.loss_at(curve, 3.0) == 4.0
+    assert learning.loss_at(curve, 0.5) is None and learning.loss_at(curve, 3.5) is None
