@@ -42,7 +42,8 @@ def test_the_moe_and_its_dense_twin_train_for_the_same_time_and_report_loss_curv
         steps = [point["step"] for point in curve]
         seconds = [point["seconds"] for point in curve]
         assert steps == sorted(set(steps)) and steps[-1] == entry["steps"], name
-        assert seconds == sorted(seconds) and seconds[-1] <= entry["train_seconds"] + 0.01, name
+        # The last point's clock is all the training time (figures rounded to 0.01 s and 0.1 s).
+        assert seconds == sorted(seconds) and abs(seconds[-1] - entry["train_seconds"]) <= 0.06, name
         assert 0 < entry["final_val_loss"] == curve[-1]["val_loss"] < uniform, name
         assert entry["step_ms_median"] > 0, name
     # Compared at the shorter run's end, where both curves have a value.
