@@ -303,7 +303,8 @@ export const DEAD_SHARE = 0.1; // an expert under 10% of the uniform share is de
 export const IMBALANCE_RATIO = 2.0; // the busiest expert over 2× the uniform share is an imbalance
 export const WINDOW = 10; // logged steps averaged
 
-// The mean load of each (layer, expert) over the last WINDOW logged steps, from the store's expert_load/* series.
+// The mean load of each (layer, expert) over the last WINDOW logged steps, from the store's expert_load/* series;
+// `points` is how many logged steps that mean covers (fewer than WINDOW at the start of a run).
 export function expertMatrix(store) {
   const cells = [];
   let layers = new Set();
@@ -315,7 +316,8 @@ export function expertMatrix(store) {
     const { steps, values } = store.sorted(name);
     if (!steps.length) continue;
     const recent = values.slice(-WINDOW);
-    cells.push({ layer: Number(m[1]), expert: Number(m[2]), load: recent.reduce((a, b) => a + b, 0) / recent.length });
+    const load = recent.reduce((a, b) => a + b, 0) / recent.length;
+    cells.push({ layer: Number(m[1]), expert: Number(m[2]), load, points: recent.length });
     layers.add(Number(m[1]));
     experts = Math.max(experts, Number(m[2]) + 1);
     step = Math.max(step, steps[steps.length - 1]);
@@ -338,10 +340,16 @@ function deadExpertAdvice(moe) {
   return "Consider aux-free balancing, a higher bias update speed or a higher router temperature.";
 }
 
+// A cell is judged dead only over a full window: in the first logged steps of a run a mean of one or two
+// routing decisions says nothing yet (a new run's router has not been trained, nor its balancing bias moved).
+export function isDead(cell, uniform) {
+  return cell.points >= WINDOW && cell.load < DEAD_SHARE * uniform;
+}
+
 export function expertAlerts({ cells, layers, experts }, moe = null) {
   if (!experts) return [];
   const uniform = 1 / experts;
-  const dead = cells.filter((c) => c.load < DEAD_SHARE * uniform);
+  const dead = cells.filter((c) => isDead(c, uniform));
   const alerts = [];
   if (dead.length) {
     const list = dead.slice(0, 8).map((c) => `L${c.layer} E${c.expert}`).join(", ");
@@ -426,7 +434,7 @@ export class ExpertHeatmap {
       const y = labelH + rowOf.get(c.layer) * cellH;
       ctx.fillStyle = colorAt(c.load / (2 * uniform));
       ctx.fillRect(x + 1, y + 1, cellW - 2, cellH - 2);
-      if (c.load < DEAD_SHARE * uniform) {
+      if (isDead(c, uniform)) {
         ctx.strokeStyle = "#c92a2a";
         ctx.lineWidth = 2;
         ctx.strokeRect(x + 2, y + 2, cellW - 4, cellH - 4);
