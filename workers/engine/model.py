@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -565,6 +565,9 @@ class MoETransformer(nn.Module):
         self.rope_cos: Tensor
         self.rope_sin: Tensor
         self.gradient_checkpointing: bool = spec.training.gradient_checkpointing
+        # compile_for_training(scope="blocks") fills it: block -> its compiled twin (the same parameters), which
+        # training forwards run instead (evaluation and generation keep the eager block). Not state_dict material.
+        self.compiled_blocks: dict[nn.Module, nn.Module] = {}
         self._init_weights(m)
 
     def _init_weights(self, m: ModelSpec) -> None:
@@ -657,10 +660,12 @@ class MoETransformer(nn.Module):
         self, block: Block, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None
     ) -> tuple[Tensor, MoEStats | None]:
         """One block, with gradient checkpointing when training asks for it; its routed load counted once."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-            x, stats = checkpoint(block, x, cos, sin, use_reentrant=False)
+        training = self.training and torch.is_grad_enabled() and cache is None
+        run = self.compiled_blocks.get(block, block) if training else block
+        if self.gradient_checkpointing and training:
+            x, stats = checkpoint(run, x, cos, sin, use_reentrant=False)
         else:
-            x, stats = block(x, cos, sin, cache)
+            x, stats = run(x, cos, sin, cache)
         # Accumulated here rather than inside the layer: checkpointing re-runs the layer's forward during
         # backward, which must not count the same tokens twice.
         if stats is not None and self.training and isinstance(block.ffn, MoEFeedForward):
@@ -805,15 +810,27 @@ def build_model(spec: Spec) -> MoETransformer:
     return MoETransformer(spec)
 
 
-def compile_for_training(model: MoETransformer) -> nn.Module:
-    """``model`` compiled with ``torch.compile`` (TorchInductor, static shapes), for the training forward.
+def compile_for_training(model: MoETransformer, scope: Literal["blocks", "model"] = "blocks") -> nn.Module:
+    """``model`` compiled with ``torch.compile`` (TorchInductor, static shapes) for its training forwards.
 
-    Returns a module with ``model``'s forward signature that shares its parameters and buffers; ``model`` itself
-    stays eager, so evaluation, generation and checkpoints use it unchanged (its ``state_dict`` keys carry no
-    ``_orig_mod.`` prefix, and a checkpoint loads into a compiled or an eager run alike). Compilation happens
-    at the first call (tens of seconds on a CPU); a new batch shape or mode compiles again. Static shapes: a
-    training run feeds one batch shape, and with dynamic shapes Inductor generates slower code.
+    Returns a module with ``model``'s forward signature that shares its parameters and buffers; evaluation,
+    generation and checkpoints see the eager model (its ``state_dict`` keys carry no ``_orig_mod.`` prefix, and a
+    checkpoint loads into a compiled or an eager run alike). Compilation happens at the first training call
+    (tens of seconds on a CPU); a new batch shape compiles again. Static shapes: a run feeds one batch shape.
+
+    ``scope="blocks"`` (what ``training.compile`` runs): every transformer block is compiled on its own and
+    training forwards run the compiled twins (``model.compiled_blocks``); dynamo reuses one block's compiled code
+    for the others of the same kind (their parameters are graph inputs), so the compile time does not grow with
+    depth, and the embedding and the fused output head keep their eager kernels (the head's chunked backward).
+    ``"model"``: the whole forward as one graph (``model`` is returned wrapped, and stays eager itself).
+    ``bench.compile`` measures both.
     """
-    compiled = torch.compile(model, dynamic=False)
-    assert isinstance(compiled, nn.Module)  # compiling a module gives a module (OptimizedModule)
-    return compiled
+    if scope == "model":
+        compiled = torch.compile(model, dynamic=False)
+        assert isinstance(compiled, nn.Module)  # compiling a module gives a module (OptimizedModule)
+        return compiled
+    for block in [*model.blocks, *(module.block for module in model.mtp_modules)]:
+        twin = torch.compile(block, dynamic=False)
+        assert isinstance(twin, nn.Module)
+        model.compiled_blocks[block] = twin
+    return model
