@@ -346,17 +346,29 @@ export function isDead(cell, uniform) {
   return cell.points >= WINDOW && cell.load < DEAD_SHARE * uniform;
 }
 
-export function expertAlerts({ cells, layers, experts }, moe = null) {
+// Steps aux-free balancing needs before idle experts are its failure: the bias moves bias_update_speed a step,
+// so this many steps move it by one uniform share of the scores (125 at 8 experts and 0.001). Before then a run
+// is still settling: early on, every token's hidden state points the same way (the first thing a model learns
+// is the common next-token distribution: the tiny demo's router inputs go from a mean cosine similarity of
+// 0.02 to 0.95 in 25 steps), so all tokens choose the same experts until their representations differ again.
+export function balancingSettleSteps(moe, experts) {
+  if (!moe || moe.balancing !== "aux_free" || !(moe.bias_update_speed > 0)) return 0;
+  return Math.ceil(1 / (experts * moe.bias_update_speed));
+}
+
+export function expertAlerts({ cells, layers, experts, step }, moe = null) {
   if (!experts) return [];
   const uniform = 1 / experts;
   const dead = cells.filter((c) => isDead(c, uniform));
   const alerts = [];
   if (dead.length) {
     const list = dead.slice(0, 8).map((c) => `L${c.layer} E${c.expert}`).join(", ");
+    const settle = balancingSettleSteps(moe, experts);
+    const early = step < settle;
     alerts.push({
-      level: "fail",
+      level: early ? "warn" : "fail",
       kind: "dead",
-      text: `${dead.length} dead expert${dead.length > 1 ? "s" : ""} (under ${DEAD_SHARE * 100}% of the uniform share over the last ${WINDOW} logged steps): ${list}${dead.length > 8 ? ", …" : ""}. ${deadExpertAdvice(moe)}`,
+      text: `${dead.length} ${early ? "idle" : "dead"} expert${dead.length > 1 ? "s" : ""} (under ${DEAD_SHARE * 100}% of the uniform share over the last ${WINDOW} logged steps): ${list}${dead.length > 8 ? ", …" : ""}. ${early ? `Early in a run tokens look alike and choose the same experts; aux-free balancing has until step ${settle} to even this out before it counts as dead.` : deadExpertAdvice(moe)}`,
     });
   }
   const worst = [];
