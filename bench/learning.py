@@ -78,14 +78,22 @@ def learning_per_second(
     evaluations: int,
     corpus_examples: int | None = None,
     warmup_steps: int | None = None,
+    routed_experts: int | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Train the template and its dense twin for ``seconds`` of step time each; their curves and figures.
 
-    ``warmup_steps`` replaces the template's (``--quick``: a budget of a few seconds is shorter than it).
+    ``warmup_steps`` replaces the template's (``--quick``: a budget of a few seconds is shorter than it);
+    ``routed_experts`` and ``batch_size`` the template's (to measure a candidate shape before it becomes the
+    template; the dense twin follows, its active size does not depend on the routed expert count).
     """
     from builder.configs.presets import PRESETS
 
     base = PRESETS[TEMPLATE].spec
+    if routed_experts is not None:
+        base = _variant(base, {"moe": {**base.model.moe.model_dump(), "num_routed_experts": routed_experts}})
+    if batch_size is not None:
+        base = _variant(base, training={"batch_size": batch_size})
     schedule = base.training.schedule.model_dump()
     if warmup_steps is not None:
         schedule["warmup_steps"] = warmup_steps
@@ -166,13 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke test (seconds, part of the corpus)")
     parser.add_argument("--seconds", type=float, default=None, help="training seconds per model (default 150)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--routed-experts", type=int, default=None, help="instead of the template's")
+    parser.add_argument("--batch-size", type=int, default=None, help="instead of the template's")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seconds = args.seconds if args.seconds is not None else (5.0 if args.quick else 150.0)
-    # calibration steps, chunk steps, evaluations, corpus cut, warmup
-    settings = (3, 10, 3, 20, 3) if args.quick else (30, 50, 12, None, None)
     with tempfile.TemporaryDirectory() as work:
-        result = learning_per_second(Path(work), seconds, *settings)
+        result = learning_per_second(
+            Path(work),
+            seconds,
+            calibration_steps=3 if args.quick else 30,
+            chunk=10 if args.quick else 50,
+            evaluations=3 if args.quick else 12,
+            corpus_examples=20 if args.quick else None,
+            warmup_steps=3 if args.quick else None,
+            routed_experts=args.routed_experts,
+            batch_size=args.batch_size,
+        )
     report = {
         "bench": "learning_per_second",
         "quick": args.quick,
