@@ -12,7 +12,9 @@ show the result. The rules of thumb, in the order they are applied:
    one epoch or 20 tokens per parameter, whichever is less; speed: half of that) within the hours given,
    on the hardware given; otherwise a smaller model is proposed and the reason says so.
 4. **Memory**: the largest micro-batch that fits, accumulating to the target tokens per step; bf16 (fp16 on
-   a T4) on GPUs for tensor-core speed; gradient checkpointing (and bf16 on CPU) only when memory is tight.
+   a T4) on GPUs for tensor-core speed, bf16 on a CPU with native bf16 units (AMX or AVX-512 BF16: faster at
+   the same validation loss, ``python -m bench.precision``), fp32 on other CPUs; gradient checkpointing (then bf16
+   on a CPU that has it) only when memory is tight.
 5. **Training**: SwiGLU experts, DeepSeek-style shared + routed experts with auxiliary-loss-free balancing,
    AdamW (β = 0.9/0.95, weight decay 0.01, clipping at 1.0), warmup then cosine decay to 10%, the learning
    rate that models of this size train with, dropout 0.1 when data is scarce, label smoothing 0.1 for
@@ -44,6 +46,7 @@ from workers.engine.estimate import (
     Estimate,
     count_parameters,
     estimate,
+    estimate_compile_seconds,
     estimate_memory,
     estimate_time,
     kv_cache_bytes_per_token,
@@ -87,6 +90,9 @@ WIDTHS: tuple[int, ...] = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 2560,
 MIN_STEPS = 100
 # Muon is proposed for quality only while its Newton-Schulz iterations add at most this share to the step.
 MUON_MAX_EXTRA = 0.10
+# training.compile stays off (its default): what bench.compile measured for this platform's CPU templates, said
+# in its reason so a person knows when to turn it on.
+COMPILE_STEP_SAVING_NOTE = "steps took 0.79-0.92x the eager time on this platform's CPU templates (bench.compile)."
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,11 @@ def _base_spec(answers: Answers, layers: int, width: int, seq: int) -> dict[str,
     precision = "fp32"
     if hardware.kind == "gpu":
         precision = "bf16" if hardware.supports("bf16") else "fp16"
+    elif hardware.supports("bf16"):
+        # The CPU profile offers bf16 only with native units (AMX or AVX-512 BF16); there bf16 autocast trained
+        # faster than fp32 with the same validation loss (``python -m bench.precision``). Elsewhere it would be
+        # emulated, slower than fp32.
+        precision = "bf16"
     return {
         "model": {
             "task": "classification" if classification else "causal_lm",
@@ -563,19 +574,34 @@ def _reasons(
         f"{tokens_step:,} tokens per optimizer step"
         + (f" over {answers.num_gpus} GPUs." if answers.num_gpus > 1 else ".")
     )
-    if t.precision == "fp32":
-        r["training.precision"] = "fp32: this CPU trains fastest and most simply in full precision here."
+    if t.precision == "fp32" and hardware.kind == "cpu":
+        r["training.precision"] = (
+            "fp32: this CPU has no native bf16 units (AVX-512 BF16 or AMX), so bf16 would be emulated, slower than "
+            "full precision."
+        )
+    elif t.precision == "fp32":
+        r["training.precision"] = "fp32: this device trains fastest and most simply in full precision here."
     elif hardware.kind == "gpu":
         r["training.precision"] = (
             f"{t.precision}: tensor cores run it several times faster than fp32, and most activations take half "
             "the memory" + ("; the T4 has no bf16, so fp16 with loss scaling." if t.precision == "fp16" else ".")
         )
     else:
-        r["training.precision"] = "bf16: memory is tight on this CPU, and it has bf16 matrix units (AMX)."
+        r["training.precision"] = (
+            "bf16: this CPU multiplies bf16 natively (AMX or AVX-512 BF16), several times faster than fp32; autocast "
+            "trains in it with fp32 master weights and optimizer, and on this platform's CPU reached the same "
+            "validation loss as fp32 (within 2%) in less time. Activations take half the memory."
+        )
     r["training.gradient_checkpointing"] = (
         "On: without it not even a small micro-batch fits in memory (about ⅓ more compute)."
         if t.gradient_checkpointing
         else "Off: activations fit, and recomputing them would cost about ⅓ more compute."
+    )
+    compiled = spec.model_copy(update={"training": t.model_copy(update={"compile": True})})
+    r["training.compile"] = (
+        f"{'On' if t.compile else 'Off'}: torch.compile first compiles the model's blocks (about "
+        f"{estimate_compile_seconds(compiled):.0f} s before the first step), then fuses their elementwise work: "
+        f"{COMPILE_STEP_SAVING_NOTE} Worth turning on for runs of more than a few hundred steps."
     )
     budget_steps = f"{affordable_steps:,}"
     r["training.max_steps"] = (

@@ -16,7 +16,7 @@ from builder.configs.wizard import DATA_SIZES, GPU_COUNTS, HOURS_CHOICES, Answer
 from builder.core.formatting import human_bytes
 from tests.conftest import signed_in
 from workers.engine.estimate import kv_cache_bytes_per_token, optimizer_state_elements
-from workers.engine.hardware import PROFILES
+from workers.engine.hardware import PROFILES, cpu_profile
 from workers.engine.lint import lint
 from workers.engine.spec import load_spec
 
@@ -28,7 +28,7 @@ DECIDED = (
     "training.grad_accum_steps", "training.precision", "training.gradient_checkpointing", "training.max_steps",
     "training.optimizer.lr", "training.optimizer.weight_decay", "training.schedule.warmup_steps",
     "training.schedule.kind", "training.grad_clip", "model.attention", "model.mtp_depth", "model.moe.n_group",
-    "model.moe.topk_group", "model.moe.routed_scaling_factor", "training.optimizer.name",
+    "model.moe.topk_group", "model.moe.routed_scaling_factor", "training.optimizer.name", "training.compile",
 )  # fmt: skip
 
 
@@ -111,6 +111,27 @@ def test_memory_pressure_turns_on_checkpointing_with_its_reason() -> None:
     assert proposal.spec.training.gradient_checkpointing
     assert "Memory is tight" in proposal.reasons["training.batch_size"]
     assert proposal.reasons["training.gradient_checkpointing"].startswith("On:")
+
+
+@pytest.mark.parametrize(
+    ("flags", "precision", "reason"),
+    [
+        ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "bf16", "multiplies bf16 natively"),
+        ("avx2 avx512f avx512_bf16", "bf16", "multiplies bf16 natively"),
+        ("avx2 avx512f avx512_vnni", "fp32", "no native bf16 units"),
+    ],
+)
+def test_a_cpu_with_native_bf16_is_proposed_bf16_and_another_fp32(
+    flags: str, precision: str, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU profile as read from another machine's ``/proc/cpuinfo`` flags (injected)."""
+    monkeypatch.setitem(PROFILES, "cpu", cpu_profile(frozenset(flags.split())))
+    proposal = propose(Answers("generation", "small", "cpu", 1, 1, "quality"))
+    assert proposal.spec.training.precision == precision
+    assert reason in proposal.reasons["training.precision"]
+    # The estimator times it at the precision's peak only where the CPU has it, and lint finds nothing to say.
+    assert estimate_proposal(proposal).time.precision_supported
+    assert "precision_unsupported" not in {a.code for a in lint(proposal.spec, hardware=PROFILES["cpu"])}
 
 
 def test_long_generation_gets_a_smaller_kv_cache_with_its_reason() -> None:

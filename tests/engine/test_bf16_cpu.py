@@ -1,5 +1,6 @@
-"""bf16 training on CPU: the expert rows padded for oneDNN compute what unpadded rows do, a bf16 run trains the
-tiny model down and resumes exactly from its checkpoint, and the CPU profile offers bf16 only with native units.
+"""bf16 training on CPU: the CPU profile offers bf16 only with native units (and the estimator and lint follow
+it), the expert rows padded for oneDNN compute what unpadded rows do, and a bf16 run trains the tiny model down
+and resumes exactly from its checkpoint.
 
 The tiny model and corpus are test_train's (hidden 32, 2 layers, 4 routed experts, the a..p letter cycle).
 """
@@ -17,8 +18,10 @@ from safetensors.torch import load_file
 from tests.engine.test_train import LETTERS, losses, make_spec
 from workers.engine import model as model_module
 from workers.engine.data import PreparedData, prepare
+from workers.engine.estimate import estimate_time
 from workers.engine.hardware import cpu_bf16_units, cpu_flags, cpu_profile
-from workers.engine.model import build_model, pad_expert_groups
+from workers.engine.lint import lint
+from workers.engine.model import build_model, causal_attention, pad_expert_groups
 from workers.engine.sinks import MemorySink
 from workers.engine.train import train
 
@@ -61,6 +64,29 @@ def test_the_cpu_profile_offers_bf16_only_where_the_cpu_multiplies_it_natively()
     assert "AMX" in amx.notes and not amx.supports("fp16")
 
 
+def test_the_estimator_times_bf16_at_its_peak_only_where_the_cpu_has_it() -> None:
+    fp32, bf16 = make_spec(), make_spec(training={"precision": "bf16"})
+    amx = cpu_profile(frozenset(SAPPHIRE_RAPIDS_FLAGS.split()))
+    without = cpu_profile(frozenset(SKYLAKE_FLAGS.split()))
+    fast, slow = estimate_time(bf16, amx), estimate_time(fp32, amx)
+    assert fast.precision_supported and fast.compute_seconds < slow.compute_seconds
+    emulated = estimate_time(bf16, without)
+    assert not emulated.precision_supported
+    assert emulated.compute_seconds == pytest.approx(estimate_time(fp32, without).compute_seconds)
+
+
+def test_lint_suggests_bf16_on_a_cpu_that_has_it_and_refuses_it_on_one_that_does_not() -> None:
+    amx = cpu_profile(frozenset(SAPPHIRE_RAPIDS_FLAGS.split()))
+    without = cpu_profile(frozenset(SKYLAKE_FLAGS.split()))
+    advice = {a.code: a for a in lint(make_spec(), hardware=amx)}
+    assert advice["fp32_on_bf16_cpu"].severity == "info"
+    assert advice["fp32_on_bf16_cpu"].patch == {"training.precision": "bf16"}
+    assert "fp32_on_bf16_cpu" not in {a.code for a in lint(make_spec(), hardware=without)}
+    assert "fp32_on_bf16_cpu" not in {a.code for a in lint(make_spec(training={"precision": "bf16"}), hardware=amx)}
+    refused = {a.code: a for a in lint(make_spec(training={"precision": "bf16"}), hardware=without)}
+    assert refused["precision_unsupported"].patch == {"training.precision": "fp32"}
+
+
 def test_padding_expert_groups_keeps_every_row_and_pads_with_zero_gates() -> None:
     token_of = torch.tensor([5, 1, 2, 7, 0, 3, 4])
     counts = torch.tensor([3, 0, 4])
@@ -93,6 +119,18 @@ def test_padded_expert_rows_give_the_unpadded_outputs_and_gradients(monkeypatch:
     assert grads_1.keys() == grads_16.keys() and any("w_in" in name for name in grads_1)
     for name, grad in grads_1.items():
         torch.testing.assert_close(grads_16[name], grad, rtol=0.05, atol=2e-3, msg=name)
+
+
+def test_attention_trains_in_fp32_under_cpu_autocast_and_infers_in_bf16() -> None:
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        training = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+        with torch.no_grad():
+            inference = causal_attention(q, k, v, is_causal=True)
+    assert training.dtype == torch.float32 and inference.dtype == torch.bfloat16
+    torch.testing.assert_close(training, reference, rtol=0.02, atol=0.02)  # inputs rounded to bf16 once
+    torch.testing.assert_close(inference.float(), reference, rtol=0.05, atol=0.05)
 
 
 def test_bf16_on_cpu_trains_the_tiny_model_down_and_resumes_exactly(prepared: PreparedData, tmp_path: Path) -> None:

@@ -793,7 +793,7 @@ def rule_warmup_beyond_run(ctx: LintContext) -> Iterator[Advice]:
 # -- hardware ----------------------------------------------------------------------------------------------
 
 
-@rule("precision_unsupported", "fp32_on_gpu")
+@rule("precision_unsupported", "fp32_on_gpu", "fp32_on_bf16_cpu")
 def rule_precision_for_hardware(ctx: LintContext) -> Iterator[Advice]:
     hardware, precision = ctx.hardware, ctx.training.precision
     if hardware is None:
@@ -818,6 +818,17 @@ def rule_precision_for_hardware(ctx: LintContext) -> Iterator[Advice]:
             "activation memory (master weights stay fp32).",
             f"Use {low}.",
             {"training.precision": low},
+        )
+    elif precision == "fp32" and hardware.kind == "cpu" and hardware.supports("bf16"):
+        # The CPU profile offers bf16 only where the CPU multiplies it natively (workers.engine.hardware).
+        yield Advice(
+            "fp32_on_bf16_cpu",
+            "info",
+            "training.precision",
+            "This CPU multiplies bf16 natively (AMX or AVX-512 BF16): bf16 autocast trains faster than fp32 with "
+            "fp32 master weights, to the same validation loss on the tiny demo (python -m bench.precision).",
+            "Use bf16.",
+            {"training.precision": "bf16"},
         )
 
 
