@@ -153,13 +153,16 @@ class Presence:
 
 
 def describe(hardware: dict[str, Any]) -> str:
-    """``2 × NVIDIA A100-SXM4-80GB (cuda), 79.3 GiB each, bf16`` / ``2 cores of Intel Xeon (cpu), 23.5 GiB``."""
+    """``2 × NVIDIA A100-SXM4-80GB (cuda), 79.3 GiB each, bf16`` / ``2 cores of Intel Xeon (cpu), 23.5 GiB RAM, bf16
+    (AMX, AVX-512 BF16)`` (a CPU's native bf16 units, as its worker reported them)."""
     kind = hardware.get("device_type", "unknown")
     if kind == "unknown":
         return f"unknown ({hardware.get('error', 'not detected yet')})"
     count, name = hardware.get("count", 1), hardware.get("name", "")
     memory = human_bytes(hardware.get("memory_bytes"))
     bf16 = ", bf16" if hardware.get("bf16") else ""
+    if bf16 and hardware.get("bf16_units"):
+        bf16 += f" ({', '.join(hardware['bf16_units'])})"
     if kind == "cpu":
         return f"{count} core{'s' if count != 1 else ''} of {name} (cpu), {memory} RAM{bf16}"
     return f"{count} × {name} ({kind}), {memory} each{bf16}"

@@ -25,6 +25,11 @@ class WorkerHardwareSerializer(serializers.Serializer[dict[str, Any]]):
     name = serializers.CharField(required=False)
     memory_bytes = serializers.IntegerField(required=False, help_text="Per device (a CPU's: the machine's RAM).")
     bf16 = serializers.BooleanField(required=False)
+    bf16_units = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text="On a CPU: its units that multiply bf16 natively (AMX, AVX-512 BF16); empty without them.",
+    )
 
 
 class CurrentJobSerializer(serializers.Serializer[dict[str, Any]]):

@@ -42,6 +42,19 @@ def _busy_with_alices_job(alice: Any, worker: Worker) -> Job:
 
 
 @pytest.mark.django_db
+def test_a_cpu_worker_shows_its_native_bf16_units_and_one_without_them_shows_no_bf16(alice: Any) -> None:
+    """What ``workers.engine.devices`` reports: the units named from ``/proc/cpuinfo``, bf16 false without them."""
+    _worker("cpu@amx", {**CPU, "bf16_units": ["AMX", "AVX-512 BF16"]}, ["cpu"])
+    _worker("cpu@old", {**CPU, "name": "Old Xeon", "bf16": False, "bf16_units": []}, ["cpu"])
+    page = signed_in(alice).get("/workers/").content.decode()
+    assert "2 cores of Intel Xeon (cpu), 25.0 GiB RAM, bf16 (AMX, AVX-512 BF16)" in page
+    assert "2 cores of Old Xeon (cpu), 25.0 GiB RAM<" in page
+    rows = {row["name"]: row for row in signed_in(alice).get("/api/workers").json()}
+    assert rows["cpu@amx"]["hardware"]["bf16_units"] == ["AMX", "AVX-512 BF16"]
+    assert rows["cpu@old"]["hardware"]["bf16"] is False
+
+
+@pytest.mark.django_db
 def test_alice_sees_her_job_on_its_worker_and_charlie_sees_only_that_it_is_busy(
     alice: Any, bob: Any, charlie: Any, settings: Any
 ) -> None:

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from workers.engine.hardware import profile_for_device
+from workers.engine.hardware import cpu_bf16_units, profile_for_device
 
 
 def _cpu_name() -> str:
@@ -42,7 +42,9 @@ def describe_devices() -> dict[str, Any]:
     (the matching key of workers.engine.hardware, or null), "cuda_error" (why CUDA is not used, or null)}``.
 
     On CPU ``count`` is the cores this process may use (one training process each) and ``memory_bytes`` the
-    machine's RAM, shared by them.
+    machine's RAM, shared by them; ``bf16_units`` names the units that multiply bf16 natively (``["AMX",
+    "AVX-512 BF16"]``, empty without: ``workers.engine.hardware.cpu_bf16_units``), and ``bf16`` is true only
+    when oneDNN also says it runs bf16 there.
     """
     import torch
 
@@ -65,6 +67,7 @@ def describe_devices() -> dict[str, Any]:
     except Exception as exc:  # a broken driver: train on the CPU, and say why
         cuda_error = f"CUDA failed: {exc}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    units = cpu_bf16_units()
     try:
         memory = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
@@ -74,7 +77,8 @@ def describe_devices() -> dict[str, Any]:
         "count": cores,
         "name": _cpu_name(),
         "memory_bytes": memory,
-        "bf16": _cpu_bf16(),
+        "bf16": _cpu_bf16() and bool(units),
+        "bf16_units": list(units),
         "profile": "cpu",
         "cuda_error": cuda_error,
         "torch": torch.__version__,
