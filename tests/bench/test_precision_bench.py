@@ -1,0 +1,44 @@
+"""The bf16-against-fp32 benchmark (``python -m bench.precision``) in its quick mode: it runs and reports every
+figure the issue asks for."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from bench import precision
+from workers.engine import model as model_module
+
+
+@pytest.fixture
+def torch_threads_restored() -> Iterator[None]:
+    """The bench sets torch's thread count for its process; tests that run after it keep theirs."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_precision_bench_quick_reports_speed_and_validation_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    padding = model_module.CPU_LOW_PRECISION_GROUP_ROWS
+    assert precision.main(["--quick", "--rounds", "1", "--threads", "1"]) == 0
+    assert padding == model_module.CPU_LOW_PRECISION_GROUP_ROWS  # the unpadded variant restored it
+    report = json.loads(capsys.readouterr().out)
+    step = report["step"]
+    assert set(step["variants"]) == {"fp32", "bf16", "bf16_unpadded"}
+    assert all(v["tokens_per_s"] > 0 for v in step["variants"].values())
+    assert step["variants"]["fp32"]["speedup_vs_fp32"] == 1.0
+    assert step["matmul"]["fp32_gflops_median"] > 0 and step["matmul"]["bf16_gflops_median"] > 0
+    demo = report["tiny_demo"]
+    assert set(demo["variants"]) == {"fp32", "bf16"}
+    for variant in demo["variants"].values():
+        assert variant["steps"] == 12 and variant["val_loss_curve"][-1][0] == 12
+        assert 0 < variant["val_loss"] < 10  # ln(2048) = 7.6 at random; 12 steps move it a little
+    relative = (demo["variants"]["bf16"]["val_loss"] - demo["variants"]["fp32"]["val_loss"]) / demo["variants"]["fp32"][
+        "val_loss"
+    ]
+    assert demo["bf16_val_loss_relative_difference"] == pytest.approx(relative, abs=1e-4)
+    assert demo["target_met"] == (abs(relative) <= 0.02)
