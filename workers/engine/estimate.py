@@ -733,6 +733,88 @@ def _risk_level(peak: int, capacity: int) -> RiskLevel:
     return "tight" if peak <= capacity else "will_not_fit"
 
 
+# Dispatch: what eager PyTorch costs per operation whatever its size (Python, the dispatcher, autograd's graph),
+# which dominates a small model's step on a CPU. Operation counts are aten calls counted with a
+# TorchDispatchMode on built models (torch 2.13, CPU, fp32; forward, backward, clipping and the optimizer step
+# apart) and expressed per part of the spec; ``HardwareProfile.layer_overhead_seconds`` is the time of one
+# reference MoE layer's forward and backward (``_REFERENCE_LAYER_OPS`` calls), so one call costs
+# ``layer_overhead_seconds / _REFERENCE_LAYER_OPS``.
+_REFERENCE_LAYER_OPS = 234  # a tiny-demo MoE block (MHA, RMSNorm, SwiGLU, 1 shared expert): 92 forward + 142 backward
+_SHARED_EXPERT_OPS = 33  # its shared expert's part (9 + 24): a block without shared experts issues 201
+_DENSE_LAYER_OPS = 167  # a dense block (60 + 107): no router, no expert dispatch
+_MLA_EXTRA_OPS = 89  # multi-head latent attention over MHA (34 + 55): latent projections, norms, rotary split
+_PLAIN_ACTIVATION_OPS = -22  # GELU/ReLU over SwiGLU (-6 - 16), per block
+_LAYERNORM_OPS = -21  # per norm: LayerNorm is one kernel, RMSNorm is decomposed on CPU (-6 - 15)
+_SIGMOID_ROUTER_OPS = 10  # sigmoid scores with their normalisation, per MoE block
+_DROPOUT_OPS = 12  # per block with dropout (its masks forward, their products backward)
+# Embedding, final norm, output head and loss with one chunk of each (54 forward + 46 backward); the fused
+# head + loss (workers.engine.kernels) adds 6 calls per further loss chunk and 16 per further backward chunk.
+_HEAD_OPS = 100
+_CE_CHUNK_OPS, _HEAD_CHUNK_OPS = 6, 16
+_CE_CHUNK_ELEMENTS, _HEAD_CHUNK_ELEMENTS = 1 << 19, 1 << 21  # as workers.engine.kernels chunks the logits
+_MTP_EXTRA_OPS = 152  # an MTP module beyond its block: two norms, the projection, the head again
+# Per parameter tensor and step: gradient clipping's norm and scale, fused AdamW (or SGD's foreach) and zeroing
+# walk the tensors one by one: 64 µs per tensor measured (thread time, 1 thread), 9 calls' worth; Adafactor's
+# foreach factored update 13 calls more per tensor.
+_PARAMETER_TENSOR_OPS = {"adamw": 9, "sgd": 9, "adafactor": 22, "muon": 9}
+# Muon (torch.optim.Muon per matrix, StackedMuon per stack): momentum, Nesterov, the normalisation, the update
+# and 3 calls per Newton-Schulz iteration, per matrix: 360 more calls than AdamW for the tiny demo's 12 matrices.
+_MUON_MATRIX_OPS = 15
+# Per step: clipping's and the optimizer's fixed work, the router bias update and the training loop's bookkeeping
+# (its loss sums, .item() reads, the anomaly guard): ~0.55 ms measured on the reference machine, 80 calls' worth.
+_STEP_OPS = 80
+
+
+@dataclass(frozen=True)
+class DispatchCount:
+    """Operations eager PyTorch issues: per micro-batch (forward and backward) and per optimizer step."""
+
+    micro_batch: float
+    step: float
+
+
+def dispatch_operations(spec: Spec, tokens: int | None = None) -> DispatchCount:
+    """The calls one micro-batch of ``tokens`` tokens (default: the spec's micro-batch) and one optimizer step
+    issue, in units of one aten call (see ``_REFERENCE_LAYER_OPS``): blocks by kind, the head's loss chunks, the
+    MTP modules, and the optimizer's walk over parameter tensors (plus Muon's per-matrix iterations)."""
+    m, moe, o = spec.model, spec.model.moe, spec.training.optimizer
+    N = tokens if tokens is not None else spec.training.batch_size * spec.data.seq_len
+
+    def block(use_moe: bool) -> float:
+        ops: float = _DENSE_LAYER_OPS
+        if use_moe:
+            ops = _REFERENCE_LAYER_OPS - (0 if moe.num_shared_experts else _SHARED_EXPERT_OPS)
+            ops += _SIGMOID_ROUTER_OPS if moe.scoring == "sigmoid" else 0
+        ops += _MLA_EXTRA_OPS if m.attention == "mla" else 0
+        ops += _PLAIN_ACTIVATION_OPS if m.activation != "swiglu" else 0
+        ops += 2 * _LAYERNORM_OPS if m.norm == "layernorm" else 0
+        return ops + (_DROPOUT_OPS if m.dropout > 0 else 0)
+
+    dense = m.num_layers - m.num_moe_layers
+    head: float = _HEAD_OPS + (_LAYERNORM_OPS if m.norm == "layernorm" else 0)
+    if m.task == "causal_lm":
+        V = m.vocab_size
+        head += _CE_CHUNK_OPS * (math.ceil(N / max(1, _CE_CHUNK_ELEMENTS // V)) - 1)
+        head += _HEAD_CHUNK_OPS * (math.ceil(N / max(1, _HEAD_CHUNK_ELEMENTS // V)) - 1)
+    micro = m.num_moe_layers * block(True) + dense * block(False) + head
+    micro += m.mtp_depth * (block(m.num_moe_layers > 0) + _MTP_EXTRA_OPS + head - _HEAD_OPS)
+    shapes = parameter_shapes(spec)
+    step: float = _STEP_OPS + _PARAMETER_TENSOR_OPS[o.name] * sum(p.count for p in shapes)
+    if o.name == "muon":
+        matrices = sum(p.count for p in shapes if p.role in ("hidden_matrices", "expert_stacks"))
+        step += matrices * (_MUON_MATRIX_OPS + 3 * o.ns_steps)
+    return DispatchCount(micro_batch=float(micro), step=float(step))
+
+
+def matmul_efficiency(spec: Spec, hardware: HardwareProfile) -> float:
+    """The fraction of the matmul peak a step of ``spec`` reaches: the profile's ``efficiency``, scaled down by
+    ``sqrt(hidden_size / full_speed_width)`` for a model narrower than the profile's ``full_speed_width``."""
+    width = hardware.full_speed_width
+    if not width or spec.model.hidden_size >= width:
+        return hardware.efficiency
+    return hardware.efficiency * math.sqrt(spec.model.hidden_size / width)
+
+
 def estimate_time(
     spec: Spec,
     hardware: HardwareProfile,
@@ -754,7 +836,7 @@ def estimate_time(
     supported = hardware.supports(t.precision)
     peak_flops = hardware.peak_flops.get(t.precision) if supported else hardware.peak_flops["fp32"]
     assert peak_flops is not None  # every profile has fp32
-    rate = peak_flops * hardware.efficiency
+    rate = peak_flops * matmul_efficiency(spec, hardware)
     share = g if hardware.kind == "cpu" else 1  # CPU "devices" are processes on the same cores
     rate /= share
     fl = flops_per_token(spec)
@@ -773,23 +855,26 @@ def estimate_time(
     ns_rate = (hardware.peak_flops.get("bf16") or hardware.peak_flops["fp32"] or rate) * hardware.efficiency / share
     optimizer_seconds = optimizer_flops_per_step(spec, g, parallelism) / ns_rate
     optimizer_traffic = _OPTIMIZER_TRAFFIC_BYTES[t.optimizer.name] * params
-    blocks = m.num_layers + m.mtp_depth
+    # Dispatch is one thread's work per process, whatever the cores: not divided by ``share``.
+    op_seconds = hardware.layer_overhead_seconds / _REFERENCE_LAYER_OPS
+    ops = dispatch_operations(spec, N)
 
     def step(imbalance: float) -> tuple[float, float]:
         # On the busiest device the routed experts' share of the work grows with the imbalance.
         expert_flops = 6 * m.num_moe_layers * m.moe.top_k * one_expert  # forward + backward, per token
         flops = (fl.training + expert_flops * (imbalance - 1.0)) * N * t.grad_accum_steps
         traffic = _ACTIVATION_TRAFFIC_FACTOR * saved * N * t.grad_accum_steps + optimizer_traffic
-        dispatch = hardware.layer_overhead_seconds * blocks * t.grad_accum_steps
+        dispatch = op_seconds * (ops.micro_batch * t.grad_accum_steps + ops.step)
         return flops / rate + optimizer_seconds, traffic / bandwidth + dispatch
 
     compute, memory = step(1.0)
     worst_compute, worst_memory = step(_imbalance_factor(spec, g, parallelism))
     step_seconds = (compute + memory) * calibration
     tokens_per_step = spec.tokens_per_step  # batch_size is the global micro-batch
-    # An evaluation micro-batch is a forward only: a third of the FLOPs, activations written once.
+    # An evaluation micro-batch is a forward only: a third of the FLOPs, activations written once, ~40% of the
+    # calls (a block issues 92 of its 234 in the forward).
     eval_batch_seconds = (
-        fl.forward * N / rate + saved * N / bandwidth + hardware.layer_overhead_seconds * blocks / 3
+        fl.forward * N / rate + saved * N / bandwidth + op_seconds * ops.micro_batch * 0.4
     ) * calibration
     eval_seconds = (t.max_steps // t.eval_interval) * t.eval_batches * eval_batch_seconds
     return TimeEstimate(
@@ -807,18 +892,20 @@ def estimate_time(
     )
 
 
-# training.compile: TorchInductor compiles the training forward and backward once per start, on the host's CPU
-# whatever the accelerator; dynamo unrolls the blocks, so the time grows with their number, not their width.
-# Fitted to bench.compile on this 2-core CPU (see that module's output for the figures).
-_COMPILE_BASE_SECONDS = 20.0
-_COMPILE_SECONDS_PER_BLOCK = 8.0
+# training.compile: TorchInductor compiles each block's training forward and backward once per start, on the
+# host's CPU whatever the accelerator; one compiled graph serves every block of a kind (dense or MoE: the MTP
+# modules' blocks are MoE blocks), so the time grows with the kinds, not the depth. bench.compile on this 2-core
+# CPU (cold cache, load average 6-8): 21-42 s for the CPU templates (one kind each).
+_COMPILE_SECONDS_PER_BLOCK_KIND = 30.0
 
 
 def estimate_compile_seconds(spec: Spec) -> float:
     """Seconds the one-off ``torch.compile`` of the model takes at the start of a run; 0 with compile off."""
     if not spec.training.compile:
         return 0.0
-    return _COMPILE_BASE_SECONDS + _COMPILE_SECONDS_PER_BLOCK * (spec.model.num_layers + spec.model.mtp_depth)
+    m = spec.model
+    kinds = int(m.num_moe_layers > 0) + int(m.num_layers > m.num_moe_layers)
+    return _COMPILE_SECONDS_PER_BLOCK_KIND * kinds
 
 
 def _with_changes(spec: Spec, changes: dict[str, Any]) -> Spec:

@@ -47,11 +47,16 @@ class HardwareProfile:
     # cannot reuse, and backward's working set of activation gradients.
     activation_overhead: float
     # Seconds per layer per micro-batch (forward and backward) spent dispatching operations whatever their
-    # size: what dominates a tiny model's step.
+    # size: what dominates a tiny model's step. The estimator counts calls (workers.engine.estimate,
+    # dispatch_operations) and charges this per reference MoE layer's worth (_REFERENCE_LAYER_OPS calls).
     layer_overhead_seconds: float
     max_devices: int  # how many of them one job may use
     device_names: tuple[str, ...] = field(default=())  # lower-case substrings of torch's device name
     notes: str = ""
+    # The model width (hidden size) from which a step's matmuls reach ``efficiency``; a narrower model's reach
+    # ``efficiency * sqrt(width / full_speed_width)``: short contracted dimensions, small tiles and more of the
+    # step in the kernels' edges. 0: no such dependence (the GPU profiles: not measured).
+    full_speed_width: int = 0
 
     def supports(self, precision: str) -> bool:
         return self.peak_flops.get(precision) is not None
@@ -106,14 +111,18 @@ def cpu_bf16_units(flags: frozenset[str] | None = None) -> tuple[str, ...]:
     )
 
 
-def cpu_profile(flags: frozenset[str] | None = None) -> HardwareProfile:
+def cpu_profile(flags: frozenset[str] | None = None, cores: int | None = None) -> HardwareProfile:
     """The profile of this machine's CPU, or of one with the ``/proc/cpuinfo`` ``flags`` given (tests inject them):
-    ``peak_flops["bf16"]`` is None, bf16 not offered, unless the CPU multiplies bf16 natively."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ``peak_flops["bf16"]`` is None, bf16 not offered, unless the CPU multiplies bf16 natively. ``cores``: the
+    cores a training process uses (default: those this process may run on; ``bench.estimates --threads 1``
+    compares a one-thread run with a one-core profile)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     units = cpu_bf16_units(flags)
     # Per-core figures measured on the reference machine (module docstring); the worker's calibration corrects
     # them on another CPU. fp16 autocast on CPU is not offered: the spec reserves fp16 for CUDA.
-    fp32_peak = 110e9 * cores
+    # A 1024² fp32 matmul: 183 GFLOP/s in thread time on one thread, 389 on 2 threads of a quiet machine.
+    fp32_peak = 190e9 * cores
     bf16_peak: float | None = None
     if units:
         bf16_peak = fp32_peak * (BF16_SPEEDUP_AMX if "AMX" in units else BF16_SPEEDUP_AVX512)
@@ -125,10 +134,15 @@ def cpu_profile(flags: frozenset[str] | None = None) -> HardwareProfile:
         memory_bytes=_physical_memory_bytes(),
         bandwidth_bytes_per_s=9 * GB * min(cores, 8),
         peak_flops={"fp32": fp32_peak, "bf16": bf16_peak, "fp16": None},
-        # Fitted to the step times of seven MoE shapes (0.9M-17M parameters, 1k-16k tokens per step) on the
-        # reference machine: predictions within ±20% of each other's measured/predicted ratio.
-        efficiency=0.7,
-        layer_overhead_seconds=0.0005,
+        # The matmul FLOPs' share of a step's time, beside its dispatch and memory traffic: fitted with
+        # full_speed_width to the thread-time steps of the CPU templates and tiny-demo variants (one thread,
+        # ``python -m bench.estimates --threads 1 --cpu-time``): the 256-wide small-moe template reached 63% of
+        # the peak, the 128-wide tiny demo 42% (= 0.63 * sqrt(128 / 256)).
+        efficiency=0.63,
+        full_speed_width=256,
+        # Dispatch: one tiny-demo MoE block's forward and backward (234 aten calls) took 0.82 + 0.87 ms of thread
+        # time on one thread with 8 tokens (6 layers against 2, the difference per layer): ~7.2 µs a call.
+        layer_overhead_seconds=0.0017,
         # The process itself: Python with torch imported (~230 MiB resident) and the ~95 MiB that its kernels
         # allocate on first use (thread pools, oneDNN), measured as a run's peak RSS with a negligible model.
         reserved_bytes=int(0.34 * GB),
