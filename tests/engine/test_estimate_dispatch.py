@@ -124,3 +124,19 @@ def test_narrow_models_reach_less_of_the_matmul_peak() -> None:
     assert matmul_efficiency(narrow, gpu) == gpu.efficiency
     flat = dataclasses.replace(CPU, full_speed_width=0)
     assert estimate_time(narrow, CPU).compute_seconds > estimate_time(narrow, flat).compute_seconds
+
+
+def test_gpu_launches_keep_their_per_block_floor() -> None:
+    """On a GPU the calls are launched asynchronously: the estimate keeps one floor per block, so a chunked loss
+    or the optimizer's walk over tensors adds no dispatch time there; on a CPU every call counts."""
+    spec = tiny(model={"vocab_size": 8192}, training={"batch_size": 32})
+    more = 0.001  # seconds more per reference layer's worth of calls
+
+    def dispatch_share(profile: Any) -> float:
+        slower = dataclasses.replace(profile, layer_overhead_seconds=profile.layer_overhead_seconds + more)
+        return estimate_time(spec, slower).memory_seconds - estimate_time(spec, profile).memory_seconds
+
+    assert dispatch_share(get_profile("a100-80gb")) == pytest.approx(spec.model.num_layers * more)
+    ops = dispatch_operations(spec)
+    assert dispatch_share(CPU) == pytest.approx(more / _REFERENCE_LAYER_OPS * (ops.micro_batch + ops.step))
+    assert dispatch_share(CPU) > spec.model.num_layers * more

@@ -855,9 +855,14 @@ def estimate_time(
     ns_rate = (hardware.peak_flops.get("bf16") or hardware.peak_flops["fp32"] or rate) * hardware.efficiency / share
     optimizer_seconds = optimizer_flops_per_step(spec, g, parallelism) / ns_rate
     optimizer_traffic = _OPTIMIZER_TRAFFIC_BYTES[t.optimizer.name] * params
-    # Dispatch is one thread's work per process, whatever the cores: not divided by ``share``.
+    # Dispatch is one thread's work per process, whatever the cores: not divided by ``share``. On a CPU that
+    # thread also computes, so every call adds its time; a GPU's launches are asynchronous and hide behind its
+    # kernels but for a floor per block (``layer_overhead_seconds`` each, not measured here).
     op_seconds = hardware.layer_overhead_seconds / _REFERENCE_LAYER_OPS
-    ops = dispatch_operations(spec, N)
+    if hardware.kind == "cpu":
+        ops = dispatch_operations(spec, N)
+    else:
+        ops = DispatchCount(micro_batch=float(_REFERENCE_LAYER_OPS * (m.num_layers + m.mtp_depth)), step=0.0)
 
     def step(imbalance: float) -> tuple[float, float]:
         # On the busiest device the routed experts' share of the work grows with the imbalance.
