@@ -16,6 +16,8 @@ import torch
 
 from tests.engine.specs import merged_spec
 from workers.engine.data import PreparedData, prepare
+from workers.engine.estimate import estimate_compile_seconds, estimate_time
+from workers.engine.hardware import PROFILES
 from workers.engine.kernels import count_per_expert, grouped_matmul
 from workers.engine.model import build_model, compile_for_training
 from workers.engine.sinks import MemorySink
@@ -102,6 +104,14 @@ def test_compiled_model_gives_the_eager_loss_gradients_and_router_loads() -> Non
     # The router loads the compiled forward accumulated (a buffer it mutates) are the eager ones.
     for (name, a), b in zip(eager.named_buffers(), twin.buffers(), strict=True):
         assert torch.equal(a, b), name
+    # With gradient checkpointing the compiled blocks are recomputed in backward: the same gradients again.
+    twin.gradient_checkpointing = True
+    twin.zero_grad(set_to_none=True)
+    again = compiled(ids, labels=ids).loss
+    assert again is not None
+    again.backward()
+    for name, param in eager.named_parameters():
+        torch.testing.assert_close(twins[name].grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
     # Compiled in place of nothing: the eager module's state_dict keys are unchanged.
     assert twin.state_dict().keys() == eager.state_dict().keys()
     assert not any(key.startswith("_orig_mod") for key in twin.state_dict())
@@ -135,3 +145,15 @@ def test_a_compiled_run_resumes_eager_and_an_eager_run_resumes_compiled(prepared
         assert losses.keys() == expected.keys()
         for step, loss in losses.items():
             assert loss == pytest.approx(expected[step], rel=1e-3), step
+
+
+def test_the_time_estimate_counts_the_compile_once_in_the_run_total() -> None:
+    off, on = make_spec(), make_spec(compile=True)
+    hardware = PROFILES["cpu"]
+    estimate_off, estimate_on = estimate_time(off, hardware), estimate_time(on, hardware)
+    assert estimate_off.compile_seconds == 0 and estimate_on.compile_seconds > 0
+    assert estimate_on.step_seconds == estimate_off.step_seconds  # the estimate does not claim a faster step
+    assert estimate_on.total_seconds == pytest.approx(estimate_off.total_seconds + estimate_on.compile_seconds)
+    # One compiled graph per kind of block: a dense first layer adds a second compile.
+    dense_first = merged_spec(BASE, model={"moe": {"first_dense_layers": 1}}, training={"compile": True})
+    assert estimate_compile_seconds(dense_first) == 2 * estimate_compile_seconds(on)
