@@ -663,10 +663,11 @@ def tiny_demo_same_wall_time(
 
 
 WALL_TIME_NOTES = [
-    "same_wall_time: the tiny demo template (2 layers, d_model 128, 4 routed experts top-2 + 1 shared, vocab 2048 "
-    "BPE, 8 x 128 tokens, cosine schedule) on the built-in python-docs corpus; each variant's max_steps fills the "
-    "budget at its calibrated step time, variants interleaved in chunks; muon: lr 0.002 and weight decay 0.01 for "
-    "both parts (Moonlight's match_rms_adamw), mtp: one module, loss weight 0.3; val_loss excludes the MTP loss",
+    "same_wall_time: the tiny demo template (2 layers, d_model 128, 8 routed experts top-2 scaled by 4 + 1 shared, "
+    "vocab 2048 BPE, 8 x 128 tokens, cosine schedule) on the built-in python-docs corpus; each variant's max_steps "
+    "fills the budget at its calibrated step time, variants interleaved in chunks; muon: lr 0.002 and weight decay "
+    "0.01 for both parts (Moonlight's match_rms_adamw), mtp: one module, loss weight 0.3; val_loss excludes the MTP "
+    "loss",
     "this machine is shared with other work (2 cores, several agents): step times, hence steps within the budget, "
     "vary run to run; train_seconds says how much time each variant actually trained",
 ]

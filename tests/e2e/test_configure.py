@@ -109,7 +109,7 @@ def test_json_editor_marks_a_bad_value_and_saves_a_good_one(
 
     # A cross-field mistake the JSON Schema cannot see: the server's rule, at the line of top_k.
     cross = json.loads(json.dumps(spec))
-    cross["model"]["moe"]["top_k"] = 6  # more than the 4 routed experts
+    cross["model"]["moe"]["top_k"] = spec["model"]["moe"]["num_routed_experts"] + 2  # more than the routed experts
     text = json.dumps(cross, indent=2)
     _set_doc(page, text)
     page.wait_for_selector("[data-testid=editor-problems] li:has-text('model.moe.top_k')", timeout=15000)
