@@ -18,7 +18,7 @@ export VAR_DIR
 help:
 	@echo "make run    - install what is missing, then start Redis, a Celery worker and the web server"
 	@echo "make test   - ruff, mypy and pytest against real services"
-	@echo "make bench  - throughput figures as JSON"
+	@echo "make bench  - throughput, compile, precision, learning-per-second and estimate figures as JSON"
 	@echo "make gpu-check - on a CUDA machine: autocast, fused AdamW, expert matmul, fused head, DDP, engine vs HF (JSON)"
 	@echo "make soak   - the web tier under load (500 websocket viewers, 50 jobs) as JSON"
 
@@ -85,6 +85,16 @@ test-postgres: install
 bench: install frontend
 	@$(PY) -c "import transformers" 2>/dev/null || $(PIP) install -q -e '.[bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PY) -m bench.engine
+	@# The second harness of the engine's 1.15x target: every model rebuilt before its timed step, THP allocation off.
+	$(PY) -m bench.engine --fresh --no-thp --no-deepseek
+	@# training.compile: compile seconds (cold, warm cache) and eager vs compiled steps of the CPU templates.
+	$(PY) -m bench.compile
+	@# bf16 autocast against fp32 on this CPU: matmul rates, steps, the tiny demo's validation loss after 700 steps.
+	$(PY) -m bench.precision
+	@# Learning per second: the tiny MoE demo against a dense model of the same active size, loss against seconds.
+	$(PY) -m bench.learning
+	@# The step-time estimator, uncalibrated and calibrated, against measured steps of every CPU template.
+	$(PY) -m bench.estimates
 	@# The platform: training inside a job against the bare engine, launch → first point, publish → browser.
 	$(PY) -m bench.platform
 	@# One job on 1 vs 2 processes, the collectives' cost, loss parity (DDP/FSDP2/EP), resume after a killed rank.
