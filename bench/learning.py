@@ -80,12 +80,15 @@ def learning_per_second(
     warmup_steps: int | None = None,
     routed_experts: int | None = None,
     batch_size: int | None = None,
+    compile_models: bool = False,
 ) -> dict[str, Any]:
     """Train the template and its dense twin for ``seconds`` of step time each; their curves and figures.
 
     ``warmup_steps`` replaces the template's (``--quick``: a budget of a few seconds is shorter than it);
     ``routed_experts`` and ``batch_size`` the template's (to measure a candidate shape before it becomes the
-    template; the dense twin follows, its active size does not depend on the routed expert count).
+    template; the dense twin follows, its active size does not depend on the routed expert count);
+    ``compile_models`` trains both with ``training.compile`` (the first step of every chunk compiles, from
+    Inductor's cache after the first chunk, and is left out of the clock like every compile).
     """
     from builder.configs.presets import PRESETS
 
@@ -94,6 +97,8 @@ def learning_per_second(
         base = _variant(base, {"moe": {**base.model.moe.model_dump(), "num_routed_experts": routed_experts}})
     if batch_size is not None:
         base = _variant(base, training={"batch_size": batch_size})
+    if compile_models:
+        base = _variant(base, training={"compile": True})
     schedule = base.training.schedule.model_dump()
     if warmup_steps is not None:
         schedule["warmup_steps"] = warmup_steps
@@ -141,6 +146,7 @@ def learning_per_second(
             "dense_hidden_size": m.moe.resolved_dense_hidden_size,
             "batch": base.training.batch_size,
             "seq_len": base.data.seq_len,
+            "compile": base.training.compile,
         },
         "budget_seconds": round(run.budget_s, 1),
         "calibration_steps": run.calibration_steps,
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--routed-experts", type=int, default=None, help="instead of the template's")
     parser.add_argument("--batch-size", type=int, default=None, help="instead of the template's")
+    parser.add_argument("--compile", action="store_true", help="train both models with training.compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seconds = args.seconds if args.seconds is not None else (5.0 if args.quick else 150.0)
@@ -190,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_steps=3 if args.quick else None,
             routed_experts=args.routed_experts,
             batch_size=args.batch_size,
+            compile_models=args.compile,
         )
     report = {
         "bench": "learning_per_second",
