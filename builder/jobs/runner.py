@@ -71,7 +71,12 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
     purge_step = None if lease.resume_from is None else lease.resume_from + 1
     # Remote storage: each checkpoint is stored before the database records it (builder.jobs.remote).
     platform = BackgroundSink(
-        mirrored(FanoutSink(stream, TensorBoardSink(run.tensorboard, purge_step=purge_step)), layout, lease)
+        mirrored(
+            FanoutSink(stream, TensorBoardSink(run.tensorboard, purge_step=purge_step)),
+            layout,
+            lease,
+            record_points=stream.flush,
+        )
     )
     sink = FanoutSink(
         # The local JSON lines first and in this thread (cheap): the file is always at least as far as any
