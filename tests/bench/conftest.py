@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +19,11 @@ def environment_restored() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def torch_threads_restored() -> Iterator[None]:
+    """The bench sets torch's thread count for its process; tests that run after it keep theirs."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)

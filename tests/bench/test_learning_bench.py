@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
-import torch
 
 from bench import learning
-
-
-@pytest.fixture
-def torch_threads_restored() -> Iterator[None]:
-    """The bench sets torch's thread count for its process; tests that run after it keep theirs."""
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.usefixtures("torch_threads_restored")

@@ -4,21 +4,11 @@ figure the issue asks for."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
-import torch
 
 from bench import precision
 from workers.engine import model as model_module
-
-
-@pytest.fixture
-def torch_threads_restored() -> Iterator[None]:
-    """The bench sets torch's thread count for its process; tests that run after it keep theirs."""
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.usefixtures("torch_threads_restored")
