@@ -1,4 +1,4 @@
-"""Building test specs from a base dict with nested overrides."""
+"""Building test specs (and the dicts they come from) from a base dict with nested overrides."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 from workers.engine.spec import Spec
 
 
-def merged_spec(base: dict[str, Any], **sections: dict[str, Any]) -> Spec:
-    """``base`` with nested overrides, e.g. ``merged_spec(BASE, training={"plateau": {"patience": 2}})``:
+def merged(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with nested overrides, e.g. ``merged(BASE, training={"plateau": {"patience": 2}})``:
     dicts merge key by key at every depth, anything else replaces. ``base`` is not changed."""
 
     def merge(into: dict[str, Any], values: dict[str, Any]) -> None:
@@ -20,5 +20,10 @@ def merged_spec(base: dict[str, Any], **sections: dict[str, Any]) -> Spec:
                 into[key] = value
 
     raw = copy.deepcopy(base)
-    merge(raw, sections)
-    return Spec.model_validate(raw)
+    merge(raw, copy.deepcopy(sections))
+    return raw
+
+
+def merged_spec(base: dict[str, Any], **sections: dict[str, Any]) -> Spec:
+    """``merged(base, **sections)`` validated as a spec."""
+    return Spec.model_validate(merged(base, **sections))

@@ -2,22 +2,22 @@
 it), the expert rows padded for oneDNN compute what unpadded rows do, and a bf16 run trains the tiny model down
 and resumes exactly from its checkpoint.
 
-The tiny model and corpus are test_train's (hidden 32, 2 layers, 4 routed experts, the a..p letter cycle).
+The tiny model and corpus are tests/engine/tiny.py's (hidden 32, 2 layers, 4 routed experts, the a..p letter
+cycle), prepared by tests/engine/conftest.py's ``prepared`` fixture as for test_train.
 """
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.engine.test_train import LETTERS, losses, make_spec
+from tests.engine.tiny import losses
+from tests.engine.tiny import tiny_spec as make_spec
 from workers.engine import model as model_module
-from workers.engine.data import PreparedData, prepare
+from workers.engine.data import PreparedData
 from workers.engine.estimate import estimate_time
 from workers.engine.hardware import cpu_bf16_units, cpu_flags, cpu_profile
 from workers.engine.lint import lint
@@ -29,17 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 SAPPHIRE_RAPIDS_FLAGS = "fpu vme sse sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
 SKYLAKE_FLAGS = "fpu vme sse sse2 avx2 avx512f avx512bw avx512_vnni"
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
-    path = tmp_path_factory.mktemp("corpus") / "letters.jsonl"
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(200):
-            start = rng.randrange(len(LETTERS))
-            f.write(json.dumps({"text": "".join(LETTERS[(start + j) % 16] for j in range(60))}) + "\n")
-    return prepare(make_spec(), path, tmp_path_factory.mktemp("prepared"))
 
 
 def test_flags_are_read_from_cpuinfo_and_name_the_native_bf16_units() -> None:

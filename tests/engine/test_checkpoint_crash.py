@@ -10,7 +10,6 @@ exactly where an uninterrupted run ends.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.engine.specs import merged_spec
+from tests.engine.tiny import tiny_spec
 from workers.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from workers.engine.model import build_model
 from workers.engine.optimizers import build_optimizer
@@ -31,20 +30,9 @@ from workers.engine.sinks import MemorySink
 from workers.engine.train import train
 
 REPO = Path(__file__).resolve().parents[2]
-LETTERS = "abcdefghijklmnop"
-SPEC = merged_spec(
-    {
-        "model": {
-            "vocab_size": 259, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 32,
-            "moe": {"num_routed_experts": 4, "top_k": 2, "expert_hidden_size": 32, "balancing": "aux_free"},
-        },
-        "data": {"tokenizer": "bytes", "seq_len": 32, "val_fraction": 0.1},
-        "training": {
-            "max_steps": 30, "batch_size": 8, "log_interval": 1, "eval_interval": 10, "eval_batches": 2,
-            "checkpoint_interval": 10, "optimizer": {"lr": 1e-2}, "schedule": {"warmup_steps": 2}, "seed": 11,
-        },
-    }
-)  # fmt: skip
+# The engine tests' tiny model (tests/engine/tiny.py), checkpointing every 10 steps, on the ``corpus`` fixture
+# (tests/engine/conftest.py).
+SPEC = tiny_spec(training={"max_steps": 30})
 CRASH_STEP = 20
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
@@ -113,19 +101,6 @@ CRASHING_RUN = textwrap.dedent(
     """
 )
 POINTS = {"weights": 10, "optimizer": 10, "manifest": 10, "commit": 10, "prune": CRASH_STEP}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import random
-
-    path = tmp_path_factory.mktemp("corpus") / "letters.jsonl"
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(200):
-            start = rng.randrange(len(LETTERS))
-            f.write(json.dumps({"text": "".join(LETTERS[(start + j) % 16] for j in range(60))}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,13 @@ second compile of a shape hits Inductor's on-disk cache.
 from __future__ import annotations
 
 import copy
-import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.engine.specs import merged_spec
+from tests.engine.specs import merged, merged_spec
+from tests.engine.tiny import TINY, write_letters_corpus
 from workers.engine.data import PreparedData, prepare
 from workers.engine.estimate import estimate_compile_seconds, estimate_time
 from workers.engine.hardware import PROFILES
@@ -26,28 +25,19 @@ from workers.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
-BASE = {
-    "model": {
-        "vocab_size": 259,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "max_seq_len": 32,
-        "moe": {"num_routed_experts": 4, "num_shared_experts": 1, "top_k": 2, "expert_hidden_size": 32},
-    },
-    "data": {"tokenizer": "bytes", "seq_len": 32, "val_fraction": 0.1},
-    "training": {
+# The engine tests' tiny model (tests/engine/tiny.py) with a shared expert, on a shorter run of smaller batches.
+BASE = merged(
+    TINY,
+    model={"moe": {"num_shared_experts": 1}},
+    training={
         "max_steps": 12,
         "batch_size": 4,
-        "log_interval": 1,
         "eval_interval": 6,
         "eval_batches": 1,
         "checkpoint_interval": 6,
-        "optimizer": {"lr": 1e-2},
-        "schedule": {"warmup_steps": 2},
         "seed": 5,
     },
-}
+)
 
 
 def make_spec(**training: object) -> Spec:
@@ -56,13 +46,8 @@ def make_spec(**training: object) -> Spec:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
-    path = tmp_path_factory.mktemp("corpus") / "letters.jsonl"
-    rng = random.Random(0)
-    letters = "abcdefghijklmnop"
-    with open(path, "w") as f:
-        for _ in range(100):
-            start = rng.randrange(len(letters))
-            f.write(json.dumps({"text": "".join(letters[(start + j) % 16] for j in range(60))}) + "\n")
+    """The first 100 documents of the letter corpus, split with this module's seed (not conftest's fixture)."""
+    path = write_letters_corpus(tmp_path_factory.mktemp("corpus") / "letters.jsonl", documents=100)
     return prepare(make_spec(), path, tmp_path_factory.mktemp("prepared"))
 
 

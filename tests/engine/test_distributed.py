@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.engine.specs import merged_spec
-from tests.engine.test_train import BASE as TRAIN_BASE
+from tests.engine.tiny import TINY
 from workers.engine.checkpoint import latest_checkpoint, load_checkpoint
 from workers.engine.data import prepare
 from workers.engine.distributed import launch_environment
@@ -29,9 +29,9 @@ from workers.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
-# test_train's tiny model (no token dropping: a capacity computed on each rank's half of the batch would drop other
-# tokens), with a run short enough for two processes.
-BASE: dict[str, Any] = copy.deepcopy(TRAIN_BASE)
+# The engine tests' tiny model (tests/engine/tiny.py; no token dropping: a capacity computed on each rank's half of
+# the batch would drop other tokens), with a run short enough for two processes.
+BASE: dict[str, Any] = copy.deepcopy(TINY)
 BASE["training"].update(max_steps=6, eval_interval=3, checkpoint_interval=3)
 LAYOUTS: dict[str, dict[str, Any]] = {
     "ddp": {"devices": 2},

@@ -1,8 +1,9 @@
 """Tests of the evaluation report, the metrics and the playground functions (workers/engine/evaluate.py).
 
-The checkpoints are real: ``train()`` runs a few steps of a tiny MoE (hidden 32, 2 layers, 8 routed experts +
-1 shared, top-2, seq 32) on a patterned byte corpus (60 consecutive letters of the cycle a..p per document),
-once for causal_lm and once for classification (label: does the document start in a..h or in i..p).
+The checkpoints are real: ``train()`` runs a few steps of a tiny MoE (tests/engine/tiny.py's, with 8 routed experts
++ 1 shared: hidden 32, 2 layers, top-2, seq 32) on its patterned byte corpus (60 consecutive letters of the cycle
+a..p per document), once for causal_lm and once for classification (label: does the document start in a..h or in
+i..p).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.engine.specs import merged_spec
+from tests.engine.specs import merged, merged_spec
+from tests.engine.tiny import LETTERS, TINY, write_letters_corpus
 from workers.engine.checkpoint import CheckpointError
 from workers.engine.data import PreparedData, build_byte_tokenizer, eval_batches
 from workers.engine.evaluate import (
@@ -39,28 +40,12 @@ from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec
 from workers.engine.train import TrainResult, train
 
-LETTERS = "abcdefghijklmnop"
-BASE: dict[str, Any] = {
-    "model": {
-        "vocab_size": 259,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "max_seq_len": 32,
-        "moe": {"num_routed_experts": 8, "num_shared_experts": 1, "top_k": 2, "expert_hidden_size": 16},
-    },
-    "data": {"tokenizer": "bytes", "seq_len": 32, "val_fraction": 0.1},
-    "training": {
-        "max_steps": 6,
-        "batch_size": 8,
-        "eval_interval": 6,
-        "eval_batches": 2,
-        "checkpoint_interval": 6,
-        "optimizer": {"lr": 1e-2},
-        "schedule": {"warmup_steps": 1},
-        "seed": 5,
-    },
-}
+# The engine tests' tiny model with 8 routed experts + 1 shared, trained for 6 steps.
+BASE = merged(
+    TINY,
+    model={"moe": {"num_routed_experts": 8, "num_shared_experts": 1, "expert_hidden_size": 16}},
+    training={"max_steps": 6, "eval_interval": 6, "checkpoint_interval": 6, "schedule": {"warmup_steps": 1}, "seed": 5},
+)
 
 
 def make_spec(**sections: dict[str, Any]) -> Spec:
@@ -70,24 +55,11 @@ def make_spec(**sections: dict[str, Any]) -> Spec:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
-def letters_corpus(path: Path, labelled: bool) -> Path:
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(200):
-            start = rng.randrange(len(LETTERS))
-            text = "".join(LETTERS[(start + j) % len(LETTERS)] for j in range(60))
-            record: dict[str, Any] = {"text": text}
-            if labelled:
-                record["label"] = "early" if start < 8 else "late"
-            f.write(json.dumps(record) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def causal_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, MemorySink, TrainResult]:
     """(run dir, source file, sink, result) of a finished 6-step causal_lm run."""
     root = tmp_path_factory.mktemp("causal")
-    source = letters_corpus(root / "letters.jsonl", labelled=False)
+    source = write_letters_corpus(root / "letters.jsonl")
     sink = MemorySink()
     result = train(make_spec(), source, root / "run", sink)
     assert result.status == "completed" and result.checkpoint is not None
@@ -97,7 +69,7 @@ def causal_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Me
 @pytest.fixture(scope="module")
 def class_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MemorySink, TrainResult]:
     root = tmp_path_factory.mktemp("classes")
-    source = letters_corpus(root / "labelled.jsonl", labelled=True)
+    source = write_letters_corpus(root / "labelled.jsonl", labelled=True)
     spec = make_spec(model={"task": "classification", "num_labels": 3})  # one slot more than the data uses
     sink = MemorySink()
     result = train(spec, source, root / "run", sink)
@@ -274,7 +246,7 @@ def test_evaluate_causal_lm(causal_run: tuple[Path, Path, MemorySink, TrainResul
 
 
 def test_evaluate_reports_the_mtp_loss_and_the_compressed_cache(tmp_path: Path) -> None:
-    source = letters_corpus(tmp_path / "letters.jsonl", labelled=False)
+    source = write_letters_corpus(tmp_path / "letters.jsonl")
     mla = {"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
     spec = make_spec(model={"attention": "mla", "mla": mla, "mtp_depth": 1}, training={"max_steps": 2})
     sink = MemorySink()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from tests.engine.specs import merged_spec
+from tests.engine.tiny import write_letters_corpus
 from workers.engine.checkpoint import save_checkpoint, verify_checkpoint
 from workers.engine.data import load_tokenizer
 from workers.engine.evaluate import load_for_inference
@@ -44,7 +44,6 @@ from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec, load_spec
 from workers.engine.train import train
 
-LETTERS = "abcdefghijklmnop"
 TOP_K, EXPERTS = 2, 8
 PROBE_SEED = 1
 BASE: dict[str, Any] = {
@@ -88,13 +87,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     seeds), and the model is saved as a checkpoint of the same run.
     """
     root = tmp_path_factory.mktemp("run")
-    rng = random.Random(0)
-    with open(root / "letters.jsonl", "w") as f:
-        for _ in range(100):
-            start = rng.randrange(len(LETTERS))
-            f.write(json.dumps({"text": "".join(LETTERS[(start + j) % 16] for j in range(60))}) + "\n")
+    corpus = write_letters_corpus(root / "letters.jsonl", documents=100)
     spec = make_spec()
-    result = train(spec, root / "letters.jsonl", root / "run", MemorySink())
+    result = train(spec, corpus, root / "run", MemorySink())
     assert result.status == "completed" and result.checkpoint is not None
     model = load_for_inference(result.checkpoint).model
     probe = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(PROBE_SEED))

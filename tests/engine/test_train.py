@@ -2,7 +2,8 @@
 
 Every run is a tiny real model on CPU (hidden 32, 2 layers, 4 routed experts, seq 32) on a patterned byte
 corpus: each document is 60 consecutive letters of the cycle a..p from a random start, so once a model
-has learnt "next letter" only the first letter of a document is uncertain.
+has learnt "next letter" only the first letter of a document is uncertain. Both are tests/engine/tiny.py's;
+the ``corpus`` and ``prepared`` fixtures are tests/engine/conftest.py's.
 """
 
 from __future__ import annotations
@@ -24,68 +25,16 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.engine.specs import merged_spec
+from tests.engine.tiny import TINY, losses
+from tests.engine.tiny import tiny_spec as make_spec
 from workers.engine.checkpoint import latest_checkpoint, verify_checkpoint
-from workers.engine.data import PreparedData, prepare
+from workers.engine.data import PreparedData
 from workers.engine.sinks import MemorySink, latest_points, read_jsonl
 from workers.engine.spec import Spec
 from workers.engine.train import EngineConfigError, FaultInjection, TrainResult, lr_at, scheduled_lr, train
 
 REPO = Path(__file__).resolve().parents[2]
-LETTERS = "abcdefghijklmnop"
-
-BASE: dict[str, Any] = {
-    "model": {
-        "vocab_size": 259,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-        "max_seq_len": 32,
-        "moe": {"num_routed_experts": 4, "top_k": 2, "expert_hidden_size": 32, "balancing": "aux_free"},
-    },
-    "data": {"tokenizer": "bytes", "seq_len": 32, "val_fraction": 0.1},
-    "training": {
-        "max_steps": 20,
-        "batch_size": 8,
-        "log_interval": 1,
-        "eval_interval": 10,
-        "eval_batches": 2,
-        "checkpoint_interval": 10,
-        "optimizer": {"lr": 1e-2},
-        "schedule": {"warmup_steps": 2},
-        "seed": 11,
-    },
-}
-
-
-def make_spec(**sections: dict[str, Any]) -> Spec:
-    """``BASE`` with nested overrides, e.g. ``make_spec(training={"plateau": {"patience": 2}})``."""
-    return merged_spec(BASE, **sections)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "letters.jsonl"
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(200):
-            start = rng.randrange(len(LETTERS))
-            text = "".join(LETTERS[(start + j) % len(LETTERS)] for j in range(60))
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def prepared(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
-    return prepare(make_spec(), corpus, tmp_path_factory.mktemp("prepared"))
-
-
-def losses(sink: MemorySink) -> dict[int, float]:
-    """Per-step training loss, a replayed step keeping its latest value."""
-    return dict(sink.series("loss"))
 
 
 def cli(*args: str, **popen: Any) -> subprocess.Popen[str]:
@@ -576,7 +525,7 @@ def test_sigterm_preempts_then_resume_completes_with_one_point_per_step(corpus: 
 
 
 def test_cli_reports_bad_spec_and_bad_data_with_locations(corpus: Path, tmp_path: Path) -> None:
-    bad_spec = copy.deepcopy(BASE)
+    bad_spec = copy.deepcopy(TINY)
     bad_spec["model"]["moe"]["top_k"] = 9  # more than the 4 experts
     spec_file = tmp_path / "bad_spec.json"
     spec_file.write_text(json.dumps(bad_spec))
