@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.engine.tiny import losses
+from tests.engine.tiny import losses, train_whole_and_resumed
 from tests.engine.tiny import tiny_spec as make_spec
 from workers.engine import model as model_module
 from workers.engine.data import PreparedData
@@ -22,8 +21,6 @@ from workers.engine.estimate import estimate_time
 from workers.engine.hardware import cpu_bf16_units, cpu_flags, cpu_profile
 from workers.engine.lint import lint
 from workers.engine.model import build_model, causal_attention, pad_expert_groups
-from workers.engine.sinks import MemorySink
-from workers.engine.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
@@ -124,21 +121,10 @@ def test_attention_trains_in_fp32_under_cpu_autocast_and_infers_in_bf16() -> Non
 
 def test_bf16_on_cpu_trains_the_tiny_model_down_and_resumes_exactly(prepared: PreparedData, tmp_path: Path) -> None:
     spec = make_spec(training={"precision": "bf16", "checkpoint_interval": 5})
-    whole = MemorySink()
-    assert train(spec, prepared, tmp_path / "whole", whole).status == "completed"
+    # Stopped at step 7 (between checkpoints) and resumed: the same steps as the uninterrupted run, bit for bit.
+    whole, weights = train_whole_and_resumed(spec, prepared, tmp_path, stop_after_step=7)
     loss = losses(whole)
     first, last = [loss[s] for s in (1, 2, 3)], [loss[s] for s in (18, 19, 20)]
     assert sum(last) < 0.5 * sum(first), (first, last)
     assert whole.series("val_loss")[-1][1] < 0.5 * loss[1]
-
-    # Stop at step 7 (between checkpoints), resume: the same steps as the uninterrupted run, bit for bit.
-    split_first = MemorySink()
-    assert train(spec, prepared, tmp_path / "split", split_first, stop_after_step=7).step == 7
-    split_second = MemorySink()
-    assert train(spec, prepared, tmp_path / "split", split_second).status == "completed"
-    assert split_second.events_of("resume")[0]["step"] == 7
-    assert {**losses(split_first), **losses(split_second)} == loss
-    a, b = (tmp_path / run / "checkpoints" / "step-000020" / "model.safetensors" for run in ("whole", "split"))
-    weights_a, weights_b = load_file(a), load_file(b)
-    assert all(w.dtype == torch.float32 for w in weights_a.values())  # fp32 master weights under autocast
-    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert all(w.dtype == torch.float32 for w in weights.values())  # fp32 master weights under autocast

@@ -18,9 +18,14 @@ import random
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 from tests.engine.specs import merged_spec
+from workers.engine.data import PreparedData
 from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec
+from workers.engine.train import train
 
 LETTERS = "abcdefghijklmnop"
 
@@ -73,3 +78,28 @@ def write_letters_corpus(path: Path, documents: int = 200, labelled: bool = Fals
 def losses(sink: MemorySink) -> dict[int, float]:
     """Per-step training loss, a replayed step keeping its latest value."""
     return dict(sink.series("loss"))
+
+
+def train_whole_and_resumed(
+    spec: Spec, prepared: PreparedData, root: Path, stop_after_step: int = 7
+) -> tuple[MemorySink, dict[str, torch.Tensor]]:
+    """Train ``spec`` to the end uninterrupted (in ``root/whole``), and again stopped after ``stop_after_step`` steps
+    then resumed from its checkpoint (in ``root/split``); assert that the resumed run took the same steps as the
+    uninterrupted one, bit for bit: the same loss at every step and the same final weights.
+
+    Returns the uninterrupted run's sink and its final weights, for the caller's own checks (that it learnt)."""
+    whole = MemorySink()
+    assert train(spec, prepared, root / "whole", whole).status == "completed"
+    split_first = MemorySink()
+    assert train(spec, prepared, root / "split", split_first, stop_after_step=stop_after_step).step == stop_after_step
+    split_second = MemorySink()
+    assert train(spec, prepared, root / "split", split_second).status == "completed"
+    assert split_second.events_of("resume")[0]["step"] == stop_after_step
+    assert {**losses(split_first), **losses(split_second)} == losses(whole)
+    final = f"step-{spec.training.max_steps:06d}"
+    weights_a, weights_b = (
+        load_file(root / run / "checkpoints" / final / "model.safetensors") for run in ("whole", "split")
+    )
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    return whole, weights_a
