@@ -13,10 +13,12 @@ The engine still writes into a local folder and knows nothing of storage; this m
 contents. On a worker, ``restore`` fills the job's folder from storage before training (the newest checkpoint
 stored with its manifest, when newer than the folder's own, the tokenized data, the events), so any host resumes
 any job; ``mirrored`` wraps the run's record sink so that every committed checkpoint is stored before the record
-hears of it (``last_checkpoint_step`` never names a checkpoint storage lacks) and storage keeps the checkpoints
-the folder keeps; ``store_prepared`` stores the tokenized data once. On any host, ``local_checkpoint`` gives a
-verified local copy of a stored checkpoint and its run's data (reports, the playground), and
-``tensorboard_archive`` streams the stored events as a tar.gz. The folder under ``JOBS_WORK_DIR`` is then a cache.
+hears of it (``last_checkpoint_step`` never names a checkpoint storage lacks), and only after the records of its
+steps (the points, the events, the JSON lines): a worker killed in between leaves storage a checkpoint newer than
+``last_checkpoint_step``, which the next host resumes from. Storage keeps the checkpoints the folder keeps;
+``store_prepared`` stores the tokenized data once. On any host, ``local_checkpoint`` gives a verified local copy
+of a stored checkpoint and its run's data (reports, the playground), and ``tensorboard_archive`` streams the
+stored events as a tar.gz. The folder under ``JOBS_WORK_DIR`` is then a cache.
 
 With local storage (the embedded default) every function here leaves things as they were: the job's folder under
 ``JOBS_WORK_DIR`` is the record, and the web server reads it (one machine, or a shared disk).
@@ -229,15 +231,16 @@ def _store_changed(store: Storage, job_id: int, layout: JobLayout, sent: dict[st
 
 
 class MirroringSink:
-    """Wraps a job's record sink (``MetricsSink``): a ``checkpoint`` event stores that checkpoint (and the events
-    written so far) before ``sink`` records it; ``close`` stores the events and JSON lines once ``sink`` has
-    closed (TensorBoard's last writes flushed). Nothing is stored once the lease is lost: the job has moved on
-    to another worker, which owns the prefix now. A failed upload fails the run, as a broken record does.
+    """Wraps a job's record sink (``MetricsSink``): a ``checkpoint`` event stores the events and JSON lines written
+    so far, then that checkpoint, before ``sink`` records it; ``close`` stores the events and JSON lines once
+    ``sink`` has closed (TensorBoard's last writes flushed). Nothing is stored once the lease is lost: the job has
+    moved on to another worker, which owns the prefix now. A failed upload fails the run, as a broken record does.
 
-    ``record_points`` (the database sink's ``flush``) runs before a checkpoint is stored: once stored, another host
-    may resume from it, and the points of its steps must already be recorded. Otherwise a worker killed between
-    storing and recording loses the points it had buffered since its last flush (seen: steps 6-10 of a run
-    resumed at step 10 on another host)."""
+    ``record_points`` (the database sink's ``flush``) runs before a checkpoint is stored, and the TensorBoard events
+    and JSON lines are stored before it too: once stored, another host may resume from it and writes only the
+    steps after it, so every record of its steps must already be where that host finds them. Otherwise a worker
+    killed between storing the checkpoint and the rest loses the steps since its previous checkpoint (seen: steps
+    6-10 of a run resumed at step 10 on another host, missing from the database, later from TensorBoard)."""
 
     def __init__(
         self,
@@ -265,8 +268,12 @@ class MirroringSink:
                 self._record_points()
             store = _store()
             began = time.perf_counter()
-            store_checkpoint(self._job_id, self._layout.run.checkpoint(int(data["step"])))
+            # The events and JSON lines first: once its manifest is stored, another host may resume from this
+            # checkpoint, and it keeps this host's stored TensorBoard file and JSON lines as they are then (it
+            # writes only the steps after the checkpoint). Both files already hold every step up to it: the
+            # TensorBoard sink flushes each step, and the JSON lines are written, flushed, before this call.
             _store_changed(store, self._job_id, self._layout, self._sent)
+            store_checkpoint(self._job_id, self._layout.run.checkpoint(int(data["step"])))
             data = {**data, "stored_seconds": round(time.perf_counter() - began, 3)}
         self._sink.event(kind, data)
 

@@ -67,12 +67,15 @@ def run_job(job_id: int, worker: str) -> dict[str, Any]:
     Job.objects.filter(pk=job_id, lease_token=lease.token).update(total_steps=spec.training.max_steps)
 
     stream = DatabaseStreamSink(lease)
-    # The first step this attempt writes: TensorBoard drops what a lost attempt wrote past the checkpoint.
-    purge_step = None if lease.resume_from is None else lease.resume_from + 1
+    # What a lost attempt wrote past the checkpoint this one resumes from is dropped by the engine's ``resume``
+    # event (the database sink deletes those points, TensorBoard's writer purges those steps), not from the
+    # claim's ``resume_from``: that is the row's last_checkpoint_step, which lags the checkpoint resumed from when
+    # a worker died between committing a checkpoint and recording it; purging after it would drop the steps in
+    # between, which this attempt does not write again.
     # Remote storage: each checkpoint is stored before the database records it (builder.jobs.remote).
     platform = BackgroundSink(
         mirrored(
-            FanoutSink(stream, TensorBoardSink(run.tensorboard, purge_step=purge_step)),
+            FanoutSink(stream, TensorBoardSink(run.tensorboard)),
             layout,
             lease,
             record_points=stream.flush,

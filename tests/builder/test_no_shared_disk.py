@@ -32,7 +32,7 @@ from websockets.sync.client import connect
 from websockets.typing import Origin
 
 from builder.datasets.models import Dataset
-from builder.jobs import remote
+from builder.jobs import lifecycle, remote
 from builder.jobs.files import claim_folder
 from builder.jobs.models import Job, JobEvent, MetricPoint
 from builder.reports.models import Report
@@ -51,6 +51,7 @@ from tests.services import (
 )
 from workers.engine.checkpoint import latest_checkpoint, save_checkpoint
 from workers.engine.model import build_model
+from workers.engine.sinks import JsonlSink, TensorBoardSink, latest_points, read_jsonl
 from workers.engine.spec import Spec
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -363,6 +364,60 @@ def test_checkpoints_are_stored_manifest_last_pruned_as_the_folder_and_fetched_b
     again = remote.local_checkpoint(job.pk, 50)
     assert again == copy and (again / "manifest.json").read_bytes() != old
     assert not remote.local_checkpoint(job.pk, 20).exists()  # pruned when step 40 was stored: kept nowhere
+
+
+class _HostGone(BaseException):
+    """The host is gone (SIGKILL) as soon as the call it interrupts returns: nothing after that call runs."""
+
+
+def test_a_host_killed_as_soon_as_a_checkpoint_is_stored_has_stored_every_record_of_its_steps(
+    on_s3: Any, alice: Any, monkeypatch: Any
+) -> None:
+    spec_dict = tiny_spec(30, checkpoint_interval=5)
+    spec = Spec.model_validate(spec_dict)
+    job = Job.objects.create(owner=alice, name="j", spec=spec_dict, data_source="d.txt", queue="gpu",
+                             state="running", attempts=1, lease_owner="one@h", lease_token=1)  # fmt: skip
+    lease = lifecycle.Lease(pk=job.pk, token=1, attempt=1, worker="one@h")
+    on_s3("one")
+    first = claim_folder(job)
+    remote.restore(job, first)
+    # As the runner arranges them: the JSON lines written first, the records behind the mirror, which has the
+    # database sink record its points (here: noted in ``order``) before it stores a checkpoint.
+    order: list[str] = []
+    jsonl, tensorboard = JsonlSink(first.run.metrics), TensorBoardSink(first.run.tensorboard)
+    mirror = remote.MirroringSink(tensorboard, first, lease, record_points=lambda: order.append("points"))
+    store_checkpoint = remote.store_checkpoint
+
+    def store_then_die_at_step_10(job_id: int, checkpoint: Path) -> None:
+        store_checkpoint(job_id, checkpoint)
+        order.append(checkpoint.name)
+        if checkpoint.name == "step-000010":
+            raise _HostGone
+
+    monkeypatch.setattr(remote, "store_checkpoint", store_then_die_at_step_10)
+    try:
+        with pytest.raises(_HostGone):
+            for step in range(1, 11):
+                for sink in (jsonl, mirror):
+                    sink.emit(step, {"loss": 1.0 / step})
+                if step % 5 == 0:
+                    path = _checkpoint(first.run.checkpoints, spec, step, seed=step)
+                    for sink in (jsonl, mirror):
+                        sink.event("checkpoint", {"step": step, "path": str(path)})
+    finally:
+        jsonl.close()
+        tensorboard.close()
+    assert order == ["points", "step-000005", "points", "step-000010"]
+
+    # The next host resumes from the step-10 checkpoint and writes only the steps after it: what it takes over
+    # from storage holds every step up to it.
+    on_s3("two")
+    second = claim_folder(job)
+    assert remote.restore(job, second) == 10
+    assert sorted(latest_points(read_jsonl(second.run.metrics))) == list(range(1, 11))
+    events = EventAccumulator(str(second.run.tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 11))
 
 
 def test_a_reused_job_id_empties_the_stored_prefix(on_s3: Any, bucket: tuple[str, Any], alice: Any) -> None:
