@@ -356,19 +356,38 @@ export function balancingSettleSteps(moe, experts) {
   return Math.ceil(1 / (experts * moe.bias_update_speed));
 }
 
-export function expertAlerts({ cells, layers, experts, step }, moe = null) {
+// Whether experts under the dead share are still only idle at the matrix's step: aux-free balancing has not had
+// its settle steps yet (see balancingSettleSteps). The heatmap outlines them amber, the alert warns.
+export function balancingSettling({ experts, step }, moe = null) {
+  return step < balancingSettleSteps(moe, experts);
+}
+
+const LISTED = 8; // experts named in an alert; the rest are counted
+
+// `totalSteps`: the run's max_steps, when the page knows it: a run shorter than balancing's settle steps is told
+// so, instead of being promised a step it never reaches.
+export function expertAlerts({ cells, layers, experts, step }, moe = null, totalSteps = null) {
   if (!experts) return [];
   const uniform = 1 / experts;
-  const dead = cells.filter((c) => isDead(c, uniform));
+  // By layer, then expert, as the heatmap shows them (the store's names sort E10 before E2).
+  const dead = cells.filter((c) => isDead(c, uniform)).sort((a, b) => a.layer - b.layer || a.expert - b.expert);
   const alerts = [];
   if (dead.length) {
-    const list = dead.slice(0, 8).map((c) => `L${c.layer} E${c.expert}`).join(", ");
+    const named = dead.slice(0, LISTED).map((c) => `L${c.layer} E${c.expert}`).join(", ");
+    const list = dead.length > LISTED ? `${named} and ${dead.length - LISTED} more` : named;
     const settle = balancingSettleSteps(moe, experts);
     const early = step < settle;
+    const why = "Early in a run tokens look alike and choose the same experts";
+    let advice = deadExpertAdvice(moe);
+    if (early && totalSteps && totalSteps < settle) {
+      advice = `${why}; aux-free balancing needs about ${settle} steps to even this out, more than this run's ${totalSteps}: for a run this short raise model.moe.bias_update_speed (now ${moe.bias_update_speed}).`;
+    } else if (early) {
+      advice = `${why}; aux-free balancing has until step ${settle} to even this out before it counts as dead.`;
+    }
     alerts.push({
       level: early ? "warn" : "fail",
       kind: "dead",
-      text: `${dead.length} ${early ? "idle" : "dead"} expert${dead.length > 1 ? "s" : ""} (under ${DEAD_SHARE * 100}% of the uniform share over the last ${WINDOW} logged steps): ${list}${dead.length > 8 ? ", …" : ""}. ${early ? `Early in a run tokens look alike and choose the same experts; aux-free balancing has until step ${settle} to even this out before it counts as dead.` : deadExpertAdvice(moe)}`,
+      text: `${dead.length} ${early ? "idle" : "dead"} expert${dead.length > 1 ? "s" : ""} (under ${DEAD_SHARE * 100}% of the uniform share over the last ${WINDOW} logged steps): ${list}. ${advice}`,
     });
   }
   const worst = [];
@@ -388,6 +407,9 @@ export function expertAlerts({ cells, layers, experts, step }, moe = null) {
   return alerts;
 }
 
+export const DEAD_OUTLINE = "#c92a2a"; // the fail alert's red
+export const IDLE_OUTLINE = "#f08c00"; // the warn alert's amber (jobs.css .job-alert.warn)
+
 export class ExpertHeatmap {
   constructor(canvas, { legend, tip, maxLabel }) {
     this.canvas = canvas;
@@ -395,6 +417,7 @@ export class ExpertHeatmap {
     this.tip = tip;
     this.maxLabel = maxLabel;
     this.matrix = null;
+    this.moe = null;
     this.layout = null;
     canvas.addEventListener("mousemove", (e) => this._hover(e));
     canvas.addEventListener("mouseleave", () => this._describe());
@@ -411,8 +434,12 @@ export class ExpertHeatmap {
     }
   }
 
-  draw(matrix) {
+  // `moe`: the run's model.moe settings, for telling idle experts (amber, balancing still settling) from dead ones;
+  // kept for the redraws on resize, which pass only the matrix.
+  draw(matrix, moe = this.moe) {
     this.matrix = matrix;
+    this.moe = moe;
+    this.settling = balancingSettling(matrix, moe);
     const { cells, layers, experts } = matrix;
     const canvas = this.canvas;
     if (!experts) { canvas.dataset.rendered = ""; return; }
@@ -447,7 +474,7 @@ export class ExpertHeatmap {
       ctx.fillStyle = colorAt(c.load / (2 * uniform));
       ctx.fillRect(x + 1, y + 1, cellW - 2, cellH - 2);
       if (isDead(c, uniform)) {
-        ctx.strokeStyle = "#c92a2a";
+        ctx.strokeStyle = this.settling ? IDLE_OUTLINE : DEAD_OUTLINE;
         ctx.lineWidth = 2;
         ctx.strokeRect(x + 2, y + 2, cellW - 4, cellH - 4);
       }
@@ -465,7 +492,7 @@ export class ExpertHeatmap {
       const uniform = 1 / experts;
       this.tip.textContent = `Layer ${cell.layer} · expert ${cell.expert}: ${(cell.load * 100).toFixed(1)}% of the layer's routed assignments (${(cell.load / uniform).toFixed(2)}× uniform), mean of the last ${WINDOW} logged steps.`;
     } else {
-      this.tip.textContent = `${layers.length} MoE layer${layers.length === 1 ? "" : "s"} × ${experts} routed experts at step ${step}; uniform share ${(100 / experts).toFixed(1)}%. Hover a cell for its load; red outlines mark dead experts.`;
+      this.tip.textContent = `${layers.length} MoE layer${layers.length === 1 ? "" : "s"} × ${experts} routed experts at step ${step}; uniform share ${(100 / experts).toFixed(1)}%. Hover a cell for its load; ${this.settling ? "amber outlines mark idle experts (balancing is still settling)" : "red outlines mark dead experts"}.`;
     }
   }
 

@@ -387,9 +387,9 @@ class Dashboard {
     this.loss.update();
     for (const c of this.others) c.update();
     const matrix = expertMatrix(this.store);
-    this.heatmap.draw(matrix);
+    this.heatmap.draw(matrix, this.moe);
     this.field("heatmap-step").textContent = matrix.experts ? `step ${matrix.step} · mean of the last 10 logged steps` : "";
-    this._renderAlerts(expertAlerts(matrix, this.moe));
+    this._renderAlerts(expertAlerts(matrix, this.moe, this.job.total_steps || null));
     this._renderEvents();
     this._renderLog();
     this.root.dataset.lossPoints = String(this.store.count("loss"));

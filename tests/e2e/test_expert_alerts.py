@@ -72,3 +72,70 @@ def test_idle_experts_are_a_warning_while_balancing_settles_and_a_failure_after(
     # A faster bias settles sooner: 0.01 x 4 experts moves it by a uniform share in 25 steps.
     faster = charts.evaluate(ALERTS_AFTER, {"count": window, "last": 30, "speed": 0.01})
     assert [a["level"] for a in faster["alerts"] if a["kind"] == "dead"] == ["fail"]
+
+
+# ``count`` logged steps ending at step ``last`` of one MoE layer of ``experts`` experts, of which ``idle`` (the
+# highest-numbered) get nothing; alerts for a run of ``total`` steps (null: not known).
+IDLE_TAIL = """({ experts, idle, last, total }) => {
+  const store = new jobcharts.MetricStore();
+  for (let step = last - jobcharts.WINDOW + 1; step <= last; step++) {
+    for (let e = 0; e < experts; e++) {
+      store.put(step, `expert_load/L0/E${e}`, e >= experts - idle ? 0 : 1 / (experts - idle));
+    }
+  }
+  const moe = { balancing: "aux_free", bias_update_speed: 0.001 };
+  return jobcharts.expertAlerts(jobcharts.expertMatrix(store), moe, total).filter((a) => a.kind === "dead");
+}"""
+
+
+def test_an_alert_names_idle_experts_in_heatmap_order_and_counts_the_rest(charts: Any) -> None:
+    """Seen on a 16-expert run: the store's names sort E10 before E4, and the list ended in "…." ."""
+    [dead] = charts.evaluate(IDLE_TAIL, {"experts": 16, "idle": 10, "last": 20, "total": None})
+    named = ", ".join(f"L0 E{e}" for e in range(6, 14))
+    assert dead["text"].startswith("10 idle experts (under 10% of the uniform share over the last 10 logged steps): ")
+    assert f"steps): {named} and 2 more. Early in a run" in dead["text"]
+
+
+def test_a_run_shorter_than_balancing_needs_is_not_promised_a_step_it_never_reaches(charts: Any) -> None:
+    """4 experts at 0.001 settle by step 250: a 30-step run (seen on a finished job's dashboard) is told that the
+    bias cannot even the load out within it, and what to change; a longer run is told the step."""
+    [short] = charts.evaluate(IDLE_TAIL, {"experts": 4, "idle": 1, "last": 30, "total": 30})
+    assert short["level"] == "warn" and "until step" not in short["text"]
+    assert "needs about 250 steps to even this out, more than this run's 30" in short["text"]
+    assert "raise model.moe.bias_update_speed (now 0.001)" in short["text"]
+    [long] = charts.evaluate(IDLE_TAIL, {"experts": 4, "idle": 1, "last": 30, "total": 1000})
+    assert long["level"] == "warn" and "has until step 250 to even this out" in long["text"]
+
+
+HEATMAP = """async ({ last }) => {
+  document.body.innerHTML = '<div style="width: 600px"><canvas></canvas></div><p></p>';
+  const store = new jobcharts.MetricStore();
+  for (let step = last - jobcharts.WINDOW + 1; step <= last; step++) {
+    for (let e = 0; e < 4; e++) store.put(step, `expert_load/L0/E${e}`, e === 3 ? 0 : 1 / 3);
+  }
+  const canvas = document.querySelector("canvas");
+  const heatmap = new jobcharts.ExpertHeatmap(canvas, { tip: document.querySelector("p") });
+  heatmap.draw(jobcharts.expertMatrix(store), { balancing: "aux_free", bias_update_speed: 0.001 });
+  // The page redraws on resize with the matrix alone (seen: red outlines again on a finished job's dashboard).
+  const drawn = heatmap.layout;
+  canvas.parentElement.style.width = "500px";
+  for (let i = 0; i < 50 && heatmap.layout === drawn; i++) await new Promise((r) => setTimeout(r, 20));
+  const redrawn = heatmap.layout !== drawn;
+  const { labelW, labelH, cellW, cellH } = heatmap.layout;
+  const dpr = window.devicePixelRatio || 1;
+  const [r, g, b] = canvas.getContext("2d").getImageData(
+    Math.round((labelW + 3 * cellW + 2) * dpr), Math.round((labelH + cellH / 2) * dpr), 1, 1).data;
+  const hex = (v) => v.toString(16).padStart(2, "0");
+  return { outline: `#${hex(r)}${hex(g)}${hex(b)}`, tip: document.querySelector("p").textContent, redrawn,
+           idle: jobcharts.IDLE_OUTLINE, dead: jobcharts.DEAD_OUTLINE };
+}"""
+
+
+def test_the_heatmap_outlines_idle_experts_amber_and_dead_ones_red(charts: Any) -> None:
+    """Seen on a new run's dashboard: the amber alert said "idle" while the heatmap outlined the same experts in
+    the red it keeps for dead ones."""
+    idle = charts.evaluate(HEATMAP, {"last": 20})
+    assert idle["redrawn"], "the resize did not redraw the heatmap"
+    assert idle["outline"] == idle["idle"] and "amber outlines mark idle experts" in idle["tip"]
+    dead = charts.evaluate(HEATMAP, {"last": 300})
+    assert dead["outline"] == dead["dead"] and "red outlines mark dead experts" in dead["tip"]
