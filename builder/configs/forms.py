@@ -133,6 +133,7 @@ TWEAKS: tuple[tuple[str, str, Any], ...] = (
     ("model.dropout", "Dropout", "float"),
     ("training.precision", "Precision", ("fp32", "bf16", "fp16")),
     ("training.gradient_checkpointing", "Gradient checkpointing", "bool"),
+    ("training.compile", "Compile (torch.compile)", "bool"),
 )
 
 

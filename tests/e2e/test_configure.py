@@ -48,6 +48,29 @@ def test_wizard_end_to_end(stack: Stack, page: Any, alice: Any, artifacts: Path)
     assert page.locator("[data-testid=oom-risk]").first.inner_text().lower() == "fits"
     page.screenshot(path=str(artifacts / "configure-wizard-proposal.png"), full_page=True)
 
+    # Precision and compile are tweaks with their reasons (bf16 where this CPU multiplies it natively). The compile
+    # reason weighs this run's seconds of steps against the compile (it had said "worth turning on for runs of more
+    # than a few hundred steps" beside a 733-step proposal that left it off, folded away under "Other choices").
+    precision_reason = page.locator("[data-path='training.precision'] .reason").inner_text()
+    assert precision_reason.startswith(("bf16: this CPU multiplies bf16 natively", "fp32: this CPU has no native bf16"))
+    compile_tweak = page.locator("[data-path='training.compile']")
+    compile_reason = compile_tweak.locator(".reason").inner_text()
+    assert compile_reason.startswith("Off: torch.compile first compiles") and "compile takes" in compile_reason
+    # Ticked, the estimate's training time counts the compile, and says so.
+    total = page.locator("[data-testid=total-time]").inner_text()
+    assert "to compile" not in page.locator("[data-testid=total-time-note]").inner_text()
+    compile_tweak.locator("input[type=checkbox]").check()
+    page.wait_for_function(
+        "b => document.querySelector('[data-testid=total-time]').textContent !== b", arg=total, timeout=15000
+    )
+    assert "s to compile" in page.locator("[data-testid=total-time-note]").inner_text()
+    compile_tweak.scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "configure-wizard-compile.png"), full_page=False)
+    compile_tweak.locator("input[type=checkbox]").uncheck()
+    page.wait_for_function(
+        "b => document.querySelector('[data-testid=total-time]').textContent === b", arg=total, timeout=15000
+    )
+
     # Tweak: one more layer; the estimate follows (htmx swaps the panel).
     before = page.locator("[data-testid=params-total]").inner_text()
     layers = page.locator("[data-path='model.num_layers'] input")

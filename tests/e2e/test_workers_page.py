@@ -23,7 +23,12 @@ def test_the_workers_page_is_live(stack: Stack, page: Any, alice: Any, artifacts
     page.click("nav.nav a:has-text('Workers')")
     page.wait_for_selector("#workers-updated:has-text('Live')", timeout=20000)
     session_row = page.locator("tr[data-worker^='worker@']")
-    assert "(cpu)" in session_row.locator("[data-cell=hardware]").inner_text()
+    hardware_cell = session_row.locator("[data-cell=hardware]").inner_text()
+    assert "(cpu)" in hardware_cell
+    # The CPU's native bf16 units as the worker read them (AMX, AVX-512 BF16: issue 18), in the live row too.
+    found = Worker.objects.get(name=session_row.get_attribute("data-worker")).hardware
+    units = found.get("bf16_units") or []
+    assert (f"bf16 ({', '.join(units)})" in hardware_cell) if units else ("bf16" not in hardware_cell), hardware_cell
     assert session_row.locator("[data-cell=job]").inner_text() == "idle"
 
     # A worker of an 8-GPU class starts training alice's job: the page shows it without a reload.
