@@ -183,6 +183,8 @@ class Runner:
     times: list[tuple[float, float, float]]  # per timed step: forward, backward, optimizer (seconds)
     # Builds the model and its optimizer again from the same seed (the --fresh harness); None: never rebuilt.
     make: Callable[[], tuple[nn.Module, Optimizer]] | None = None
+    # The forward (and loss) runs under CPU autocast to this dtype (--precision bf16); None: fp32.
+    autocast: torch.dtype | None = None
 
     def rebuild(self) -> None:
         """A freshly built model and optimizer (same seed, so the same weights) in place of the current ones."""
@@ -193,8 +195,11 @@ class Runner:
     def step(self, ids: torch.Tensor) -> tuple[float, float, float]:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        # Ours takes input_ids positionally; Hugging Face by name.
-        loss = self.model(ids, labels=ids).loss if self.is_ours else self.model(input_ids=ids, labels=ids).loss
+        # As a training loop runs mixed precision (this engine's ``training.precision``, Hugging Face's Trainer
+        # with ``bf16=True``): the forward and the loss under autocast, the backward and the step outside it.
+        with torch.autocast("cpu", dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            # Ours takes input_ids positionally; Hugging Face by name.
+            loss = self.model(ids, labels=ids).loss if self.is_ours else self.model(input_ids=ids, labels=ids).loss
         forward = time.perf_counter()
         loss.backward()
         backward = time.perf_counter()
@@ -376,10 +381,13 @@ def _components_entry(
     return out
 
 
-def measure_matmul_peak(size: int, reps: int) -> float:
-    """Best fp32 matmul rate (GFLOP/s) of ``reps`` square ``size`` products, now, on this process' threads."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+def measure_matmul_peak(size: int, reps: int, dtype: torch.dtype = torch.float32) -> float:
+    """Best matmul rate (GFLOP/s) of ``reps`` square ``size`` products in ``dtype``, now, on this process' threads.
+
+    One untimed product first: oneDNN builds its kernel for a shape and dtype on the first call (bf16's notably).
+    """
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)
     best = math.inf
     for _ in range(reps):
@@ -685,6 +693,23 @@ def training_flops_per_token(spec: Spec) -> float:
     return 6.0 * active + 6.0 * m.num_layers * spec.data.seq_len * m.hidden_size
 
 
+def add_thp_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-thp``, for every benchmark that asks for transparent huge pages with ``ask_for_huge_pages``."""
+    parser.add_argument(
+        "--no-thp", action="store_true", help="do not ask torch for transparent huge pages (THP_MEM_ALLOC_ENABLE)"
+    )
+
+
+def ask_for_huge_pages(args: argparse.Namespace) -> None:
+    """Ask torch for transparent huge pages unless ``args.no_thp`` (see ``add_thp_option``); call it before the
+    first tensor of the measured work is allocated."""
+    if not args.no_thp:
+        # torch reads this once, at its first large CPU allocation: it aligns allocations of 2 MB and more to
+        # huge pages and madvises them. Fresh gradient and logit buffers (tens of MB each step) then cost a
+        # few hundred page faults instead of tens of thousands; every model in this process benefits alike.
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, quick 2)")
@@ -708,8 +733,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="let glibc unmap freed large buffers (how training ran before workers.engine.allocator)",
     )
+    add_thp_option(parser)
     parser.add_argument(
-        "--no-thp", action="store_true", help="do not ask torch for transparent huge pages (THP_MEM_ALLOC_ENABLE)"
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: every model's forward and loss under CPU autocast to bf16 (ours as training.precision bf16 "
+        "runs it), the matmul peak in bf16",
     )
     parser.add_argument(
         "--fresh",
@@ -733,11 +763,7 @@ def _anon_huge_pages_kib() -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if not args.no_thp:
-        # torch reads this once, at its first large CPU allocation: it aligns allocations of 2 MB and more to
-        # huge pages and madvises them. Fresh gradient and logit buffers (tens of MB each step) then cost a
-        # few hundred page faults instead of tens of thousands; every model in this process benefits alike.
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    ask_for_huge_pages(args)
     shape = QUICK if args.quick else FULL
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 9)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -804,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     hf_setup: dict[str, dict[str, Any]] = {}
     deepseek: dict[str, Any] | None = None
+    low_precision = torch.bfloat16 if args.precision == "bf16" else None
     with keep as kept_freed:
         runners: list[Runner] = []
         for experts in expert_counts:
@@ -815,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, make_model in makers.items():
                 make = functools.partial(_seeded_build, make_model)
                 model, optimizer = make()
-                runners.append(Runner(name, experts, model, optimizer, name == "ours", [], make))
+                runners.append(Runner(name, experts, model, optimizer, name == "ours", [], make, low_precision))
                 if name != "ours":
                     hf_setup.setdefault(name, _hf_implementations(model))
 
@@ -826,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         load_start = round(os.getloadavg()[0], 2)
         for r in range(warmup + rounds):
             timed = r >= warmup
-            peak = measure_matmul_peak(peak_size, 5)
+            peak = measure_matmul_peak(peak_size, 5, low_precision or torch.float32)
             if timed:
                 peaks.append(peak)
             # Rotate the order each round so that no model always follows the same neighbour.
@@ -906,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
             }
 
     notes += [
-        "forward + backward + AdamW step on one random batch (labels = inputs), fp32, train mode; "
+        f"forward + backward + AdamW step on one random batch (labels = inputs), {args.precision}, train mode; "
         "phase_ms_median: forward (with zero_grad), backward, optimizer (with ours' router-bias update)",
         "every model: fused AdamW (torch.optim.AdamW(fused=True)), as this engine trains and as Hugging Face's "
         "Trainer does by default (optim=adamw_torch_fused); hugging_face_setup: the expert and attention "
@@ -917,7 +944,10 @@ def main(argv: list[str] | None = None) -> int:
         "DeepSeek-V3 uses multi-head latent attention: q_lora_rank=None, kv_lora_rank=2*head_dim, "
         "qk_rope=qk_nope=head_dim/2, v_head_dim=head_dim; n_group=topk_group=1, no MTP layers",
         "mfu = nominal model FLOPs of the shared shape (6 x active matmul params + causal attention) per "
-        "second over the median fp32 matmul peak measured in the same rounds",
+        f"second over the median {args.precision} matmul peak measured in the same rounds",
+        "precision bf16: every model's forward and loss under torch.autocast('cpu', bfloat16), parameters, "
+        "gradients and AdamW state in fp32 (as this engine's training.precision bf16 and Hugging Face's Trainer "
+        "with bf16=True run); fp32: no autocast",
         "components: one profiled step per model split into attention, norms, experts (router, dispatch and "
         "expert matmuls; the outermost MoE/MLP module), head (output projection and loss: after the final norm), "
         "optimizer (step and zero_grad) and other (embedding, residuals, gradient accumulation), the median "
@@ -941,6 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "warmup": warmup,
         "harness": "fresh" if args.fresh else "persistent",
+        "precision": args.precision,
         "seconds": round(seconds, 1),
         "load_average_1min": {"start": load_start, "end": load_end},
         "allocator": {
@@ -948,7 +979,7 @@ def main(argv: list[str] | None = None) -> int:
             "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
             "anon_huge_pages_mib_after_build": None if huge_kib is None else round(huge_kib / 1024),
         },
-        "peak_fp32_matmul_gflops": {
+        f"peak_{args.precision}_matmul_gflops": {
             "median": round(peak_gflops, 1),
             "min": round(min(peaks), 1),
             "max": round(max(peaks), 1),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import pydoc_data.topics
@@ -37,7 +36,17 @@ from typing import Any
 
 import torch
 
-from bench.engine import FULL, QUICK, Shape, fused_adamw, our_spec, training_flops_per_token
+from bench.engine import (
+    FULL,
+    QUICK,
+    Shape,
+    add_thp_option,
+    ask_for_huge_pages,
+    fused_adamw,
+    measure_matmul_peak,
+    our_spec,
+    training_flops_per_token,
+)
 from workers.engine import model as model_module
 from workers.engine.allocator import keep_freed_memory
 from workers.engine.data import prepare
@@ -55,19 +64,6 @@ STEP_VARIANTS: dict[str, tuple[torch.dtype | None, int]] = {
     "bf16": (torch.bfloat16, model_module.CPU_LOW_PRECISION_GROUP_ROWS),
     "bf16_unpadded": (torch.bfloat16, 1),
 }
-
-
-def matmul_rate(dtype: torch.dtype, size: int, reps: int) -> float:
-    """Best rate (GFLOP/s) of ``reps`` square ``size`` matmuls in ``dtype``, now, on this process' threads."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    out = torch.empty(size, size, dtype=dtype)
-    torch.mm(a, b, out=out)  # oneDNN builds its bf16 kernel on the first call
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 @contextlib.contextmanager
@@ -115,7 +111,7 @@ def step_section(shape: Shape, experts: int, rounds: int, warmup: int, peak_size
     for r in range(warmup + rounds):
         timed = r >= warmup
         for precision, dtype in DTYPES.items():
-            rate = matmul_rate(dtype, peak_size, 5)
+            rate = measure_matmul_peak(peak_size, 5, dtype)
             if timed:
                 rates[precision].append(rate)
         shift = r % len(names)  # rotate the order: no variant always follows the same neighbour
@@ -232,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="timed step rounds (default 9, quick 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--no-tiny-demo", action="store_true", help="skip the tiny demo's training runs")
+    add_thp_option(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as bench.engine: for every variant alike
+    ask_for_huge_pages(args)  # as bench.engine: for every variant alike
     torch.set_num_threads(args.threads)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 9)
     started = time.perf_counter()
@@ -251,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
         "cpu_bf16_units": list(cpu_bf16_units()),
         "torch": torch.__version__,
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "seconds": round(time.perf_counter() - started, 1),
         "step": step,
         "tiny_demo": demo,

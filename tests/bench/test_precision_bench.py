@@ -4,6 +4,7 @@ figure the issue asks for."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -12,11 +13,16 @@ from workers.engine import model as model_module
 
 
 @pytest.mark.usefixtures("torch_threads_restored")
-def test_precision_bench_quick_reports_speed_and_validation_loss(capsys: pytest.CaptureFixture[str]) -> None:
+def test_precision_bench_quick_reports_speed_and_validation_loss(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     padding = model_module.CPU_LOW_PRECISION_GROUP_ROWS
-    assert precision.main(["--quick", "--rounds", "1", "--threads", "1"]) == 0
+    assert precision.main(["--quick", "--rounds", "1", "--threads", "1", "--no-thp"]) == 0
     assert padding == model_module.CPU_LOW_PRECISION_GROUP_ROWS  # the unpadded variant restored it
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ  # --no-thp: torch was not asked for huge pages
     report = json.loads(capsys.readouterr().out)
+    assert report["THP_MEM_ALLOC_ENABLE"] is None
     step = report["step"]
     assert set(step["variants"]) == {"fp32", "bf16", "bf16_unpadded"}
     assert all(v["tokens_per_s"] > 0 for v in step["variants"].values())
