@@ -87,6 +87,8 @@ bench: install frontend
 	$(PY) -m bench.engine
 	@# The second harness of the engine's 1.15x target: every model rebuilt before its timed step, THP allocation off.
 	$(PY) -m bench.engine --fresh --no-thp --no-deepseek
+	@# Both again in bf16 autocast (every model alike; the engine's training.precision bf16 on this CPU).
+	$(PY) -m bench.engine --precision bf16 --no-deepseek
 	@# training.compile: compile seconds (cold, warm cache) and eager vs compiled steps of the CPU templates.
 	$(PY) -m bench.compile
 	@# bf16 autocast against fp32 on this CPU: matmul rates, steps, the tiny demo's validation loss after 700 steps.
