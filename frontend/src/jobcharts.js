@@ -362,24 +362,38 @@ export function balancingSettling({ experts, step }, moe = null) {
   return step < balancingSettleSteps(moe, experts);
 }
 
+// A job in one of these states trains no more steps (builder/jobs/models.py TERMINAL_STATES; a preempted job
+// resumes): its dashboard states what the run ended with, not what balancing may still do.
+export const ENDED_STATES = new Set(["succeeded", "failed", "cancelled"]);
+
 const LISTED = 8; // experts named in an alert; the rest are counted
 
+// The experts under the dead share, by layer and then expert as the heatmap shows them (the store's names sort
+// E10 before E2): their count and a list naming the first LISTED ("L0 E6, L0 E7 and 2 more").
+function underShare(cells, experts) {
+  const uniform = 1 / experts;
+  const dead = cells.filter((c) => isDead(c, uniform)).sort((a, b) => a.layer - b.layer || a.expert - b.expert);
+  const named = dead.slice(0, LISTED).map((c) => `L${c.layer} E${c.expert}`).join(", ");
+  return { count: dead.length, list: dead.length > LISTED ? `${named} and ${dead.length - LISTED} more` : named };
+}
+
 // `totalSteps`: the run's max_steps, when the page knows it: a run shorter than balancing's settle steps is told
-// so, instead of being promised a step it never reaches.
-export function expertAlerts({ cells, layers, experts, step }, moe = null, totalSteps = null) {
+// so, instead of being promised a step it never reaches. `ended`: the job trains no more steps (ENDED_STATES):
+// idle experts are then what the run ended with, and nothing is promised of balancing.
+export function expertAlerts({ cells, layers, experts, step }, moe = null, totalSteps = null, ended = false) {
   if (!experts) return [];
   const uniform = 1 / experts;
-  // By layer, then expert, as the heatmap shows them (the store's names sort E10 before E2).
-  const dead = cells.filter((c) => isDead(c, uniform)).sort((a, b) => a.layer - b.layer || a.expert - b.expert);
+  const dead = underShare(cells, experts);
   const alerts = [];
-  if (dead.length) {
-    const named = dead.slice(0, LISTED).map((c) => `L${c.layer} E${c.expert}`).join(", ");
-    const list = dead.length > LISTED ? `${named} and ${dead.length - LISTED} more` : named;
+  if (dead.count) {
     const settle = balancingSettleSteps(moe, experts);
     const early = step < settle;
     const why = "Early in a run tokens look alike and choose the same experts";
+    const short = totalSteps && totalSteps < settle;
     let advice = deadExpertAdvice(moe);
-    if (early && totalSteps && totalSteps < settle) {
+    if (early && ended) {
+      advice = `${why}; the run ended with them idle at step ${step}, before aux-free balancing evened this out (it needs about ${settle} steps${short ? `, more than this run's ${totalSteps}: for a run this short raise model.moe.bias_update_speed (now ${moe.bias_update_speed})` : ""}).`;
+    } else if (early && short) {
       advice = `${why}; aux-free balancing needs about ${settle} steps to even this out, more than this run's ${totalSteps}: for a run this short raise model.moe.bias_update_speed (now ${moe.bias_update_speed}).`;
     } else if (early) {
       advice = `${why}; aux-free balancing has until step ${settle} to even this out before it counts as dead.`;
@@ -387,7 +401,7 @@ export function expertAlerts({ cells, layers, experts, step }, moe = null, total
     alerts.push({
       level: early ? "warn" : "fail",
       kind: "dead",
-      text: `${dead.length} ${early ? "idle" : "dead"} expert${dead.length > 1 ? "s" : ""} (under ${DEAD_SHARE * 100}% of the uniform share over the last ${WINDOW} logged steps): ${list}. ${advice}`,
+      text: `${dead.count} ${early ? "idle" : "dead"} expert${dead.count > 1 ? "s" : ""} (under ${DEAD_SHARE * 100}% of the uniform share over the last ${WINDOW} logged steps): ${dead.list}. ${advice}`,
     });
   }
   const worst = [];
@@ -435,10 +449,12 @@ export class ExpertHeatmap {
   }
 
   // `moe`: the run's model.moe settings, for telling idle experts (amber, balancing still settling) from dead ones;
+  // `ended`: the job trains no more steps (ENDED_STATES), so the caption says what the run ended with. Both are
   // kept for the redraws on resize, which pass only the matrix.
-  draw(matrix, moe = this.moe) {
+  draw(matrix, moe = this.moe, ended = this.ended) {
     this.matrix = matrix;
     this.moe = moe;
+    this.ended = ended;
     this.settling = balancingSettling(matrix, moe);
     const { cells, layers, experts } = matrix;
     const canvas = this.canvas;
@@ -492,8 +508,19 @@ export class ExpertHeatmap {
       const uniform = 1 / experts;
       this.tip.textContent = `Layer ${cell.layer} · expert ${cell.expert}: ${(cell.load * 100).toFixed(1)}% of the layer's routed assignments (${(cell.load / uniform).toFixed(2)}× uniform), mean of the last ${WINDOW} logged steps.`;
     } else {
-      this.tip.textContent = `${layers.length} MoE layer${layers.length === 1 ? "" : "s"} × ${experts} routed experts at step ${step}; uniform share ${(100 / experts).toFixed(1)}%. Hover a cell for its load; ${this.settling ? "amber outlines mark idle experts (balancing is still settling)" : "red outlines mark dead experts"}.`;
+      this.tip.textContent = `${layers.length} MoE layer${layers.length === 1 ? "" : "s"} × ${experts} routed experts at step ${step}; uniform share ${(100 / experts).toFixed(1)}%. Hover a cell for its load; ${this._outlines()}.`;
     }
+  }
+
+  // What the outlines mean. A finished run's caption states how it ended: balancing settles no further there.
+  _outlines() {
+    if (!this.settling) return "red outlines mark dead experts";
+    if (!this.ended) return "amber outlines mark idle experts (balancing is still settling)";
+    const { cells, experts, step } = this.matrix;
+    const idle = underShare(cells, experts);
+    const settle = `aux-free balancing needs about ${balancingSettleSteps(this.moe, experts)} steps to even the load out`;
+    if (!idle.count) return `the run ended with no idle expert at step ${step} (${settle})`;
+    return `the run ended with ${idle.count} expert${idle.count > 1 ? "s" : ""} idle at step ${step}, outlined amber: ${idle.list} (${settle})`;
   }
 
   _hover(event) {

@@ -13,7 +13,7 @@
 import "./jobs.css";
 import { csrfToken, fmtBytes, wsUrl } from "./common.js";
 import {
-  BYTE_INCREMENTS, COLORS, ExpertHeatmap, LineChart, MetricStore, align, expertAlerts, expertMatrix,
+  BYTE_INCREMENTS, COLORS, ENDED_STATES, ExpertHeatmap, LineChart, MetricStore, align, expertAlerts, expertMatrix,
   fmtDuration, fmtLr, fmtNumber, smooth,
 } from "./jobcharts.js";
 
@@ -387,9 +387,10 @@ class Dashboard {
     this.loss.update();
     for (const c of this.others) c.update();
     const matrix = expertMatrix(this.store);
-    this.heatmap.draw(matrix, this.moe);
+    const ended = ENDED_STATES.has(this.job.state);
+    this.heatmap.draw(matrix, this.moe, ended);
     this.field("heatmap-step").textContent = matrix.experts ? `step ${matrix.step} · mean of the last 10 logged steps` : "";
-    this._renderAlerts(expertAlerts(matrix, this.moe, this.job.total_steps || null));
+    this._renderAlerts(expertAlerts(matrix, this.moe, this.job.total_steps || null, ended));
     this._renderEvents();
     this._renderLog();
     this.root.dataset.lossPoints = String(this.store.count("loss"));

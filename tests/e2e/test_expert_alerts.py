@@ -75,8 +75,8 @@ def test_idle_experts_are_a_warning_while_balancing_settles_and_a_failure_after(
 
 
 # ``count`` logged steps ending at step ``last`` of one MoE layer of ``experts`` experts, of which ``idle`` (the
-# highest-numbered) get nothing; alerts for a run of ``total`` steps (null: not known).
-IDLE_TAIL = """({ experts, idle, last, total }) => {
+# highest-numbered) get nothing; alerts for a run of ``total`` steps (null: not known) that has ``ended`` or not.
+IDLE_TAIL = """({ experts, idle, last, total, ended = false }) => {
   const store = new jobcharts.MetricStore();
   for (let step = last - jobcharts.WINDOW + 1; step <= last; step++) {
     for (let e = 0; e < experts; e++) {
@@ -84,7 +84,7 @@ IDLE_TAIL = """({ experts, idle, last, total }) => {
     }
   }
   const moe = { balancing: "aux_free", bias_update_speed: 0.001 };
-  return jobcharts.expertAlerts(jobcharts.expertMatrix(store), moe, total).filter((a) => a.kind === "dead");
+  return jobcharts.expertAlerts(jobcharts.expertMatrix(store), moe, total, ended).filter((a) => a.kind === "dead");
 }"""
 
 
@@ -107,7 +107,20 @@ def test_a_run_shorter_than_balancing_needs_is_not_promised_a_step_it_never_reac
     assert long["level"] == "warn" and "has until step 250 to even this out" in long["text"]
 
 
-HEATMAP = """async ({ last }) => {
+def test_a_finished_run_is_told_how_it_ended_not_what_balancing_may_still_do(charts: Any) -> None:
+    """Seen on a cancelled job's dashboard: idle experts at its last step were promised "until step 250"."""
+    [cancelled] = charts.evaluate(IDLE_TAIL, {"experts": 4, "idle": 1, "last": 30, "total": 1000, "ended": True})
+    assert cancelled["level"] == "warn" and "L0 E3" in cancelled["text"]
+    assert "until step" not in cancelled["text"] and "bias_update_speed" not in cancelled["text"]
+    assert "the run ended with them idle at step 30, before aux-free balancing evened this out" in cancelled["text"]
+    assert "(it needs about 250 steps)." in cancelled["text"]
+    # A finished run that was shorter than balancing needs is still told what to raise for the next one.
+    [short] = charts.evaluate(IDLE_TAIL, {"experts": 4, "idle": 1, "last": 30, "total": 30, "ended": True})
+    assert "the run ended with them idle at step 30" in short["text"]
+    assert "more than this run's 30: for a run this short raise model.moe.bias_update_speed" in short["text"]
+
+
+HEATMAP = """async ({ last, ended = false }) => {
   document.body.innerHTML = '<div style="width: 600px"><canvas></canvas></div><p></p>';
   const store = new jobcharts.MetricStore();
   for (let step = last - jobcharts.WINDOW + 1; step <= last; step++) {
@@ -115,7 +128,7 @@ HEATMAP = """async ({ last }) => {
   }
   const canvas = document.querySelector("canvas");
   const heatmap = new jobcharts.ExpertHeatmap(canvas, { tip: document.querySelector("p") });
-  heatmap.draw(jobcharts.expertMatrix(store), { balancing: "aux_free", bias_update_speed: 0.001 });
+  heatmap.draw(jobcharts.expertMatrix(store), { balancing: "aux_free", bias_update_speed: 0.001 }, ended);
   // The page redraws on resize with the matrix alone (seen: red outlines again on a finished job's dashboard).
   const drawn = heatmap.layout;
   canvas.parentElement.style.width = "500px";
@@ -138,4 +151,19 @@ def test_the_heatmap_outlines_idle_experts_amber_and_dead_ones_red(charts: Any) 
     assert idle["redrawn"], "the resize did not redraw the heatmap"
     assert idle["outline"] == idle["idle"] and "amber outlines mark idle experts" in idle["tip"]
     dead = charts.evaluate(HEATMAP, {"last": 300})
+    assert dead["outline"] == dead["dead"] and "red outlines mark dead experts" in dead["tip"]
+
+
+def test_a_finished_runs_heatmap_says_which_experts_it_ended_with_idle(charts: Any) -> None:
+    """Seen on a finished 30-step job's dashboard: the caption said balancing "is still settling"; the run trains
+    no more steps, so it states which experts ended idle (also after a resize redraw, which passes no state)."""
+    ended = charts.evaluate(HEATMAP, {"last": 30, "ended": True})
+    assert ended["redrawn"] and ended["outline"] == ended["idle"]
+    assert "settling" not in ended["tip"]
+    assert ended["tip"].endswith(
+        "the run ended with 1 expert idle at step 30, outlined amber: L0 E3 (aux-free balancing needs about 250"
+        " steps to even the load out)."
+    )
+    # Dead experts read the same whether or not the run has ended.
+    dead = charts.evaluate(HEATMAP, {"last": 300, "ended": True})
     assert dead["outline"] == dead["dead"] and "red outlines mark dead experts" in dead["tip"]

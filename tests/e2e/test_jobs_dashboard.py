@@ -205,3 +205,43 @@ def test_the_dashboard_plots_the_multi_token_prediction_loss(
     page.goto(f"{stack.base_url}/jobs/{other.pk}/")
     page.wait_for_selector("[data-testid=loss-chart]")
     assert page.locator("[data-testid=mtp-loss-chart]").count() == 0
+
+
+def test_a_finished_jobs_heatmap_and_alert_say_how_the_run_ended(
+    stack: Stack, page: Any, alice: Any, artifacts: Path
+) -> None:
+    """Seen on a finished job's dashboard: the heatmap's caption said balancing "is still settling" and the alert
+    promised it "until step 250" on a run that trains no more steps. A job cancelled at step 30 of 1000 (4 experts
+    at the default aux-free speed 0.001 settle by step 250) with expert 3 of both layers idle over its last logged
+    steps is told which experts it ended with idle."""
+    version = saved_config(alice, "Tiny MoE, cancelled early", max_steps=1000)
+    job = Job.objects.create(
+        owner=alice, name="cancelled early", config_version=version, spec=version.spec, state="cancelled",
+        total_steps=1000, step=30,
+    )  # fmt: skip
+    points = [(step, "loss", 5.0 - step / 100) for step in range(1, 31)]
+    points += [
+        (step, f"expert_load/L{layer}/E{expert}", 0.0 if expert == 3 else 1 / 3)
+        for step in range(21, 31)
+        for layer in (0, 1)
+        for expert in range(4)
+    ]
+    MetricPoint.objects.bulk_create(
+        MetricPoint(job=job, seq=seq, step=step, name=name, value=value)
+        for seq, (step, name, value) in enumerate(points, start=1)
+    )
+    Job.objects.filter(pk=job.pk).update(metric_seq=len(points))
+    sign_in(page, stack.base_url, alice)
+    page.goto(f"{stack.base_url}/jobs/{job.pk}/")
+    page.wait_for_function("() => Number(document.querySelector('[data-heatmap]').dataset.rendered) === 8")
+    tip = page.locator("[data-heatmap-tip]").inner_text()
+    assert "settling" not in tip
+    assert tip.endswith(
+        "the run ended with 2 experts idle at step 30, outlined amber: L0 E3, L1 E3 (aux-free balancing needs"
+        " about 250 steps to even the load out)."
+    )
+    alert = page.locator("[data-alert=dead]").inner_text()
+    assert alert.startswith("2 idle experts") and "until step" not in alert
+    assert "the run ended with them idle at step 30, before aux-free balancing evened this out" in alert
+    page.locator("[data-heatmap]").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "jobs-dashboard-finished-idle-experts.png"), full_page=True)
