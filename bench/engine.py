@@ -381,18 +381,30 @@ def _components_entry(
     return out
 
 
-def measure_matmul_peak(size: int, reps: int, dtype: torch.dtype = torch.float32) -> float:
-    """Best matmul rate (GFLOP/s) of ``reps`` square ``size`` products in ``dtype``, now, on this process' threads.
+def measure_matmul_peak(size: int, reps: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    """Best matmul rate (GFLOP/s) of ``reps`` square ``size`` products in ``dtype`` on ``device``, now (on a CPU, on
+    this process' threads).
 
-    One untimed product first: oneDNN builds its kernel for a shape and dtype on the first call (bf16's notably).
+    One untimed product first: oneDNN builds its kernel for a shape and dtype on the first call (bf16's notably), and
+    CUDA loads cuBLAS and picks its kernel. On CUDA a launch returns before the product is done, so the device is
+    synchronised before each clock read: the time is the product's, not its launch's.
     """
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    out = torch.empty(size, size, dtype=dtype)
+    cuda = torch.device(device).type == "cuda"
+
+    def finished() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    out = torch.empty(size, size, dtype=dtype, device=device)
     torch.mm(a, b, out=out)
+    finished()
     best = math.inf
     for _ in range(reps):
         start = time.perf_counter()
         torch.mm(a, b, out=out)
+        finished()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
