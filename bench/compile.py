@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.engine import FULL, QUICK, Runner, _seeded_build, our_spec
+from bench.engine import FULL, QUICK, Runner, _seeded_build, cpu_device_label, our_spec
 from workers.engine.model import MoETransformer, build_model, compile_for_training
 from workers.engine.spec import Spec
 
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "bench": "engine_compile",
         "quick": args.quick,
-        "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "device": cpu_device_label(args.threads),
         "torch": torch.__version__,
         "rounds": rounds,
         "steps_per_round": steps,

@@ -381,6 +381,12 @@ def _components_entry(
     return out
 
 
+def cpu_device_label(threads: int) -> str:
+    """The ``device`` every CPU bench report states: ``cpu (<processor>), <threads> threads``, the processor's name
+    where the OS gives one (``platform.processor()``), else the machine's architecture (``x86_64``)."""
+    return f"cpu ({platform.processor() or platform.machine()}), {threads} threads"
+
+
 def measure_matmul_peak(size: int, reps: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
     """Best matmul rate (GFLOP/s) of ``reps`` square ``size`` products in ``dtype`` on ``device``, now (on a CPU, on
     this process' threads).
@@ -799,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     # alike, so the figures are the engine's, not glibc's unmapping and re-faulting of large buffers.
     keep = contextlib.nullcontext(False) if args.no_keep_freed else keep_freed_memory()
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len), generator=torch.Generator().manual_seed(0))
-    device = f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads"
+    device = cpu_device_label(args.threads)
     # budget, calibration and chunk steps (and the corpus cut for --quick)
     wall_time_args = (40, 10, 15, 40) if args.quick else (700, 30, 50, None)
     if args.wall_time_only:

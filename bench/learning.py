@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench.engine import _step_seconds, _variant, train_same_wall_time, write_demo_corpus
+from bench.engine import _step_seconds, _variant, cpu_device_label, train_same_wall_time, write_demo_corpus
 from workers.engine.data import prepare
 from workers.engine.estimate import parameter_breakdown
 from workers.engine.sinks import MemorySink
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "bench": "learning_per_second",
         "quick": args.quick,
-        "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "device": cpu_device_label(args.threads),
         "torch": torch.__version__,
         **result,
         "notes": NOTES,

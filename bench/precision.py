@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import pydoc_data.topics
 import statistics
 import sys
@@ -42,6 +41,7 @@ from bench.engine import (
     Shape,
     add_thp_option,
     ask_for_huge_pages,
+    cpu_device_label,
     fused_adamw,
     measure_matmul_peak,
     our_spec,
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "precision_bf16_vs_fp32_cpu",
         "quick": args.quick,
-        "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
+        "device": cpu_device_label(args.threads),
         "cpu_bf16_units": list(cpu_bf16_units()),
         "torch": torch.__version__,
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),

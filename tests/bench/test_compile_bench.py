@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import compile as compile_bench
+from bench.engine import cpu_device_label
 
 
 @pytest.fixture
@@ -37,3 +38,4 @@ def test_bench_quick_compiles_and_times_eager_against_compiled(capsys: pytest.Ca
         compiled["step_ms_median"] / case["eager"]["step_ms_median"], rel=0.01
     )
     assert len(report["load_average_before"]) == 3
+    assert report["device"] == cpu_device_label(1)

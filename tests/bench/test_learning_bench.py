@@ -9,6 +9,7 @@ import math
 import pytest
 
 from bench import learning
+from bench.engine import cpu_device_label
 
 
 @pytest.mark.usefixtures("torch_threads_restored")
@@ -17,6 +18,7 @@ def test_the_moe_and_its_dense_twin_train_for_the_same_time_and_report_loss_curv
 ) -> None:
     assert learning.main(["--quick", "--threads", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["device"] == cpu_device_label(1)
     models = report["models"]
     assert set(models) == {"moe", "dense"}
     shape = report["shape"]

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from bench import precision
+from bench.engine import cpu_device_label
 from workers.engine import model as model_module
 
 
@@ -23,6 +24,7 @@ def test_precision_bench_quick_reports_speed_and_validation_loss(
     assert "THP_MEM_ALLOC_ENABLE" not in os.environ  # --no-thp: torch was not asked for huge pages
     report = json.loads(capsys.readouterr().out)
     assert report["THP_MEM_ALLOC_ENABLE"] is None
+    assert report["device"] == cpu_device_label(1)
     step = report["step"]
     assert set(step["variants"]) == {"fp32", "bf16", "bf16_unpadded"}
     assert all(v["tokens_per_s"] > 0 for v in step["variants"].values())
