@@ -39,10 +39,21 @@ class CurrentJobSerializer(serializers.Serializer[dict[str, Any]]):
     url = serializers.CharField(required=False)
 
 
+class QueueClassSerializer(serializers.Serializer[dict[str, Any]]):
+    queue = serializers.CharField(help_text="A queue the worker consumes.")
+    device_type = serializers.ChoiceField(
+        choices=["cuda", "cpu", "none"], help_text="What its hardware class trains on; none: no class is named so."
+    )
+    devices = serializers.CharField(help_text="'on CPU', 'on 8 × NVIDIA A100 80 GB' or 'not a hardware class'.")
+
+
 class WorkerSerializer(serializers.Serializer[dict[str, Any]]):
     name = serializers.CharField(help_text="Celery node name.")
     state = serializers.ChoiceField(choices=["live", "silent", "stopped"])
     queues = serializers.ListField(child=serializers.CharField())
+    classes = QueueClassSerializer(
+        many=True, help_text="Each queue with what its class trains on (a class named gpu may train on the CPU)."
+    )
     hardware = WorkerHardwareSerializer()
     hardware_text = serializers.CharField()
     mismatches = serializers.ListField(child=serializers.CharField())

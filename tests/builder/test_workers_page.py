@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -83,6 +84,33 @@ def test_alice_sees_her_job_on_its_worker_and_charlie_sees_only_that_it_is_busy(
     anonymous = Client()
     assert anonymous.get("/workers/").status_code == 302
     assert anonymous.get("/api/workers").status_code == 401
+
+
+@pytest.mark.django_db
+def test_each_queue_a_worker_consumes_says_what_its_class_trains_on(alice: Any, settings: Any) -> None:
+    """Seen on the workers page: a CPU-only worker listed "gpu" with nothing else (the default class is named gpu and
+    trains on the CPU). Each queue now says what it trains on, for CPU and CUDA classes alike."""
+    settings.QUEUE_HARDWARE = {"gpu": "cpu", "gpu.a100x8": "a100-80gb:8", "cpu": "cpu"}
+    _worker("worker@cpu-only", CPU, ["cpu", "gpu"])
+    _worker("a100@host-b", A100, ["gpu.a100x8"])
+    _worker("odd@host-c", CPU, ["celery"])
+    page = signed_in(alice).get("/workers/").content.decode()
+    cells = {
+        name: " ".join(re.sub(r"<[^>]+>", " ", cell).split())
+        for name, cell in re.findall(r'<tr data-worker="([^"]+)">.*?<td data-cell="queues">(.*?)</td>', page, re.S)
+    }
+    assert cells == {
+        "worker@cpu-only": "cpu on CPU gpu on CPU",
+        "a100@host-b": "gpu.a100x8 on 8 × NVIDIA A100 80 GB",
+        "odd@host-c": "celery not a hardware class",
+    }
+    assert '<div data-queue="gpu" data-device-type="cpu">' in page
+    rows = {row["name"]: row for row in signed_in(alice).get("/api/workers").json()}
+    assert rows["worker@cpu-only"]["queues"] == ["cpu", "gpu"]
+    assert rows["worker@cpu-only"]["classes"][1] == {"queue": "gpu", "device_type": "cpu", "devices": "on CPU"}
+    assert rows["a100@host-b"]["classes"] == [
+        {"queue": "gpu.a100x8", "device_type": "cuda", "devices": "on 8 × NVIDIA A100 80 GB"}
+    ]
 
 
 @pytest.mark.django_db

@@ -30,6 +30,8 @@ def test_the_workers_page_is_live(stack: Stack, page: Any, alice: Any, artifacts
     units = found.get("bf16_units") or []
     assert (f"bf16 ({', '.join(units)})" in hardware_cell) if units else ("bf16" not in hardware_cell), hardware_cell
     assert session_row.locator("[data-cell=job]").inner_text() == "idle"
+    # Its queues with what their classes train on: with no QUEUE_HARDWARE the default class gpu is the CPU's too.
+    assert session_row.locator("[data-cell=queues]").inner_text().splitlines() == ["cpu on CPU", "gpu on CPU"]
 
     # A worker of an 8-GPU class starts training alice's job: the page shows it without a reload.
     busy = _worker("a100@gpu-host-7", A100, ["gpu.a100x8"])
