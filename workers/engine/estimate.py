@@ -240,11 +240,11 @@ def _act_bytes(precision: str) -> int:
 def _norm_saved(m: ModelSpec) -> int:
     """fp32 elements per token a normalisation saves, its output included (read by the next matmul).
 
-    RMSNorm (decomposed on CPU): input, normalised input, rstd and the weighted output; LayerNorm: input,
-    mean and rstd and the output.
+    RMSNorm (``workers.engine.kernels.rms_norm``): input, rstd and the output; LayerNorm: input, mean and rstd
+    and the output.
     """
     C = m.hidden_size
-    return 3 * C + 1 if m.norm == "rmsnorm" else 2 * C + 2
+    return 2 * C + 1 if m.norm == "rmsnorm" else 2 * C + 2
 
 
 def _ffn_saved(activation: str, hidden: int) -> int:
@@ -279,7 +279,9 @@ def activation_bytes_per_token(spec: Spec, precision: str | None = None) -> Acti
     cast_copy = low if low != _FP32 else 0  # autocast saves a low-precision copy of a fp32 matmul input
     C, H, KV, D = m.hidden_size, m.num_heads, m.kv_heads, m.head_dim
     T = spec.data.seq_len
-    mask = 1 if m.dropout > 0 else 0  # a dropout keeps a one-byte mask per element
+    # A dropout keeps its mask: CUDA's fused kernel one byte per element, the CPU's the scaled noise in the
+    # input's dtype (fp32 on the residual stream). The estimate takes the larger.
+    mask = _FP32 if m.dropout > 0 else 0
 
     if m.attention == "mla":
         attention = _FP32 * _norm_saved(m) + H * _FP32 + mask * C + _latent_attention_saved(m, low, cast_copy)

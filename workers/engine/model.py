@@ -78,7 +78,9 @@ from workers.engine.kernels import (
     count_per_expert,
     grouped_matmul,
     linear_cross_entropy,
+    rms_norm,
     rope_tables,
+    rotary_heads,
 )
 from workers.engine.spec import ModelSpec, MoESpec, Spec
 
@@ -106,9 +108,19 @@ class ModelOutput:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (the same parameter and state dict) computed by ``kernels.rms_norm``: fewer passes on
+    fp32 inputs, PyTorch's own otherwise."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight is None:
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+
+
 def _make_norm(spec: ModelSpec) -> nn.Module:
     if spec.norm == "rmsnorm":
-        return nn.RMSNorm(spec.hidden_size, eps=spec.norm_eps)
+        return RMSNorm(spec.hidden_size, eps=spec.norm_eps)
     return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
 
 
@@ -195,11 +207,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qk, v = self.qkv(x).split([(H + KV) * D, KV * D], dim=-1)  # (B, T, (H+KV)*D), (B, T, KV*D)
-        qk = apply_rope(qk.view(B, T, H + KV, D), cos, sin)  # one rotation for queries and keys
-        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
-        k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
-        v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        q, k, v = rotary_heads(self.qkv(x), cos, sin, H, KV)  # (B, H, T, D), (B, KV, T, D) twice
         if cache is not None:
             _check_cache_step(cache, T)
             k, v = cache.append(k, v)  # (B, KV, T_total, D)
