@@ -12,7 +12,7 @@ from torch import Tensor
 
 from workers.engine import kernels
 from workers.engine.generation import generate
-from workers.engine.kernels import grouped_matmul, linear_cross_entropy, rms_norm, rope_tables, rotary_heads
+from workers.engine.kernels import grouped_matmul, linear_cross_entropy, rms_norm
 from workers.engine.model import Attention, MoEFeedForward, MoETransformer, build_model
 from workers.engine.spec import Spec
 
@@ -172,43 +172,6 @@ def test_grouped_matmul_matches_per_group_products(rows: list[int], width: int) 
     torch.testing.assert_close(out, want)
     g = torch.randn_like(want)
     torch.testing.assert_close(torch.autograd.grad(out, [x, w], g), torch.autograd.grad(want, [x, w], g))
-
-
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (2, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_heads_match_split_rotate_and_transpose(heads: int, kv_heads: int, dtype: torch.dtype) -> None:
-    """The fused split + rotation gives what the plain composition gives, values and the qkv gradient, also for
-    a bf16 projection (autocast's) rotated by fp32 tables."""
-    torch.manual_seed(2)
-    B, T, D = 2, 5, 8
-    cos, sin = rope_tables(D, T, 10000.0)  # (T, D/2)
-    qkv = torch.randn(B, T, (heads + 2 * kv_heads) * D, dtype=dtype, requires_grad=True)
-
-    def reference(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        qk, v = x.split([(heads + kv_heads) * D, kv_heads * D], dim=-1)
-        qk = qk.view(B, T, heads + kv_heads, D)
-        x1, x2 = qk[..., : D // 2], qk[..., D // 2 :]
-        c, s = cos[:, None, :], sin[:, None, :]
-        rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-        q, k = rotated[:, :, :heads], rotated[:, :, heads:]
-        return q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, kv_heads, D).transpose(1, 2)
-
-    got, want = rotary_heads(qkv, cos, sin, heads, kv_heads), reference(qkv)
-    grads = [torch.randn(w.shape) for w in want]
-    for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        torch.testing.assert_close(g, w)
-    (grad_got,) = torch.autograd.grad(got, qkv, grads)
-    # In fp32 exactly the composition's; a bf16 gradient is the fp32 one rounded once (autograd's composition
-    # rounds each of the rotation's two terms to bf16 before adding them).
-    exact = qkv.detach().float().requires_grad_()
-    (grad_want,) = torch.autograd.grad(reference(exact), exact, grads)
-    assert grad_got.dtype == dtype
-    torch.testing.assert_close(grad_got, grad_want.to(dtype))
-    # A gradient for the values only (queries and keys unused) still gives zeros in their part.
-    (only_v,) = torch.autograd.grad(rotary_heads(qkv, cos, sin, heads, kv_heads)[2], qkv, grads[2])
-    assert only_v[..., : (heads + kv_heads) * D].abs().sum() == 0
-    torch.testing.assert_close(only_v, torch.autograd.grad(want[2], qkv, grads[2])[0])
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 32), (5, 16)])
