@@ -746,7 +746,7 @@ _SHARED_EXPERT_OPS = 33  # its shared expert's part (9 + 24): a block without sh
 _DENSE_LAYER_OPS = 167  # a dense block (60 + 107): no router, no expert dispatch
 _MLA_EXTRA_OPS = 89  # multi-head latent attention over MHA (34 + 55): latent projections, norms, rotary split
 _PLAIN_ACTIVATION_OPS = -22  # GELU/ReLU over SwiGLU (-6 - 16), per block
-_LAYERNORM_OPS = -21  # per norm: LayerNorm is one kernel, RMSNorm is decomposed on CPU (-6 - 15)
+_LAYERNORM_OPS = -20  # per norm: LayerNorm is one kernel (1 + 5 calls), kernels.rms_norm 7 forward + 19 backward
 _SIGMOID_ROUTER_OPS = 10  # sigmoid scores with their normalisation, per MoE block
 _DROPOUT_OPS = 12  # per block with dropout (its masks forward, their products backward)
 # Embedding, final norm, output head and loss with one chunk of each (54 forward + 46 backward); the fused
