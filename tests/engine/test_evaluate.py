@@ -20,6 +20,8 @@ import torch
 
 from tests.engine.specs import merged, merged_spec
 from tests.engine.tiny import LETTERS, TINY, write_letters_corpus
+from workers.engine import allocator
+from workers.engine import evaluate as evaluate_module
 from workers.engine.checkpoint import CheckpointError
 from workers.engine.data import PreparedData, build_byte_tokenizer, eval_batches
 from workers.engine.evaluate import (
@@ -258,6 +260,27 @@ def test_evaluate_reports_the_mtp_loss_and_the_compressed_cache(tmp_path: Path) 
     # The latent (8) and the shared rotary key (4) per layer, instead of 2 x 2 heads x 16.
     assert report["kv_cache"] == {"attention": "mla", "bytes_per_token": 2 * 12 * 4, "bytes_per_token_mha": 512}
     assert all(s["output"] is not None for s in report["samples"])  # generation from the compressed cache
+
+
+def test_evaluate_runs_its_batches_with_freed_memory_kept(
+    causal_run: tuple[Path, Path, MemorySink, TrainResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validation forwards run inside ``allocator.keep_freed_memory`` (as training's do), and the block is
+    closed again when the report is done."""
+    run, _, _, result = causal_run
+    assert result.checkpoint is not None
+    depths: list[int] = []
+    real = evaluate_module.validation_metrics
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        depths.append(allocator._depth)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "validation_metrics", spy)
+    before = allocator._depth
+    applies = allocator._glibc() is not None  # off glibc (or ENGINE_KEEP_FREED_MEMORY=0) the block is a no-op
+    evaluate(result.checkpoint, run / "data", max_examples=8, prompts=0)
+    assert depths == [before + applies] and allocator._depth == before
 
 
 def test_routing_counts_agree_with_the_models_recorded_load(
