@@ -23,6 +23,7 @@ from builder.accounts.models import AuditAction
 from builder.core.errors import Refusal
 from builder.core.parsers import db_int
 from builder.core.ratelimit import retry_message
+from builder.fleet.registry import queue_classes
 from builder.jobs import history
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
 from builder.jobs.forms import LaunchForm
@@ -79,6 +80,8 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
             "summary": summary,
             "can_control": can_control(request.user, job),
             "dataset_visible": dataset_visible,
+            # What the queue's hardware class trains on: its name does not say (the default class "gpu" is a CPU).
+            "queue_class": queue_classes([job.queue])[0],
             "spec_json": json.dumps(job.spec, indent=2),
             "dashboard": {
                 "job": summary,

@@ -87,6 +87,23 @@ def test_the_dashboard_is_the_owners_and_the_shared_users_only(alice: Any, bob: 
     assert signed_in(alice).get("/jobs/999999/").status_code == 404
 
 
+def test_the_dashboard_says_what_the_jobs_queue_trains_on(alice: Any, settings: Any) -> None:
+    """The header names the queue's devices and the memory chart the figure it plots: a queue's name does not say
+    (the default class is called gpu and trains on the CPU; a CUDA class may have any name)."""
+    settings.QUEUE_HARDWARE = {"gpu": "cpu", "big.a100x8": "a100-80gb:8", "cpu": "cpu"}
+    job = job_with_points(alice, "where", [3.0])
+    for queue, devices, memory in [
+        ("gpu", "on CPU", "process RSS</span>"),
+        ("big.a100x8", "on 8 × NVIDIA A100", "CUDA peak</span>"),
+        ("retired", "not a hardware class", "CUDA peak, or process RSS on CPU</span>"),
+    ]:
+        Job.objects.filter(pk=job.pk).update(queue=queue)
+        html = signed_in(alice).get(f"/jobs/{job.pk}/").content.decode()
+        cell = re.search(r'data-field="queue-devices">([^<]*)<', html)
+        assert cell is not None and cell.group(1).startswith(devices), (queue, cell)
+        assert f'<span class="muted small">{memory}' in html, queue
+
+
 def test_the_overlay_plots_two_runs_and_refuses_what_it_cannot(alice: Any, charlie: Any) -> None:
     a = job_with_points(alice, "run-a", [3.0, 2.5, 2.0])
     b = job_with_points(alice, "run-b", [3.1, 2.9])
