@@ -128,3 +128,22 @@ def default_class() -> str:
     mapping: dict[str, str] = settings.QUEUE_HARDWARE
     preferred = getattr(settings, "JOBS_DEFAULT_QUEUE", "")
     return preferred if preferred in mapping else default_class_name(mapping)
+
+
+def queue_classes(queues: list[str]) -> list[dict[str, str]]:
+    """Each of ``queues`` with the devices its hardware class (``QUEUE_HARDWARE``) trains on, as the workers page
+    and a job's dashboard show them: ``{"queue": "gpu", "device_type": "cpu", "devices": "on CPU"}``. A queue's
+    name says nothing of its devices: with no setting the default class is called ``gpu`` and trains on the CPU,
+    so a CPU-only worker consumes a queue named gpu. A queue no class names has device_type ``none``."""
+    known = classes()
+    labelled = []
+    for name in queues:
+        wanted = known.get(name)
+        if wanted is None:
+            labelled.append({"queue": name, "device_type": "none", "devices": "not a hardware class"})
+        elif wanted.hardware.kind == "cpu":
+            labelled.append({"queue": name, "device_type": "cpu", "devices": "on CPU"})
+        else:
+            devices = f"on {wanted.devices} × {wanted.hardware.name}"
+            labelled.append({"queue": name, "device_type": "cuda", "devices": devices})
+    return labelled

@@ -184,25 +184,6 @@ def mismatches(queues: list[str], hardware: dict[str, Any]) -> list[str]:
     return problems
 
 
-def queue_classes(queues: list[str]) -> list[dict[str, str]]:
-    """Each queue a worker consumes with the devices its hardware class (``QUEUE_HARDWARE``) trains on, as the
-    workers page shows them: ``{"queue": "gpu", "device_type": "cpu", "devices": "on CPU"}``. A queue's name says
-    nothing of its devices: with no setting the default class is called ``gpu`` and trains on the CPU, so a
-    CPU-only worker consumes a queue named gpu. A queue no class names has device_type ``none``."""
-    classes = hardware_classes.classes()
-    labelled = []
-    for name in queues:
-        wanted = classes.get(name)
-        if wanted is None:
-            labelled.append({"queue": name, "device_type": "none", "devices": "not a hardware class"})
-        elif wanted.hardware.kind == "cpu":
-            labelled.append({"queue": name, "device_type": "cpu", "devices": "on CPU"})
-        else:
-            devices = f"on {wanted.devices} × {wanted.hardware.name}"
-            labelled.append({"queue": name, "device_type": "cuda", "devices": devices})
-    return labelled
-
-
 def _silent_after() -> timedelta:
     return timedelta(seconds=SILENT_AFTER_BEATS * settings.WORKER_HEARTBEAT_SECONDS)
 
@@ -251,7 +232,7 @@ def rows_for(user: Any) -> list[dict[str, Any]]:
                 "name": worker.name,
                 "state": _state(worker, now),
                 "queues": worker.queues,
-                "classes": queue_classes(worker.queues),
+                "classes": hardware_classes.queue_classes(worker.queues),
                 "hardware": worker.hardware,
                 "hardware_text": describe(worker.hardware),
                 "mismatches": mismatches(worker.queues, worker.hardware),

@@ -21,9 +21,9 @@ from pydantic import ValidationError
 from builder.accounts import audit
 from builder.accounts.models import AuditAction
 from builder.core.errors import Refusal
+from builder.core.hardware_classes import queue_classes
 from builder.core.parsers import db_int
 from builder.core.ratelimit import retry_message
-from builder.fleet.registry import queue_classes
 from builder.jobs import history
 from builder.jobs.access import can_control, get_visible_job, visible_jobs
 from builder.jobs.forms import LaunchForm
