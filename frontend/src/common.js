@@ -1,4 +1,7 @@
-// What every page module shares: the CSRF token, websocket URLs, byte sizes.
+// What every page module shares: the CSRF token, websocket URLs, byte sizes, a job's terminal states.
+
+// The states in which a job trains no more steps (builder/jobs/models.py TERMINAL_STATES; a preempted job resumes).
+export const JOB_TERMINAL_STATES = new Set(["succeeded", "failed", "cancelled"]);
 
 // The token Django's {% csrf_token %} put in the page (inside `root`), for the X-CSRFToken header; "" when none.
 export function csrfToken(root = document) {

@@ -362,10 +362,6 @@ export function balancingSettling({ experts, step }, moe = null) {
   return step < balancingSettleSteps(moe, experts);
 }
 
-// A job in one of these states trains no more steps (builder/jobs/models.py TERMINAL_STATES; a preempted job
-// resumes): its dashboard states what the run ended with, not what balancing may still do.
-export const ENDED_STATES = new Set(["succeeded", "failed", "cancelled"]);
-
 const LISTED = 8; // experts named in an alert; the rest are counted
 
 // The experts under the dead share, by layer and then expert as the heatmap shows them (the store's names sort
@@ -378,8 +374,8 @@ function underShare(cells, experts) {
 }
 
 // `totalSteps`: the run's max_steps, when the page knows it: a run shorter than balancing's settle steps is told
-// so, instead of being promised a step it never reaches. `ended`: the job trains no more steps (ENDED_STATES):
-// idle experts are then what the run ended with, and nothing is promised of balancing.
+// so, instead of being promised a step it never reaches. `ended`: the job trains no more steps (common.js
+// JOB_TERMINAL_STATES): idle experts are then what the run ended with, and nothing is promised of balancing.
 export function expertAlerts({ cells, layers, experts, step }, moe = null, totalSteps = null, ended = false) {
   if (!experts) return [];
   const uniform = 1 / experts;
@@ -449,8 +445,8 @@ export class ExpertHeatmap {
   }
 
   // `moe`: the run's model.moe settings, for telling idle experts (amber, balancing still settling) from dead ones;
-  // `ended`: the job trains no more steps (ENDED_STATES), so the caption says what the run ended with. Both are
-  // kept for the redraws on resize, which pass only the matrix.
+  // `ended`: the job trains no more steps (JOB_TERMINAL_STATES), so the caption says what the run ended with. Both
+  // are kept for the redraws on resize, which pass only the matrix.
   draw(matrix, moe = this.moe, ended = this.ended) {
     this.matrix = matrix;
     this.moe = moe;

@@ -11,9 +11,9 @@
 // Every message received is re-dispatched as a ``job:message`` DOM event on the dashboard element with the time
 // it arrived, so that tools (the latency benchmark) can observe the stream without patching the page.
 import "./jobs.css";
-import { csrfToken, fmtBytes, wsUrl } from "./common.js";
+import { JOB_TERMINAL_STATES, csrfToken, fmtBytes, wsUrl } from "./common.js";
 import {
-  BYTE_INCREMENTS, COLORS, ENDED_STATES, ExpertHeatmap, LineChart, MetricStore, align, expertAlerts, expertMatrix,
+  BYTE_INCREMENTS, COLORS, ExpertHeatmap, LineChart, MetricStore, align, expertAlerts, expertMatrix,
   fmtDuration, fmtLr, fmtNumber, smooth,
 } from "./jobcharts.js";
 
@@ -387,7 +387,7 @@ class Dashboard {
     this.loss.update();
     for (const c of this.others) c.update();
     const matrix = expertMatrix(this.store);
-    const ended = ENDED_STATES.has(this.job.state);
+    const ended = JOB_TERMINAL_STATES.has(this.job.state);
     this.heatmap.draw(matrix, this.moe, ended);
     this.field("heatmap-step").textContent = matrix.experts ? `step ${matrix.step} · mean of the last 10 logged steps` : "";
     this._renderAlerts(expertAlerts(matrix, this.moe, this.job.total_steps || null, ended));

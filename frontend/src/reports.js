@@ -6,9 +6,7 @@
 // ``done`` — or ``labels`` (``probabilities``) then ``done`` for a classifier. A bad field gets
 // ``{type: "error", field, message}``, shown next to that field; the socket stays open.
 import "./reports.css";
-import { wsUrl } from "./common.js";
-
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+import { JOB_TERMINAL_STATES, wsUrl } from "./common.js";
 
 class Playground {
   constructor(root) {
@@ -215,7 +213,7 @@ function watchJobReports(panel) {
   };
   const onState = async () => {
     const state = dashboard.dataset.state;
-    if (!TERMINAL.has(state)) { if (form) form.hidden = true; return; }
+    if (!JOB_TERMINAL_STATES.has(state)) { if (form) form.hidden = true; return; }
     const [reports, job] = await Promise.all([refresh(), fetchJson(panel.dataset.jobApi)]);
     const last = job ? job.last_checkpoint_step : null;
     if (form) form.hidden = last == null || reports.some((r) => r.checkpoint_step === last);
