@@ -141,9 +141,9 @@ def queue_classes(queues: list[str]) -> list[dict[str, str]]:
         wanted = known.get(name)
         if wanted is None:
             labelled.append({"queue": name, "device_type": "none", "devices": "not a hardware class"})
-        elif wanted.hardware.kind == "cpu":
-            labelled.append({"queue": name, "device_type": "cpu", "devices": "on CPU"})
-        else:
-            devices = f"on {wanted.devices} × {wanted.hardware.name}"
-            labelled.append({"queue": name, "device_type": "cuda", "devices": devices})
+            continue
+        info = wanted.as_dict()  # the device type as GET /api/hardware/classes states it
+        cpu = info["device_type"] == "cpu"
+        devices = "on CPU" if cpu else f"on {info['devices']} × {info['device_name']}"
+        labelled.append({"queue": name, "device_type": info["device_type"], "devices": devices})
     return labelled
