@@ -277,6 +277,9 @@ class MirroringSink:
             data = {**data, "stored_seconds": round(time.perf_counter() - began, 3)}
         self._sink.event(kind, data)
 
+    def flush(self) -> None:
+        self._sink.flush()
+
     def close(self) -> None:
         self._sink.close()
         if self._held():

@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, Max
 
 from builder.core.redaction import hide_server_paths
 from builder.jobs import lifecycle
 from builder.jobs.files import job_layout
 from builder.jobs.models import Job, MetricPoint
-from workers.engine.sinks import REPLAY_EVENTS, MetricsSink
+from workers.engine.sinks import REPLAY_EVENTS, MetricsSink, latest_points, read_jsonl
 
 
 def _upsert_sql() -> str:
@@ -56,7 +56,9 @@ class DatabaseStreamSink:
     after the step of the engine's ``resume`` event, or, when the run starts from scratch (its first call is a
     point, not a resume), from that point's step on. The engine's own resume step decides, not the database's
     ``last_checkpoint_step``: a checkpoint can reach the disk a moment before its event reaches the database,
-    and the points before it must not be dropped, since they will not be emitted again.
+    and the points before it must not be dropped, since they will not be emitted again. For the same reason a
+    ``resume`` stores the points before it that the database lacks from the run's JSON lines (``_recover_through``).
+    ``flush`` stores the buffered points: the engine calls it (through ``BackgroundSink``) before each checkpoint.
     """
 
     def __init__(self, lease: lifecycle.Lease, flush_interval: float = 1.0) -> None:
@@ -99,6 +101,35 @@ class DatabaseStreamSink:
             # record now, so a run that stops before reaching them again keeps no stale points.
             self._started = True
             self._truncate_after(event_step)
+            if kind == "resume" and not self.lost:
+                self._recover_through(event_step)
+
+    def _recover_through(self, step: int) -> None:
+        """Store the points of steps up to ``step`` (where this attempt resumes) that the database lacks, from the
+        run's JSON lines.
+
+        The engine emits only the steps after its resume point, so a step the database missed before it would be
+        missing for good. Its JSON lines hold every step up to any committed checkpoint: the 1-device path writes
+        them first and synchronously, and flushes the record before each commit (the engine's write-ahead
+        contract), so there this finds nothing; with several devices rank 0 writes them and this worker only
+        follows the file (``builder.jobs.multidevice``), so a worker killed while following loses the points
+        since the previous checkpoint event it recorded. Both a replayed step (a rollback) and an earlier attempt
+        appear in the file in order: the last line of a step is the one that counts (``latest_points``). Points
+        are stored with the same upsert, so a step already stored is rewritten with the same values."""
+        stored = MetricPoint.objects.filter(job_id=self.lease.job_id).aggregate(last=Max("step"))["last"] or 0
+        if stored >= step:
+            return
+        try:
+            records = read_jsonl(job_layout(self.lease.job_id).run.metrics)
+        except FileNotFoundError:
+            return
+        for point_step, metrics in sorted(latest_points(records).items()):
+            if stored <= point_step <= step:  # the stored last step too: its points may span two flushes
+                for name, value in metrics.items():
+                    number = float(value)  # non-finite values are the strings "nan"/"inf" in the file
+                    if math.isfinite(number):
+                        self._buffer.append((point_step, name, number))
+        self.flush()
 
     def _truncate_after(self, step: int) -> None:
         """Delete the points after ``step`` (fenced: only while this worker holds the lease)."""
@@ -165,7 +196,8 @@ class BackgroundSink:
     database far behind) they wait, so memory stays bounded and the record is never dropped. An event of a
     kind in ``wait_for`` (checkpoints) waits until it and everything before it went through ``sink`` (the
     database sink stores its buffered points before any event), so that the record holds every point up to
-    a checkpoint a crashed run may resume from. An exception
+    a checkpoint (the trainer's ``flush`` before committing one waits the same way, so the record already holds
+    them when the checkpoint appears on disk). An exception
     raised by ``sink`` is re-raised in the trainer's thread by the next call (or by ``close``), so a broken
     record still fails the run; calls after it are not made. ``close`` drains the queue, closes ``sink`` and
     waits for the thread (which closes its own database connection).
@@ -199,8 +231,17 @@ class BackgroundSink:
             return
         # A checkpoint is where a crashed run resumes: everything recorded before it must be stored before the
         # trainer goes on (the engine emits no step before its resume point again).
+        self._call_and_wait("event", (kind, copy.deepcopy(dict(data))))
+
+    def flush(self) -> None:
+        """Wait until every earlier call went through ``sink`` and ``sink.flush()`` returned: the trainer calls
+        this before committing a checkpoint (the engine's write-ahead contract, ``workers.engine.sinks``)."""
+        self._raise_pending()
+        self._call_and_wait("flush", ())
+
+    def _call_and_wait(self, method: str, args: tuple[Any, ...]) -> None:
         done = threading.Event()
-        self._queue.put(("event", (kind, copy.deepcopy(dict(data))), done))
+        self._queue.put((method, args, done))
         done.wait()
         self._raise_pending()
 

@@ -148,6 +148,43 @@ def test_a_claim_is_exclusive_and_a_stale_token_can_write_nothing(alice: Any) ->
     assert lifecycle.transition(job.pk, JobState.SUCCEEDED, token=second.token)
 
 
+def test_a_resumed_attempt_stores_the_points_the_lost_one_wrote_only_to_its_json_lines(alice: Any) -> None:
+    """With several devices rank 0 writes the JSON lines and the worker follows them; a worker killed while
+    following loses the points since the last checkpoint event it recorded, though the checkpoint after them may
+    be on disk. The next attempt resumes there and never emits them again: its resume event stores them from the
+    file, up to the resume step and no further."""
+    from builder.jobs.files import job_layout
+    from workers.engine.sinks import JsonlSink
+
+    job = make_job(alice)
+    first = lifecycle.claim(job.pk, "w1")
+    assert first is not None
+    record = DatabaseStreamSink(first, flush_interval=3600)
+    rank0 = JsonlSink(job_layout(job.pk).run.metrics)
+    for step in range(1, 36):
+        values = {"loss": float(step), "lr": 0.1}
+        rank0.emit(step, values)
+        if step <= 20:
+            record.emit(step, values)
+        if step == 28:  # a rollback to step 25 inside the lost attempt: the replayed steps are the ones that count
+            rank0.event("rollback", {"step": 25})
+            for replayed in range(26, 29):
+                rank0.emit(replayed, {"loss": 100.0 + replayed, "lr": 0.1})
+    rank0.emit(30, {"val_loss": float("nan")})  # non-finite: never stored (the stream cannot carry it)
+    rank0.close()
+    record.event("checkpoint", {"step": 20})
+    # The worker dies; its checkpoint of step 30 is on disk, the record heard of the one of step 20.
+    Job.objects.filter(pk=job.pk).update(state=JobState.QUEUED)
+    second = lifecycle.claim(job.pk, "w2")
+    assert second is not None and second.resume_from == 20
+    DatabaseStreamSink(second, flush_interval=3600).event("resume", {"step": 30})
+    loss = dict(MetricPoint.objects.filter(job=job, name="loss").values_list("step", "value"))
+    assert sorted(loss) == list(range(1, 31))
+    assert [loss[s] for s in (25, 26, 28, 29)] == [25.0, 126.0, 128.0, 29.0]
+    assert MetricPoint.objects.filter(job=job, name="lr").count() == 30
+    assert not MetricPoint.objects.filter(job=job, name="val_loss").exists()
+
+
 def test_an_attempt_that_starts_from_scratch_drops_the_earlier_points(alice: Any) -> None:
     job = make_job(alice)
     first = lifecycle.claim(job.pk, "w1")
@@ -164,6 +201,27 @@ def test_an_attempt_that_starts_from_scratch_drops_the_earlier_points(alice: Any
     fresh.emit(1, {"loss": 2.0})
     fresh.flush()
     assert list(MetricPoint.objects.filter(job=job).values_list("step", "value")) == [(1, 2.0)]
+
+
+@pytest.mark.django_db(transaction=True)  # the background thread reads and writes through its own connection
+def test_a_flush_stores_every_point_before_the_trainer_commits_a_checkpoint(alice: Any) -> None:
+    """The trainer flushes its sink before committing a checkpoint (workers/engine/sinks.py, write-ahead): the
+    database must then hold every point so far, even though the database sink's own interval has not come and no
+    checkpoint event followed. A worker killed right after the commit loses nothing: the next attempt resumes
+    there and never emits those steps again (seen in CI: steps 21-30 of a run resumed at step 30 were missing)."""
+    job = make_job(alice)
+    lease = lifecycle.claim(job.pk, "w1")
+    assert lease is not None
+    sink = BackgroundSink(DatabaseStreamSink(lease, flush_interval=3600))
+    try:
+        for step in range(1, 31):
+            sink.emit(step, {"loss": float(step), "lr": 0.1})
+        sink.flush()
+        stored = sorted(MetricPoint.objects.filter(job=job, name="loss").values_list("step", flat=True))
+        assert stored == list(range(1, 31))
+        assert MetricPoint.objects.filter(job=job).count() == 60
+    finally:
+        sink.close()
 
 
 def test_the_background_sink_keeps_order_waits_at_checkpoints_and_reports_failures() -> None:

@@ -128,6 +128,9 @@ class Exploding:
     def event(self, kind: str, data: Mapping[str, Any]) -> None:
         self.calls += 1
 
+    def flush(self) -> None:
+        self.calls += 1
+
     def close(self) -> None:
         self.calls += 1
         raise OSError("close failed")

@@ -151,6 +151,35 @@ def test_tiny_model_learns_the_pattern_and_reports_every_metric(prepared: Prepar
     assert json.loads((tmp_path / "run" / "spec.json").read_text()) == spec.model_dump(mode="json")
 
 
+class WriteAheadProbe(MemorySink):
+    """Notes, at each ``flush``, the last step emitted and the checkpoints then on disk."""
+
+    def __init__(self, checkpoints: Path) -> None:
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.flushes: list[tuple[int, list[str]]] = []
+
+    def flush(self) -> None:
+        on_disk = sorted(p.name for p in self.checkpoints.glob("step-*")) if self.checkpoints.exists() else []
+        self.flushes.append((max((s for s, _ in self.points), default=0), on_disk))
+
+
+def test_the_record_is_flushed_before_each_checkpoint_is_committed(prepared: PreparedData, tmp_path: Path) -> None:
+    """The write-ahead contract (workers/engine/sinks.py): a run resumed from a checkpoint never emits the steps
+    before it again, so the sink must have stored them before the checkpoint appears."""
+    spec = make_spec(training={"max_steps": 25, "eval_interval": 10, "checkpoint_interval": 10})
+    sink = WriteAheadProbe(tmp_path / "run" / "checkpoints")
+    result = train(spec, prepared, tmp_path / "run", sink)
+    assert result.status == "completed"
+    # One flush per checkpoint (0, 10, 20 and the final 25), each after that step's points and before its folder.
+    assert [step for step, _ in sink.flushes] == [0, 10, 20, 25]
+    for step, on_disk in sink.flushes:
+        assert f"step-{step:06d}" not in on_disk
+    assert sink.flushes[-1][1] == ["step-000010", "step-000020"]  # the two newest (keep_checkpoints defaults to 2)
+    committed = [e["step"] for e in sink.events_of("checkpoint")]
+    assert committed == [0, 10, 20, 25]
+
+
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 1e-2},
     "adafactor": {"name": "adafactor", "lr": 0.1},

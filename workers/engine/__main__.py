@@ -49,6 +49,9 @@ class ProgressSink:
         if kind in ("intervention", "anomaly", "rollback", "early_stop", "resume"):
             self.bar.write(f"[{kind}] {json.dumps(dict(data), default=str)}")
 
+    def flush(self) -> None:
+        pass  # a progress bar records nothing a resumed run reads
+
     def close(self) -> None:
         self.bar.close()
 

@@ -477,6 +477,9 @@ class DiscardSink:
     def event(self, kind: str, data: Any) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

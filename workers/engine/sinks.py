@@ -1,8 +1,14 @@
 """Where training metrics and events go: the ``MetricsSink`` protocol and its file/memory implementations.
 
 The trainer calls ``emit(step, metrics)`` with scalar metrics and ``event(kind, data)`` for discrete happenings
-(``data`` always holds ``"step"``); the caller of ``train`` owns the sink and closes it. The platform adds a
-database/websocket sink implementing the same three methods.
+(``data`` always holds ``"step"``), and ``flush()`` before it commits a checkpoint; the caller of ``train`` owns
+the sink and closes it. The platform adds a database/websocket sink implementing the same four methods.
+
+Write-ahead contract: when ``flush`` returns, every point and event the trainer handed over so far is where a
+resumed run's record is read from (the file, TensorBoard's event file, the database). A run resumed from a
+checkpoint emits only the steps after it, so the record of the steps before it must already be complete when the
+checkpoint appears: a worker killed between committing a checkpoint and storing the points before it would
+otherwise lose those points for good (seen: steps 21-30 of a run resumed at step 30 missing from the database).
 
 Replay contract: after an event ``"resume"`` or ``"rollback"`` with ``data["step"] == s``, the trainer emits
 steps ``s + 1, s + 2, ...`` again (they were computed by a run that is being continued from step ``s``). A
@@ -36,6 +42,10 @@ class MetricsSink(Protocol):
     def event(self, kind: str, data: Mapping[str, Any]) -> None:
         """Record a discrete event; ``data`` is JSON-serialisable (non-finite floats allowed) with a ``step``."""
 
+    def flush(self) -> None:
+        """Return once every earlier call is recorded where a resumed run's record is read from (see the
+        module's write-ahead contract); the trainer calls it before committing each checkpoint."""
+
     def close(self) -> None:
         """Flush and release resources; no call follows."""
 
@@ -65,6 +75,9 @@ class MemorySink:
 
     def event(self, kind: str, data: Mapping[str, Any]) -> None:
         self.events.append((kind, dict(data)))
+
+    def flush(self) -> None:
+        pass  # the lists are the record
 
     def close(self) -> None:
         self.closed = True
@@ -114,6 +127,11 @@ class JsonlSink:
 
     def event(self, kind: str, data: Mapping[str, Any]) -> None:
         self._write({"type": "event", "kind": kind, "step": data.get("step"), "time": time.time(), "data": data})
+
+    def flush(self) -> None:
+        # Every line is already flushed to the kernel, which keeps it when the process is killed (no fsync: a
+        # machine that loses power loses its unsynced checkpoint files too).
+        self._file.flush()
 
     def close(self) -> None:
         if not self._file.closed:
@@ -195,6 +213,9 @@ class TensorBoardSink:
         self._writer.add_text(f"events/{kind}", json.dumps(jsonable(dict(data)), sort_keys=True), global_step=step)
         self._writer.flush()
 
+    def flush(self) -> None:
+        self._writer.flush()
+
     def _purge_after(self, step: int) -> None:
         """What ``SummaryWriter(purge_step=step + 1)`` writes at start: a session START at that step makes
         TensorBoard drop every earlier-written point at or after it."""
@@ -229,6 +250,9 @@ class FanoutSink:
 
     def event(self, kind: str, data: Mapping[str, Any]) -> None:
         self._each("event", kind, data)
+
+    def flush(self) -> None:
+        self._each("flush")
 
     def close(self) -> None:
         self._each("close")

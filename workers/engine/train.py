@@ -748,6 +748,9 @@ class _Trainer:
     def _save(self) -> Path:
         st = self.state
         began = time.perf_counter()
+        # Write-ahead (``workers.engine.sinks``): the record holds every step up to this one before the checkpoint
+        # exists, since a run resumed from it never emits those steps again.
+        self.sink.flush()
         if self.parallel.distributed:
             path = self._save_distributed()
         else:
