@@ -41,8 +41,9 @@ from workers.engine.spec import Spec
 
 
 class _Trainable(nn.Module):
-    """The model under ``Runner``'s step contract (``model(ids, labels=ids).loss``, ``update_router_biases()``),
-    with the labels its task needs: the shifted ids for causal_lm, fixed class labels for classification."""
+    """The model under ``Runner``'s step contract (``model(ids, labels=ids, return_logits=False).loss``,
+    ``update_router_biases()``), with the labels its task needs: the shifted ids for causal_lm, fixed class labels
+    for classification."""
 
     def __init__(self, model: MoETransformer, forward: Callable[..., Any], class_labels: torch.Tensor | None) -> None:
         super().__init__()
@@ -50,8 +51,9 @@ class _Trainable(nn.Module):
         self._forward = forward
         self.class_labels = class_labels
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> Any:
-        return self._forward(ids, labels=labels if self.class_labels is None else self.class_labels)
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, return_logits: bool = True) -> Any:
+        labels = labels if self.class_labels is None else self.class_labels
+        return self._forward(ids, labels=labels, return_logits=return_logits)
 
     def update_router_biases(self) -> None:
         self.model.update_router_biases()

@@ -198,8 +198,13 @@ class Runner:
         # As a training loop runs mixed precision (this engine's ``training.precision``, Hugging Face's Trainer
         # with ``bf16=True``): the forward and the loss under autocast, the backward and the step outside it.
         with torch.autocast("cpu", dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            # Ours takes input_ids positionally; Hugging Face by name.
-            loss = self.model(ids, labels=ids).loss if self.is_ours else self.model(input_ids=ids, labels=ids).loss
+            # Ours takes input_ids positionally, Hugging Face by name. Ours as the engine's training step calls it:
+            # no logits (``return_logits=False``: the fused head computes the loss and its gradients chunk by
+            # chunk); Hugging Face's models build them, as their default kernels do.
+            if self.is_ours:
+                loss = self.model(ids, labels=ids, return_logits=False).loss
+            else:
+                loss = self.model(input_ids=ids, labels=ids).loss
         forward = time.perf_counter()
         loss.backward()
         backward = time.perf_counter()

@@ -6,8 +6,8 @@ On a CUDA machine it runs, each guarded (one failing check never hides the other
 - ``fused_adamw``: ``AdamW(fused=True)`` against the loop implementation on the same gradients;
 - ``grouped_expert_matmul``: ``workers.engine.kernels.grouped_matmul`` (``grouped_mm``) against a per-expert loop,
   forward and backward;
-- ``fused_head``: ``linear_cross_entropy`` (the output head and its loss in one function) against
-  ``F.cross_entropy(F.linear(...))``, loss and gradients;
+- ``fused_head``: ``linear_cross_entropy`` (the output head and its loss in one function) and ``head_loss`` (the
+  same without logits, what a training step runs) against ``F.cross_entropy(F.linear(...))``, loss and gradients;
 - ``ddp_2gpu``: one DistributedDataParallel step on 2 GPUs (NCCL) when two exist: both ranks' gradients equal;
 - ``engine_vs_hf``: the engine and Hugging Face's Mixtral (transformers, the ``bench`` extra; built from a config,
   nothing downloaded) on the same shape, side by side: tokens/s and MFU against the device's peak (the hardware
@@ -47,7 +47,7 @@ from bench.engine import (
     training_flops_per_token,
 )
 from workers.engine.hardware import CPU, profile_for_device
-from workers.engine.kernels import grouped_matmul, linear_cross_entropy
+from workers.engine.kernels import grouped_matmul, head_loss, linear_cross_entropy
 from workers.engine.model import build_model
 
 Result = dict[str, Any]
@@ -195,7 +195,8 @@ def grouped_matmul_check(device: str, dtype: torch.dtype) -> Result:
 
 
 def fused_head_check(device: str, dtype: torch.dtype) -> Result:
-    """``linear_cross_entropy`` against ``F.cross_entropy(F.linear(...))``: loss and gradients, under autocast."""
+    """``linear_cross_entropy`` and ``head_loss`` (a training step's head, gradients computed in its forward)
+    against ``F.cross_entropy(F.linear(...))``: loss and gradients, under autocast."""
     torch.manual_seed(0)
     rows, width, vocab = 96, 64, 1000
     x = torch.randn(rows, width, device=device, requires_grad=True)
@@ -204,20 +205,25 @@ def fused_head_check(device: str, dtype: torch.dtype) -> Result:
     targets = torch.randint(0, vocab, (rows,), device=device)
     enabled = dtype != torch.float32
     with torch.autocast(device, dtype=dtype, enabled=enabled):
-        loss, _ = linear_cross_entropy(x, weight, targets)
-    loss.backward()
-    fused = (float(loss), x.grad.clone(), weight.grad.clone())  # type: ignore[union-attr]
-    x.grad, weight.grad = None, None
-    with torch.autocast(device, dtype=dtype, enabled=enabled):
         reference = F.cross_entropy(F.linear(x, weight).float(), targets)
     reference.backward()
+    want = (float(reference), x.grad.clone(), weight.grad.clone())  # type: ignore[union-attr]
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    diffs = {
-        "loss": abs(fused[0] - float(reference)),
-        "grad_x": _max_diff(fused[1], x.grad),  # type: ignore[arg-type]
-        "grad_w": _max_diff(fused[2], weight.grad),  # type: ignore[arg-type]
-    }
-    return {"ok": all(d <= tolerance for d in diffs.values()), "dtype": str(dtype).removeprefix("torch."), **diffs}
+    out: Result = {"dtype": str(dtype).removeprefix("torch.")}
+    ok = True
+    for name in ("linear_cross_entropy", "head_loss"):
+        x.grad, weight.grad = None, None
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            loss = linear_cross_entropy(x, weight, targets)[0] if name != "head_loss" else head_loss(x, weight, targets)
+        loss.backward()
+        diffs = {
+            "loss": abs(float(loss) - want[0]),
+            "grad_x": _max_diff(x.grad, want[1]),  # type: ignore[arg-type]
+            "grad_w": _max_diff(weight.grad, want[2]),  # type: ignore[arg-type]
+        }
+        ok = ok and all(d <= tolerance for d in diffs.values())
+        out[name] = diffs
+    return {"ok": ok, **out}
 
 
 def _ddp_rank(rank: int, world: int, port: int, results: Any) -> None:  # pragma: no cover (CUDA only)
@@ -283,7 +289,11 @@ def engine_vs_hf(
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device, dtype=dtype, enabled=enabled):
-                loss = model(ids, labels=ids).loss if ours else model(input_ids=ids, labels=ids).loss
+                # Ours as the engine's training step calls it (no logits), as bench.engine times it.
+                if ours:
+                    loss = model(ids, labels=ids, return_logits=False).loss
+                else:
+                    loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             if ours:

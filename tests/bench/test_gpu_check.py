@@ -33,6 +33,7 @@ def test_the_gpu_check_runs_and_reports_every_check(capsys: pytest.CaptureFixtur
     assert checks["autocast_bf16"]["ok"] and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     assert checks["fused_adamw"]["ok"] and checks["fused_adamw"]["max_abs_diff"] < 1e-5
     assert checks["grouped_expert_matmul"]["ok"] and checks["fused_head"]["ok"]
+    assert set(checks["fused_head"]) >= {"linear_cross_entropy", "head_loss"}
     side_by_side = checks["engine_vs_hf"]
     for name in ("engine", "hf_mixtral"):  # transformers is a dev dependency: both run here
         assert side_by_side[name]["tokens_per_s"] > 0

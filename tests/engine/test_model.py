@@ -12,7 +12,7 @@ from torch import Tensor
 
 from workers.engine import kernels
 from workers.engine.generation import generate
-from workers.engine.kernels import grouped_matmul, linear_cross_entropy, rms_norm
+from workers.engine.kernels import grouped_matmul, head_loss, linear_cross_entropy, rms_norm
 from workers.engine.model import Attention, MoEFeedForward, MoETransformer, build_model
 from workers.engine.spec import Spec
 
@@ -379,6 +379,54 @@ def test_linear_cross_entropy_matches_matmul_then_torch_cross_entropy(
     torch.testing.assert_close(logits, ref_logits)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_head_loss_gives_the_loss_and_gradients_of_matmul_then_cross_entropy(
+    smoothing: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its gradients are computed in the forward and scaled by the incoming gradient in the backward."""
+    monkeypatch.setattr(kernels, "_HEAD_LOSS_CHUNK_ELEMENTS", 64 * 1500)  # 64 rows a chunk: 11 chunks, one short
+    torch.manual_seed(4)
+    x = torch.randn(700, 48, requires_grad=True)
+    w = torch.randn(1500, 48, requires_grad=True)
+    targets = torch.randint(0, 1500, (700,))
+    targets[::5] = -100
+    loss = head_loss(x, w, targets, smoothing)
+    got = torch.autograd.grad(loss * 0.25, (x, w))  # as a step of 4 accumulated micro-batches backpropagates
+    ref_loss = F.cross_entropy(x @ w.t(), targets, ignore_index=-100, label_smoothing=smoothing)
+    want = torch.autograd.grad(ref_loss * 0.25, (x, w))
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    again = head_loss(x, w, targets, smoothing)  # a retained graph backpropagated twice: each adds the gradients
+    again.backward(retain_graph=True)
+    again.backward()
+    assert x.grad is not None and w.grad is not None
+    torch.testing.assert_close(x.grad, want[0] * 8)
+    torch.testing.assert_close(w.grad, want[1] * 8)
+
+
+def test_head_loss_under_bf16_autocast_equals_linear_cross_entropy_and_skips_unwanted_gradients() -> None:
+    torch.manual_seed(6)
+    x = torch.randn(300, 64, requires_grad=True)
+    w = torch.randn(700, 64, requires_grad=True)
+    targets = torch.randint(0, 700, (300,))
+    targets[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_loss(x, w, targets, 0.1)
+        ref_loss, _ = linear_cross_entropy(x, w, targets, 0.1)
+    torch.testing.assert_close(loss, ref_loss)
+    got, want = torch.autograd.grad(loss, (x, w)), torch.autograd.grad(ref_loss, (x, w))
+    assert got[0].dtype == got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    # A frozen head: only the input's gradient; without grad mode: only the loss, equal to the trained one's.
+    frozen = head_loss(x, w.detach(), targets, 0.1)
+    frozen.backward()
+    assert x.grad is not None and w.grad is None
+    with torch.no_grad():
+        assert not head_loss(x, w, targets, 0.1).requires_grad
 
 
 def test_linear_cross_entropy_with_a_frozen_head_gives_only_the_input_gradient() -> None:

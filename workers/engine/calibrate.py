@@ -125,8 +125,9 @@ class TrainingSteps:
         for _ in range(t.grad_accum_steps):
             ids, labels, mask = self._batch()
             with self.autocast():
-                # The output is held through backward, as a training loop that reads its metrics does.
-                out = self.model(ids, labels=labels, attention_mask=mask)
+                # The output is held through backward, as a training loop that reads its metrics does; no logits,
+                # as the training step asks (``return_logits=False``).
+                out = self.model(ids, labels=labels, attention_mask=mask, return_logits=False)
             assert out.loss is not None
             loss = out.loss / t.grad_accum_steps
             (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -314,12 +314,15 @@ def activation_bytes_per_token(spec: Spec, precision: str | None = None) -> Acti
         + mask * C
     )
 
-    head: float = _norm_saved(m) * _FP32 + cast_copy * C + 2 * _INT64 + mask * C  # + ids and targets
+    head: float = _INT64 + mask * C  # the ids (the embedding's indices)
     if m.task == "causal_lm":
-        V = m.vocab_size
-        # The logits. The fused head + loss (workers.engine.kernels.linear_cross_entropy) upcasts them for the
-        # loss and computes their gradient a chunk of ~8 MB at a time: no (N, V) fp32 copy or gradient.
-        head += V * low
+        # A training step's head + loss (workers.engine.kernels.head_loss) computes the head's gradients in the
+        # forward and keeps only them: the input's (N, C), fp32 as the norm's output, and the weight's (V, C) in
+        # fp32 once per micro-batch, spread over its tokens here. No logits, targets or low-precision input, and
+        # nothing keeps the final norm's output.
+        head += (_norm_saved(m) - C) * _FP32 + C * _FP32 + m.vocab_size * C * _FP32 / (t.batch_size * T)
+    else:
+        head += _norm_saved(m) * _FP32 + cast_copy * C + _INT64  # the norm, the classifier's input copy, the labels
     mtp_outside = 0.0
     if m.mtp_depth:
         # Two norms and the concatenation the projection reads, the token ids ahead (the embedding's indices),
@@ -749,12 +752,12 @@ _PLAIN_ACTIVATION_OPS = -22  # GELU/ReLU over SwiGLU (-6 - 16), per block
 _LAYERNORM_OPS = -20  # per norm: LayerNorm is one kernel (1 + 5 calls), kernels.rms_norm 7 forward + 19 backward
 _SIGMOID_ROUTER_OPS = 10  # sigmoid scores with their normalisation, per MoE block
 _DROPOUT_OPS = 12  # per block with dropout (its masks forward, their products backward)
-# Embedding, final norm, output head and loss with one chunk of each (54 forward + 46 backward); the fused
-# head + loss (workers.engine.kernels) adds 6 calls per further loss chunk and 16 per further backward chunk.
+# Embedding, final norm, output head and loss with one chunk, forward and backward (100 calls): a training step's
+# fused head + loss (workers.engine.kernels.head_loss) adds 28 calls per further chunk of its rows.
 _HEAD_OPS = 100
-_CE_CHUNK_OPS, _HEAD_CHUNK_OPS = 6, 16
-_CE_CHUNK_ELEMENTS, _HEAD_CHUNK_ELEMENTS = 1 << 19, 1 << 21  # as workers.engine.kernels chunks the logits
-_MTP_EXTRA_OPS = 152  # an MTP module beyond its block: two norms, the projection, the head again
+_HEAD_CHUNK_OPS = 28
+_HEAD_CHUNK_ELEMENTS = 1 << 22  # as workers.engine.kernels.head_loss chunks the logits
+_MTP_EXTRA_OPS = 159  # an MTP module beyond its block: two norms, the projection, the head again (one chunk)
 # Per parameter tensor and step: gradient clipping's norm and scale, fused AdamW (or SGD's foreach) and zeroing
 # walk the tensors one by one: 64 µs per tensor measured (thread time, 1 thread), 9 calls' worth; Adafactor's
 # foreach factored update 13 calls more per tensor.
@@ -796,7 +799,6 @@ def dispatch_operations(spec: Spec, tokens: int | None = None) -> DispatchCount:
     head: float = _HEAD_OPS + (_LAYERNORM_OPS if m.norm == "layernorm" else 0)
     if m.task == "causal_lm":
         V = m.vocab_size
-        head += _CE_CHUNK_OPS * (math.ceil(N / max(1, _CE_CHUNK_ELEMENTS // V)) - 1)
         head += _HEAD_CHUNK_OPS * (math.ceil(N / max(1, _HEAD_CHUNK_ELEMENTS // V)) - 1)
     micro = m.num_moe_layers * block(True) + dense * block(False) + head
     micro += m.mtp_depth * (block(m.num_moe_layers > 0) + _MTP_EXTRA_OPS + head - _HEAD_OPS)

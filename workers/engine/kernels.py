@@ -12,7 +12,9 @@ backward that allocates less or makes fewer passes:
   where it applies and a loop where it does not (older torch, or a width whose row stride is not a multiple of
   16 bytes); a ``torch.library`` custom operator with its own backward, so ``torch.compile`` keeps it opaque;
 - ``linear_cross_entropy``: the output head and its cross-entropy in one function, whose backward never holds
-  the ``(N, V)`` gradient of the logits.
+  the ``(N, V)`` gradient of the logits;
+- ``head_loss``: the same loss without the logits (what a training step asks): the head's gradients are computed
+  in the forward, a chunk of rows at a time, so no ``(N, V)`` tensor exists at all.
 """
 
 from __future__ import annotations
@@ -287,6 +289,10 @@ _CE_CHUNK_ELEMENTS = 1 << 19
 # Rows per chunk of the output head's backward: ~8 MB of the logits' gradient at a time, enough rows for
 # efficient matmuls, few enough that the chunk and the head's weight gradient stay in cache between chunks.
 _HEAD_CHUNK_ELEMENTS = 1 << 21
+# Rows per chunk of ``head_loss``: ~16 MB of logits and as much of their log-probabilities. Larger than the
+# backward's chunk because each chunk also runs the logits' matmul, which loses ~20% at 256 rows against one
+# (N, V) matmul and ~7% at 512 (measured at 2,048 × 256 × 8,192, fp32, 2 threads).
+_HEAD_LOSS_CHUNK_ELEMENTS = 1 << 22
 
 
 def _mean_nll(logits: Tensor, targets: Tensor, smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -407,3 +413,110 @@ def linear_cross_entropy(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     loss, logits = _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, dtype)
     return loss, logits
+
+
+class _HeadLoss(torch.autograd.Function):
+    """The mean cross-entropy of ``x @ weight.T`` and, when asked, its gradients, all computed in the forward
+    chunk by chunk: no ``(N, V)`` tensor exists at any time, only one chunk of a few hundred rows.
+
+    The loss is a scalar that the caller only scales (a training step backpropagates ``loss / accum``), so its
+    gradients are the forward's gradients times the incoming scalar: the backward multiplies the two saved
+    gradients and hands them on. What that saves against ``_LinearCrossEntropy``: the ``(N, V)`` logits are not
+    written out, read back for the loss and kept until the backward reads them again (64 MB a step at
+    2,048 × 8,192 in fp32, a fresh mapping per step under glibc's default allocator settings).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        smoothing: float,
+        dtype: torch.dtype,
+        want_x: bool,
+        want_w: bool,
+    ) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc = x.to(dtype), weight.to(dtype)  # no copies in fp32
+            N, V = xc.shape[0], wc.shape[0]
+            rows = max(1, _HEAD_LOSS_CHUNK_ELEMENTS // V)
+            valid = targets != IGNORE_INDEX  # (N,)
+            safe = torch.where(valid, targets, 0)  # (N,) in-range index for the ignored rows too
+            count = valid.sum().clamp(min=1).to(torch.float32)
+            # log of d loss / d row loss: -inf on ignored rows, whose gradient exp(-inf) = 0 then drops out.
+            log_scale = torch.where(valid, -torch.log(count), float("-inf"))  # (N,)
+            grad_x = x.new_empty(N, x.shape[1]) if want_x else None  # (N, C)
+            grad_w = None  # (V, C): fp32 weights and matmuls write it; a lower precision sums chunks into zeros
+            if want_w:
+                grad_w = weight.new_empty(weight.shape) if weight.dtype == dtype else weight.new_zeros(weight.shape)
+            buf = xc.new_empty(min(rows, N), V, dtype=torch.float32)  # one chunk's logits, then its gradient
+            buf2 = xc.new_empty(min(rows, N), V, dtype=torch.float32)  # and its log-probabilities
+            row_loss = []
+            for start in range(0, N, rows):
+                end = min(start + rows, N)
+                lg = buf[: end - start]  # (n, V)
+                if dtype == torch.float32:
+                    torch.mm(xc[start:end], wc.t(), out=lg)
+                else:
+                    lg.copy_(torch.mm(xc[start:end], wc.t()))  # the forward's precision, the loss's fp32
+                logp = buf2[: end - start]
+                torch._log_softmax(lg, -1, False, out=logp)
+                nll = -logp.gather(1, safe[start:end].unsqueeze(1)).squeeze(1)
+                if smoothing > 0:
+                    nll = (1.0 - smoothing) * nll - smoothing * logp.mean(dim=-1)
+                row_loss.append(nll)
+                if grad_x is None and grad_w is None:
+                    continue
+                # d loss / d logits = (softmax - smoothed one-hot) * scale, with the scale folded into the exp.
+                lg = torch.exp(logp.add_(log_scale[start:end].unsqueeze(1)), out=lg)
+                scale = valid[start:end].float() / count
+                if smoothing > 0:
+                    lg.sub_((scale * (smoothing / V)).unsqueeze(1))
+                lg.scatter_add_(1, safe[start:end].unsqueeze(1), (-(1.0 - smoothing) * scale).unsqueeze(1))
+                g = lg.to(dtype)  # the matmuls run in the forward's precision
+                if grad_x is not None:
+                    if grad_x.dtype == dtype:
+                        torch.mm(g, wc, out=grad_x[start:end])  # (n, V) @ (V, C)
+                    else:
+                        grad_x[start:end] = torch.mm(g, wc)
+                if grad_w is not None and grad_w.dtype == dtype:
+                    grad_w.addmm_(g.t(), xc[start:end], beta=float(start > 0))  # beta 0: the first chunk writes
+                elif grad_w is not None:
+                    grad_w.add_(torch.mm(g.t(), xc[start:end]))
+            loss = torch.where(valid, torch.cat(row_loss), 0.0).sum() / count
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None]:
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss.float()
+        if scale.device.type == "cpu" and float(scale) == 1.0:  # a loss backpropagated as it is: nothing to scale
+            return grad_x, grad_w, None, None, None, None, None
+        return (
+            None if grad_x is None else grad_x * scale.to(grad_x.dtype),
+            None if grad_w is None else grad_w * scale.to(grad_w.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def head_loss(x: Tensor, weight: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """The mean cross-entropy of the output head ``weight`` ``(V, C)`` on ``x`` ``(N, C)`` against ``targets``
+    ``(N,)``, as ``linear_cross_entropy``'s loss (same precision rules), without its logits.
+
+    When autograd will want them (grad mode on and ``x`` or ``weight`` requiring grad) the gradients are computed
+    in this call, chunk by chunk, and the backward only scales them (a loss that is never backpropagated has cost
+    them for nothing). Nothing of size ``(N, V)`` is ever allocated.
+    """
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    grad = torch.is_grad_enabled()
+    loss: Tensor = _HeadLoss.apply(
+        x, weight, targets, label_smoothing, dtype, grad and x.requires_grad, grad and weight.requires_grad
+    )
+    return loss

@@ -77,6 +77,7 @@ from workers.engine.kernels import (
     apply_rope,
     count_per_expert,
     grouped_matmul,
+    head_loss,
     linear_cross_entropy,
     rms_norm,
     rope_tables,
@@ -94,7 +95,7 @@ class ModelOutput:
     """
 
     loss: Tensor | None  # task_loss + aux_loss (+ mtp_loss_weight * mtp_loss): what backward uses; None without labels
-    logits: Tensor  # (B, T, V) for causal_lm, (B, num_labels) for classification
+    logits: Tensor | None  # (B, T, V) for causal_lm, (B, num_labels) for classification; None: return_logits=False
     task_loss: Tensor | None
     aux_loss: Tensor  # scalar: balance loss + router z-loss summed over MoE layers
     expert_load: Tensor  # (num_moe_layers, num_routed_experts), detached
@@ -712,9 +713,17 @@ class MoETransformer(nn.Module):
         return x, aux, stats
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Run the model and, given labels, the loss.
+
+        ``return_logits=False`` with labels (causal_lm; what a training step asks): ``logits`` is None, and the
+        head and its loss run as ``kernels.head_loss``, which never builds the ``(B, T, V)`` logits and computes
+        the head's gradients in the forward (the loss must then be backpropagated, as a training step does).
 
         causal_lm: ``labels`` ``(B, T)`` aligned with ``input_ids`` (shifted here: position t predicts
         label t+1); ``IGNORE_INDEX`` (-100) is ignored. ``attention_mask`` is not needed (pads sit on the
@@ -740,14 +749,14 @@ class MoETransformer(nn.Module):
         else:
             weight = self.head_weight
             if labels is not None:
-                # Head and loss in one function: its backward never holds the (N, V) logits' gradient.
-                task_loss, flat = linear_cross_entropy(
-                    x.reshape(B * T, -1),
-                    weight,
-                    self._lm_targets(labels).reshape(-1),
-                    self.spec.training.label_smoothing,
-                )
-                logits = flat.view(B, T, -1)  # (B, T, V)
+                targets = self._lm_targets(labels).reshape(-1)
+                smoothing = self.spec.training.label_smoothing
+                if return_logits:
+                    # Head and loss in one function: its backward never holds the (N, V) logits' gradient.
+                    task_loss, flat = linear_cross_entropy(x.reshape(B * T, -1), weight, targets, smoothing)
+                    logits = flat.view(B, T, -1)  # (B, T, V)
+                else:
+                    task_loss, logits = head_loss(x.reshape(B * T, -1), weight, targets, smoothing), None
                 if self.mtp_modules:
                     mtp_loss, mtp_aux = self._mtp_loss(h, input_ids, labels)
                     aux = aux + mtp_aux
@@ -790,7 +799,8 @@ class MoETransformer(nn.Module):
             h, stats = self._run_block(module.block, module.combine(h, self.drop(self.embed(ahead))), cos, sin)
             if stats is not None:
                 aux = aux + stats.aux
-            loss, _ = linear_cross_entropy(
+            # Only the loss: no (B, T, V) logits, and the head's gradients computed here, chunk by chunk.
+            loss = head_loss(
                 module.norm(h).reshape(B * T, -1),
                 self.head_weight,
                 targets.reshape(-1),

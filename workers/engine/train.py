@@ -638,7 +638,7 @@ class _Trainer:
             mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
             with self.parallel.no_sync(self.step_model, micro == accum - 1):
                 with self.autocast():
-                    out = self.step_model(input_ids, labels=labels, attention_mask=mask)
+                    out = self.step_model(input_ids, labels=labels, attention_mask=mask, return_logits=False)
                 assert out.loss is not None and out.task_loss is not None  # labels were given
                 loss = self.faults.apply(step, out.loss, micro)
                 scaled = loss / accum
