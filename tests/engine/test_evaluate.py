@@ -207,6 +207,18 @@ def test_evaluate_causal_lm(causal_run: tuple[Path, Path, MemorySink, TrainResul
     assert metrics["val_loss"] == pytest.approx(dict(sink.series("val_loss"))[6], rel=1e-6)
     assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert metrics["val_examples"] == 16
+    # Validation takes the loss without building logits (kernels.head_loss): it equals the cross-entropy of the
+    # model's logits over the same batches, token-weighted.
+    model, total, predicted = load_for_inference(result.checkpoint).model, 0.0, 0
+    with torch.no_grad():
+        for b in eval_batches(PreparedData.load(run / "data"), "val", t.batch_size, spec.data.seq_len, 2):
+            logits = model(b.input_ids).logits
+            assert logits is not None
+            targets = torch.nn.functional.pad(b.labels[:, 1:], (0, 1), value=-100).reshape(-1)
+            flat = logits.reshape(-1, logits.shape[-1])
+            total += float(torch.nn.functional.cross_entropy(flat, targets, ignore_index=-100, reduction="sum"))
+            predicted += int((targets != -100).sum())
+    assert metrics["val_loss"] == pytest.approx(total / predicted, rel=1e-5)
     assert 0.0 <= metrics["bleu4"] <= 100.0 and 0.0 <= metrics["rouge_l"] <= 1.0
     assert (
         report["checkpoint"]["step"] == 6

@@ -611,7 +611,7 @@ def evaluate(
             mtp_losses.append(float(out.mtp_loss))
         if batch.attention_mask is not None:
             real = batch.attention_mask.bool()
-            assert out.logits is not None  # validation asks for them
+            assert out.logits is not None  # a classifier always returns them
             probs = out.logits.float().softmax(dim=-1).cpu()  # (B, num_labels)
             y_true.extend(int(y) for y in batch.labels)
             y_pred.extend(int(p) for p in probs.argmax(dim=-1))

@@ -721,9 +721,10 @@ class MoETransformer(nn.Module):
     ) -> ModelOutput:
         """Run the model and, given labels, the loss.
 
-        ``return_logits=False`` with labels (causal_lm; what a training step asks): ``logits`` is None, and the
-        head and its loss run as ``kernels.head_loss``, which never builds the ``(B, T, V)`` logits and computes
-        the head's gradients in the forward (the loss must then be backpropagated, as a training step does).
+        ``return_logits=False`` with labels (causal_lm; what a training step and validation ask): ``logits`` is
+        None, and the head and its loss run as ``kernels.head_loss``, which never builds the ``(B, T, V)`` logits
+        and, in grad mode, computes the head's gradients in the forward (the loss is then meant to be
+        backpropagated, as a training step does). A classifier returns its ``(B, num_labels)`` logits either way.
 
         causal_lm: ``labels`` ``(B, T)`` aligned with ``input_ids`` (shifted here: position t predicts
         label t+1); ``IGNORE_INDEX`` (-100) is ignored. ``attention_mask`` is not needed (pads sit on the

@@ -311,7 +311,9 @@ def validation_metrics(
             labels = batch.labels.to(device)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
             with autocast():
-                out = model(input_ids, labels=labels, attention_mask=mask)
+                # Only a classifier's logits are read (it always returns them): a language model's loss comes from
+                # kernels.head_loss, a chunk of rows at a time, without the (B, T, V) logits.
+                out = model(input_ids, labels=labels, attention_mask=mask, return_logits=False)
             assert out.task_loss is not None
             if classification:
                 n = int(labels.numel())
