@@ -15,7 +15,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 
-from builder.core.health import check_all
+from builder.core.health import check_all, health_table_context
 from builder.core.parsers import JSONInputError, parse_bounded
 
 PUSH_INTERVAL_S = 5.0
@@ -62,7 +62,7 @@ class StatusConsumer(AsyncWebsocketConsumer):
     async def _send_health(self) -> None:
         report = await database_sync_to_async(check_all)()
         # The same template as the page, so the live table and the server-rendered one never diverge.
-        html = render_to_string("core/_health_table.html", {"report": report})
+        html = render_to_string("core/_health_table.html", health_table_context(report))
         await self.send_json({"type": "health", "report": report, "html": html})
 
     async def send_json(self, content: dict[str, Any]) -> None:

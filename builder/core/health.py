@@ -17,6 +17,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import connection
 
+from builder.core.hardware_classes import queue_classes
 from builder.core.redaction import describe_failure
 
 CheckResult = dict[str, Any]
@@ -115,3 +116,11 @@ def check_all() -> dict[str, Any]:
         checks["celery"] = {"ok": False, "error": "the broker (Redis) is down", "latency_ms": 0.0}
     ok = all(c["ok"] for c in checks.values())
     return {"status": "ok" if ok else "fail", "checks": checks, **_sections_report()}
+
+
+def health_table_context(report: dict[str, Any]) -> dict[str, Any]:
+    """What ``core/_health_table.html`` renders, for the status page and its live websocket alike: the report, and
+    the celery queues with the devices each one's hardware class trains on (``queue_classes``), because a queue's
+    name says nothing of them (with no ``QUEUE_HARDWARE`` the default class is called gpu and trains on the CPU)."""
+    celery = report.get("checks", {}).get("celery", {})
+    return {"report": report, "queues": queue_classes(list(celery.get("queues") or []))}

@@ -7,7 +7,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
-from builder.core.health import check_all
+from builder.core.health import check_all, health_table_context
 
 # The home page's steps, in the order a person takes them: (title, what it does, the page's URL name).
 SECTIONS = (
@@ -47,7 +47,7 @@ def status(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "core/status.html",
-        {"report": report},
+        health_table_context(report),
         status=200 if report["status"] == "ok" else 503,
     )
 

@@ -104,6 +104,24 @@ def test_the_api_lists_each_class_with_its_device_type_count_and_memory(alice: A
     assert Client().get("/api/hardware/classes").status_code == 401
 
 
+def test_the_status_table_names_the_devices_of_each_queue_it_lists(settings: Any) -> None:
+    """The status page and its live websocket render one table (``health_table_context``): a queue's name says
+    nothing of its devices (the default class is called gpu and trains on the CPU), so each queue says them."""
+    from django.template.loader import render_to_string
+
+    from builder.core.health import health_table_context
+
+    settings.QUEUE_HARDWARE = {**CLASSES, "gpu": "cpu"}  # the default when QUEUE_HARDWARE is unset
+    celery = {"ok": True, "workers": 2, "queues": ["cpu", "gpu", "gpu.a100x8", "x"], "latency_ms": 3}
+    report = {"status": "ok", "checks": {"celery": celery}}
+    html = render_to_string("core/_health_table.html", health_table_context(report))
+    text = " ".join(html.split())
+    assert "2 workers consuming" in text
+    assert 'data-queue="gpu">gpu on CPU<' in text and 'data-queue="cpu">cpu on CPU<' in text
+    assert 'data-queue="gpu.a100x8">gpu.a100x8 on 8 × NVIDIA A100' in text
+    assert 'data-queue="x">x (not a hardware class)<' in text
+
+
 @pytest.fixture
 def text(alice: Any) -> Dataset:
     return Dataset.objects.create(owner=alice, name="t", format="txt", file_name="datasets/x/t.txt", state="ready")

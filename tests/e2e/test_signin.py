@@ -32,6 +32,8 @@ def test_sign_in_and_see_home_and_live_status(stack: Stack, page: Any, alice: An
     table = page.locator("[data-testid=health-table]").inner_text()
     assert page.locator("#overall").inner_text().lower() == "ok", table
     assert page.locator("tr[data-service=celery] .pill").inner_text().lower() == "ok"
+    # Each queue with the devices its class trains on (the test stack's default classes run on the CPU).
+    assert page.locator("tr[data-service=celery] [data-queue=gpu]").inner_text() == "gpu on CPU"
     page.screenshot(path=str(artifacts / "status.png"), full_page=True)
 
     page.click("text=Sign out")
