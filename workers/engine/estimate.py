@@ -904,7 +904,8 @@ def estimate_time(
 # training.compile: TorchInductor compiles each block's training forward and backward once per start, on the
 # host's CPU whatever the accelerator; one compiled graph serves every block of a kind (dense or MoE: the MTP
 # modules' blocks are MoE blocks), so the time grows with the kinds, not the depth. bench.compile on this 2-core
-# CPU (cold cache, load average 6-8): 21-42 s for the CPU templates (one kind each).
+# CPU (cold cache, load average 6-8): 21-42 s for the CPU templates (one kind each); quiet (load under 2):
+# 8-16 s. The estimate takes a busy worker's figure.
 _COMPILE_SECONDS_PER_BLOCK_KIND = 30.0
 
 
