@@ -5,6 +5,10 @@ the built-in ``python-docs`` corpus for the same training time (``--seconds``, p
 so that load from other processes hits both alike (``bench.engine.train_same_wall_time``), and both report
 their validation loss against training seconds: a curve of evaluations at equal step intervals, the clock being
 the summed step time (evaluations and checkpoints excluded), plus the step time and the final validation loss.
+Beside the comparison at the end, ``side_by_side`` puts the two curves at the same seconds at each of the MoE's
+evaluations, and each model reports its epochs and final training loss: the built-in corpus is small enough
+(~630K training tokens) that a few minutes of training make several passes over it, and which model leads at the
+end then depends on which one overfits first, not only on which one learns faster.
 
 The two models: ``moe`` is the ``tiny-cpu-demo`` template as it stands; ``dense`` is the same template with every
 layer dense (``moe.first_dense_layers = num_layers``), whose feed-forward hidden size defaults to
@@ -35,6 +39,7 @@ from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec
 
 TEMPLATE = "tiny-cpu-demo"
+FINAL_TRAIN_STEPS = 100  # final_train_loss: the mean training loss of a run's last this many steps
 
 
 def moe_and_dense(base: Spec) -> dict[str, Spec]:
@@ -67,6 +72,17 @@ def loss_at(curve: list[dict[str, float]], seconds: float) -> float | None:
             t = 0.0 if span == 0 else (seconds - before["seconds"]) / span
             return round(before["val_loss"] + t * (after["val_loss"] - before["val_loss"]), 4)
     return None
+
+
+def side_by_side(moe: list[dict[str, float]], dense: list[dict[str, float]]) -> list[dict[str, float]]:
+    """At each of the MoE's evaluations that the dense curve spans: ``{"seconds", "moe", "dense"}``, the dense
+    model's validation loss interpolated at the same training seconds."""
+    rows = []
+    for point in moe:
+        other = loss_at(dense, point["seconds"])
+        if other is not None:
+            rows.append({"seconds": point["seconds"], "moe": point["val_loss"], "dense": other})
+    return rows
 
 
 def learning_per_second(
@@ -103,9 +119,14 @@ def learning_per_second(
         schedule["warmup_steps"] = warmup_steps
     # One checkpoint per chunk (train resumes from it); evaluations as train_same_wall_time sets them.
     base = _variant(base, training={"checkpoint_interval": 10_000_000, "log_interval": 1, "schedule": schedule})
-    specs = moe_and_dense(base)
     corpus = write_demo_corpus(work / "python-docs.jsonl", corpus_examples)
     prepared = prepare(base, corpus, work / "prepared")
+    # Every evaluation covers the whole validation split (``eval_batches`` is an upper bound; one window per
+    # seq_len tokens bounds the batches): the template's 4 batches (4,096 tokens) moved the loss by up to
+    # 0.04 between neighbouring evaluations, more than the two models' difference.
+    val_tokens = prepared.meta["splits"]["val"]["tokens"]
+    base = _variant(base, training={"eval_batches": max(1, min(10_000, -(-val_tokens // base.data.seq_len)))})
+    specs = moe_and_dense(base)
     started = time.perf_counter()
     load_start = round(os.getloadavg()[0], 2)
     run = train_same_wall_time(specs, prepared, work, lambda _: seconds, calibration_steps, chunk, evaluations)
@@ -115,12 +136,16 @@ def learning_per_second(
         step_s = _step_seconds(sink)
         curve = loss_curve(sink)
         breakdown = parameter_breakdown(spec)
+        train_loss = [value for _, value in sink.series("loss")][-FINAL_TRAIN_STEPS:]
         models[name] = {
             "steps": spec.training.max_steps,
+            "epochs": round(sink.series("epoch")[-1][1], 2),
             "calibrated_step_ms": round(run.calibrated[name] * 1000, 1),
             "step_ms_median": round(statistics.median(step_s) * 1000, 1),
             "train_seconds": round(sum(step_s), 1),
             "final_val_loss": curve[-1]["val_loss"] if curve else None,
+            "final_train_loss": round(statistics.fmean(train_loss), 4) if train_loss else None,
+            "best_val_loss": min((point["val_loss"] for point in curve), default=None),
             "parameters": breakdown["total"],
             "active_matmul_parameters": breakdown["active_matmul"],
             "curve": curve,
@@ -129,10 +154,13 @@ def learning_per_second(
     # Compared where both curves have a point: at the shorter run's end (the budget, up to calibration noise).
     common = min(moe["curve"][-1]["seconds"], dense["curve"][-1]["seconds"]) if moe["curve"] and dense["curve"] else 0
     at_common = {name: loss_at(entry["curve"], common) for name, entry in models.items()}
+    paired = side_by_side(moe["curve"], dense["curve"])
     m = base.model
     return {
         "template": TEMPLATE,
         "dataset": "python-docs" if corpus_examples is None else f"python-docs (first {corpus_examples} topics)",
+        "train_tokens": prepared.meta["splits"]["train"]["tokens"],
+        "val_tokens": val_tokens,
         "shape": {
             "layers": m.num_layers,
             "hidden_size": m.hidden_size,
@@ -156,6 +184,8 @@ def learning_per_second(
         "compared_at_seconds": round(common, 2),
         "val_loss_at_compared_seconds": at_common,
         "moe_step_over_dense": round(moe["step_ms_median"] / dense["step_ms_median"], 3),
+        "side_by_side": paired,
+        "moe_ahead_at_evaluations": f"{sum(row['moe'] < row['dense'] for row in paired)} of {len(paired)}",
         "moe_wins_per_second": (
             at_common["moe"] is not None and at_common["dense"] is not None and at_common["moe"] < at_common["dense"]
         ),
@@ -166,9 +196,14 @@ NOTES = [
     "moe: the tiny-cpu-demo template; dense: the same with every layer dense, feed-forward hidden "
     "(top_k + shared) x expert_hidden_size (the same active matmul work per token); same data, batch, lr, schedule",
     "each model's max_steps fills budget_seconds at its calibrated step time; the two train interleaved in chunks; "
-    "curve: val_loss (template's validation batches) at equal step intervals against summed step seconds "
+    "curve: val_loss (the whole validation split, val_tokens) at equal step intervals against summed step seconds "
     "(evaluations and checkpoints excluded)",
     "val_loss_at_compared_seconds: each curve interpolated at the shorter run's last evaluation",
+    "side_by_side: at each MoE evaluation, the dense curve interpolated at the same seconds; "
+    "moe_ahead_at_evaluations counts where the MoE's validation loss is the lower",
+    "epochs: passes over the corpus's train_tokens (the trainer's epoch metric at the last step); "
+    f"final_train_loss: the mean training loss of the last {FINAL_TRAIN_STEPS} steps (against final_val_loss: "
+    "the generalisation gap); best_val_loss: the lowest point of the curve",
     "this machine is shared with other work (2 cores, several agents): step times vary run to run; see "
     "load_average_1min",
 ]

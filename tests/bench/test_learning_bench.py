@@ -38,9 +38,27 @@ def test_the_moe_and_its_dense_twin_train_for_the_same_time_and_report_loss_curv
         assert seconds == sorted(seconds) and abs(seconds[-1] - entry["train_seconds"]) <= 0.06, name
         assert 0 < entry["final_val_loss"] == curve[-1]["val_loss"] < uniform, name
         assert entry["step_ms_median"] > 0, name
+        # Passes over the corpus: about the steps' tokens over the train split's.
+        passes = entry["steps"] * shape["batch"] * shape["seq_len"] / report["train_tokens"]
+        assert entry["epochs"] == pytest.approx(passes, rel=0.05), name
+        assert 0 < entry["final_train_loss"] < uniform, name
     # Compared at the shorter run's end, where both curves have a value.
     assert report["compared_at_seconds"] == min(m["curve"][-1]["seconds"] for m in models.values())
     assert all(value is not None for value in report["val_loss_at_compared_seconds"].values())
+    paired = report["side_by_side"]
+    dense_span = (models["dense"]["curve"][0]["seconds"], models["dense"]["curve"][-1]["seconds"])
+    assert all(dense_span[0] <= row["seconds"] <= dense_span[1] for row in paired)
+    ahead = sum(row["moe"] < row["dense"] for row in paired)
+    assert report["moe_ahead_at_evaluations"] == f"{ahead} of {len(paired)}"
+    for entry in models.values():
+        assert entry["best_val_loss"] == min(point["val_loss"] for point in entry["curve"])
+
+
+def test_side_by_side_pairs_each_moe_evaluation_with_the_dense_curve_at_the_same_seconds() -> None:
+    moe = [{"step": 10, "seconds": 1.0, "val_loss": 5.0}, {"step": 20, "seconds": 2.5, "val_loss": 4.0}]
+    dense = [{"step": 15, "seconds": 1.5, "val_loss": 4.8}, {"step": 30, "seconds": 3.5, "val_loss": 3.8}]
+    # 1.0 s is before the dense curve's first evaluation; 2.5 s is halfway between its two.
+    assert learning.side_by_side(moe, dense) == [{"seconds": 2.5, "moe": 4.0, "dense": 4.3}]
 
 
 def test_a_curve_is_interpolated_between_evaluations_and_is_none_outside_them() -> None:
