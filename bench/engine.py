@@ -573,6 +573,10 @@ class SameWallTimeRun:
     calibration_steps: int
 
 
+class SameWallTimeError(RuntimeError):
+    """A model of a same-wall-time comparison ended other than stopped, completed or early-stopped."""
+
+
 def train_same_wall_time(
     specs: dict[str, Spec],
     prepared: PreparedData,
@@ -591,18 +595,34 @@ def train_same_wall_time(
     calibrated step (its schedule decays over the whole budget; a warmup longer than half of it is cut to half),
     and all train on in round-robin chunks of ``chunk`` steps (``train`` resumes from its checkpoint under
     ``work / name``). Each evaluates ``evaluations`` times at equal step intervals, the last at its last step
-    (evaluation time is not step time).
+    (evaluation time is not step time). A model that stops early ends its curve there; one whose run fails
+    (or is preempted) raises ``SameWallTimeError`` naming it, its status, step and reason.
     """
     first = next(iter(specs.values()))
     calibration_steps = max(1, min(calibration_steps, first.training.schedule.warmup_steps, first.training.max_steps))
     sinks = {name: MemorySink() for name in specs}
 
-    def train_to(name: str, spec: Spec, stop: int) -> None:
-        train(spec, prepared, work / name, sinks[name], device="cpu", stop_after_step=stop)
+    ended: set[str] = set()
 
+    def train_to(name: str, spec: Spec, stop: int) -> int:
+        """Train ``name`` up to step ``stop``; the step it is now at. A model that completes or stops early is
+        added to ``ended``."""
+        result = train(spec, prepared, work / name, sinks[name], device="cpu", stop_after_step=stop)
+        if result.status == "stopped":
+            return result.step
+        if result.status in ("completed", "early_stopped"):
+            # An early stop ends this model's run: its curve stops there, the others train on.
+            ended.add(name)
+            return result.step
+        # A failed run (an anomaly it could not roll back past) or a preempted one would resume from the same
+        # checkpoint and fail again at every chunk; comparing its curve would compare nothing.
+        raise SameWallTimeError(f"{name} ended {result.status} at step {result.step}: {result.reason}")
+
+    at = dict.fromkeys(specs, 0)
     for stop in sorted({max(1, calibration_steps * k // 3) for k in (1, 2, 3)}):
         for name, spec in specs.items():
-            train_to(name, spec, stop)
+            if name not in ended:
+                at[name] = train_to(name, spec, stop)
     calibrated = {name: statistics.median(_step_seconds(sink)) for name, sink in sinks.items()}
     budget_s = budget(calibrated)
     for name, spec in list(specs.items()):
@@ -613,12 +633,10 @@ def train_same_wall_time(
         schedule["warmup_steps"] = min(schedule["warmup_steps"], own_steps // 2)
         changes = {"max_steps": own_steps, "eval_interval": interval, "schedule": schedule}
         specs[name] = _variant(spec, training=changes)
-    at = dict.fromkeys(specs, calibration_steps)
-    while any(at[name] < spec.training.max_steps for name, spec in specs.items()):
+    while any(name not in ended and at[name] < spec.training.max_steps for name, spec in specs.items()):
         for name, spec in specs.items():
-            if at[name] < spec.training.max_steps:
-                at[name] = min(at[name] + chunk, spec.training.max_steps)
-                train_to(name, spec, at[name])
+            if name not in ended and at[name] < spec.training.max_steps:
+                at[name] = train_to(name, spec, min(at[name] + chunk, spec.training.max_steps))
         print(f"same_wall_time: {at}", file=sys.stderr, flush=True)
     return SameWallTimeRun(dict(specs), sinks, calibrated, budget_s, calibration_steps)
 

@@ -185,7 +185,8 @@ def learning_per_second(
         "val_loss_at_compared_seconds": at_common,
         "moe_step_over_dense": round(moe["step_ms_median"] / dense["step_ms_median"], 3),
         "side_by_side": paired,
-        "moe_ahead_at_evaluations": f"{sum(row['moe'] < row['dense'] for row in paired)} of {len(paired)}",
+        "moe_ahead_at_evaluations": sum(row["moe"] < row["dense"] for row in paired),
+        "evaluations_compared": len(paired),
         "moe_wins_per_second": (
             at_common["moe"] is not None and at_common["dense"] is not None and at_common["moe"] < at_common["dense"]
         ),
@@ -200,7 +201,8 @@ NOTES = [
     "(evaluations and checkpoints excluded)",
     "val_loss_at_compared_seconds: each curve interpolated at the shorter run's last evaluation",
     "side_by_side: at each MoE evaluation, the dense curve interpolated at the same seconds; "
-    "moe_ahead_at_evaluations counts where the MoE's validation loss is the lower",
+    "moe_ahead_at_evaluations counts the rows of side_by_side (evaluations_compared in all) where the MoE's "
+    "validation loss is the lower",
     "epochs: passes over the corpus's train_tokens (the trainer's epoch metric at the last step); "
     f"final_train_loss: the mean training loss of the last {FINAL_TRAIN_STEPS} steps (against final_val_loss: "
     "the generalisation gap); best_val_loss: the lowest point of the curve",

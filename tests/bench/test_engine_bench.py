@@ -96,3 +96,43 @@ def test_the_tiny_demo_trains_for_the_same_time_with_each_choice(tmp_path: Path)
         assert 0 < entry["val_loss"] < uniform, name  # trained down from the start
         assert (entry["mtp_loss_last_50_mean"] is not None) == (name == "adamw_mtp_depth_1"), name
     assert variants["muon"]["optimizer"] == "muon" and variants["adamw_mtp_depth_1"]["mtp_depth"] == 1
+
+
+def _same_wall_time_specs(tmp_path: Path, bad: dict[str, object]) -> tuple[dict[str, engine.Spec], engine.PreparedData]:
+    """The tiny demo template at a smoke-test size, and a twin changed by ``bad`` (training fields)."""
+    from builder.configs.presets import PRESETS
+    from workers.engine.data import prepare
+
+    base = PRESETS["tiny-cpu-demo"].spec
+    schedule = {**base.training.schedule.model_dump(), "warmup_steps": 6}
+    quick = {"max_steps": 24, "schedule": schedule, "checkpoint_interval": 10_000_000, "eval_interval": 8}
+    specs = {"good": engine._variant(base, training=quick), "bad": engine._variant(base, training={**quick, **bad})}
+    corpus = engine.write_demo_corpus(tmp_path / "corpus.jsonl", 20)
+    return specs, prepare(specs["good"], corpus, tmp_path / "prepared")
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_a_failing_model_stops_the_same_wall_time_run_with_its_reason(tmp_path: Path) -> None:
+    """A run whose anomaly guard stops it is not resumed chunk after chunk: the comparison fails, naming it."""
+    torch.set_num_threads(1)
+    # Every rise of the loss above the window's mean is an anomaly, and its action is to stop the run.
+    anomaly = {"enabled": True, "window": 3, "threshold": 1e-6, "action": "stop", "max_rollbacks": 0}
+    specs, prepared = _same_wall_time_specs(tmp_path, {"optimizer": {"name": "adamw", "lr": 1.0}, "anomaly": anomaly})
+    with pytest.raises(engine.SameWallTimeError, match=r"^bad ended failed at step \d+: "):
+        engine.train_same_wall_time(specs, prepared, tmp_path, lambda calibrated: 24 * calibrated["good"], 6, 6)
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_a_model_that_stops_early_ends_its_curve_while_the_others_train_on(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    # No evaluation improves by 10 nats on the one before: the run stops at its second evaluation.
+    plateau = {"enabled": False, "min_delta": 10.0}
+    specs, prepared = _same_wall_time_specs(tmp_path, {"early_stopping_patience": 1, "plateau": plateau})
+    run = engine.train_same_wall_time(specs, prepared, tmp_path, lambda calibrated: 24 * calibrated["good"], 6, 6, 3)
+    good_steps = [step for step, _ in run.sinks["good"].series("loss")]
+    bad_steps = [step for step, _ in run.sinks["bad"].series("loss")]
+    assert good_steps[-1] == run.specs["good"].training.max_steps
+    # Trained to its second evaluation and not one step further, each step once (not resumed again and again).
+    evaluations = [step for step, _ in run.sinks["bad"].series("val_loss")]
+    assert len(evaluations) == 2 and bad_steps[-1] == evaluations[-1] < run.specs["bad"].training.max_steps
+    assert bad_steps == list(range(1, bad_steps[-1] + 1))
