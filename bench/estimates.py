@@ -22,6 +22,11 @@ Calibration is the worker's path (``workers.engine.calibrate.measure_training``,
 on random batches, interleaved with the rest): each shape's factor is measured / predicted, and, as the web tier
 applies the median of a profile's recent calibrations to every estimate (``builder.configs.services``), the
 calibrated prediction of each shape is its uncalibrated prediction times the median factor of the templates.
+
+The uncalibrated prediction is what the platform shows before anyone calibrates: the CPU profile with the rates
+that ``workers.engine.probe`` measures when a worker starts (run here once before the rounds, and once after them
+to show the drift). The prediction from the reference machine's figures (``*_reference_profile``), what the web
+tier shows while no live worker has measured its CPU, is reported beside it.
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ from unittest import mock
 import torch
 
 from workers.engine import calibrate as calibrate_module
+from workers.engine import probe as probe_module
 from workers.engine import train as train_module
 from workers.engine.allocator import keep_freed_memory
 from workers.engine.calibrate import TrainingSteps
 from workers.engine.data import PreparedData, prepare
 from workers.engine.estimate import estimate_time
-from workers.engine.hardware import HardwareProfile, cpu_profile
+from workers.engine.hardware import CpuRates, HardwareProfile, cpu_profile
 from workers.engine.sinks import MemorySink
 from workers.engine.spec import Spec
 from workers.engine.train import train
@@ -174,12 +180,18 @@ def _clock(cpu_time: bool) -> Iterator[None]:
     with (
         mock.patch.object(train_module, "time", _ThreadClock()),
         mock.patch.object(calibrate_module, "time", _ThreadClock()),
+        mock.patch.object(probe_module, "time", _ThreadClock()),
     ):
         yield
 
 
 def run(quick: bool, rounds: int, steps: int, work: Path, cpu_time: bool = False) -> dict[str, Any]:
-    profile: HardwareProfile = cpu_profile(cores=torch.get_num_threads())
+    reference: HardwareProfile = cpu_profile(cores=torch.get_num_threads())
+    # What a worker started now would advertise (workers.engine.devices), and what the web tier then estimates
+    # with: the probe's rates in place of the reference machine's.
+    with _clock(cpu_time):
+        probed_start = probe_module.measure_cpu_rates()
+    profile = cpu_profile(rates=probed_start)
     chosen = shapes(quick)
     documents = 60 if quick else 400
     runs: dict[str, TrainRun] = {}
@@ -210,10 +222,13 @@ def run(quick: bool, rounds: int, steps: int, work: Path, cpu_time: bool = False
                     calibration[name] += calib
             print(f"estimates: round {r} done, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
+    with _clock(cpu_time):
+        probed_end = probe_module.measure_cpu_rates()
     results: dict[str, dict[str, Any]] = {}
     factors: dict[str, float] = {}
     for name, (spec, is_template) in chosen.items():
         predicted = estimate_time(spec, profile)
+        reference_ms = estimate_time(spec, reference).step_seconds * 1000
         measured_ms = _median_ms(measured[name])
         calib_ms = _median_ms(calibration[name])
         predicted_ms = predicted.step_seconds * 1000
@@ -232,6 +247,8 @@ def run(quick: bool, rounds: int, steps: int, work: Path, cpu_time: bool = False
             "measured_ms": measured_ms,
             "measured_steps": len(measured[name]),
             "ratio": round(measured_ms / predicted_ms, 3) if measured_ms else None,
+            "predicted_ms_reference_profile": round(reference_ms, 2),
+            "ratio_reference_profile": round(measured_ms / reference_ms, 3) if measured_ms else None,
             "calibration_step_ms": calib_ms,
             "calibration_factor": round(factor, 3) if factor else None,
         }
@@ -243,7 +260,8 @@ def run(quick: bool, rounds: int, steps: int, work: Path, cpu_time: bool = False
         m = entry["measured_ms"]
         entry["calibrated_error"] = round(calibrated_ms / m - 1, 3) if m else None
         r = entry["ratio"]
-        entry["within_1_5x"] = r is not None and 1 / UNCALIBRATED_TARGET <= r <= UNCALIBRATED_TARGET
+        entry["within_1_5x"] = _within(r)
+        entry["within_1_5x_reference_profile"] = _within(entry["ratio_reference_profile"])
         entry["calibrated_within_30pct"] = m is not None and abs(calibrated_ms / m - 1) <= CALIBRATED_TARGET
     templates = [e for e in results.values() if e["template"]]
     return {
@@ -257,24 +275,50 @@ def run(quick: bool, rounds: int, steps: int, work: Path, cpu_time: bool = False
         "steps_per_round": steps,
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "profile": {
-            "peak_flops_fp32": profile.peak_flops["fp32"],
-            "efficiency": profile.efficiency,
-            "layer_overhead_seconds": profile.layer_overhead_seconds,
-            "bandwidth_bytes_per_s": profile.bandwidth_bytes_per_s,
-        },
+        "profile": _profile_figures(profile),
+        "reference_profile": _profile_figures(reference),
+        "probe": {"start": _rates_figures(probed_start), "end": _rates_figures(probed_end)},
         "applied_calibration_factor": round(applied, 3),
         "targets": {"uncalibrated_ratio_within": UNCALIBRATED_TARGET, "calibrated_error_within": CALIBRATED_TARGET},
         "templates_within_1_5x": all(e["within_1_5x"] for e in templates),
+        "templates_within_1_5x_reference_profile": all(e["within_1_5x_reference_profile"] for e in templates),
         "templates_calibrated_within_30pct": all(e["calibrated_within_30pct"] for e in templates),
         "results": results,
         "notes": [
             "ratio = measured / predicted (uncalibrated); > 1: the estimate is optimistic",
+            "predicted: the CPU profile with the rates workers.engine.probe measured at the start (probe.start), "
+            "what a worker started then advertises and the web tier estimates with; *_reference_profile: with the "
+            "reference machine's figures (no worker has measured its CPU); probe.end: the same probe after the "
+            "rounds (the machine's drift during the run)",
             "measured: workers.engine.train.train's step_time_s, median over the counted steps of interleaved rounds",
             "calibrated_ms: predicted x applied_calibration_factor, the median of the templates' factors from "
             "workers.engine.calibrate's timed steps (as the web tier applies the median of recent calibrations)",
             "this machine is shared (2 cores, other agents): see the load averages",
         ],
+    }
+
+
+def _within(ratio: float | None) -> bool:
+    return ratio is not None and 1 / UNCALIBRATED_TARGET <= ratio <= UNCALIBRATED_TARGET
+
+
+def _profile_figures(profile: HardwareProfile) -> dict[str, Any]:
+    return {
+        "peak_flops_fp32": profile.peak_flops["fp32"],
+        "efficiency": profile.efficiency,
+        "layer_overhead_seconds": profile.layer_overhead_seconds,
+        "bandwidth_bytes_per_s": profile.bandwidth_bytes_per_s,
+        "dropout_seconds_per_element": profile.dropout_seconds_per_element,
+    }
+
+
+def _rates_figures(rates: CpuRates) -> dict[str, Any]:
+    return {
+        "matmul_gflops": round(rates.matmul_flops / 1e9, 1),
+        "layer_ms": round(rates.layer_seconds * 1e3, 3),
+        "copy_gb_per_s": round(rates.copy_bytes_per_s / 1e9, 2),
+        "dropout_ns_per_element": round(rates.dropout_seconds_per_element * 1e9, 2),
+        "threads": rates.threads,
     }
 
 

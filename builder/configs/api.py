@@ -40,7 +40,7 @@ from builder.configs.specdiff import diff_specs
 from builder.core.errors import Refusal
 from builder.core.openapi import PATH_ERRORS, PathErrorSerializer
 from builder.core.parsers import MAX_DB_INT, db_int
-from workers.engine.hardware import PROFILES
+from builder.core.profiles import hardware_profile, hardware_profiles
 from workers.engine.spec import json_schema
 
 ERRORS = PATH_ERRORS
@@ -199,7 +199,7 @@ class ValidateView(PathErrorView):
     )
     def post(self, request: Request) -> Response:
         data = _valid(s.SpecRequestSerializer, request)
-        hardware = PROFILES[data["hardware"]] if data.get("hardware") else None
+        hardware = hardware_profile(data["hardware"]) if data.get("hardware") else None
         raw = data["spec"]
         try:
             spec = parse_spec(raw)
@@ -224,7 +224,10 @@ class EstimateView(PathErrorView):
         result = estimate_with_advice(
             data["spec"],
             EstimateRequest(
-                PROFILES[data["hardware"]], data.get("num_gpus"), data.get("parallelism"), data.get("dataset_tokens")
+                hardware_profile(data["hardware"]),
+                data.get("num_gpus"),
+                data.get("parallelism"),
+                data.get("dataset_tokens"),
             ),
         )
         return Response(result)
@@ -258,9 +261,12 @@ class HardwareListView(APIView):
     @extend_schema(responses=s.HardwareSerializer(many=True), summary="Hardware profiles and their calibration")
     def get(self, request: Request) -> Response:
         factors = calibration_factors()
-        keys = ("key", "name", "kind", "memory_bytes", "bandwidth_bytes_per_s", "peak_flops", "efficiency")
+        keys = (
+            "key", "name", "kind", "memory_bytes", "bandwidth_bytes_per_s", "peak_flops", "efficiency",
+            "layer_overhead_seconds", "notes",
+        )  # fmt: skip
         rows = []
-        for p in PROFILES.values():
+        for p in hardware_profiles().values():
             d = p.as_dict()
             rows.append({**{k: d[k] for k in keys}, "max_devices": p.max_devices, "calibration_factor": factors[p.key]})
         return Response(rows)

@@ -19,9 +19,9 @@ from builder.configs.models import HardwareCalibration
 from builder.configs.services import stored_spec
 from builder.configs.work import CALIBRATIONS
 from builder.core.durable import Heartbeat, WorkState
+from builder.core.profiles import hardware_profile
 from builder.core.redaction import describe_failure, hide_server_paths
 from workers.engine.estimate import estimate_time
-from workers.engine.hardware import get_profile
 from workers.engine.spec import Spec, load_spec
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def run_calibration(calibration_id: int, worker: str) -> dict[str, Any]:
             measured = measure_training(spec, steps=calibration.steps, warmup=WARMUP_STEPS)
         if measured.hardware is None:
             raise RuntimeError(f"no hardware profile matches the device {measured.device_name!r}")
-        profile = get_profile(measured.hardware)
+        # The profile the estimates apply the factor to: the CPU's with its workers' measured rates.
+        profile = hardware_profile(measured.hardware)
         predicted = estimate_time(spec, profile).step_seconds
         outcome = {
             "state": WorkState.SUCCEEDED,

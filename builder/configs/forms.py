@@ -8,6 +8,7 @@ from typing import Any
 from django import forms
 
 from builder.configs.wizard import DATA_SIZES, GPU_COUNTS, HOURS_CHOICES, Answers
+from builder.core.profiles import hardware_profile
 from workers.engine.hardware import PROFILES
 
 # The wizard's steps, in order, with the answer fields each adds.
@@ -109,6 +110,7 @@ class WizardForm(forms.Form):
             num_labels=int(d.get("num_labels") or 2),
             context="long" if d.get("context") == "long" else "short",
             continue_later=bool(d.get("continue_later")),
+            profile=hardware_profile(d["hardware"]),  # the CPU's at its workers' measured rates
         )
 
 

@@ -12,6 +12,7 @@ from builder.configs.models import Config, ConfigVersion, HardwareCalibration, V
 from builder.configs.services import parse_spec
 from builder.core.errors import Refusal
 from builder.core.parsers import BoundedJSONField
+from builder.core.profiles import hardware_profile
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import Spec
 
@@ -176,7 +177,7 @@ class EstimateRequestSerializer(serializers.Serializer[dict[str, Any]]):
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        profile = PROFILES[attrs["hardware"]]
+        profile = hardware_profile(attrs["hardware"])
         # Each value is well-formed; together they are not (the rule is the profile's): 422.
         if "num_gpus" in attrs and attrs["num_gpus"] > profile.max_devices:
             raise Refusal("num_gpus", f"{profile.name} allows at most {profile.max_devices}", 422)
@@ -218,6 +219,8 @@ class HardwareSerializer(serializers.Serializer[dict[str, Any]]):
     bandwidth_bytes_per_s = serializers.FloatField()
     peak_flops = serializers.DictField()
     efficiency = serializers.FloatField()
+    layer_overhead_seconds = serializers.FloatField(help_text="Dispatch time of one small MoE block's step.")
+    notes = serializers.CharField(help_text="Where the figures come from (the CPU's: measured by its workers).")
     max_devices = serializers.IntegerField()
     calibration_factor = serializers.FloatField(help_text="Measured / predicted step time (1.0: uncalibrated).")
 

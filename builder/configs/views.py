@@ -44,6 +44,7 @@ from builder.configs.specdiff import align, diff_specs, flatten
 from builder.configs.wizard import DATA_SIZES, propose
 from builder.core.errors import Refusal
 from builder.core.parsers import load_json
+from builder.core.profiles import hardware_profile, hardware_profiles
 from workers.engine.estimate import Parallelism, estimate_time
 from workers.engine.hardware import PROFILES
 from workers.engine.spec import Spec, json_schema
@@ -92,7 +93,7 @@ def _parallelism(request: HttpRequest) -> str | None:
 def _estimate_context(
     spec: Any, hardware: str, gpus: int | None, dataset_tokens: int | None = None, parallelism: str | None = None
 ) -> dict[str, Any]:
-    profile = PROFILES[hardware]
+    profile = hardware_profile(hardware)
     note = ""
     if gpus is None and spec.training.distributed.devices > profile.max_devices:
         # What the job asks for cannot run here: say so, and show the most this hardware holds.
@@ -128,7 +129,7 @@ def architecture_costs(
         raw["model"]["mtp_depth"] = 0
         without = estimate_time(
             parse_spec(raw),
-            PROFILES[hardware],
+            hardware_profile(hardware),
             num_gpus=est["num_gpus"],  # the devices the estimate used (the spec's, or those asked for)
             parallelism=cast(Parallelism, est["parallelism"]),
             calibration=est["time"]["calibration_factor"],
@@ -196,7 +197,7 @@ def detail(request: HttpRequest, config_id: int) -> HttpResponse:
         "sel_a": sel_a,
         "sel_b": sel_b,
         "errors": errors,
-        "profiles": PROFILES.values(),
+        "profiles": hardware_profiles().values(),
         "hw_key": hw,
         "gpus": gpus,
         "spec_json": json.dumps(latest.spec, indent=2),
@@ -235,7 +236,7 @@ def _proposal_context(form: WizardForm, data: Any) -> dict[str, Any]:
         for error in exc.errors:
             field_errors.setdefault(error.path, error.message)
         spec = None
-        context["warnings"] = advice_for_raw(raw, PROFILES[answers.hardware], answers.num_gpus)
+        context["warnings"] = advice_for_raw(raw, hardware_profile(answers.hardware), answers.num_gpus)
     flat = flatten(raw)
     context["tweaks"] = [
         {
@@ -301,7 +302,7 @@ def wizard(request: HttpRequest) -> HttpResponse:
 
 def _default_name(request: HttpRequest, form: WizardForm) -> str:
     a = form.answers()
-    base = f"{a.task} · {a.data_size} data · {PROFILES[a.hardware].name} · {a.priority}"
+    base = f"{a.task} · {a.data_size} data · {hardware_profile(a.hardware).name} · {a.priority}"
     name, n = base, 2
     while visible_configs(request.user).filter(name=name).exists():
         name, n = f"{base} ({n})", n + 1
@@ -386,7 +387,7 @@ def editor(request: HttpRequest, config_id: int | None = None) -> HttpResponse:
         "config": config,
         "presets": PRESETS.values(),
         "boot": boot,
-        "profiles": PROFILES.values(),
+        "profiles": hardware_profiles().values(),
     }
     return render(request, "configs/editor.html", context)
 
@@ -485,7 +486,7 @@ def compare(request: HttpRequest) -> HttpResponse:
         for label, keys in ARCHITECTURE_ROWS
     }
     rows = align([c["spec"] for c in columns]) if columns else []
-    scale = max([c["est"]["memory"]["peak"] for c in columns] + [PROFILES[hw].memory_bytes], default=1)
+    scale = max([c["est"]["memory"]["peak"] for c in columns] + [hardware_profile(hw).memory_bytes], default=1)
     context = {
         "columns": columns,
         "rows": rows,
@@ -493,8 +494,8 @@ def compare(request: HttpRequest) -> HttpResponse:
         "differing": sum(1 for r in rows if r.differs),
         "choices": _choices(request),
         "slots": [refs[i] if i < len(refs) else "" for i in range(MAX_COMPARED)],
-        "profiles": PROFILES.values(),
-        "hw": PROFILES[hw],
+        "profiles": hardware_profiles().values(),
+        "hw": hardware_profile(hw),
         "hw_key": hw,
         "gpus": gpus,
         "par": _parallelism(request),

@@ -113,6 +113,9 @@ class Answers:
     num_labels: int = 2
     context: Context = "short"  # how long the texts the model generates from and into are
     continue_later: bool = False  # the run may be trained further later (more steps or new data)
+    # The profile of ``hardware`` as the caller resolved it (the views: the CPU's with its workers' measured
+    # rates, ``builder.core.profiles``); None: ``PROFILES[hardware]``. Keeps ``propose`` free of the database.
+    profile: HardwareProfile | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # The forms validate each answer for the person; this guards the function's own contract.
@@ -122,7 +125,9 @@ class Answers:
             raise ValueError(f"data_size: {self.data_size!r} is not one of {', '.join(DATA_SIZES)}")
         if self.hardware not in PROFILES:
             raise ValueError(f"hardware: {self.hardware!r} is not one of {', '.join(PROFILES)}")
-        profile = PROFILES[self.hardware]
+        if self.profile is not None and self.profile.key != self.hardware:
+            raise ValueError(f"profile: {self.profile.key!r} is not the profile of hardware {self.hardware!r}")
+        profile = self.hardware_profile
         if not 1 <= self.num_gpus <= profile.max_devices:
             raise ValueError(f"num_gpus: {profile.name} allows 1 to {profile.max_devices}")
         if not 0 < self.hours <= 24 * 365:
@@ -133,6 +138,10 @@ class Answers:
             raise ValueError("num_labels: between 2 and 10000")
         if self.context not in ("short", "long"):
             raise ValueError(f"context: {self.context!r} is not short or long")
+
+    @property
+    def hardware_profile(self) -> HardwareProfile:
+        return self.profile if self.profile is not None else PROFILES[self.hardware]
 
     @property
     def long_generation(self) -> bool:
@@ -166,7 +175,7 @@ class Proposal:
 
     @property
     def hardware(self) -> HardwareProfile:
-        return PROFILES[self.answers.hardware]
+        return self.answers.hardware_profile
 
 
 def _heads_for(width: int) -> int:
@@ -251,7 +260,7 @@ def _seq_len(answers: Answers, hardware: HardwareProfile) -> int:
 
 def _base_spec(answers: Answers, layers: int, width: int, seq: int) -> dict[str, Any]:
     data = DATA_SIZES[answers.data_size]
-    hardware = PROFILES[answers.hardware]
+    hardware = answers.hardware_profile
     classification = answers.task == "classification"
     precision = "fp32"
     if hardware.kind == "gpu":
@@ -301,7 +310,7 @@ def _fits(spec: Spec, hardware: HardwareProfile, num_gpus: int) -> bool:
 def _fit_batch(raw: dict[str, Any], answers: Answers) -> tuple[Spec, list[str]] | None:
     """The largest micro-batch that fits (checkpointing, then bf16 on CPU, only when even 4 sequences do
     not), accumulating to the target tokens per step. None when nothing fits."""
-    hardware = PROFILES[answers.hardware]
+    hardware = answers.hardware_profile
     seq = raw["data"]["seq_len"]
     target = DATA_SIZES[answers.data_size].tokens_per_step
     per_device = max(1, target // (seq * answers.num_gpus))
@@ -349,7 +358,7 @@ def _training_choices(
 ) -> tuple[Spec, int, Choices]:
     """The optimizer and multi-token prediction for the chosen shape (rule 7), and the steps the budget then
     affords. The schedule follows later with the step count."""
-    hardware = PROFILES[answers.hardware]
+    hardware = answers.hardware_profile
 
     def step_seconds(candidate: Spec) -> float:
         return estimate_time(candidate, hardware, num_gpus=answers.num_gpus, calibration=calibration).step_seconds
@@ -392,7 +401,7 @@ def propose(answers: Answers, *, calibration: float = 1.0) -> Proposal:
     ``calibration`` is the hardware's measured / predicted step-time factor, so that budgets are judged on
     measured speed when a worker has calibrated the profile.
     """
-    hardware = PROFILES[answers.hardware]
+    hardware = answers.hardware_profile
     data = DATA_SIZES[answers.data_size]
     dataset_tokens = answers.dataset_tokens
     seq = _seq_len(answers, hardware)
@@ -489,7 +498,7 @@ def _reasons(
     calibration: float,
     cut_by: str,
 ) -> dict[str, str]:
-    hardware = PROFILES[answers.hardware]
+    hardware = answers.hardware_profile
     data = DATA_SIZES[answers.data_size]
     m, t, d = spec.model, spec.training, spec.data
     b = parameter_breakdown(spec)
@@ -800,7 +809,7 @@ def _deepseek_reasons(answers: Answers, spec: Spec, choices: Choices, r: dict[st
     else:
         if answers.priority == "speed":
             why_not = f"Muon would make each step {muon_extra} longer (estimated), and you asked for speed"
-        elif PROFILES[answers.hardware].kind == "cpu":
+        elif answers.hardware_profile.kind == "cpu":
             why_not = (
                 "On a CPU, Muon's Newton-Schulz iterations on small matrices cost more than estimated: on the tiny "
                 "demo template a step took 28% longer, and for the same training time it ended with a higher "

@@ -10,6 +10,8 @@ class FleetConfig(AppConfig):
 
     def ready(self) -> None:
         from builder.core.health import register_section
-        from builder.fleet.registry import advertised_workers
+        from builder.core.profiles import register_cpu_rates_source
+        from builder.fleet.registry import advertised_workers, live_cpu_rates
 
         register_section("workers", advertised_workers)
+        register_cpu_rates_source(live_cpu_rates)

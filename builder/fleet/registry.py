@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from builder.core.formatting import human_bytes
 from builder.fleet.models import Worker
 from builder.jobs.access import visible_jobs
 from builder.jobs.models import Job, JobState
+from workers.engine.hardware import CpuRates
 
 log = logging.getLogger(__name__)
 GROUP = "workers"
@@ -154,7 +156,8 @@ class Presence:
 
 def describe(hardware: dict[str, Any]) -> str:
     """``2 × NVIDIA A100-SXM4-80GB (cuda), 79.3 GiB each, bf16`` / ``2 cores of Intel Xeon (cpu), 23.5 GiB RAM, bf16
-    (AMX, AVX-512 BF16)`` (a CPU's native bf16 units, as its worker reported them)."""
+    (AMX, AVX-512 BF16); measured 250 GFLOP/s fp32 matmul`` (a CPU's native bf16 units and its matmul rate, as
+    its worker reported them)."""
     kind = hardware.get("device_type", "unknown")
     if kind == "unknown":
         return f"unknown ({hardware.get('error', 'not detected yet')})"
@@ -164,7 +167,13 @@ def describe(hardware: dict[str, Any]) -> str:
     if bf16 and hardware.get("bf16_units"):
         bf16 += f" ({', '.join(hardware['bf16_units'])})"
     if kind == "cpu":
-        return f"{count} core{'s' if count != 1 else ''} of {name} (cpu), {memory} RAM{bf16}"
+        measured = ""
+        rates = hardware.get("rates")
+        if isinstance(rates, dict) and isinstance(rates.get("matmul_flops"), int | float):
+            measured = f"; measured {rates['matmul_flops'] / 1e9:.0f} GFLOP/s fp32 matmul"
+        elif hardware.get("rates_error"):
+            measured = f"; its CPU could not be measured ({hardware['rates_error']})"
+        return f"{count} core{'s' if count != 1 else ''} of {name} (cpu), {memory} RAM{bf16}{measured}"
     return f"{count} × {name} ({kind}), {memory} each{bf16}"
 
 
@@ -186,6 +195,34 @@ def mismatches(queues: list[str], hardware: dict[str, Any]) -> list[str]:
 
 def _silent_after() -> timedelta:
     return timedelta(seconds=SILENT_AFTER_BEATS * settings.WORKER_HEARTBEAT_SECONDS)
+
+
+def live_cpu_rates() -> CpuRates | None:
+    """The median of each CPU rate that the live workers on a CPU measured when they started
+    (``workers.engine.probe``, in their ``hardware``; the estimator's CPU profile takes them:
+    ``builder.core.profiles``); None when no live worker reported valid rates. A stopped or silent worker's
+    rates do not count: the machine it measured may be gone."""
+    fresh = timezone.now() - _silent_after()
+    found = []
+    for hardware in Worker.objects.filter(stopped_at__isnull=True, heartbeat_at__gte=fresh).values_list(
+        "hardware", flat=True
+    ):
+        if not isinstance(hardware, dict) or hardware.get("device_type") != "cpu":
+            continue
+        raw = hardware.get("rates")
+        try:
+            found.append(CpuRates.from_dict(raw if isinstance(raw, dict) else {}))
+        except ValueError:
+            continue  # an older worker (no rates), or a failed probe (rates_error says why on the workers page)
+    if not found:
+        return None
+    return CpuRates(
+        matmul_flops=statistics.median(r.matmul_flops for r in found),
+        layer_seconds=statistics.median(r.layer_seconds for r in found),
+        copy_bytes_per_s=statistics.median(r.copy_bytes_per_s for r in found),
+        dropout_seconds_per_element=statistics.median(r.dropout_seconds_per_element for r in found),
+        threads=int(statistics.median_low(r.threads for r in found)),
+    )
 
 
 def listed_workers() -> list[Worker]:

@@ -28,6 +28,16 @@ def test_quick_reports_the_tiny_demo(clock: str, capsys: pytest.CaptureFixture[s
     assert entry["calibrated_ms"] == pytest.approx(entry["calibration_step_ms"], rel=0.01)
     assert math.isfinite(entry["calibrated_error"])
     assert isinstance(report["templates_within_1_5x"], bool)
+    # The prediction uses the probe's rates (what a worker advertises); the reference figures' is beside it.
+    probed = report["probe"]["start"]
+    assert report["profile"]["peak_flops_fp32"] == pytest.approx(probed["matmul_gflops"] * 1e9, rel=1e-3)
+    assert report["profile"]["layer_overhead_seconds"] == pytest.approx(probed["layer_ms"] / 1e3, rel=1e-3)
+    assert report["reference_profile"]["peak_flops_fp32"] == 190e9  # one core of the reference machine
+    assert report["probe"]["end"]["threads"] == probed["threads"] == 1
+    assert entry["ratio_reference_profile"] == pytest.approx(
+        entry["measured_ms"] / entry["predicted_ms_reference_profile"], rel=0.01
+    )
+    assert entry["predicted_ms_reference_profile"] != entry["predicted_ms"]
 
 
 @pytest.mark.usefixtures("torch_threads_restored")

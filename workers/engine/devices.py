@@ -44,7 +44,8 @@ def describe_devices() -> dict[str, Any]:
     On CPU ``count`` is the cores this process may use (one training process each) and ``memory_bytes`` the
     machine's RAM, shared by them; ``bf16_units`` names the units that multiply bf16 natively (``["AMX",
     "AVX-512 BF16"]``, empty without: ``workers.engine.hardware.cpu_bf16_units``), and ``bf16`` is true only
-    when oneDNN also says it runs bf16 there.
+    when oneDNN also says it runs bf16 there; ``rates`` is what ``workers.engine.probe`` measured of the CPU (the
+    estimator's rates for it), or None with ``rates_error``.
     """
     import torch
 
@@ -82,7 +83,19 @@ def describe_devices() -> dict[str, Any]:
         "profile": "cpu",
         "cuda_error": cuda_error,
         "torch": torch.__version__,
+        **_measured_rates(),
     }
+
+
+def _measured_rates() -> dict[str, Any]:
+    """``{"rates": CpuRates.as_dict(), "rates_error": None}`` of this CPU (``workers.engine.probe``), or ``rates``
+    None and why: a failed probe leaves the estimates on the reference figures, it does not stop the worker."""
+    try:
+        from workers.engine.probe import measure_cpu_rates
+
+        return {"rates": measure_cpu_rates().as_dict(), "rates_error": None}
+    except Exception as exc:
+        return {"rates": None, "rates_error": f"{type(exc).__name__}: {exc}"}
 
 
 if __name__ == "__main__":

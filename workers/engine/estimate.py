@@ -819,6 +819,20 @@ def matmul_efficiency(spec: Spec, hardware: HardwareProfile) -> float:
     return hardware.efficiency * math.sqrt(spec.model.hidden_size / width)
 
 
+def dropout_elements_per_token(spec: Spec) -> float:
+    """Dropout-mask elements drawn per token of a training micro-batch: ``hidden_size`` for the embedding's
+    dropout and for each block's two residual ones (an MTP module: its embedding and its block), and attention
+    dropout's row of ``num_heads x seq_len`` probabilities per block (the math path draws the whole square)."""
+    m = spec.model
+    blocks = m.num_layers + m.mtp_depth
+    elements = 0.0
+    if m.dropout > 0:
+        elements += m.hidden_size * (1 + 2 * blocks + m.mtp_depth)
+    if m.attention_dropout > 0:
+        elements += m.num_heads * spec.data.seq_len * blocks
+    return elements
+
+
 def estimate_time(
     spec: Spec,
     hardware: HardwareProfile,
@@ -827,8 +841,9 @@ def estimate_time(
     parallelism: Parallelism | None = None,
     calibration: float = 1.0,
 ) -> TimeEstimate:
-    """Step time as matmul FLOPs at the profile's efficiency plus bandwidth-bound traffic, times the
-    calibration factor (measured / predicted step time from a real run on this hardware; 1.0 uncalibrated).
+    """Step time as matmul FLOPs at the profile's efficiency plus bandwidth-bound traffic, dispatch and the
+    drawing of dropout masks, times the calibration factor (measured / predicted step time from a real run on
+    this hardware; 1.0 uncalibrated).
 
     Devices (default: the spec's ``training.distributed``) work in parallel on their share of the global
     micro-batch; on a CPU profile the processes share the cores and the memory bandwidth. Communication is not
@@ -868,13 +883,16 @@ def estimate_time(
     else:
         ops = DispatchCount(micro_batch=float(_REFERENCE_LAYER_OPS * (m.num_layers + m.mtp_depth)), step=0.0)
 
+    # Drawing dropout masks: one thread's work per process on a CPU, like dispatch (not divided by ``share``).
+    dropout = hardware.dropout_seconds_per_element * dropout_elements_per_token(spec) * N * t.grad_accum_steps
+
     def step(imbalance: float) -> tuple[float, float]:
         # On the busiest device the routed experts' share of the work grows with the imbalance.
         expert_flops = 6 * m.num_moe_layers * m.moe.top_k * one_expert  # forward + backward, per token
         flops = (fl.training + expert_flops * (imbalance - 1.0)) * N * t.grad_accum_steps
         traffic = _ACTIVATION_TRAFFIC_FACTOR * saved * N * t.grad_accum_steps + optimizer_traffic
         dispatch = op_seconds * (ops.micro_batch * t.grad_accum_steps + ops.step)
-        return flops / rate + optimizer_seconds, traffic / bandwidth + dispatch
+        return flops / rate + optimizer_seconds, traffic / bandwidth + dispatch + dropout
 
     compute, memory = step(1.0)
     worst_compute, worst_memory = step(_imbalance_factor(spec, g, parallelism))

@@ -6,6 +6,9 @@ platform's reference machine (2 cores of an Intel Xeon with AMX, Debian 12, torc
 reaches 135–390 GFLOP/s depending on the day, bf16 through AMX about 3.8 times the fp32 rate measured beside it, a
 large ``numpy.copyto`` 18 GB/s). The CPU profile offers bf16 only where the CPU multiplies bf16 natively (AVX-512
 BF16 or AMX, read from ``/proc/cpuinfo``: ``cpu_bf16_units``); elsewhere oneDNN emulates it, slower than fp32.
+A worker measures its own CPU's rates when it starts (``workers.engine.probe``), and ``cpu_profile(rates=...)``
+puts them in place of the reference machine's (the web tier does so with its live workers' rates:
+``builder.core.profiles``).
 A profile's ``efficiency`` is the fraction of peak that a whole training step of a small-to-medium transformer
 reaches (model FLOPs utilisation); a measured step time on a worker replaces guesses through a calibration factor
 (see ``workers.engine.estimate.estimate``).
@@ -57,6 +60,13 @@ class HardwareProfile:
     # ``efficiency * sqrt(width / full_speed_width)``: short contracted dimensions, small tiles and more of the
     # step in the kernels' edges. 0: no such dependence (the GPU profiles: not measured).
     full_speed_width: int = 0
+    # Seconds to draw one element of a dropout mask: on a CPU a single-threaded random number generator (7 ns an
+    # element on the reference machine, however many cores), which dominates a dropout; 0 on a GPU, whose fused
+    # dropout kernels are bandwidth-bound like any elementwise pass (not measured here).
+    dropout_seconds_per_element: float = 0.0
+    # True when the rates are what this platform's workers measured of their device (workers.engine.probe), not
+    # a reference machine's or a vendor's figures.
+    measured: bool = False
 
     def supports(self, precision: str) -> bool:
         return self.peak_flops.get(precision) is not None
@@ -65,6 +75,38 @@ class HardwareProfile:
         out = asdict(self)
         out["device_names"] = list(self.device_names)
         return out
+
+
+@dataclass(frozen=True)
+class CpuRates:
+    """A CPU's rates as ``workers.engine.probe.measure_cpu_rates`` measured them on ``threads`` torch threads: a
+    1024² fp32 matmul's FLOP/s, one tiny-demo MoE block's forward and backward at 8 tokens (dispatch), a 64 MiB
+    copy's bytes/s and a dropout's seconds per element. ``cpu_profile(rates=...)`` takes them in place of the
+    reference machine's figures."""
+
+    matmul_flops: float
+    layer_seconds: float
+    copy_bytes_per_s: float
+    dropout_seconds_per_element: float
+    threads: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CpuRates:
+        """The rates of ``as_dict``'s output; ``ValueError`` naming the field that is missing or not positive."""
+        values: dict[str, Any] = {}
+        for name in ("matmul_flops", "layer_seconds", "copy_bytes_per_s", "dropout_seconds_per_element"):
+            value = raw.get(name)
+            # (NaN and infinity fail the bounds: a rate is a finite positive number.)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}: expected a positive number, got {value!r}")
+            values[name] = float(value)
+        threads = raw.get("threads")
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads: expected a positive integer, got {threads!r}")
+        return cls(threads=threads, **values)
 
 
 def _physical_memory_bytes() -> int:
@@ -111,28 +153,43 @@ def cpu_bf16_units(flags: frozenset[str] | None = None) -> tuple[str, ...]:
     )
 
 
-def cpu_profile(flags: frozenset[str] | None = None, cores: int | None = None) -> HardwareProfile:
+def cpu_profile(
+    flags: frozenset[str] | None = None, cores: int | None = None, rates: CpuRates | None = None
+) -> HardwareProfile:
     """The profile of this machine's CPU, or of one with the ``/proc/cpuinfo`` ``flags`` given (tests inject them):
     ``peak_flops["bf16"]`` is None, bf16 not offered, unless the CPU multiplies bf16 natively. ``cores``: the
     cores a training process uses (default: those this process may run on; ``bench.estimates --threads 1``
-    compares a one-thread run with a one-core profile)."""
+    compares a one-thread run with a one-core profile). ``rates``: what a worker measured of its CPU
+    (``workers.engine.probe``), which replace the reference machine's matmul peak, per-layer dispatch time and
+    bandwidth; the profile then has ``rates.threads`` cores unless ``cores`` says otherwise."""
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if rates is not None:
+            cores = rates.threads
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     units = cpu_bf16_units(flags)
-    # Per-core figures measured on the reference machine (module docstring); the worker's calibration corrects
-    # them on another CPU. fp16 autocast on CPU is not offered: the spec reserves fp16 for CUDA.
+    # Per-core figures measured on the reference machine (module docstring), unless the worker measured its own.
+    # fp16 autocast on CPU is not offered: the spec reserves fp16 for CUDA.
     # A 1024² fp32 matmul: 183 GFLOP/s in thread time on one thread, 389 on 2 threads of a quiet machine.
-    fp32_peak = 190e9 * cores
+    fp32_peak = rates.matmul_flops if rates is not None else 190e9 * cores
     bf16_peak: float | None = None
     if units:
         bf16_peak = fp32_peak * (BF16_SPEEDUP_AMX if "AMX" in units else BF16_SPEEDUP_AVX512)
+    measured = "Measured on this platform's reference machine"
+    if rates is not None:
+        measured = (
+            f"Measured by its workers ({rates.threads} thread{'s' if rates.threads != 1 else ''}): "
+            f"{rates.matmul_flops / 1e9:.0f} GFLOP/s fp32 matmul, {rates.layer_seconds * 1e3:.1f} ms a small MoE "
+            f"block's forward and backward, {rates.copy_bytes_per_s / GB:.1f} GB/s copy, "
+            f"{rates.dropout_seconds_per_element * 1e9:.1f} ns a dropout element"
+        )
     bf16_note = f"bf16 through {' and '.join(units)}" if units else "no native bf16 (neither AVX-512 BF16 nor AMX)"
     return HardwareProfile(
         key="cpu",
         name=f"This CPU ({cores} core{'s' if cores != 1 else ''})",
         kind="cpu",
         memory_bytes=_physical_memory_bytes(),
-        bandwidth_bytes_per_s=9 * GB * min(cores, 8),
+        bandwidth_bytes_per_s=rates.copy_bytes_per_s if rates is not None else 9 * GB * min(cores, 8),
         peak_flops={"fp32": fp32_peak, "bf16": bf16_peak, "fp16": None},
         # The matmul FLOPs' share of a step's time, beside its dispatch and memory traffic: fitted with
         # full_speed_width to the thread-time steps of the CPU templates and tiny-demo variants (one thread,
@@ -142,7 +199,11 @@ def cpu_profile(flags: frozenset[str] | None = None, cores: int | None = None) -
         full_speed_width=256,
         # Dispatch: one tiny-demo MoE block's forward and backward (234 aten calls) took 0.82 + 0.87 ms of thread
         # time on one thread with 8 tokens (6 layers against 2, the difference per layer): ~7.2 µs a call.
-        layer_overhead_seconds=0.0017,
+        layer_overhead_seconds=rates.layer_seconds if rates is not None else 0.0017,
+        # torch.nn.functional.dropout of 4096 x 192 fp32 (a text-classifier block's activations): 6.7-7.3 ns an
+        # element on 2 threads, 7.2-9.1 on one (bernoulli_ draws the mask on one thread; 2026-12-04).
+        dropout_seconds_per_element=rates.dropout_seconds_per_element if rates is not None else 7e-9,
+        measured=rates is not None,
         # The process itself: Python with torch imported (~230 MiB resident) and the ~95 MiB that its kernels
         # allocate on first use (thread pools, oneDNN), measured as a run's peak RSS with a negligible model.
         reserved_bytes=int(0.34 * GB),
@@ -151,8 +212,7 @@ def cpu_profile(flags: frozenset[str] | None = None, cores: int | None = None) -
         activation_overhead=1.15,
         # One training process per core at most (torch.distributed over gloo): the processes share the cores.
         max_devices=cores,
-        notes=f"Measured on this platform's machine; {bf16_note}; fp16 needs CUDA. Calibrate with a short run "
-        "on the worker.",
+        notes=f"{measured}; {bf16_note}; fp16 needs CUDA. Calibrate with a short run on the worker.",
     )
 
 

@@ -1,0 +1,100 @@
+"""Estimates for the CPU take the rates its live workers measured (``workers.engine.probe``, advertised with their
+devices; ``builder.core.profiles``): the estimate API and panel, the hardware list and the workers page show them;
+a stopped or silent worker's rates, or rates that do not parse, do not count."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from builder.core.profiles import hardware_profile
+from builder.fleet.models import Worker
+from builder.fleet.registry import live_cpu_rates
+from tests.builder.test_configs_api import TINY
+from tests.conftest import signed_in
+from workers.engine.estimate import estimate_time
+from workers.engine.hardware import PROFILES, CpuRates, cpu_profile
+from workers.engine.spec import load_spec
+
+pytestmark = pytest.mark.django_db
+
+RATES = CpuRates(
+    matmul_flops=1.25e11, layer_seconds=4e-3, copy_bytes_per_s=1e10, dropout_seconds_per_element=9e-9, threads=2
+)
+CPU = {"device_type": "cpu", "count": 2, "name": "Intel Xeon", "memory_bytes": 25 * 2**30, "bf16": False}
+
+
+def _worker(name: str, rates: Any, age_s: float = 0.5, stopped: bool = False, kind: str = "cpu") -> Worker:
+    at = timezone.now() - timedelta(seconds=age_s)
+    hardware = {**CPU, "device_type": kind, "rates": rates}
+    return Worker.objects.create(
+        name=name, pid=1, queues=["cpu"], hardware=hardware, started_at=at, heartbeat_at=at,
+        stopped_at=at if stopped else None,
+    )  # fmt: skip
+
+
+def _step_seconds(client: APIClient) -> float:
+    response = client.post("/api/specs/estimate", {"spec": TINY, "hardware": "cpu"}, format="json")
+    assert response.status_code == 200
+    return float(response.json()["estimate"]["time"]["step_seconds"])
+
+
+def _panel(user: Any) -> str:
+    response = signed_in(user).post("/configure/estimate/", {"spec": json.dumps(TINY), "hw": "cpu", "gpus": ""})
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+def test_a_live_workers_measured_rates_are_what_the_cpu_estimates_use(alice: Any) -> None:
+    client = signed_in(alice, APIClient)
+    spec = load_spec(TINY)
+    reference = estimate_time(spec, PROFILES["cpu"]).step_seconds
+    assert _step_seconds(client) == pytest.approx(reference)  # no worker yet: the reference machine's figures
+    assert "reference machine" in {h["key"]: h for h in client.get("/api/hardware").json()}["cpu"]["notes"]
+    assert 'data-testid="measured-rates"' not in _panel(alice)
+
+    _worker("cpu@measured", RATES.as_dict())
+    measured = estimate_time(spec, cpu_profile(rates=RATES)).step_seconds
+    assert measured != pytest.approx(reference)
+    assert _step_seconds(client) == pytest.approx(measured)
+    cpu = {h["key"]: h for h in client.get("/api/hardware").json()}["cpu"]
+    assert cpu["peak_flops"]["fp32"] == 1.25e11 and cpu["layer_overhead_seconds"] == 4e-3
+    assert cpu["notes"].startswith("Measured by its workers (2 threads): 125 GFLOP/s fp32 matmul")
+    # The estimate panel says where its uncalibrated figures come from, with the rates on hover.
+    panel = _panel(alice)
+    assert "uncalibrated, at the rates its workers measured of" in panel
+    assert 'title="Measured by its workers (2 threads): 125 GFLOP/s fp32 matmul' in panel
+    assert hardware_profile("t4") is PROFILES["t4"]  # a GPU profile is untouched
+
+
+def test_only_live_cpu_workers_with_valid_rates_count_and_several_give_the_median() -> None:
+    assert live_cpu_rates() is None
+    _worker("cpu@stopped", {**RATES.as_dict(), "matmul_flops": 1e9}, stopped=True)
+    _worker("cpu@silent", {**RATES.as_dict(), "matmul_flops": 1e9}, age_s=3600)
+    _worker("cpu@older", None)  # a worker from before the probe, or whose probe failed
+    _worker("cpu@broken", {**RATES.as_dict(), "layer_seconds": -1})
+    _worker("gpu@cuda", {**RATES.as_dict(), "matmul_flops": 1e9}, kind="cuda")
+    assert live_cpu_rates() is None
+    assert hardware_profile("cpu") == PROFILES["cpu"]
+
+    _worker("cpu@a", RATES.as_dict())
+    _worker("cpu@b", {**RATES.as_dict(), "matmul_flops": 2e11, "threads": 4})
+    _worker("cpu@c", {**RATES.as_dict(), "matmul_flops": 3e11, "layer_seconds": 1e-3, "threads": 4})
+    median = live_cpu_rates()
+    assert median is not None
+    assert (median.matmul_flops, median.layer_seconds, median.threads) == (2e11, 4e-3, 4)
+
+
+def test_the_workers_page_shows_the_measured_matmul_rate_or_why_there_is_none(alice: Any) -> None:
+    _worker("cpu@measured", RATES.as_dict())
+    failed = _worker("cpu@failed", None)
+    failed.hardware = {**failed.hardware, "rates_error": "RuntimeError: no oneDNN"}
+    failed.save()
+    page = signed_in(alice).get("/workers/").content.decode()
+    assert "2 cores of Intel Xeon (cpu), 25.0 GiB RAM; measured 125 GFLOP/s fp32 matmul" in page
+    assert "its CPU could not be measured (RuntimeError: no oneDNN)" in page
