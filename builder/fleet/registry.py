@@ -9,6 +9,7 @@ record). What a worker runs is read from the jobs: the running job whose lease n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
@@ -110,8 +111,31 @@ def publish_change() -> None:
         log.debug("could not publish to the workers group", exc_info=True)
 
 
+def with_faster_rates(advertised: dict[str, Any], found: dict[str, Any]) -> dict[str, Any]:
+    """``found`` (a new ``detect_hardware``) with each CPU rate the faster of its own and ``advertised``'s
+    (``CpuRates.best``); ``advertised`` unchanged when ``found`` has no valid rates (a probe that failed this
+    time) or describes another kind of device."""
+    if found.get("device_type") != "cpu" or advertised.get("device_type") != "cpu":
+        return advertised
+    try:
+        new = CpuRates.from_dict(found.get("rates") or {})
+    except ValueError:
+        return advertised
+    with contextlib.suppress(ValueError):  # nothing valid advertised yet: the new rates stand
+        new = CpuRates.from_dict(advertised.get("rates") or {}).best(new)
+    return {**found, "rates": new.as_dict(), "rates_error": None}
+
+
+def _holds_a_job(name: str) -> bool:
+    """Whether a running job's lease names worker ``name`` (``node:pid``, one per busy pool process)."""
+    return Job.objects.filter(state=JobState.RUNNING, lease_owner__startswith=f"{name}:").exists()
+
+
 class Presence:
-    """A worker's presence in the registry: detect the hardware, advertise, then heartbeat until ``stop``."""
+    """A worker's presence in the registry: detect the hardware, advertise, then heartbeat until ``stop``; a CPU
+    worker measures its CPU again every ``WORKER_PROBE_REFRESH_SECONDS`` while it trains nothing, and keeps the
+    faster of each rate (a worker started beside others, or during a burst of load, first measures a slower CPU
+    than it has)."""
 
     def __init__(self, name: str, pid: int, queues: list[str]) -> None:
         self.name, self.pid, self.queues = name, pid, queues
@@ -121,6 +145,8 @@ class Presence:
             lambda: beat(name, pid, queues, self.hardware),
             settings.WORKER_HEARTBEAT_SECONDS,
         )
+        refresh = settings.WORKER_PROBE_REFRESH_SECONDS
+        self._refresher = Ticker(f"worker-probe-{name}", self.refresh_rates, refresh) if refresh > 0 else None
         self._thread = threading.Thread(target=self._run, name=f"worker-advertise-{name}", daemon=True)
 
     def start(self) -> None:
@@ -140,11 +166,31 @@ class Presence:
         finally:
             connection.close()
         self._ticker.start()
+        if self._refresher is not None:
+            self._refresher.start()
+
+    def refresh_rates(self) -> bool:
+        """Measure this CPU again unless the worker holds a running job (its training would slow the probe and
+        the probe its training), and advertise the faster of each rate. Never raises, always True (the ticker
+        goes on): a failed refresh leaves the advertised rates as they were."""
+        try:
+            if self.hardware.get("device_type") != "cpu" or _holds_a_job(self.name):
+                return True
+            updated = with_faster_rates(self.hardware, detect_hardware())
+            if updated != self.hardware:
+                self.hardware = updated
+                Worker.objects.filter(name=self.name).update(hardware=updated)
+                publish_change()
+        except Exception:
+            log.warning("worker %s could not measure its CPU again", self.name, exc_info=True)
+        return True
 
     def stop(self) -> None:
         self._thread.join(timeout=DETECT_TIMEOUT_SECONDS)
         if self._ticker.is_alive():
             self._ticker.stop()
+        if self._refresher is not None and self._refresher.is_alive():
+            self._refresher.stop()
         try:
             retire(self.name)
         except Exception:

@@ -98,3 +98,37 @@ def test_the_workers_page_shows_the_measured_matmul_rate_or_why_there_is_none(al
     page = signed_in(alice).get("/workers/").content.decode()
     assert "2 cores of Intel Xeon (cpu), 25.0 GiB RAM; measured 125 GFLOP/s fp32 matmul" in page
     assert "its CPU could not be measured (RuntimeError: no oneDNN)" in page
+
+
+def test_an_idle_worker_measures_again_and_keeps_the_faster_rates(monkeypatch: pytest.MonkeyPatch, alice: Any) -> None:
+    from builder.fleet import registry
+    from builder.jobs.models import Job, JobState
+    from tests.builder.test_jobs import tiny_spec
+
+    slow = RATES.as_dict()  # measured beside another worker's probe
+    faster = {**RATES.as_dict(), "matmul_flops": 2.6e11, "layer_seconds": 2e-3, "copy_bytes_per_s": 5e9}
+    worker = _worker("cpu@refresh", slow)
+    presence = registry.Presence("cpu@refresh", 1, ["cpu"])
+    presence.hardware = dict(worker.hardware)
+    probes: list[int] = []
+
+    def detect() -> dict[str, Any]:
+        probes.append(1)
+        return {**CPU, "rates": faster}
+
+    monkeypatch.setattr(registry, "detect_hardware", detect)
+    assert presence.refresh_rates()
+    rates = Worker.objects.get(name="cpu@refresh").hardware["rates"]
+    # The faster of each: the new matmul and dispatch, the old (faster) copy.
+    assert (rates["matmul_flops"], rates["layer_seconds"], rates["copy_bytes_per_s"]) == (2.6e11, 2e-3, 1e10)
+    assert live_cpu_rates() == CpuRates.from_dict(rates)
+
+    # A failed probe changes nothing; a worker that holds a running job is not probed at all.
+    monkeypatch.setattr(registry, "detect_hardware", lambda: {**CPU, "rates": None, "rates_error": "boom"})
+    assert presence.refresh_rates() and Worker.objects.get(name="cpu@refresh").hardware["rates"] == rates
+    monkeypatch.setattr(registry, "detect_hardware", detect)
+    Job.objects.create(
+        owner=alice, name="busy", spec=tiny_spec(5), data_source="d.txt", queue="cpu", state=JobState.RUNNING,
+        lease_owner="cpu@refresh:4242", lease_token=1, heartbeat_at=timezone.now(),
+    )  # fmt: skip
+    assert presence.refresh_rates() and len(probes) == 1

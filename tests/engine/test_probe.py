@@ -111,3 +111,22 @@ def test_a_cpu_worker_advertises_its_measured_rates_or_why_it_has_none(monkeypat
     failed = devices.describe_devices()
     assert failed["rates"] is None and failed["rates_error"] == "RuntimeError: no oneDNN here"
     assert failed["device_type"] == "cpu"  # the worker still advertises its devices
+
+
+def test_the_faster_of_two_measurements_is_kept_rate_by_rate() -> None:
+    slow = CpuRates(1e11, 5e-3, 2e10, 6e-9, 3)
+    best = RATES.best(slow)
+    assert best == CpuRates(2.5e11, 3e-3, 2e10, 6e-9, 3)
+    assert slow.best(RATES) == best
+
+
+def test_probes_on_one_machine_take_turns(tmp_path: Any) -> None:
+    from workers.engine.devices import _one_probe_at_a_time
+
+    lock = tmp_path / "probe.lock"
+    with _one_probe_at_a_time(lock) as first:
+        assert first
+        with _one_probe_at_a_time(lock, wait_s=0.2) as second:  # (flock: a second open file description waits)
+            assert not second  # gave up waiting: it probes anyway, and says so
+    with _one_probe_at_a_time(lock, wait_s=0.2) as third:
+        assert third  # released

@@ -93,6 +93,17 @@ class CpuRates:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def best(self, other: CpuRates) -> CpuRates:
+        """Each rate at the faster of the two measurements (of the same CPU on the same threads): other
+        processes' load only ever slows a probe down, so the fastest seen is the closest to what the CPU does."""
+        return CpuRates(
+            matmul_flops=max(self.matmul_flops, other.matmul_flops),
+            layer_seconds=min(self.layer_seconds, other.layer_seconds),
+            copy_bytes_per_s=max(self.copy_bytes_per_s, other.copy_bytes_per_s),
+            dropout_seconds_per_element=min(self.dropout_seconds_per_element, other.dropout_seconds_per_element),
+            threads=self.threads,
+        )
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> CpuRates:
         """The rates of ``as_dict``'s output; ``ValueError`` naming the field that is missing or not positive."""
