@@ -60,9 +60,9 @@ class HardwareProfile:
     # ``efficiency * sqrt(width / full_speed_width)``: short contracted dimensions, small tiles and more of the
     # step in the kernels' edges. 0: no such dependence (the GPU profiles: not measured).
     full_speed_width: int = 0
-    # Seconds to draw one element of a dropout mask: on a CPU a single-threaded random number generator (7 ns an
-    # element on the reference machine, however many cores), which dominates a dropout; 0 on a GPU, whose fused
-    # dropout kernels are bandwidth-bound like any elementwise pass (not measured here).
+    # Seconds a dropout takes per element: on a CPU drawing the random mask dominates it (5 ns an element on the
+    # reference machine, barely faster on more cores); 0 on a GPU, whose fused dropout kernels are bandwidth-bound
+    # like any elementwise pass (not measured here).
     dropout_seconds_per_element: float = 0.0
     # True when the rates are what this platform's workers measured of their device (workers.engine.probe), not
     # a reference machine's or a vendor's figures.
@@ -211,9 +211,10 @@ def cpu_profile(
         # Dispatch: one tiny-demo MoE block's forward and backward (234 aten calls) took 0.82 + 0.87 ms of thread
         # time on one thread with 8 tokens (6 layers against 2, the difference per layer): ~7.2 µs a call.
         layer_overhead_seconds=rates.layer_seconds if rates is not None else 0.0017,
-        # torch.nn.functional.dropout of 4096 x 192 fp32 (a text-classifier block's activations): 6.7-7.3 ns an
-        # element on 2 threads, 7.2-9.1 on one (bernoulli_ draws the mask on one thread; 2026-12-04).
-        dropout_seconds_per_element=rates.dropout_seconds_per_element if rates is not None else 7e-9,
+        # The engine's dropout (workers.engine.kernels.Dropout: uniform_, a comparison and two products) of 2^20
+        # fp32 elements: 4.2-5.0 ns an element on 2 threads, 5.1 on one (2026-12-04; torch's bernoulli_-based
+        # dropout took 6.7-7.3 and 7.2-9.1).
+        dropout_seconds_per_element=rates.dropout_seconds_per_element if rates is not None else 5e-9,
         measured=rates is not None,
         # The process itself: Python with torch imported (~230 MiB resident) and the ~95 MiB that its kernels
         # allocate on first use (thread pools, oneDNN), measured as a run's peak RSS with a negligible model.

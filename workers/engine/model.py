@@ -73,6 +73,7 @@ from torch.utils.checkpoint import checkpoint
 
 from workers.engine.kernels import (
     IGNORE_INDEX,
+    Dropout,
     activate,
     apply_rope,
     count_per_expert,
@@ -533,7 +534,7 @@ class Block(nn.Module):
             self.ffn = MoEFeedForward(spec.hidden_size, spec.moe, spec.activation)
         else:
             self.ffn = FeedForward(spec.hidden_size, spec.moe.resolved_dense_hidden_size, spec.activation)
-        self.drop = nn.Dropout(spec.dropout)
+        self.drop = Dropout(spec.dropout)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None
@@ -572,7 +573,7 @@ class MoETransformer(nn.Module):
         self.spec = spec
         self.task = m.task
         self.embed = nn.Embedding(m.vocab_size, m.hidden_size)
-        self.drop = nn.Dropout(m.dropout)
+        self.drop = Dropout(m.dropout)
         self.layers = nn.ModuleList(Block(m, use_moe=i >= m.moe.first_dense_layers) for i in range(m.num_layers))
         self.norm = _make_norm(m)
         self.lm_head: nn.Linear | None = None

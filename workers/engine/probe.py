@@ -12,8 +12,8 @@ that hardware class use them (``workers.engine.hardware.cpu_profile(rates=...)``
   ``layer_overhead_seconds`` (the time of dispatching its 234 calls, whatever their size): the difference
   between a 6-block and a 2-block model, over 4, so that the embedding, head and loss cancel.
 - ``copy_bytes_per_s``: copying a 64 MiB tensor, as the profile's ``bandwidth_bytes_per_s``.
-- ``dropout_seconds_per_element``: a dropout (p 0.1) of 2^20 elements, as the profile's
-  ``dropout_seconds_per_element``.
+- ``dropout_seconds_per_element``: the engine's dropout (``workers.engine.kernels.Dropout``, p 0.1) of 2^20
+  elements, as the profile's ``dropout_seconds_per_element``.
 
 Each figure is the fastest of interleaved repetitions (see ``measure_cpu_rates``).
 """
@@ -23,9 +23,9 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from workers.engine.hardware import CpuRates
+from workers.engine.kernels import Dropout
 from workers.engine.model import build_model
 from workers.engine.spec import Spec
 
@@ -74,13 +74,14 @@ def measure_cpu_rates(repeats: int = 15) -> CpuRates:
     b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE)
     source = torch.zeros(_COPY_BYTES // 4)
     activations = torch.randn(_DROPOUT_ELEMENTS)
+    dropout_layer = Dropout(0.1)  # a new module trains: the mask is drawn
     target = torch.empty_like(source)
     small, large = _model(_SMALL_LAYERS), _model(_LARGE_LAYERS)
     tokens = torch.randint(0, 256, (1, _PROBE_TOKENS))
     with torch.no_grad():  # first use: thread pools, oneDNN primitives, page faults of the buffers
         torch.mm(a, b)
         target.copy_(source)
-        F.dropout(activations, 0.1, training=True)
+        dropout_layer(activations)
     _step_seconds(small, tokens), _step_seconds(large, tokens)
     matmul, copy, dropout, few, many = [], [], [], [], []
     for _ in range(repeats):
@@ -92,7 +93,7 @@ def measure_cpu_rates(repeats: int = 15) -> CpuRates:
             target.copy_(source)
             copy.append(time.perf_counter() - start)
             start = time.perf_counter()
-            F.dropout(activations, 0.1, training=True)
+            dropout_layer(activations)
             dropout.append(time.perf_counter() - start)
         few.append(_step_seconds(small, tokens))
         many.append(_step_seconds(large, tokens))
