@@ -171,6 +171,9 @@ QUEUE_HARDWARE = hardware_classes.parse_classes(env_pairs("QUEUE_HARDWARE", hard
 JOBS_DEFAULT_QUEUE = hardware_classes.default_class_name(QUEUE_HARDWARE, env_str("JOBS_DEFAULT_QUEUE"))
 # How often a worker renews its row in the registry of workers (the workers page shows its age).
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 5, minimum=1)
+# A CPU worker measures its CPU when it starts (workers.engine.probe, ~2 s) for the estimates; off: the estimates
+# keep the reference machine's figures (the test suite's workers: estimates that do not move under a test).
+WORKER_CPU_PROBE = env_bool("WORKER_CPU_PROBE", True)
 # How often an idle CPU worker measures its CPU again for the estimates (keeping the faster rates); 0: never.
 WORKER_PROBE_REFRESH_SECONDS = env_int("WORKER_PROBE_REFRESH_SECONDS", 600, minimum=0)
 # Every send names its queue (``builder.core.durable.WorkKind.queue_of``); these routes are for a task sent without

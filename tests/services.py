@@ -147,6 +147,10 @@ def service_env(redis_url: str, database: str, media_root: Path, **extra: str) -
             "MEDIA_ROOT": str(media_root),
             "JOBS_WORK_DIR": str(settings.JOBS_WORK_DIR),
             "PYTHONUNBUFFERED": "1",
+            # The rates a worker measures would change every CPU estimate whenever its row (re)appears (a
+            # transactional test's flush deletes it; its next heartbeat writes it again): tests that compare
+            # estimates across a page's renders would race it. The probe's own test turns it on.
+            "WORKER_CPU_PROBE": "false",
             **extra,
         }
     )

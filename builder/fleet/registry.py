@@ -47,10 +47,11 @@ DETECT_TIMEOUT_SECONDS = 120
 
 def detect_hardware() -> dict[str, Any]:
     """This machine's devices (``workers.engine.devices``), asked of a child process so that this one never
-    initialises CUDA before Celery forks its pool. ``{"device_type": "unknown", "error": ...}`` when it fails."""
+    initialises CUDA before Celery forks its pool; a CPU's rates measured unless ``WORKER_CPU_PROBE`` is off.
+    ``{"device_type": "unknown", "error": ...}`` when it fails."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "workers.engine.devices"],
+            [sys.executable, "-m", "workers.engine.devices", *([] if settings.WORKER_CPU_PROBE else ["--no-probe"])],
             capture_output=True,
             text=True,
             timeout=DETECT_TIMEOUT_SECONDS,
@@ -145,7 +146,7 @@ class Presence:
             lambda: beat(name, pid, queues, self.hardware),
             settings.WORKER_HEARTBEAT_SECONDS,
         )
-        refresh = settings.WORKER_PROBE_REFRESH_SECONDS
+        refresh = settings.WORKER_PROBE_REFRESH_SECONDS if settings.WORKER_CPU_PROBE else 0
         self._refresher = Ticker(f"worker-probe-{name}", self.refresh_rates, refresh) if refresh > 0 else None
         self._thread = threading.Thread(target=self._run, name=f"worker-advertise-{name}", daemon=True)
 

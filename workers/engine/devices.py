@@ -42,7 +42,7 @@ def _cpu_bf16() -> bool:
         return False
 
 
-def describe_devices() -> dict[str, Any]:
+def describe_devices(probe: bool = True) -> dict[str, Any]:
     """``{"device_type": "cuda" | "cpu", "count", "name", "memory_bytes" (per device), "bf16", "profile"
     (the matching key of workers.engine.hardware, or null), "cuda_error" (why CUDA is not used, or null)}``.
 
@@ -50,7 +50,8 @@ def describe_devices() -> dict[str, Any]:
     machine's RAM, shared by them; ``bf16_units`` names the units that multiply bf16 natively (``["AMX",
     "AVX-512 BF16"]``, empty without: ``workers.engine.hardware.cpu_bf16_units``), and ``bf16`` is true only
     when oneDNN also says it runs bf16 there; ``rates`` is what ``workers.engine.probe`` measured of the CPU (the
-    estimator's rates for it), or None with ``rates_error``.
+    estimator's rates for it), or None with ``rates_error`` (``probe`` False: not measured, ``rates_error``
+    says so).
     """
     import torch
 
@@ -88,7 +89,7 @@ def describe_devices() -> dict[str, Any]:
         "profile": "cpu",
         "cuda_error": cuda_error,
         "torch": torch.__version__,
-        **_measured_rates(),
+        **(_measured_rates() if probe else {"rates": None, "rates_error": "not measured (WORKER_CPU_PROBE is off)"}),
     }
 
 
@@ -139,4 +140,6 @@ def _measured_rates() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(describe_devices()))
+    import sys
+
+    print(json.dumps(describe_devices(probe="--no-probe" not in sys.argv[1:])))
