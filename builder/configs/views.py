@@ -46,7 +46,7 @@ from builder.core.errors import Refusal
 from builder.core.parsers import load_json
 from builder.core.profiles import hardware_profile, hardware_profiles
 from workers.engine.estimate import Parallelism, estimate_time
-from workers.engine.hardware import PROFILES
+from workers.engine.hardware import PROFILES, HardwareProfile
 from workers.engine.spec import Spec, json_schema
 
 MAX_COMPARED = 4
@@ -91,9 +91,13 @@ def _parallelism(request: HttpRequest) -> str | None:
 
 
 def _estimate_context(
-    spec: Any, hardware: str, gpus: int | None, dataset_tokens: int | None = None, parallelism: str | None = None
+    spec: Any,
+    profile: HardwareProfile,
+    gpus: int | None,
+    dataset_tokens: int | None = None,
+    parallelism: str | None = None,
 ) -> dict[str, Any]:
-    profile = hardware_profile(hardware)
+    """The estimate panel's context on ``profile`` (resolved once by the view: ``builder.core.profiles``)."""
     note = ""
     if gpus is None and spec.training.distributed.devices > profile.max_devices:
         # What the job asks for cannot run here: say so, and show the most this hardware holds.
@@ -114,9 +118,7 @@ def _shown(value: Any) -> Any:
     return round(value, 2) if isinstance(value, float) else value
 
 
-def architecture_costs(
-    spec: Spec, est: dict[str, Any], hardware: str, gpus: int | None, parallelism: str | None = None
-) -> dict[str, Any]:
+def architecture_costs(spec: Spec, est: dict[str, Any], profile: HardwareProfile) -> dict[str, Any]:
     """What the DeepSeek-V3 choices cost, for the comparison: the attention and its KV cache per token next to
     multi-head attention's with the same heads (fp32, all layers), multi-token prediction's parameters and
     extra step time (the estimate without the MTP modules), and the optimizer with the state it holds."""
@@ -129,7 +131,7 @@ def architecture_costs(
         raw["model"]["mtp_depth"] = 0
         without = estimate_time(
             parse_spec(raw),
-            hardware_profile(hardware),
+            profile,
             num_gpus=est["num_gpus"],  # the devices the estimate used (the spec's, or those asked for)
             parallelism=cast(Parallelism, est["parallelism"]),
             calibration=est["time"]["calibration_factor"],
@@ -189,6 +191,7 @@ def detail(request: HttpRequest, config_id: int) -> HttpResponse:
     # The diff picker shows the pair asked for, else the newest version against the one before it.
     sel_a = int(a) if diff else versions[min(1, len(versions) - 1)].number
     sel_b = int(b) if diff else latest.number
+    profiles = hardware_profiles()
     context = {
         "config": config,
         "versions": versions,
@@ -197,13 +200,13 @@ def detail(request: HttpRequest, config_id: int) -> HttpResponse:
         "sel_a": sel_a,
         "sel_b": sel_b,
         "errors": errors,
-        "profiles": hardware_profiles().values(),
+        "profiles": profiles.values(),
         "hw_key": hw,
         "gpus": gpus,
         "spec_json": json.dumps(latest.spec, indent=2),
         "launch_url": _launch_url(latest.pk),
         "par": _parallelism(request),
-        **_estimate_context(parse_spec(latest.spec), hw, gpus, parallelism=_parallelism(request)),
+        **_estimate_context(parse_spec(latest.spec), profiles[hw], gpus, parallelism=_parallelism(request)),
     }
     return render(request, "configs/detail.html", context, status=400 if errors else 200)
 
@@ -236,7 +239,7 @@ def _proposal_context(form: WizardForm, data: Any) -> dict[str, Any]:
         for error in exc.errors:
             field_errors.setdefault(error.path, error.message)
         spec = None
-        context["warnings"] = advice_for_raw(raw, hardware_profile(answers.hardware), answers.num_gpus)
+        context["warnings"] = advice_for_raw(raw, answers.hardware_profile, answers.num_gpus)
     flat = flatten(raw)
     context["tweaks"] = [
         {
@@ -262,7 +265,7 @@ def _proposal_context(form: WizardForm, data: Any) -> dict[str, Any]:
     context["spec_valid"] = spec is not None
     context["spec"] = spec
     if spec is not None:
-        context.update(_estimate_context(spec, answers.hardware, answers.num_gpus, answers.dataset_tokens))
+        context.update(_estimate_context(spec, answers.hardware_profile, answers.num_gpus, answers.dataset_tokens))
     context["spec_json"] = json.dumps(raw)
     return context
 
@@ -302,7 +305,7 @@ def wizard(request: HttpRequest) -> HttpResponse:
 
 def _default_name(request: HttpRequest, form: WizardForm) -> str:
     a = form.answers()
-    base = f"{a.task} · {a.data_size} data · {hardware_profile(a.hardware).name} · {a.priority}"
+    base = f"{a.task} · {a.data_size} data · {a.hardware_profile.name} · {a.priority}"
     name, n = base, 2
     while visible_configs(request.user).filter(name=name).exists():
         name, n = f"{base} ({n})", n + 1
@@ -404,7 +407,8 @@ def estimate_panel(request: HttpRequest) -> HttpResponse:
     if errors:
         return render(request, "configs/_panel_errors.html", {"errors": errors}, status=400)
     # The editor lists the advice beside the problems, so the panel leaves it out.
-    return render(request, "configs/_estimate.html", {**_estimate_context(spec, hw, gpus), "hide_advice": True})
+    context = _estimate_context(spec, hardware_profile(hw), gpus)
+    return render(request, "configs/_estimate.html", {**context, "hide_advice": True})
 
 
 # -- comparison ---------------------------------------------------------------------------------------------
@@ -440,6 +444,8 @@ def compare(request: HttpRequest) -> HttpResponse:
     params = request.POST if request.method == "POST" else request.GET
     refs = [r for r in params.getlist("c") if r][:MAX_COMPARED]
     hw, gpus, errors = _hardware_choice(request)
+    profiles = hardware_profiles()  # one read of the workers' rates for every column
+    profile = profiles[hw]
     columns: list[dict[str, Any]] = []
     for i, ref in enumerate(refs):
         title, spec_dict, version_id = _resolve(request, ref)
@@ -459,7 +465,7 @@ def compare(request: HttpRequest) -> HttpResponse:
                 except Refusal as exc:
                     errors.extend(f"inline_{i}.{e.path}: {e.message}" for e in exc.errors)
         spec = parse_spec(spec_dict)
-        ctx = _estimate_context(spec, hw, gpus, parallelism=_parallelism(request))
+        ctx = _estimate_context(spec, profile, gpus, parallelism=_parallelism(request))
         columns.append(
             {
                 "index": i,
@@ -479,14 +485,14 @@ def compare(request: HttpRequest) -> HttpResponse:
     if refs and len(refs) < 2:
         errors.append("c: choose at least two configurations to compare")
     for column in columns:
-        column["arch"] = architecture_costs(parse_spec(column["spec"]), column["est"], hw, gpus, _parallelism(request))
+        column["arch"] = architecture_costs(parse_spec(column["spec"]), column["est"], profile)
     # A row is highlighted where the columns differ (the MTP row by its depth and cost, rounded as shown).
     arch_differs = {
         label: len({tuple(_shown(c["arch"][k]) for k in keys) for c in columns}) > 1
         for label, keys in ARCHITECTURE_ROWS
     }
     rows = align([c["spec"] for c in columns]) if columns else []
-    scale = max([c["est"]["memory"]["peak"] for c in columns] + [hardware_profile(hw).memory_bytes], default=1)
+    scale = max([c["est"]["memory"]["peak"] for c in columns] + [profile.memory_bytes], default=1)
     context = {
         "columns": columns,
         "rows": rows,
@@ -494,8 +500,8 @@ def compare(request: HttpRequest) -> HttpResponse:
         "differing": sum(1 for r in rows if r.differs),
         "choices": _choices(request),
         "slots": [refs[i] if i < len(refs) else "" for i in range(MAX_COMPARED)],
-        "profiles": hardware_profiles().values(),
-        "hw": hardware_profile(hw),
+        "profiles": profiles.values(),
+        "hw": profile,
         "hw_key": hw,
         "gpus": gpus,
         "par": _parallelism(request),
