@@ -28,7 +28,7 @@ from builder.configs.presets import PRESETS
 from builder.configs.services import (
     EstimateRequest,
     advice_for_raw,
-    calibration_factors,
+    calibration_factor,
     create_config,
     estimate_with_advice,
     parse_spec,
@@ -260,7 +260,6 @@ class TemplateDetailView(APIView):
 class HardwareListView(APIView):
     @extend_schema(responses=s.HardwareSerializer(many=True), summary="Hardware profiles and their calibration")
     def get(self, request: Request) -> Response:
-        factors = calibration_factors()
         keys = (
             "key", "name", "kind", "memory_bytes", "bandwidth_bytes_per_s", "peak_flops", "efficiency",
             "layer_overhead_seconds", "notes",
@@ -268,7 +267,9 @@ class HardwareListView(APIView):
         rows = []
         for p in hardware_profiles().values():
             d = p.as_dict()
-            rows.append({**{k: d[k] for k in keys}, "max_devices": p.max_devices, "calibration_factor": factors[p.key]})
+            rows.append(
+                {**{k: d[k] for k in keys}, "max_devices": p.max_devices, "calibration_factor": calibration_factor(p)}
+            )
         return Response(rows)
 
 

@@ -5,10 +5,12 @@ holding a complete, validated spec (defaults filled in, so two versions diff fie
 never edited or deleted one by one: the history is the record.
 
 A ``HardwareCalibration`` is one timed run of a spec on a worker: the worker says which hardware profile its
-device is and how long a step took; ``factor`` = measured / predicted step time. The estimator applies the
-median factor of a profile's recent calibrations to everyone's estimates (see ``calibration_factor``): a
-device's speed is a property of the hardware and software, not of who asked, and a median of several runs
-resists one run slowed by a busy machine. Each row keeps its requester because the spec it ran may be private.
+device is and how long a step took; ``factor`` = measured / predicted step time, as predicted that day. The
+estimator applies to everyone's estimates the median, over a profile's recent calibrations, of each one's
+measured step over its spec's prediction of today (see ``calibration_factor``: the prediction moves with the
+rates the workers measure): a device's speed is a property of the hardware and software, not of who asked, and
+a median of several runs resists one run slowed by a busy machine. Each row keeps its requester because the
+spec it ran may be private.
 """
 
 from __future__ import annotations

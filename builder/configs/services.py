@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from builder.configs.models import Config, ConfigVersion, HardwareCalibration
 from builder.core.durable import WorkState
 from builder.core.errors import Refusal
-from workers.engine.estimate import Parallelism, estimate
-from workers.engine.hardware import PROFILES, HardwareProfile
+from workers.engine.estimate import Parallelism, estimate, estimate_time
+from workers.engine.hardware import HardwareProfile
 from workers.engine.lint import lint, lint_raw
 from workers.engine.spec import Spec, load_spec, spec_errors
 
@@ -85,20 +85,33 @@ def save_version(config: Config, spec: Spec, *, source: str, note: str = "") -> 
     return version
 
 
-def calibration_factor(hardware: str) -> float:
-    """Median measured/predicted step-time factor of the profile's last ``CALIBRATION_WINDOW`` successful
-    calibrations (everyone's: it describes the hardware), 1.0 when none."""
+def calibration_factor(profile: HardwareProfile) -> float:
+    """Median, over the profile's last ``CALIBRATION_WINDOW`` successful calibrations (everyone's: it describes
+    the hardware), of each one's measured step time over what the estimator predicts for its spec now, on
+    ``profile``; 1.0 when there are none.
+
+    Predicting again instead of reading each row's stored ``factor`` keeps a calibration meaning "this device
+    runs at X times the estimator's prediction" when the prediction moves: the CPU profile takes the rates its
+    workers measure (``builder.core.profiles``), and a release may add a term to the estimator. A stored factor
+    is relative to the prediction of its day, and applied to today's it would correct twice. A row whose spec
+    no longer validates is left out."""
     rows = (
-        HardwareCalibration.objects.filter(hardware=hardware, state=WorkState.SUCCEEDED, factor__isnull=False)
+        HardwareCalibration.objects.filter(
+            hardware=profile.key, state=WorkState.SUCCEEDED, measured_step_seconds__isnull=False
+        )
         .order_by("-finished_at", "-id")
-        .values_list("factor", flat=True)[:CALIBRATION_WINDOW]
+        .values_list("spec", "measured_step_seconds")[:CALIBRATION_WINDOW]
     )
-    factors = [f for f in rows if f is not None]
+    factors = []
+    for raw, measured in rows:
+        try:
+            spec = load_spec(raw)
+        except ValueError:  # pydantic's ValidationError included: a spec of an older schema
+            continue
+        predicted = estimate_time(spec, profile).step_seconds
+        if predicted > 0 and measured is not None and measured > 0:
+            factors.append(measured / predicted)
     return float(statistics.median(factors)) if factors else 1.0
-
-
-def calibration_factors() -> dict[str, float]:
-    return {key: calibration_factor(key) for key in PROFILES}
 
 
 LAYOUTS = ("ddp", "expert", "fsdp")
@@ -121,7 +134,7 @@ def estimate_with_advice(spec: Spec, request: EstimateRequest) -> dict[str, Any]
         request.hardware,
         num_gpus=request.num_gpus,
         parallelism=cast(Parallelism, request.parallelism) if request.parallelism in LAYOUTS else None,
-        calibration=calibration_factor(request.hardware.key),
+        calibration=calibration_factor(request.hardware),
         dataset_tokens=request.dataset_tokens,
     )
     devices = request.num_gpus or spec.training.distributed.devices

@@ -227,7 +227,7 @@ def delete(request: HttpRequest, config_id: int) -> HttpResponse:
 def _proposal_context(form: WizardForm, data: Any) -> dict[str, Any]:
     """The proposal for the form's answers with the tweaks in ``data`` applied, validated and estimated."""
     answers = form.answers()
-    calibration = calibration_factor(answers.hardware)
+    calibration = calibration_factor(answers.hardware_profile)
     proposal = propose(answers, calibration=calibration)
     values, tweak_errors = read_tweaks(data)
     raw = apply_tweaks(stored_spec(proposal.spec), values)

@@ -132,3 +132,45 @@ def test_an_idle_worker_measures_again_and_keeps_the_faster_rates(monkeypatch: p
         lease_owner="cpu@refresh:4242", lease_token=1, heartbeat_at=timezone.now(),
     )  # fmt: skip
     assert presence.refresh_rates() and len(probes) == 1
+
+
+def _calibration(owner: Any, spec: Any, measured: float, factor: float, **fields: Any) -> Any:
+    from builder.configs.models import HardwareCalibration
+    from builder.core.durable import WorkState
+
+    return HardwareCalibration.objects.create(
+        requested_by=owner, spec=spec, steps=3, state=WorkState.SUCCEEDED, hardware="cpu", device_name="cpu",
+        measured_step_seconds=measured, predicted_step_seconds=measured / factor, factor=factor,
+        finished_at=timezone.now(), **fields,
+    )  # fmt: skip
+
+
+def test_a_calibration_corrects_todays_prediction_not_the_one_of_its_day(alice: Any) -> None:
+    """A calibration recorded against the reference figures, applied after a worker measured faster rates, still
+    makes the estimate its measured step: the factor is measured over the prediction now, not the stored one."""
+    from builder.configs.services import calibration_factor
+
+    client = signed_in(alice, APIClient)
+    spec = load_spec(TINY)
+    reference = estimate_time(spec, PROFILES["cpu"]).step_seconds
+    measured = 1.5 * reference
+    _calibration(alice, TINY, measured, factor=1.5)  # what the worker recorded before any rates were measured
+    assert calibration_factor(PROFILES["cpu"]) == pytest.approx(1.5)
+    assert _step_seconds(client) == pytest.approx(measured)
+
+    _worker("cpu@measured", RATES.as_dict())  # predictions move: RATES' matmul is a third of the reference's
+    probed = estimate_time(spec, cpu_profile(rates=RATES)).step_seconds
+    assert probed > 1.2 * reference
+    assert calibration_factor(hardware_profile("cpu")) == pytest.approx(measured / probed)
+    # The stored factor (1.5) applied to the new prediction would say 1.5 x probed; the step took `measured`.
+    assert _step_seconds(client) == pytest.approx(measured)
+    assert {h["key"]: h for h in client.get("/api/hardware").json()}["cpu"]["calibration_factor"] == pytest.approx(
+        measured / probed
+    )
+
+    # Of several, the median; a row whose spec no longer validates (an older schema) is left out, not a 500.
+    _calibration(alice, TINY, 3 * measured, factor=4.5)
+    _calibration(alice, TINY, 2 * measured, factor=3.0)
+    _calibration(alice, {"model": {"top_k": "two"}}, 100 * measured, factor=150.0)
+    assert calibration_factor(hardware_profile("cpu")) == pytest.approx(2 * measured / probed)
+    assert calibration_factor(PROFILES["t4"]) == 1.0  # another profile's calibrations are not its own
