@@ -110,7 +110,7 @@ class WizardForm(forms.Form):
             num_labels=int(d.get("num_labels") or 2),
             context="long" if d.get("context") == "long" else "short",
             continue_later=bool(d.get("continue_later")),
-            profile=hardware_profile(d["hardware"]),  # the CPU's at its workers' measured rates
+            profile=hardware_profile(d["hardware"]),  # the CPU as its live workers describe it
         )
 
 

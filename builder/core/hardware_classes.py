@@ -41,14 +41,24 @@ class HardwareClass:
 
     @property
     def hardware(self) -> Any:
-        """The ``HardwareProfile`` of its devices."""
+        """The ``HardwareProfile`` of its devices as ``PROFILES`` names it: kind and name, no database read (the
+        status page's live table renders in an async consumer)."""
         from workers.engine.hardware import get_profile
 
         return get_profile(self.profile)
 
+    @property
+    def machine(self) -> Any:
+        """The same profile as the machines that train describe it: a CPU's with the live CPU workers' RAM, bf16
+        units and rates (``builder.core.profiles``; reads the database), so a launch check is of those machines
+        and not of the web host."""
+        from builder.core.profiles import hardware_profile
+
+        return hardware_profile(self.profile)
+
     def as_dict(self) -> dict[str, Any]:
-        """What ``GET /api/hardware/classes`` lists: device type, count and memory per device."""
-        profile = self.hardware
+        """What ``GET /api/hardware/classes`` lists: device type, count and memory per device (of ``machine``)."""
+        profile = self.machine
         return {
             "name": self.name,
             "profile": self.profile,
@@ -142,8 +152,8 @@ def queue_classes(queues: list[str]) -> list[dict[str, str]]:
         if wanted is None:
             labelled.append({"queue": name, "device_type": "none", "devices": "not a hardware class"})
             continue
-        info = wanted.as_dict()  # the device type as GET /api/hardware/classes states it
-        cpu = info["device_type"] == "cpu"
-        devices = "on CPU" if cpu else f"on {info['devices']} × {info['device_name']}"
-        labelled.append({"queue": name, "device_type": info["device_type"], "devices": devices})
+        hardware = wanted.hardware  # the nominal profile: this runs in the status page's async consumer too
+        cpu = hardware.kind == "cpu"
+        devices = "on CPU" if cpu else f"on {wanted.devices} × {hardware.name}"
+        labelled.append({"queue": name, "device_type": "cpu" if cpu else "cuda", "devices": devices})
     return labelled

@@ -1,20 +1,23 @@
 """The hardware profiles the web tier estimates with: ``workers.engine.hardware.PROFILES``, except that the CPU
-profile takes the rates its live workers measured of their CPU (``workers.engine.probe``) when any did.
+profile describes the CPU of the live CPU workers when there are any: the rates they measured
+(``workers.engine.probe``), the bf16 units they have and their RAM.
 
-The CPU profile's own figures were measured on this platform's reference machine; the same step takes up to
-twice as long on another CPU or under other load, and an estimate made with them misleads until someone
-calibrates. A worker measures its CPU when it starts (a second of matmuls, small blocks, copies and dropouts) and
-advertises the rates with its devices; every estimate, advice, wizard proposal and launch check for the ``cpu``
-profile then uses them. A calibration (timed steps of a user's model) still corrects what remains, on top.
+The CPU profile's own figures were measured on this platform's reference machine, and its bf16 units and RAM are
+those of the machine the web tier runs on, which need not train anything: on hosts that share only the database,
+Redis and storage, the workers' CPU can have AMX where the web host has none, or a quarter of its RAM. A worker
+describes its CPU when it starts (a second of matmuls, small blocks, copies and dropouts; its /proc/cpuinfo bf16
+units; its RAM) and advertises that with its devices; every estimate, advice, wizard proposal and launch check for
+the ``cpu`` profile then uses it. A calibration (timed steps of a user's model) still corrects what remains, on top.
 
-The registry of workers lives in ``builder.fleet``, above this app; it registers the function that reads the live
-workers' rates (``register_cpu_rates_source``) when it is ready, as it registers its health section.
+The registry of workers lives in ``builder.fleet``, above this app; it registers the function that describes the
+live CPU workers (``register_cpu_workers_source``) when it is ready, as it registers its health section.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.db import DatabaseError
 
@@ -22,39 +25,53 @@ from workers.engine.hardware import PROFILES, CpuRates, HardwareProfile, cpu_pro
 
 log = logging.getLogger(__name__)
 
-_cpu_rates_source: Callable[[], CpuRates | None] | None = None
+
+@dataclass(frozen=True)
+class CpuWorkers:
+    """What the live CPU workers advertise, reduced to what a job may count on wherever it lands: each rate's
+    median over the workers that measured (None: none did), the bf16 units that every worker has, and the
+    smallest RAM (None: none said)."""
+
+    rates: CpuRates | None
+    bf16_units: tuple[str, ...]
+    memory_bytes: int | None
 
 
-def register_cpu_rates_source(source: Callable[[], CpuRates | None]) -> None:
-    """Read the CPU rates from ``source`` (None: no live worker measured any)."""
-    global _cpu_rates_source
-    _cpu_rates_source = source
+_cpu_workers_source: Callable[[], CpuWorkers | None] | None = None
 
 
-def cpu_rates() -> CpuRates | None:
-    """The rates the live CPU workers measured; None without a source, without such a worker, or when the
-    registry cannot be read (the reference figures then serve, as before any worker started)."""
-    if _cpu_rates_source is None:
+def register_cpu_workers_source(source: Callable[[], CpuWorkers | None]) -> None:
+    """Describe the CPU workers with ``source`` (None: no live CPU worker)."""
+    global _cpu_workers_source
+    _cpu_workers_source = source
+
+
+def cpu_workers() -> CpuWorkers | None:
+    """The live CPU workers' description; None without a source, without such a worker, or when the registry
+    cannot be read (this host's CPU and the reference figures then serve, as before any worker started)."""
+    if _cpu_workers_source is None:
         return None
     try:
-        return _cpu_rates_source()
+        return _cpu_workers_source()
     except DatabaseError:
-        log.warning("could not read the workers' CPU rates; estimating with the reference figures", exc_info=True)
+        log.warning("could not read the CPU workers; estimating with this host's CPU", exc_info=True)
         return None
 
 
-def _resolved(profile: HardwareProfile, rates: CpuRates | None) -> HardwareProfile:
-    return cpu_profile(rates=rates) if profile.key == "cpu" and rates is not None else profile
+def _resolved(profile: HardwareProfile, workers: CpuWorkers | None) -> HardwareProfile:
+    if profile.key != "cpu" or workers is None:
+        return profile
+    return cpu_profile(rates=workers.rates, units=workers.bf16_units, memory_bytes=workers.memory_bytes)
 
 
 def hardware_profile(key: str) -> HardwareProfile:
-    """The profile called ``key`` (``KeyError`` for an unknown key, as ``PROFILES[key]``), the CPU's with its
-    workers' measured rates."""
+    """The profile called ``key`` (``KeyError`` for an unknown key, as ``PROFILES[key]``), the CPU's as its live
+    workers describe it."""
     profile = PROFILES[key]
-    return _resolved(profile, cpu_rates() if profile.key == "cpu" else None)
+    return _resolved(profile, cpu_workers() if profile.key == "cpu" else None)
 
 
 def hardware_profiles() -> dict[str, HardwareProfile]:
-    """Every profile by key, in ``PROFILES``' order, the CPU's with its workers' measured rates."""
-    rates = cpu_rates()
-    return {key: _resolved(profile, rates) for key, profile in PROFILES.items()}
+    """Every profile by key, in ``PROFILES``' order, the CPU's as its live workers describe it."""
+    workers = cpu_workers()
+    return {key: _resolved(profile, workers) for key, profile in PROFILES.items()}

@@ -10,8 +10,8 @@ class FleetConfig(AppConfig):
 
     def ready(self) -> None:
         from builder.core.health import register_section
-        from builder.core.profiles import register_cpu_rates_source
-        from builder.fleet.registry import advertised_workers, live_cpu_rates
+        from builder.core.profiles import register_cpu_workers_source
+        from builder.fleet.registry import advertised_workers, live_cpu_workers
 
         register_section("workers", advertised_workers)
-        register_cpu_rates_source(live_cpu_rates)
+        register_cpu_workers_source(live_cpu_workers)

@@ -28,10 +28,11 @@ from django.utils import timezone
 from builder.core import hardware_classes
 from builder.core.durable import Ticker
 from builder.core.formatting import human_bytes
+from builder.core.profiles import CpuWorkers
 from builder.fleet.models import Worker
 from builder.jobs.access import visible_jobs
 from builder.jobs.models import Job, JobState
-from workers.engine.hardware import CpuRates
+from workers.engine.hardware import BF16_CPU_UNITS, CpuRates
 
 log = logging.getLogger(__name__)
 GROUP = "workers"
@@ -244,19 +245,16 @@ def _silent_after() -> timedelta:
     return timedelta(seconds=SILENT_AFTER_BEATS * settings.WORKER_HEARTBEAT_SECONDS)
 
 
-def live_cpu_rates() -> CpuRates | None:
-    """The median of each CPU rate that the live workers on a CPU measured when they started
-    (``workers.engine.probe``, in their ``hardware``; the estimator's CPU profile takes them:
-    ``builder.core.profiles``); None when no live worker reported valid rates. A stopped or silent worker's
-    rates do not count: the machine it measured may be gone."""
+def _live_cpu_hardware() -> list[dict[str, Any]]:
     fresh = timezone.now() - _silent_after()
+    rows = Worker.objects.filter(stopped_at__isnull=True, heartbeat_at__gte=fresh).values_list("hardware", flat=True)
+    return [h for h in rows if isinstance(h, dict) and h.get("device_type") == "cpu"]
+
+
+def _median_rates(hardware: list[dict[str, Any]]) -> CpuRates | None:
     found = []
-    for hardware in Worker.objects.filter(stopped_at__isnull=True, heartbeat_at__gte=fresh).values_list(
-        "hardware", flat=True
-    ):
-        if not isinstance(hardware, dict) or hardware.get("device_type") != "cpu":
-            continue
-        raw = hardware.get("rates")
+    for one in hardware:
+        raw = one.get("rates")
         try:
             found.append(CpuRates.from_dict(raw if isinstance(raw, dict) else {}))
         except ValueError:
@@ -269,6 +267,35 @@ def live_cpu_rates() -> CpuRates | None:
         copy_bytes_per_s=statistics.median(r.copy_bytes_per_s for r in found),
         dropout_seconds_per_element=statistics.median(r.dropout_seconds_per_element for r in found),
         threads=int(statistics.median_low(r.threads for r in found)),
+    )
+
+
+_KNOWN_BF16_UNITS = frozenset(name for _, name in BF16_CPU_UNITS)
+
+
+def _bf16_units(one: dict[str, Any]) -> set[str]:
+    """The native bf16 units a worker advertised (known names only), none unless it also said bf16 runs there."""
+    units = one.get("bf16_units")
+    if one.get("bf16") is not True or not isinstance(units, list):
+        return set()
+    return {u for u in units if u in _KNOWN_BF16_UNITS}
+
+
+def live_cpu_workers() -> CpuWorkers | None:
+    """What the live CPU workers advertised with their devices, reduced to what a job can count on wherever it
+    lands (``builder.core.profiles`` builds the CPU profile from it): the median of each rate they measured when
+    they started (``workers.engine.probe``), the bf16 units that all of them have, the smallest RAM. None when no
+    CPU worker is live. A stopped or silent worker does not count: the machine it described may be gone; rates,
+    units or RAM that do not parse are left out (the workers page shows the probe's error)."""
+    hardware = _live_cpu_hardware()
+    if not hardware:
+        return None
+    units = set.intersection(*(_bf16_units(one) for one in hardware))
+    memory = [m for one in hardware if type(m := one.get("memory_bytes")) is int and m > 0]
+    return CpuWorkers(
+        rates=_median_rates(hardware),
+        bf16_units=tuple(name for _, name in BF16_CPU_UNITS if name in units),
+        memory_bytes=min(memory) if memory else None,
     )
 
 

@@ -164,7 +164,7 @@ def check_fits(spec: dict[str, Any], queue: str) -> None:
     hardware_class = hardware_classes.get_class(queue)
     if hardware_class is None:
         raise Refusal("queue", f"choose a hardware class: one of {', '.join(queues())}")
-    hardware = hardware_class.hardware
+    hardware = hardware_class.machine  # a CPU's as its live workers describe it (RAM), not the web host's
     devices, strategy, expert_parallel = requested_devices(spec)
     if devices > hardware_class.devices:
         others = [c for c in hardware_classes.classes().values() if c.devices >= devices]

@@ -14,7 +14,7 @@ from rest_framework.test import APIClient
 
 from builder.core.profiles import hardware_profile
 from builder.fleet.models import Worker
-from builder.fleet.registry import live_cpu_rates
+from builder.fleet.registry import live_cpu_workers
 from tests.builder.test_configs_api import TINY
 from tests.conftest import signed_in
 from workers.engine.estimate import estimate_time
@@ -36,6 +36,11 @@ def _worker(name: str, rates: Any, age_s: float = 0.5, stopped: bool = False, ki
         name=name, pid=1, queues=["cpu"], hardware=hardware, started_at=at, heartbeat_at=at,
         stopped_at=at if stopped else None,
     )  # fmt: skip
+
+
+def live_cpu_rates() -> CpuRates | None:
+    workers = live_cpu_workers()
+    return workers.rates if workers is not None else None
 
 
 def _step_seconds(client: APIClient) -> float:
@@ -80,7 +85,8 @@ def test_only_live_cpu_workers_with_valid_rates_count_and_several_give_the_media
     _worker("cpu@broken", {**RATES.as_dict(), "layer_seconds": -1})
     _worker("gpu@cuda", {**RATES.as_dict(), "matmul_flops": 1e9}, kind="cuda")
     assert live_cpu_rates() is None
-    assert hardware_profile("cpu") == PROFILES["cpu"]
+    cpu = hardware_profile("cpu")  # the live workers' RAM, the reference machine's rates
+    assert cpu.peak_flops["fp32"] == PROFILES["cpu"].peak_flops["fp32"] and cpu.memory_bytes == CPU["memory_bytes"]
 
     _worker("cpu@a", RATES.as_dict())
     _worker("cpu@b", {**RATES.as_dict(), "matmul_flops": 2e11, "threads": 4})
@@ -174,3 +180,71 @@ def test_a_calibration_corrects_todays_prediction_not_the_one_of_its_day(alice: 
     _calibration(alice, {"model": {"top_k": "two"}}, 100 * measured, factor=150.0)
     assert calibration_factor(hardware_profile("cpu")) == pytest.approx(2 * measured / probed)
     assert calibration_factor(PROFILES["t4"]) == 1.0  # another profile's calibrations are not its own
+
+
+def _advertising(name: str, memory_bytes: int, units: list[str], bf16: bool = True) -> Worker:
+    worker = _worker(name, RATES.as_dict())
+    worker.hardware = {**worker.hardware, "memory_bytes": memory_bytes, "bf16": bf16, "bf16_units": units}
+    worker.save()
+    return worker
+
+
+def _proposed_precision() -> str:
+    from builder.configs.forms import WizardForm
+    from builder.configs.wizard import propose
+    from tests.builder.test_configs_wizard import ANSWERS
+
+    form = WizardForm({**ANSWERS, "context": "short"}, step=4)
+    assert form.is_valid(), form.errors
+    return propose(form.answers()).spec.training.precision
+
+
+def test_the_cpu_profile_has_the_workers_bf16_units_and_ram_not_the_web_hosts(alice: Any) -> None:
+    """On hosts that share only the database the web tier's own CPU trains nothing: bf16 is offered when every live
+    CPU worker multiplies it natively, and the memory checks are of the smallest worker's RAM."""
+    from builder.core import hardware_classes
+    from builder.core.errors import Refusal
+    from builder.jobs.submit import check_fits
+    from tests.builder.test_jobs import tiny_spec
+    from workers.engine.estimate import estimate
+    from workers.engine.hardware import BF16_SPEEDUP_AMX
+
+    client = signed_in(alice, APIClient)
+    # A worker without native bf16 (this host may have it: its own flags no longer decide).
+    plain = _advertising("cpu@avx2", 48 * 2**30, [], bf16=False)
+    assert not hardware_profile("cpu").supports("bf16") and _proposed_precision() == "fp32"
+    assert hardware_profile("cpu").memory_bytes == 48 * 2**30
+
+    # Workers that multiply bf16 natively: offered, at the AMX rate over their measured fp32 matmul.
+    plain.stopped_at = timezone.now()
+    plain.save()
+    _advertising("cpu@amx1", 64 * 2**30, ["AMX", "AVX-512 BF16"])
+    _advertising("cpu@amx2", 32 * 2**30, ["AVX-512 BF16", "AMX", "a unit nobody knows"])
+    cpu = hardware_profile("cpu")
+    assert cpu.supports("bf16") and cpu.peak_flops["bf16"] == pytest.approx(RATES.matmul_flops * BF16_SPEEDUP_AMX)
+    assert cpu.memory_bytes == 32 * 2**30 and "bf16 through AMX and AVX-512 BF16" in cpu.notes
+    listed = {h["key"]: h for h in client.get("/api/hardware").json()}["cpu"]
+    assert listed["peak_flops"]["bf16"] == pytest.approx(cpu.peak_flops["bf16"])
+    assert listed["memory_bytes"] == 32 * 2**30
+    assert _proposed_precision() == "bf16"  # the wizard proposes what the workers run natively
+    classes = {c["name"]: c for c in client.get("/api/hardware/classes").json()}
+    assert classes["cpu"]["bf16"] is True and classes["cpu"]["memory_bytes"] == 32 * 2**30
+
+    # One live worker with AVX-512 BF16 only: the units all of them have; oneDNN saying no on one: none.
+    _advertising("cpu@avx512", 40 * 2**30, ["AVX-512 BF16"])
+    cpu = hardware_profile("cpu")
+    assert cpu.supports("bf16") and "bf16 through AVX-512 BF16;" in cpu.notes
+    _advertising("cpu@no-onednn", 40 * 2**30, ["AMX", "AVX-512 BF16"], bf16=False)
+    assert not hardware_profile("cpu").supports("bf16") and _proposed_precision() == "fp32"
+
+    # The launch check is of the smallest live worker's RAM: a spec that fits 32 GiB is refused on 64 MiB.
+    spec = tiny_spec(5, batch_size=8)
+    peak = estimate(load_spec(spec), hardware_profile("cpu")).memory.peak
+    check_fits(spec, "cpu")
+    _advertising("cpu@small", peak // 2, [])
+    assert hardware_classes.get_class("cpu") is not None
+    assert hardware_classes.get_class("cpu").machine.memory_bytes == peak // 2  # type: ignore[union-attr]
+    with pytest.raises(Refusal) as refused:
+        check_fits(spec, "cpu")
+    ((field, message),) = [(e.path, e.message) for e in refused.value.errors]
+    assert field == "spec" and message.startswith("it cannot train on the cpu class's hardware")

@@ -165,20 +165,28 @@ def cpu_bf16_units(flags: frozenset[str] | None = None) -> tuple[str, ...]:
 
 
 def cpu_profile(
-    flags: frozenset[str] | None = None, cores: int | None = None, rates: CpuRates | None = None
+    flags: frozenset[str] | None = None,
+    cores: int | None = None,
+    rates: CpuRates | None = None,
+    units: tuple[str, ...] | None = None,
+    memory_bytes: int | None = None,
 ) -> HardwareProfile:
     """The profile of this machine's CPU, or of one with the ``/proc/cpuinfo`` ``flags`` given (tests inject them):
     ``peak_flops["bf16"]`` is None, bf16 not offered, unless the CPU multiplies bf16 natively. ``cores``: the
     cores a training process uses (default: those this process may run on; ``bench.estimates --threads 1``
     compares a one-thread run with a one-core profile). ``rates``: what a worker measured of its CPU
     (``workers.engine.probe``), which replace the reference machine's matmul peak, per-layer dispatch time and
-    bandwidth; the profile then has ``rates.threads`` cores unless ``cores`` says otherwise."""
+    bandwidth; the profile then has ``rates.threads`` cores unless ``cores`` says otherwise.
+
+    Another machine's CPU (the workers', described to the web tier): ``units``, its native bf16 units (names of
+    ``BF16_CPU_UNITS``, in place of reading ``flags``), and ``memory_bytes``, its RAM."""
     if cores is None:
         if rates is not None:
             cores = rates.threads
         else:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    units = cpu_bf16_units(flags)
+    if units is None:
+        units = cpu_bf16_units(flags)
     # Per-core figures measured on the reference machine (module docstring), unless the worker measured its own.
     # fp16 autocast on CPU is not offered: the spec reserves fp16 for CUDA.
     # A 1024² fp32 matmul: 183 GFLOP/s in thread time on one thread, 389 on 2 threads of a quiet machine.
@@ -199,7 +207,7 @@ def cpu_profile(
         key="cpu",
         name=f"This CPU ({cores} core{'s' if cores != 1 else ''})",
         kind="cpu",
-        memory_bytes=_physical_memory_bytes(),
+        memory_bytes=memory_bytes if memory_bytes is not None else _physical_memory_bytes(),
         bandwidth_bytes_per_s=rates.copy_bytes_per_s if rates is not None else 9 * GB * min(cores, 8),
         peak_flops={"fp32": fp32_peak, "bf16": bf16_peak, "fp16": None},
         # The matmul FLOPs' share of a step's time, beside its dispatch and memory traffic: fitted with
