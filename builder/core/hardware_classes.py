@@ -49,12 +49,12 @@ class HardwareClass:
 
     @property
     def machine(self) -> Any:
-        """The same profile as the machines that train describe it: a CPU's with the live CPU workers' RAM, bf16
-        units and rates (``builder.core.profiles``; reads the database), so a launch check is of those machines
-        and not of the web host."""
+        """The same profile as the machines that train describe it: a CPU's with the RAM, bf16 units and rates of
+        the live CPU workers that consume this class's queue (``builder.core.profiles``; reads the database), so a
+        launch check is of those machines, not of the web host or another class's."""
         from builder.core.profiles import hardware_profile
 
-        return hardware_profile(self.profile)
+        return hardware_profile(self.profile, queue=self.name)
 
     def as_dict(self) -> dict[str, Any]:
         """What ``GET /api/hardware/classes`` lists: device type, count and memory per device (of ``machine``)."""

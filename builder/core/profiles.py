@@ -37,22 +37,24 @@ class CpuWorkers:
     memory_bytes: int | None
 
 
-_cpu_workers_source: Callable[[], CpuWorkers | None] | None = None
+_cpu_workers_source: Callable[[str | None], CpuWorkers | None] | None = None
 
 
-def register_cpu_workers_source(source: Callable[[], CpuWorkers | None]) -> None:
-    """Describe the CPU workers with ``source`` (None: no live CPU worker)."""
+def register_cpu_workers_source(source: Callable[[str | None], CpuWorkers | None]) -> None:
+    """Describe the CPU workers with ``source``, given a queue (its consumers) or None (all); None: no live CPU
+    worker."""
     global _cpu_workers_source
     _cpu_workers_source = source
 
 
-def cpu_workers() -> CpuWorkers | None:
-    """The live CPU workers' description; None without a source, without such a worker, or when the registry
-    cannot be read (this host's CPU and the reference figures then serve, as before any worker started)."""
+def cpu_workers(queue: str | None = None) -> CpuWorkers | None:
+    """The live CPU workers' description (of ``queue``'s consumers when any is live); None without a source,
+    without such a worker, or when the registry cannot be read (this host's CPU and the reference figures then
+    serve, as before any worker started)."""
     if _cpu_workers_source is None:
         return None
     try:
-        return _cpu_workers_source()
+        return _cpu_workers_source(queue)
     except DatabaseError:
         log.warning("could not read the CPU workers; estimating with this host's CPU", exc_info=True)
         return None
@@ -64,11 +66,11 @@ def _resolved(profile: HardwareProfile, workers: CpuWorkers | None) -> HardwareP
     return cpu_profile(rates=workers.rates, units=workers.bf16_units, memory_bytes=workers.memory_bytes)
 
 
-def hardware_profile(key: str) -> HardwareProfile:
+def hardware_profile(key: str, queue: str | None = None) -> HardwareProfile:
     """The profile called ``key`` (``KeyError`` for an unknown key, as ``PROFILES[key]``), the CPU's as its live
-    workers describe it."""
+    workers describe it: those that consume ``queue`` (a hardware class's name) when given and any does."""
     profile = PROFILES[key]
-    return _resolved(profile, cpu_workers() if profile.key == "cpu" else None)
+    return _resolved(profile, cpu_workers(queue) if profile.key == "cpu" else None)
 
 
 def hardware_profiles() -> dict[str, HardwareProfile]:

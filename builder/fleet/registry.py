@@ -245,10 +245,13 @@ def _silent_after() -> timedelta:
     return timedelta(seconds=SILENT_AFTER_BEATS * settings.WORKER_HEARTBEAT_SECONDS)
 
 
-def _live_cpu_hardware() -> list[dict[str, Any]]:
+def _live_cpu_hardware(queue: str | None = None) -> list[dict[str, Any]]:
+    """The ``hardware`` of the live CPU workers; of those that consume ``queue`` when any does."""
     fresh = timezone.now() - _silent_after()
-    rows = Worker.objects.filter(stopped_at__isnull=True, heartbeat_at__gte=fresh).values_list("hardware", flat=True)
-    return [h for h in rows if isinstance(h, dict) and h.get("device_type") == "cpu"]
+    rows = Worker.objects.filter(stopped_at__isnull=True, heartbeat_at__gte=fresh).values_list("hardware", "queues")
+    cpu = [(h, q) for h, q in rows if isinstance(h, dict) and h.get("device_type") == "cpu"]
+    consuming = [h for h, q in cpu if queue is not None and isinstance(q, list) and queue in q]
+    return consuming or [h for h, _ in cpu]
 
 
 def _median_rates(hardware: list[dict[str, Any]]) -> CpuRates | None:
@@ -281,13 +284,15 @@ def _bf16_units(one: dict[str, Any]) -> set[str]:
     return {u for u in units if u in _KNOWN_BF16_UNITS}
 
 
-def live_cpu_workers() -> CpuWorkers | None:
+def live_cpu_workers(queue: str | None = None) -> CpuWorkers | None:
     """What the live CPU workers advertised with their devices, reduced to what a job can count on wherever it
     lands (``builder.core.profiles`` builds the CPU profile from it): the median of each rate they measured when
-    they started (``workers.engine.probe``), the bf16 units that all of them have, the smallest RAM. None when no
-    CPU worker is live. A stopped or silent worker does not count: the machine it described may be gone; rates,
-    units or RAM that do not parse are left out (the workers page shows the probe's error)."""
-    hardware = _live_cpu_hardware()
+    they started (``workers.engine.probe``), the bf16 units that all of them have, the smallest RAM. ``queue``: of
+    the workers that consume that queue (a hardware class's machines; a job sent there lands on one of them), or
+    of all while none does. None when no CPU worker is live. A stopped or silent worker does not count: the
+    machine it described may be gone; rates, units or RAM that do not parse are left out (the workers page shows
+    the probe's error)."""
+    hardware = _live_cpu_hardware(queue)
     if not hardware:
         return None
     units = set.intersection(*(_bf16_units(one) for one in hardware))

@@ -29,11 +29,18 @@ RATES = CpuRates(
 CPU = {"device_type": "cpu", "count": 2, "name": "Intel Xeon", "memory_bytes": 25 * 2**30, "bf16": False}
 
 
-def _worker(name: str, rates: Any, age_s: float = 0.5, stopped: bool = False, kind: str = "cpu") -> Worker:
+def _worker(
+    name: str,
+    rates: Any,
+    age_s: float = 0.5,
+    stopped: bool = False,
+    kind: str = "cpu",
+    queues: tuple[str, ...] = ("cpu",),
+) -> Worker:
     at = timezone.now() - timedelta(seconds=age_s)
     hardware = {**CPU, "device_type": kind, "rates": rates}
     return Worker.objects.create(
-        name=name, pid=1, queues=["cpu"], hardware=hardware, started_at=at, heartbeat_at=at,
+        name=name, pid=1, queues=list(queues), hardware=hardware, started_at=at, heartbeat_at=at,
         stopped_at=at if stopped else None,
     )  # fmt: skip
 
@@ -182,8 +189,10 @@ def test_a_calibration_corrects_todays_prediction_not_the_one_of_its_day(alice: 
     assert calibration_factor(PROFILES["t4"]) == 1.0  # another profile's calibrations are not its own
 
 
-def _advertising(name: str, memory_bytes: int, units: list[str], bf16: bool = True) -> Worker:
-    worker = _worker(name, RATES.as_dict())
+def _advertising(
+    name: str, memory_bytes: int, units: list[str], bf16: bool = True, queues: tuple[str, ...] = ("cpu",)
+) -> Worker:
+    worker = _worker(name, RATES.as_dict(), queues=queues)
     worker.hardware = {**worker.hardware, "memory_bytes": memory_bytes, "bf16": bf16, "bf16_units": units}
     worker.save()
     return worker
@@ -248,3 +257,27 @@ def test_the_cpu_profile_has_the_workers_bf16_units_and_ram_not_the_web_hosts(al
         check_fits(spec, "cpu")
     ((field, message),) = [(e.path, e.message) for e in refused.value.errors]
     assert field == "spec" and message.startswith("it cannot train on the cpu class's hardware")
+
+
+def test_a_cpu_class_is_judged_on_the_workers_that_consume_its_queue(settings: Any) -> None:
+    """Two CPU classes on different machines: a job for the big one is checked against the big machines' RAM, not
+    the smallest worker's; a class that no live worker consumes is judged on all of them."""
+    from builder.core import hardware_classes
+    from builder.core.errors import Refusal
+    from builder.jobs.submit import check_fits
+    from tests.builder.test_jobs import tiny_spec
+    from workers.engine.estimate import estimate
+
+    settings.QUEUE_HARDWARE = {"cpu": "cpu", "cpu.big": "cpu", "cpu.new": "cpu"}
+    spec = tiny_spec(5, batch_size=8)
+    peak = estimate(load_spec(spec), PROFILES["cpu"]).memory.peak
+    _advertising("cpu@small", peak // 2, [], queues=("cpu",))
+    _advertising("cpu@big", 256 * 2**30, ["AMX"], queues=("cpu.big",))
+    machines = {name: c.machine for name, c in hardware_classes.classes().items()}
+    assert machines["cpu"].memory_bytes == peak // 2 and not machines["cpu"].supports("bf16")
+    assert machines["cpu.big"].memory_bytes == 256 * 2**30 and machines["cpu.big"].supports("bf16")
+    assert machines["cpu.new"].memory_bytes == peak // 2  # nobody consumes it yet: all live CPU workers
+    assert hardware_profile("cpu").memory_bytes == peak // 2  # an estimate without a queue: all of them
+    check_fits(spec, "cpu.big")
+    with pytest.raises(Refusal):
+        check_fits(spec, "cpu")
