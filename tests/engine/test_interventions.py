@@ -65,7 +65,7 @@ def test_a_plateau_changes_lr_dropout_and_clip_once_patience_runs_out_then_early
     )
     sink, dropouts = MemorySink(), list[float]()
     watch = PlateauWatch(training, sink, lambda step: 0.01, dropouts.append)
-    state = LoopState()
+    state = LoopState(loss_window=[2.0, 2.1, 1.9])
     for step, val_loss in enumerate((3.0, 2.95, 2.92), start=1):  # within min_delta of 3.0: the 2nd and 3rd wait
         state.step = step
         assert watch.observe(state, val_loss) is None
@@ -78,7 +78,19 @@ def test_a_plateau_changes_lr_dropout_and_clip_once_patience_runs_out_then_early
     }
     assert (state.lr_scale, state.dropout, state.grad_clip) == (pytest.approx(0.3), 0.3, 0.5)
     assert dropouts == [0.3] and state.best_val_loss == 2.92 and state.reference_val_loss == 3.0
+    assert state.loss_window == []  # losses without dropout no longer tell what a spike is
     state.step = 4
     assert watch.observe(state, 2.91) == "val_loss did not improve by 0.1 for 3 evaluations"
     assert sink.events_of("early_stop")[0]["step"] == 4
     assert len(sink.events_of("intervention")) == 1  # max_interventions
+
+
+def test_a_plateau_that_only_lowers_the_learning_rate_keeps_the_guards_window() -> None:
+    training = TrainingSpec(plateau=PlateauSpec(patience=1, min_delta=0.1, raise_dropout=False))
+    watch = PlateauWatch(training, MemorySink(), lambda step: 0.01, lambda p: None)
+    state = LoopState(loss_window=[2.0, 2.1, 1.9])
+    for step, val_loss in enumerate((3.0, 2.95), start=1):
+        state.step = step
+        watch.observe(state, val_loss)
+    assert state.interventions == 1 and state.lr_scale < 1.0 and state.dropout == 0.0
+    assert state.loss_window == [2.0, 2.1, 1.9]

@@ -464,6 +464,43 @@ def test_plateau_intervention_changes_lr_dropout_and_clip(prepared: PreparedData
     assert (state["loop"]["lr_scale"], state["loop"]["dropout"], state["loop"]["grad_clip"]) == (0.5, 0.3, 0.25)
 
 
+def test_a_plateau_that_raises_dropout_does_not_make_the_anomaly_guard_fail_the_run(
+    prepared: PreparedData, tmp_path: Path
+) -> None:
+    """Dropout raised on a model that has learnt its data lifts the training loss at once, far above the window of
+    losses before it. The guard used to call every following step a spike, roll back to the checkpoint that
+    already had the new dropout, and fail the run after ``max_rollbacks`` (bench.learning at 300 s)."""
+    spec = make_spec(
+        training={
+            "max_steps": 60,
+            "eval_interval": 20,
+            "checkpoint_interval": 10,
+            # min_delta 10: the second evaluation is a plateau. Only dropout changes.
+            "plateau": {
+                "patience": 1,
+                "min_delta": 10.0,
+                "reduce_lr": False,
+                "tighten_clip": False,
+                "dropout_to": 0.5,
+                "max_interventions": 1,
+            },
+            "anomaly": {"window": 5},
+        }
+    )
+    sink = MemorySink()
+    result = train(spec, prepared, tmp_path / "run", sink)
+
+    (event,) = sink.events_of("intervention")
+    assert event["step"] == 40 and event["changes"] == {"dropout": {"before": 0.0, "after": 0.5}}
+    loss = losses(sink)
+    before = [loss[step] for step in range(36, 41)]  # the window the guard held at the intervention
+    mean, std = sum(before) / 5, float(torch.tensor(before).std(correction=0))
+    limit = mean + spec.training.anomaly.threshold * max(std, 0.01 * mean)
+    assert loss[41] > limit  # what the old window would have called a spike
+    assert (result.status, result.step) == ("completed", 60), result.reason
+    assert sink.events_of("anomaly") == [] and sink.events_of("rollback") == []
+
+
 def test_disabled_interventions_do_nothing(prepared: PreparedData, tmp_path: Path) -> None:
     spec = make_spec(
         training={

@@ -49,6 +49,7 @@ class PlateauState(Protocol):
     """The loop state ``PlateauWatch`` reads and writes (the loop applies ``lr_scale`` and ``grad_clip``)."""
 
     step: int
+    loss_window: list[float]  # ``AnomalyGuard``'s window: emptied when an intervention raises dropout
     best_val_loss: float | None
     reference_val_loss: float | None
     evals_since_improvement: int
@@ -208,6 +209,11 @@ class PlateauWatch:
             changes["dropout"] = {"before": st.dropout, "after": p.dropout_to}
             st.dropout = p.dropout_to
             self.set_dropout(st.dropout)
+            # Dropout raises the training loss at once (a model that had learnt its corpus by heart: 2.1 -> 4.5
+            # in the tiny demo, bench.learning at 300 s). Judged against the window of losses without dropout,
+            # every following step was a "spike": the guard rolled back to the checkpoint that already had the
+            # new dropout, three times, and failed the run. The guard waits for a full window of new losses.
+            st.loss_window = []
         if p.tighten_clip and (st.grad_clip is None or st.grad_clip > p.clip_to):
             changes["grad_clip"] = {"before": st.grad_clip, "after": p.clip_to}
             st.grad_clip = p.clip_to

@@ -412,7 +412,13 @@ class AnomalySpec(_Strict):
     """Loss spike / non-finite detection against a rolling window."""
 
     enabled: bool = Field(True, description="Detect non-finite or spiking losses.")
-    window: int = Field(20, ge=3, le=10000, description="Steps in the rolling window of recent losses.")
+    window: int = Field(
+        20,
+        ge=3,
+        le=10000,
+        description="Steps in the rolling window of recent losses (emptied when a plateau raises dropout: "
+        "the guard judges again once the window has refilled under the new dropout).",
+    )
     threshold: float = Field(
         6.0, gt=0.0, le=1000.0, description="A loss above mean + threshold × std of the window is an anomaly."
     )
