@@ -12,7 +12,7 @@ from torch import Tensor
 
 from workers.engine import kernels
 from workers.engine.generation import generate
-from workers.engine.kernels import grouped_matmul, head_loss, linear_cross_entropy, rms_norm
+from workers.engine.kernels import grouped_matmul, head_loss, linear_cross_entropy, rms_norm, rope_qkv, rope_tables
 from workers.engine.model import Attention, MoEFeedForward, MoETransformer, build_model
 from workers.engine.spec import Spec
 
@@ -193,6 +193,46 @@ def test_rms_norm_matches_torch_rms_norm(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(
         rms_norm(low, weight.detach(), 1e-5), F.rms_norm(low, (shape[-1],), weight.detach(), 1e-5)
     )
+
+
+def _rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The textbook rotary map of ``x`` ``(B, T, H, D)``, ``cos``/``sin`` ``(T, D/2)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 1)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rope_qkv_gives_the_values_and_gradient_of_split_then_rotate(heads: int, kv_heads: int, autocast: bool) -> None:
+    """Queries, keys and values of the fused projection and the projection's gradient equal the plain split,
+    rotation and transposes', also for upstream gradients that are not contiguous and under bf16 autocast (where
+    the projection is bf16 and queries and keys come out in fp32)."""
+    torch.manual_seed(4)
+    B, T, D = 2, 5, 8
+    cos, sin = rope_tables(D, T, 10_000.0)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    qkv = torch.randn(B, T, (heads + 2 * kv_heads) * D).to(dtype).requires_grad_()
+
+    def reference(x: Tensor) -> tuple[Tensor, ...]:
+        q, k, v = x.view(B, T, heads + 2 * kv_heads, D).split([heads, kv_heads, kv_heads], dim=2)
+        return (_rotate_half(q, cos, sin).transpose(1, 2), _rotate_half(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
+
+    got, want = rope_qkv(qkv, cos, sin, heads, kv_heads), reference(qkv)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b)
+    upstream = [torch.randn(*t.shape[:-1], 2 * D).to(t.dtype)[..., ::2] for t in want]  # stride 2
+    (grad,) = torch.autograd.grad(got, qkv, upstream)
+    if not autocast:
+        torch.testing.assert_close(grad, torch.autograd.grad(want, qkv, upstream)[0])
+    else:
+        # The bf16 gradient is the fp32 one rounded once (autograd's own graph rounds each product's gradient to
+        # bf16 before adding them).
+        exact = qkv.detach().float().requires_grad_()
+        (want_grad,) = torch.autograd.grad(reference(exact), exact, [u.float() for u in upstream])
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad.float(), want_grad, rtol=2**-8, atol=1e-6)
 
 
 def _imbalance(load: Tensor) -> float:

@@ -81,6 +81,7 @@ from workers.engine.kernels import (
     head_loss,
     linear_cross_entropy,
     rms_norm,
+    rope_qkv,
     rope_tables,
 )
 from workers.engine.spec import ModelSpec, MoESpec, Spec
@@ -208,11 +209,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qk, v = self.qkv(x).split([(H + KV) * D, KV * D], dim=-1)  # (B, T, (H+KV)*D), (B, T, KV*D)
-        qk = apply_rope(qk.view(B, T, H + KV, D), cos, sin)  # one rotation for queries and keys
-        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
-        k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
-        v = v.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        q, k, v = rope_qkv(self.qkv(x), cos, sin, H, KV)  # (B, H, T, D), (B, KV, T, D) twice
         if cache is not None:
             _check_cache_step(cache, T)
             k, v = cache.append(k, v)  # (B, KV, T_total, D)
