@@ -10,6 +10,7 @@ import pytest
 
 from bench import learning
 from bench.engine import cpu_device_label
+from workers.engine.sinks import MemorySink
 
 
 @pytest.mark.usefixtures("torch_threads_restored")
@@ -42,6 +43,7 @@ def test_the_moe_and_its_dense_twin_train_for_the_same_time_and_report_loss_curv
         passes = entry["steps"] * shape["batch"] * shape["seq_len"] / report["train_tokens"]
         assert entry["epochs"] == pytest.approx(passes, rel=0.05), name
         assert 0 < entry["final_train_loss"] < uniform, name
+        assert entry["anomalies"] == 0 and isinstance(entry["interventions"], list), name
     # Compared at the shorter run's end, where both curves have a value.
     assert report["compared_at_seconds"] == min(m["curve"][-1]["seconds"] for m in models.values())
     assert all(value is not None for value in report["val_loss_at_compared_seconds"].values())
@@ -66,3 +68,16 @@ def test_a_curve_is_interpolated_between_evaluations_and_is_none_outside_them() 
     assert learning.loss_at(curve, 2.0) == 4.5
     assert learning.loss_at(curve, 3.0) == 4.0
     assert learning.loss_at(curve, 0.5) is None and learning.loss_at(curve, 3.5) is None
+
+
+def test_interventions_are_listed_at_the_training_seconds_they_came_with_what_they_set() -> None:
+    sink = MemorySink()
+    for step in range(1, 5):
+        sink.emit(step, {"step_time_s": 0.5})
+    changes = {
+        "lr": {"before": 0.002, "after": 0.0006},
+        "lr_scale": {"before": 1.0, "after": 0.3},
+        "dropout": {"before": 0.0, "after": 0.2},
+    }
+    sink.event("intervention", {"step": 3, "changes": changes})
+    assert learning.interventions(sink) == [{"step": 3, "seconds": 1.5, "changes": {"lr_scale": 0.3, "dropout": 0.2}}]
