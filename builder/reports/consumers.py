@@ -8,7 +8,10 @@ Client messages (JSON objects):
 
 - causal_lm: ``{"prompt", "temperature": 0.8, "top_k": null, "top_p": null, "max_tokens": 64, "seed": null}``
   → ``start``, then ``token`` messages (``text``: the next decoded piece) as the model produces them, then
-  ``done`` (``tokens``, ``seconds``, ``stopped``: ``"end"`` or ``"stop"``);
+  ``done`` (``tokens``: the pieces sent, ``seconds``, ``stopped``: ``"eos"`` when the model ended the text,
+  ``"max_tokens"`` when it reached ``max_tokens``, ``"stop"`` when the client stopped it). A model may end the
+  text at once: ``done`` with ``tokens`` 0 and ``stopped`` ``"eos"``. The same ``seed`` and fields give the
+  same text;
 - classification: ``{"text"}`` (or ``prompt``) → ``labels`` (``probabilities``: ``[{label, p}]``, most
   probable first), then ``done``;
 - ``{"type": "stop"}`` ends a running generation after its current token.
@@ -187,11 +190,9 @@ class PlaygroundConsumer(AsyncWebsocketConsumer):
                     loop.call_soon_threadsafe(pieces.put_nowait, piece)
                     if stop.is_set():
                         return "stop"
-                return "end"
+                return stream.ended or "max_tokens"
             finally:
-                close = getattr(stream, "close", None)  # a generator: closing it restores the model's mode
-                if close is not None:
-                    close()
+                stream.close()  # ends generation after its current token and restores the model's mode
                 loop.call_soon_threadsafe(pieces.put_nowait, _END)
 
         await self._send({"type": "start"})

@@ -94,7 +94,8 @@ def _number(message: dict[str, Any], field: str, default: float | None, low: flo
     if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not float(value).is_integer()):
         raise Refusal(field, f"{field} must be {kind}, got {value!r}")
     if not math.isfinite(value) or not low <= value <= high:
-        raise Refusal(field, f"{field} must be between {low:g} and {high:g}, got {value!r}")
+        bounds = (int(low), int(high)) if integer else (f"{low:g}", f"{high:g}")  # 2**53 in full, not 9.0072e+15
+        raise Refusal(field, f"{field} must be between {bounds[0]} and {bounds[1]}, got {value!r}")
     return int(value) if integer else float(value)
 
 

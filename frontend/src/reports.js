@@ -76,6 +76,7 @@ class Playground {
       top_k: number("top_k"),
       top_p: number("top_p"),
       max_tokens: number("max_tokens"),
+      seed: number("seed"),
     };
   }
 
@@ -147,7 +148,7 @@ class Playground {
       case "done":
         this.stats.textContent = this.config.task === "classification"
           ? `${msg.seconds.toFixed(2)} s`
-          : `${msg.tokens} ${msg.tokens === 1 ? "piece" : "pieces"} in ${msg.seconds.toFixed(2)} s${msg.stopped === "stop" ? " (stopped)" : ""}`;
+          : `${msg.tokens} ${msg.tokens === 1 ? "piece" : "pieces"} in ${msg.seconds.toFixed(2)} s${ENDED[msg.stopped] || ""}`;
         this.finish("done");
         break;
       case "error":
@@ -160,6 +161,14 @@ class Playground {
     }
   }
 }
+
+// Why a generation ended, after its statistics. A model that ends the text at once (its first token is <eos>)
+// says so, rather than leaving an empty output unexplained.
+const ENDED = {
+  eos: ": the model ended the text",
+  max_tokens: ": max tokens reached",
+  stop: " (stopped)",
+};
 
 async function fetchJson(url) {
   try {

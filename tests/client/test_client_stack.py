@@ -156,7 +156,8 @@ def test_from_a_template_to_a_downloaded_report(web: WebServer, alice: Any, tmp_
     folder = client.reports.huggingface(report["id"], tmp_path / "hf")  # what from_pretrained loads
     assert json.loads((folder / "config.json").read_text())["model_type"] == family
     assert (folder / "model.safetensors").stat().st_size > 0
-    text = client.playground.generate(job["id"], "the expert", report=report["id"], max_tokens=8, seed=1)
+    # Greedy: sampled, a barely trained model can end the text at once (an empty text, which is not a failure).
+    text = client.playground.generate(job["id"], "the expert", report=report["id"], max_tokens=8, temperature=0)
     assert isinstance(text, str) and text
 
     # The same from the command line: watching a finished job, downloading its report.

@@ -80,15 +80,38 @@ def test_open_the_report_download_the_pdf_and_generate_text(
     assert page.locator("[name=max_tokens]").get_attribute("aria-invalid") == "true"
     page.fill("[name=max_tokens]", "48")
     page.fill("#pg-prompt", "the expert 3 routes token")
+    # Greedy decoding: sampled, a model trained for 20 steps ends the text at once (its first token <eos>) in
+    # about 1 generation in 75, which shows no tokens arriving.
+    page.fill("[name=temperature]", "0")
     page.click("[data-action=run]")
     page.wait_for_function("() => Number(document.querySelector('[data-field=generated]').dataset.tokens) >= 1")
     page.wait_for_function("() => document.querySelector('[data-playground]').dataset.state === 'done'")
     tokens = int(page.locator("[data-field=generated]").get_attribute("data-tokens") or 0)
     assert 1 <= tokens <= 48
     assert page.locator("[data-field=prompt-echo]").inner_text() == "the expert 3 routes token"
-    assert f"{tokens} {'piece' if tokens == 1 else 'pieces'} in" in page.locator("[data-field=stats]").inner_text()
+    stats = page.locator("[data-field=stats]").inner_text()
+    assert f"{tokens} {'piece' if tokens == 1 else 'pieces'} in" in stats
+    assert stats.endswith(("the model ended the text", "max tokens reached")), stats
     assert page.locator("[data-error-for=max_tokens]").is_hidden()
     page.screenshot(path=str(artifacts / "report-playground.png"), full_page=True)
+
+    # Sampling with a seed: a bad seed is refused next to its field; the same seed gives the same text.
+    page.fill("[name=temperature]", "0.8")
+    page.fill("[name=seed]", "-1")
+    page.click("[data-action=run]")
+    seed_error = page.locator("[data-error-for=seed]")
+    seed_error.wait_for(state="visible")
+    assert "seed must be between 0 and 9007199254740992" in seed_error.inner_text()
+    texts = []
+    for _ in range(2):
+        page.fill("[name=seed]", "11")
+        page.click("[data-action=run]")
+        page.wait_for_function("() => document.querySelector('[data-playground]').dataset.state === 'done'")
+        texts.append(
+            (page.locator("[data-field=generated]").inner_text(), page.locator("[data-field=stats]").inner_text())
+        )
+    assert texts[0][0] == texts[1][0] and texts[0][1].split(" in ")[0] == texts[1][1].split(" in ")[0]
+    assert seed_error.is_hidden()
 
     # The reports list has it, with its headline metric and downloads.
     page.goto(f"{stack.base_url}/reports/")

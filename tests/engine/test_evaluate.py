@@ -392,6 +392,31 @@ def test_stream_generate_seeded_sampling_is_reproducible(causal: Inference) -> N
     assert len({sample(s) for s in range(4)}) > 1  # the seed matters at a high temperature
 
 
+def test_stream_generate_says_whether_the_model_or_the_limit_ended_the_text(causal: Inference) -> None:
+    """``ended`` agrees with ``generate`` on the same seeds: ``eos`` exactly when the reference produced
+    ``<eos>`` (the text before it, possibly none, is what was streamed), ``max_tokens`` otherwise."""
+    ids = torch.tensor([[causal.eos_id, *causal.tokenizer.encode("abc", add_special_tokens=False).ids]])
+    seen: set[str] = set()
+    for seed in range(40):
+        stream = stream_generate(causal, "abc", max_new_tokens=24, temperature=2.0, seed=seed)
+        assert stream.ended is None  # nothing generated yet
+        text = "".join(stream)
+        reference = generate(
+            causal.model, ids, 24, temperature=2.0, eos_id=causal.eos_id, generator=torch.Generator().manual_seed(seed)
+        )[0, ids.shape[1] :].tolist()
+        expected = "eos" if causal.eos_id in reference else "max_tokens"
+        assert stream.ended == expected, seed
+        if expected == "eos":
+            reference = reference[: reference.index(causal.eos_id)]
+        assert text == causal.tokenizer.decode(reference)
+        seen.add(expected)
+    assert seen == {"eos", "max_tokens"}  # both endings were exercised
+    closed = stream_generate(causal, "abc", max_new_tokens=24, temperature=2.0, seed=0)
+    next(closed, None)
+    closed.close()
+    assert closed.ended is None and not causal.model.training
+
+
 def test_stream_decoding_keeps_multibyte_characters_whole() -> None:
     tokenizer = build_byte_tokenizer()
     fake = Inference(None, None, tokenizer, None, 0, "", Path("."), torch.device("cpu"))  # type: ignore[arg-type]

@@ -327,6 +327,31 @@ def _prompt_ids(inference: Inference, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long, device=inference.device)
 
 
+class TextStream(Iterator[str]):
+    """The pieces of text that ``stream_generate`` yields, and once it is exhausted why generation ended.
+
+    ``ended`` is ``"eos"`` (the model produced ``<eos>``), ``"max_tokens"`` (it produced ``max_new_tokens``
+    tokens) or ``None`` (not exhausted yet, or closed early). ``close()`` ends generation after the current
+    token and restores the model's mode.
+    """
+
+    def __init__(self, pieces: Iterator[str], outcome: dict[str, str]) -> None:
+        self._pieces = pieces
+        self._outcome = outcome
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def ended(self) -> str | None:
+        return self._outcome.get("ended")
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+
 def _token_stream(
     inference: Inference,
     prompt: str,
@@ -335,8 +360,10 @@ def _token_stream(
     top_k: int | None,
     top_p: float | None,
     generator: torch.Generator | None,
+    outcome: dict[str, str],
 ) -> Iterator[int]:
-    """The generated token ids of one prompt, ending before ``<eos>`` (which is not yielded)."""
+    """The generated token ids of one prompt, ending before ``<eos>`` (which is not yielded). Once exhausted,
+    ``outcome["ended"]`` says why: ``"eos"`` or ``"max_tokens"``."""
     eos = inference.eos_id
     steps = generate_tokens(
         inference.model, _prompt_ids(inference, prompt), max_new_tokens, temperature, top_k, top_p, eos, generator
@@ -345,8 +372,10 @@ def _token_stream(
         for nxt in steps:
             token = int(nxt[0])
             if token == eos:
+                outcome["ended"] = "eos"
                 return
             yield token
+    outcome["ended"] = "max_tokens"
 
 
 def stream_generate(
@@ -358,8 +387,9 @@ def stream_generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-) -> Iterator[str]:
-    """Generate a continuation of ``prompt``, yielding decoded text pieces as tokens are produced.
+) -> TextStream:
+    """Generate a continuation of ``prompt``, yielding decoded text pieces as tokens are produced (a
+    ``TextStream``: once exhausted, its ``ended`` says whether the model ended the text or the limit did).
 
     Arguments are checked when this is called (not at the first ``next``); a ``ValueError`` names the bad one:
     ``max_new_tokens`` in 1..``MAX_NEW_TOKENS``, ``temperature`` in [0, ``MAX_TEMPERATURE``] (0: greedy),
@@ -385,9 +415,9 @@ def stream_generate(
     if seed is not None:
         _check_int("seed", seed, 0, 2**63 - 1)
         generator = torch.Generator(device=inference.device).manual_seed(seed)
-    return _decode_stream(
-        inference, _token_stream(inference, prompt, max_new_tokens, temperature, top_k, top_p, generator)
-    )
+    outcome: dict[str, str] = {}
+    tokens = _token_stream(inference, prompt, max_new_tokens, temperature, top_k, top_p, generator, outcome)
+    return TextStream(_decode_stream(inference, tokens), outcome)
 
 
 def _decode_stream(inference: Inference, tokens: Iterator[int]) -> Iterator[str]:
@@ -678,7 +708,7 @@ def evaluate(
         }
         outputs = [
             inference.tokenizer.decode(
-                list(_token_stream(inference, prompt, max_new_tokens, 0.0, None, None, None)),
+                list(_token_stream(inference, prompt, max_new_tokens, 0.0, None, None, None, {})),
                 skip_special_tokens=True,
             )
             for prompt, _ in pairs
