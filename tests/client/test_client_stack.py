@@ -159,6 +159,11 @@ def test_from_a_template_to_a_downloaded_report(web: WebServer, alice: Any, tmp_
     # Greedy: sampled, a barely trained model can end the text at once (an empty text, which is not a failure).
     text = client.playground.generate(job["id"], "the expert", report=report["id"], max_tokens=8, temperature=0)
     assert isinstance(text, str) and text
+    with client.playground.session(job["id"], report["id"]) as session:
+        pieces = list(session.stream("the expert", max_tokens=8, temperature=0))
+        assert "".join(pieces) == text  # greedy: the same text again
+        done = session.last_done
+        assert done is not None and done["tokens"] == len(pieces) and done["stopped"] in ("eos", "max_tokens")
 
     # The same from the command line: watching a finished job, downloading its report.
     home = tmp_path / "cli.json"
@@ -170,6 +175,11 @@ def test_from_a_template_to_a_downloaded_report(web: WebServer, alice: Any, tmp_
     downloaded = cli(web, client.token, "reports", "download", "--job", str(job["id"]), "-o", str(out), home=home)
     assert downloaded.returncode == 0, downloaded.stderr
     assert out.read_bytes() == pdf.read_bytes()
+    spoken = cli(web, client.token, "playground", str(job["id"]), "the expert", "--max-tokens", "8", "--temperature",
+                 "0", home=home)  # fmt: skip
+    assert spoken.returncode == 0 and spoken.stdout == text + "\n", spoken.stderr
+    ending = "the model ended the text" if done["stopped"] == "eos" else "max tokens reached"
+    assert f"{len(pieces)} pieces in" in spoken.stderr and ending in spoken.stderr, spoken.stderr
 
 
 def test_an_invalid_file_raises_naming_its_line_and_field(web: WebServer, alice: Any, tmp_path: Path) -> None:

@@ -644,12 +644,14 @@ def sweeps_save_best(ctx: Context, sweep_id: int, note: str) -> None:
 def playground(
     ctx: Context, job_id: int, prompt: str, report: int | None, max_tokens: int, temperature: float, seed: int | None
 ) -> None:
-    """Generate text from a trained job's model, printed as it is produced."""
-    for piece in ctx.client.playground.stream(
-        job_id, prompt, report, max_tokens=max_tokens, temperature=temperature, seed=seed
-    ):
-        click.echo(piece, nl=False)
-    click.echo()
+    """Generate text from a trained job's model, printed as it is produced; why it ended goes to stderr."""
+    with ctx.client.playground.session(job_id, report) as session:
+        for piece in session.stream(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed):
+            click.echo(piece, nl=False)
+        click.echo()
+        done = session.last_done or {}
+    ended = {"eos": "the model ended the text", "max_tokens": "max tokens reached"}.get(str(done.get("stopped")), "")
+    err.print(f"{done.get('tokens', 0)} pieces in {done.get('seconds', 0)} s" + (f": {ended}" if ended else ""))
 
 
 def main() -> None:

@@ -224,12 +224,15 @@ class Playground:
 
 
 class PlaygroundSession:
-    """One playground socket; ``ready`` is the server's ``ready`` message (task, labels, limits)."""
+    """One playground socket; ``ready`` is the server's ``ready`` message (task, labels, limits), ``last_done`` the
+    ``done`` message of the last request once it finished (``tokens``, ``seconds``, and for generation ``stopped``:
+    ``"eos"`` when the model ended the text, ``"max_tokens"`` or ``"stop"``)."""
 
     def __init__(self, client: Client, job_id: int, report: int | None) -> None:
         self.ws = open_socket(client, PLAYGROUND_SOCKET.format(job_id=job_id), f"report={report}" if report else "")
         self.ws.__enter__()  # the connection is its own context manager; __exit__ below closes it
         self.ready: dict[str, Any] = {}
+        self.last_done: dict[str, Any] | None = None
         try:
             while not self.ready:
                 message = self._next()
@@ -257,15 +260,19 @@ class PlaygroundSession:
         return message
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+        self.last_done = None
         self.ws.send(json.dumps({"type": "generate", "prompt": prompt, **options}))
         while (message := self._next()).get("type") != "done":
             if message.get("type") == "token":
                 yield str(message["text"])
+        self.last_done = message
 
     def classify(self, text: str) -> list[dict[str, Any]]:
         self.ws.send(json.dumps({"type": "classify", "text": text}))
+        self.last_done = None
         labels: list[dict[str, Any]] = []
         while (message := self._next()).get("type") != "done":
             if message.get("type") == "labels":
                 labels = list(message["probabilities"])
+        self.last_done = message
         return labels
