@@ -179,7 +179,8 @@ def test_from_a_template_to_a_downloaded_report(web: WebServer, alice: Any, tmp_
                  "0", home=home)  # fmt: skip
     assert spoken.returncode == 0 and spoken.stdout == text + "\n", spoken.stderr
     ending = "the model ended the text" if done["stopped"] == "eos" else "max tokens reached"
-    assert f"{len(pieces)} pieces in" in spoken.stderr and ending in spoken.stderr, spoken.stderr
+    counted = f"{len(pieces)} {'piece' if len(pieces) == 1 else 'pieces'} in"
+    assert counted in spoken.stderr and ending in spoken.stderr, spoken.stderr
 
 
 def test_an_invalid_file_raises_naming_its_line_and_field(web: WebServer, alice: Any, tmp_path: Path) -> None:

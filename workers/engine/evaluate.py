@@ -26,7 +26,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -335,7 +335,7 @@ class TextStream(Iterator[str]):
     token and restores the model's mode.
     """
 
-    def __init__(self, pieces: Iterator[str], outcome: dict[str, str]) -> None:
+    def __init__(self, pieces: Generator[str, None, None], outcome: dict[str, str]) -> None:
         self._pieces = pieces
         self._outcome = outcome
 
@@ -347,9 +347,7 @@ class TextStream(Iterator[str]):
         return self._outcome.get("ended")
 
     def close(self) -> None:
-        close = getattr(self._pieces, "close", None)
-        if close is not None:
-            close()
+        self._pieces.close()
 
 
 def _token_stream(
@@ -420,7 +418,7 @@ def stream_generate(
     return TextStream(_decode_stream(inference, tokens), outcome)
 
 
-def _decode_stream(inference: Inference, tokens: Iterator[int]) -> Iterator[str]:
+def _decode_stream(inference: Inference, tokens: Iterator[int]) -> Generator[str, None, None]:
     decoder = DecodeStream(skip_special_tokens=True)
     produced: list[int] = []
     sent = 0  # characters yielded so far

@@ -651,7 +651,9 @@ def playground(
         click.echo()
         done = session.last_done or {}
     ended = {"eos": "the model ended the text", "max_tokens": "max tokens reached"}.get(str(done.get("stopped")), "")
-    err.print(f"{done.get('tokens', 0)} pieces in {done.get('seconds', 0)} s" + (f": {ended}" if ended else ""))
+    count = done.get("tokens", 0)
+    summary = f"{count} {'piece' if count == 1 else 'pieces'} in {done.get('seconds', 0)} s"
+    err.print(summary + (f": {ended}" if ended else ""))
 
 
 def main() -> None:
