@@ -106,7 +106,10 @@ def dispatch_analysis(dataset: Dataset) -> None:
 
 
 def start_analysis(dataset: Dataset) -> Dataset:
-    """Recompute the statistics of a dataset (not while it is being processed)."""
+    """Recompute the statistics of a dataset (not while it is being processed).
+
+    Returns the dataset as this request left it (state ``queued``): it is read back before the commit sends the
+    task, so a fast worker's ``validating`` never shows up in the reply of the request that queued it."""
     if dataset.is_busy:
         raise Refusal("", f"the dataset is {dataset.get_state_display().lower()}; wait for it to finish", 409)
     if dataset.state == DatasetState.FAILED and not dataset.file_name:
@@ -120,8 +123,9 @@ def start_analysis(dataset: Dataset) -> Dataset:
             error_message="",
             attempts=0,  # a person asked: the worker gets a fresh set of attempts
         )
+        # Read back inside the transaction: the task is sent on commit, and a worker may claim it at once.
+        dataset.refresh_from_db()
         dispatch_analysis(dataset)
-    dataset.refresh_from_db()
     return dataset
 
 
