@@ -109,6 +109,34 @@ def side_by_side(moe: list[dict[str, float]], dense: list[dict[str, float]]) -> 
     return rows
 
 
+def candidate(
+    base: Spec,
+    routed_experts: int | None = None,
+    batch_size: int | None = None,
+    dropout: float | None = None,
+    compile_models: bool = False,
+    first_dense_layers: int | None = None,
+) -> Spec:
+    """The template ``base`` with a candidate setting in place of its own, to measure it before it becomes the
+    template: ``routed_experts``, ``first_dense_layers`` (the MoE's dense bottom layers), ``batch_size``,
+    ``dropout`` (``model.dropout``), ``compile_models`` (``training.compile``). ``moe_and_dense`` then derives the
+    dense twin from it, whose active size depends on neither expert setting."""
+    moe = base.model.moe.model_dump()
+    if routed_experts is not None:
+        moe["num_routed_experts"] = routed_experts
+    if first_dense_layers is not None:
+        moe["first_dense_layers"] = first_dense_layers
+    model: dict[str, Any] = {"moe": moe}
+    if dropout is not None:
+        model["dropout"] = dropout
+    training: dict[str, Any] = {}
+    if batch_size is not None:
+        training["batch_size"] = batch_size
+    if compile_models:
+        training["compile"] = True
+    return _variant(base, model, training)
+
+
 def learning_per_second(
     work: Path,
     seconds: float,
@@ -121,26 +149,18 @@ def learning_per_second(
     batch_size: int | None = None,
     dropout: float | None = None,
     compile_models: bool = False,
+    first_dense_layers: int | None = None,
 ) -> dict[str, Any]:
     """Train the template and its dense twin for ``seconds`` of step time each; their curves and figures.
 
     ``warmup_steps`` replaces the template's (``--quick``: a budget of a few seconds is shorter than it);
-    ``routed_experts``, ``batch_size`` and ``dropout`` (``model.dropout``) the template's (to measure a candidate
-    before it becomes the template; the dense twin follows, its active size does not depend on the routed expert count);
-    ``compile_models`` trains both with ``training.compile`` (the first step of every chunk compiles, from
-    Inductor's cache after the first chunk, and is left out of the clock like every compile).
+    ``routed_experts``, ``batch_size``, ``dropout``, ``compile_models`` and ``first_dense_layers`` are passed to
+    ``candidate``. With ``compile_models`` the first step of every chunk compiles (from Inductor's cache after the
+    first chunk) and is left out of the clock like every compile.
     """
     from builder.configs.presets import PRESETS
 
-    base = PRESETS[TEMPLATE].spec
-    if routed_experts is not None:
-        base = _variant(base, {"moe": {**base.model.moe.model_dump(), "num_routed_experts": routed_experts}})
-    if batch_size is not None:
-        base = _variant(base, training={"batch_size": batch_size})
-    if dropout is not None:
-        base = _variant(base, {"dropout": dropout})
-    if compile_models:
-        base = _variant(base, training={"compile": True})
+    base = candidate(PRESETS[TEMPLATE].spec, routed_experts, batch_size, dropout, compile_models, first_dense_layers)
     schedule = base.training.schedule.model_dump()
     if warmup_steps is not None:
         schedule["warmup_steps"] = warmup_steps
@@ -196,6 +216,7 @@ def learning_per_second(
             "heads": m.num_heads,
             "vocab": m.vocab_size,
             "routed_experts": m.moe.num_routed_experts,
+            "first_dense_layers": m.moe.first_dense_layers,
             "shared_experts": m.moe.num_shared_experts,
             "top_k": m.moe.top_k,
             "expert_hidden_size": m.moe.expert_hidden_size,
@@ -251,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routed-experts", type=int, default=None, help="instead of the template's")
     parser.add_argument("--batch-size", type=int, default=None, help="instead of the template's")
     parser.add_argument("--dropout", type=float, default=None, help="model.dropout instead of the template's")
+    parser.add_argument(
+        "--first-dense-layers",
+        type=int,
+        default=None,
+        help="the MoE's moe.first_dense_layers instead of the template's",
+    )
     parser.add_argument("--compile", action="store_true", help="train both models with training.compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -268,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             dropout=args.dropout,
             compile_models=args.compile,
+            first_dense_layers=args.first_dense_layers,
         )
     report = {
         "bench": "learning_per_second",
