@@ -24,8 +24,8 @@ def test_the_moe_and_its_dense_twin_train_for_the_same_time_and_report_loss_curv
     assert set(models) == {"moe", "dense"}
     shape = report["shape"]
     assert shape["dense_hidden_size"] == (shape["top_k"] + shape["shared_experts"]) * shape["expert_hidden_size"]
-    # The same active matmul work per token, up to the router's (E, C) matrix.
-    router = shape["routed_experts"] * shape["hidden_size"] * shape["layers"]
+    # The same active matmul work per token, up to the router's (E, C) matrix in each MoE layer.
+    router = shape["routed_experts"] * shape["hidden_size"] * (shape["layers"] - shape["first_dense_layers"])
     assert models["moe"]["active_matmul_parameters"] == models["dense"]["active_matmul_parameters"] + router
     assert models["moe"]["parameters"] > models["dense"]["parameters"]
     uniform = math.log(shape["vocab"])
@@ -81,3 +81,23 @@ def test_interventions_are_listed_at_the_training_seconds_they_came_with_what_th
     }
     sink.event("intervention", {"step": 3, "changes": changes})
     assert learning.interventions(sink) == [{"step": 3, "seconds": 1.5, "changes": {"lr_scale": 0.3, "dropout": 0.2}}]
+
+
+def test_a_candidate_setting_changes_the_moe_and_the_dense_twin_stays_dense_at_the_same_active_size() -> None:
+    from builder.configs.presets import PRESETS
+
+    template = PRESETS[learning.TEMPLATE].spec
+    plain = learning.moe_and_dense(template)
+    specs = learning.moe_and_dense(learning.candidate(template, first_dense_layers=0, batch_size=16, dropout=0.2))
+    moe, dense = specs["moe"].model, specs["dense"].model
+    assert template.model.moe.first_dense_layers == 1  # the template's own: a dense first layer
+    assert moe.moe.first_dense_layers == 0 and moe.num_moe_layers == template.model.num_layers
+    assert (
+        dense.num_moe_layers == 0
+        and dense.moe.resolved_dense_hidden_size == plain["dense"].model.moe.resolved_dense_hidden_size
+    )
+    assert specs["moe"].training.batch_size == specs["dense"].training.batch_size == 16
+    assert moe.dropout == dense.dropout == 0.2
+    # Everything else is the template's.
+    assert moe.moe.num_routed_experts == template.model.moe.num_routed_experts
+    assert specs["moe"].training.optimizer == template.training.optimizer
