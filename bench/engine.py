@@ -47,6 +47,7 @@ from torch import nn
 from workers.engine.allocator import keep_freed_memory
 from workers.engine.data import PreparedData, prepare
 from workers.engine.estimate import kv_cache_bytes_per_token, optimizer_state_elements, parameter_breakdown
+from workers.engine.kernels import grouped_matmul
 from workers.engine.model import KVCache, build_model
 from workers.engine.optimizers import Optimizer, build_optimizer
 from workers.engine.sinks import MemorySink
@@ -384,6 +385,136 @@ def _components_entry(
             mfu = round(flops[name] * tokens / seconds / (peak_gflops * 1e9), 3)
         out[name] = {"share": round(share, 3), "ms": round(seconds * 1000, 1), "mfu": mfu}
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The kernel floor: what the kernels that every model shares take alone at this shape
+# ----------------------------------------------------------------------------------------------------------
+
+FLOOR_PARTS = ("experts", "attention", "router", "head", "optimizer")
+
+
+class KernelFloor:
+    """The matmul-class kernels that every model of ``shape`` runs, each timed alone on random fp32 data.
+
+    Per layer: the grouped expert matmul of both projections (``grouped_matmul``: forward and both gradients, the
+    ``batch x seq_len x top_k`` routed rows split evenly over the experts), the attention's q, k, v and output
+    projections (forward and both gradients) and SDPA's causal kernel (forward and backward), the router's
+    projection; once: the output head's projection, and one fused AdamW step over tensors of
+    ``parameter_shapes``. Every layer has its own tensors, as a model's layers do.
+
+    Their sum is a floor under a training step of this shape built on these kernels: the norms, activations,
+    routing and dispatch, rotary embedding, the loss's softmax and the framework come on top of it. A step minus
+    the floor is the part that an engine shapes (``floor_comparison``).
+    """
+
+    def __init__(self, shape: Shape, experts: int, parameter_shapes: list[torch.Size]) -> None:
+        gen = torch.Generator().manual_seed(1)
+
+        def rand(*size: int, grad: bool = True) -> torch.Tensor:
+            return (torch.randn(*size, generator=gen) * 0.02).requires_grad_(grad)
+
+        tokens, width, hidden = shape.batch * shape.seq_len, shape.d_model, shape.expert_hidden
+        head_dim = width // shape.heads
+        rows = tokens * shape.top_k
+        self.counts = torch.full((experts,), rows // experts, dtype=torch.int64)
+        self.counts[: rows % experts] += 1
+        self.layers = [
+            {
+                "rows": rand(rows, width),
+                "activated": rand(rows, hidden),
+                "w_in": rand(experts, width, 2 * hidden),
+                "w_out": rand(experts, hidden, width),
+                "x": rand(tokens, width),  # the inputs of the q/k/v, output and router projections
+                "attended": rand(tokens, width),
+                "normed": rand(tokens, width),
+                "qkv": rand(3 * width, width),
+                "o": rand(width, width),
+                "router": rand(experts, width),
+                "q": rand(shape.batch, shape.heads, shape.seq_len, head_dim),
+                "k": rand(shape.batch, shape.heads, shape.seq_len, head_dim),
+                "v": rand(shape.batch, shape.heads, shape.seq_len, head_dim),
+            }
+            for _ in range(shape.layers)
+        ]
+        self.head_x, self.head_w = rand(tokens, width), rand(shape.vocab, width)
+        self.grads = {
+            "expert_in": rand(rows, 2 * hidden, grad=False),
+            "expert_out": rand(rows, width, grad=False),
+            "qkv": rand(tokens, 3 * width, grad=False),
+            "o": rand(tokens, width, grad=False),
+            "router": rand(tokens, experts, grad=False),
+            "attention": rand(shape.batch, shape.heads, shape.seq_len, head_dim, grad=False),
+            "head": rand(tokens, shape.vocab, grad=False),
+        }
+        self.parameters = nn.ParameterList(nn.Parameter(torch.zeros(s)) for s in parameter_shapes)
+        for p in self.parameters:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        self.optimizer = fused_adamw(self.parameters, 3e-4)
+        self.times: list[dict[str, float]] = []
+
+    def measure(self) -> dict[str, float]:
+        """Seconds of each part (``FLOOR_PARTS``) for one training step's worth of calls."""
+        g = self.grads
+        seconds = dict.fromkeys(FLOOR_PARTS, 0.0)
+        for layer in self.layers:
+            start = time.perf_counter()
+            grouped_matmul(layer["rows"], layer["w_in"], self.counts).backward(g["expert_in"])
+            grouped_matmul(layer["activated"], layer["w_out"], self.counts).backward(g["expert_out"])
+            experts = time.perf_counter()
+            torch.nn.functional.linear(layer["x"], layer["qkv"]).backward(g["qkv"])
+            torch.nn.functional.linear(layer["attended"], layer["o"]).backward(g["o"])
+            attention_core = torch.nn.functional.scaled_dot_product_attention(
+                layer["q"], layer["k"], layer["v"], is_causal=True
+            )
+            attention_core.backward(g["attention"])
+            attention = time.perf_counter()
+            torch.nn.functional.linear(layer["normed"], layer["router"]).backward(g["router"])
+            router = time.perf_counter()
+            seconds["experts"] += experts - start
+            seconds["attention"] += attention - experts
+            seconds["router"] += router - attention
+        start = time.perf_counter()
+        torch.nn.functional.linear(self.head_x, self.head_w).backward(g["head"])
+        head = time.perf_counter()
+        self.optimizer.step()
+        seconds["head"] = head - start
+        seconds["optimizer"] = time.perf_counter() - head
+        for layer in self.layers:
+            for tensor in layer.values():
+                tensor.grad = None
+        self.head_x.grad = self.head_w.grad = None
+        return seconds
+
+
+def floor_entry(floor: KernelFloor, stat: str) -> dict[str, float]:
+    """Each part's ``stat`` ("median" or "min") over the timed rounds in ms, and ``total``: that statistic of the
+    rounds' sums (not the sum of the parts' statistics)."""
+    pick = statistics.median if stat == "median" else min
+    entry = {part: round(pick(t[part] for t in floor.times) * 1000, 1) for part in FLOOR_PARTS}
+    entry["total"] = round(pick(sum(t.values()) for t in floor.times) * 1000, 1)
+    return entry
+
+
+def floor_comparison(best_hf_ms: float, ours_ms: float, floor_ms: float, target: float) -> dict[str, float]:
+    """What a step-time target asks of the part of ours' step above the kernel floor.
+
+    ``*_above_floor_ms``: ours' and the best Hugging Face model's steps minus the floor (all in ms);
+    ``ours_above_floor_for_target_ms``: what ours' part may take for ``best_hf_ms / ours_ms >= target``;
+    ``ours_above_floor_cut_needed``: the fraction of ours' part that must go for that (0 where the target is met);
+    ``ours_over_best_hf_if_nothing_above_floor``: the ratio if ours' part took no time, the ceiling on these
+    kernels.
+    """
+    allowed = best_hf_ms / target - floor_ms
+    ours_above = ours_ms - floor_ms
+    cut = 1.0 - allowed / ours_above if ours_above > 0 else 0.0
+    return {
+        "ours_above_floor_ms": round(ours_above, 1),
+        "best_hf_above_floor_ms": round(best_hf_ms - floor_ms, 1),
+        "ours_above_floor_for_target_ms": round(allowed, 1),
+        "ours_above_floor_cut_needed": round(max(0.0, cut), 3),
+        "ours_over_best_hf_if_nothing_above_floor": round(best_hf_ms / floor_ms, 3),
+    }
 
 
 def cpu_device_label(threads: int) -> str:
@@ -886,6 +1017,13 @@ def main(argv: list[str] | None = None) -> int:
                 runners.append(Runner(name, experts, model, optimizer, name == "ours", [], make, low_precision))
                 if name != "ours":
                     hf_setup.setdefault(name, _hf_implementations(model))
+        # The floor is fp32's: grouped_mm is not autocast-aware, and every model casts its own way under bf16.
+        floors: dict[int, KernelFloor] = {}
+        if low_precision is None:
+            for runner in runners:
+                if runner.is_ours:
+                    shapes = [p.shape for p in runner.model.parameters()]
+                    floors[runner.experts] = KernelFloor(shape, runner.experts, shapes)
 
         huge_kib = _anon_huge_pages_kib()
         peak_size = 256 if args.quick else 1024
@@ -906,6 +1044,10 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed = runner.step(ids)
                 if timed:
                     runner.times.append(elapsed)
+            for floor in floors.values():
+                parts = floor.measure()
+                if timed:
+                    floor.times.append(parts)
             print(f"round {r + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
         seconds = time.perf_counter() - started
         load_end = round(os.getloadavg()[0], 2)
@@ -963,6 +1105,9 @@ def main(argv: list[str] | None = None) -> int:
                 "ours_over_best_hf": round(ratio, 3),
                 "met": ratio >= TARGET_OVER_BEST_HF,
             }
+            if experts in floors:
+                floor_ms = floor_entry(floors[experts], stat)["total"]
+                entry[stat]["kernel_floor"] = floor_comparison(hf[best], step["ours"], floor_ms, TARGET_OVER_BEST_HF)
         if hi != lo:
             ours_hi, ours_lo = results[str(hi)]["ours"], results[str(lo)]["ours"]
             ph_hi, ph_lo = ours_hi[f"phase_ms_{stat}"], ours_lo[f"phase_ms_{stat}"]
@@ -995,6 +1140,14 @@ def main(argv: list[str] | None = None) -> int:
         "share over 3 separately profiled steps; a backward "
         "operation counts for the forward operation it differentiates; ms = share x the median step; mfu = the "
         "component's nominal matmul FLOPs (the shared shape) in that time over the measured peak",
+        "kernel_floor_ms (fp32 runs): the kernels every model of this shape runs, each timed alone on random data "
+        "in every round: per layer the grouped expert matmuls of both projections (forward and both gradients, "
+        "the routed rows split evenly), the attention's q/k/v/o projections and SDPA's causal kernel (forward and "
+        "backward), the router's projection; the output head's projection; one fused AdamW step over ours' "
+        "parameter shapes; built once, also in the fresh harness. Everything else (norms, activations, routing "
+        "and dispatch, rotary embedding, the loss's softmax, the framework) comes on top; "
+        "comparison.*.kernel_floor: the part of each step above the floor, what the target allows ours' part, the "
+        "fraction of it that must go (0: met) and the ratio if ours' part took no time",
         "harness 'persistent': each model built once, stepped in every round; 'fresh' (--fresh): rebuilt from the "
         "same seed before each timed step, after one untimed step of its own (new parameter, gradient and "
         "optimizer buffers every time, as at the start of a run)",
@@ -1027,6 +1180,10 @@ def main(argv: list[str] | None = None) -> int:
             "size": peak_size,
         },
         "results": results,
+        "kernel_floor_ms": {
+            str(experts): {stat: floor_entry(floor, stat) for stat in ("median", "min")}
+            for experts, floor in floors.items()
+        },
         "comparison": comparison,
         "scaling": scaling,
         "notes": notes,

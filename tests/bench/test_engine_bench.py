@@ -19,7 +19,49 @@ def test_bench_quick_runs_without_hugging_face(capsys: pytest.CaptureFixture[str
     report = json.loads(capsys.readouterr().out)
     assert report["results"]["4"]["ours"]["tokens_per_s"] > 0
     assert any("skipped" in note for note in report["notes"])
+    assert report["kernel_floor_ms"]["4"]["median"]["total"] > 0  # timed without Hugging Face's models too
     assert report["device"] == engine.cpu_device_label(2)  # --threads' default
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
+def test_the_kernel_floor_lies_under_every_model_and_the_comparison_counts_from_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The shared kernels timed alone take less than any model's step that runs them and more; the comparison's
+    part above the floor is ours' step minus that floor."""
+    args = ["--quick", "--no-thp", "--no-deepseek", "--rounds", "2", "--warmup", "1", "--experts", "4"]
+    assert engine.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    floor = report["kernel_floor_ms"]["4"]
+    for stat in ("median", "min"):
+        parts = floor[stat]
+        assert set(parts) == {*engine.FLOOR_PARTS, "total"}
+        assert all(parts[part] > 0 for part in engine.FLOOR_PARTS), parts
+        assert parts["total"] >= max(parts[part] for part in engine.FLOOR_PARTS)
+    group = report["results"]["4"]
+    assert {"ours", "mixtral"} <= set(group)
+    for name, entry in group.items():
+        assert floor["min"]["total"] < entry["step_ms_min"], name
+    median = report["comparison"]["4"]["median"]
+    above = median["kernel_floor"]
+    assert above["ours_above_floor_ms"] == pytest.approx(
+        group["ours"]["step_ms_median"] - floor["median"]["total"], abs=0.15
+    )
+    best = group[median["best_hf"]]["step_ms_median"]
+    assert above["best_hf_above_floor_ms"] == pytest.approx(best - floor["median"]["total"], abs=0.15)
+    assert any("kernel_floor_ms" in note for note in report["notes"])
+
+
+def test_the_floor_comparison_says_what_the_target_asks_of_the_part_above_the_floor() -> None:
+    # Today's figures at 8 experts: the best Hugging Face step 444 ms, ours 402, the floor 283.
+    entry = engine.floor_comparison(444.0, 402.0, 283.0, 1.15)
+    assert entry["ours_above_floor_ms"] == 119.0
+    assert entry["best_hf_above_floor_ms"] == 161.0
+    assert entry["ours_above_floor_for_target_ms"] == pytest.approx(444 / 1.15 - 283, abs=0.05)  # 103.1
+    assert entry["ours_above_floor_cut_needed"] == pytest.approx(1 - (444 / 1.15 - 283) / 119, abs=5e-4)  # 0.134
+    assert entry["ours_over_best_hf_if_nothing_above_floor"] == pytest.approx(444 / 283, abs=5e-4)
+    # A step already at the target needs nothing cut.
+    assert engine.floor_comparison(460.0, 400.0, 300.0, 1.15)["ours_above_floor_cut_needed"] == 0.0
 
 
 def test_every_cpu_bench_names_its_device_as_before() -> None:
