@@ -1088,6 +1088,10 @@ def main(argv: list[str] | None = None) -> int:
     # harness and in the fresh-model one without THP (make bench runs both). Minima (each model's least disturbed
     # step) are given beside them. The step-time growth from the fewest to the most experts is reported, not judged.
     lo, hi = min(expert_counts), max(expert_counts)
+    kernel_floor = {
+        str(experts): {stat: floor_entry(floor, stat) for stat in ("median", "min")}
+        for experts, floor in floors.items()
+    }
     comparison: dict[str, Any] = {}
     scaling: dict[str, Any] = {}
     for stat in ("median", "min"):
@@ -1105,8 +1109,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ours_over_best_hf": round(ratio, 3),
                 "met": ratio >= TARGET_OVER_BEST_HF,
             }
-            if experts in floors:
-                floor_ms = floor_entry(floors[experts], stat)["total"]
+            if str(experts) in kernel_floor:
+                floor_ms = kernel_floor[str(experts)][stat]["total"]
                 entry[stat]["kernel_floor"] = floor_comparison(hf[best], step["ours"], floor_ms, TARGET_OVER_BEST_HF)
         if hi != lo:
             ours_hi, ours_lo = results[str(hi)]["ours"], results[str(lo)]["ours"]
@@ -1180,10 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": peak_size,
         },
         "results": results,
-        "kernel_floor_ms": {
-            str(experts): {stat: floor_entry(floor, stat) for stat in ("median", "min")}
-            for experts, floor in floors.items()
-        },
+        "kernel_floor_ms": kernel_floor,
         "comparison": comparison,
         "scaling": scaling,
         "notes": notes,
