@@ -404,7 +404,10 @@ def test_requests_are_idempotent_and_refusals_name_the_reason(alice: Any, bob: A
 
 @pytest.mark.django_db(transaction=True)  # run_report closes stale connections, as a worker does
 def test_a_claim_fences_every_later_write(alice: Any) -> None:
-    job = make_job(alice, tiny_spec(20))
+    # The reaper below sends the report's task again once its transaction commits. On the job's queue, the
+    # session's real worker (when an earlier test started it) would claim the report before "w2" does: this job
+    # trained on a queue that no worker consumes, so the test's claimants are the only ones.
+    job = make_job(alice, tiny_spec(20), queue="no-worker-consumes-this")
     report = Report.objects.create(job=job, checkpoint_step=20)
     first = REPORTS.claim(report.pk, "w1")
     assert first is not None and (first.attempt, first.token) == (1, 1)
