@@ -113,26 +113,41 @@ def _mtp_depth(spec: dict[str, Any]) -> int:
         return 0
 
 
+MAX_PICKER_JOBS = 50
+
+
+def parse_overlay_ids(raw_ids: list[str]) -> tuple[list[int], str]:
+    """The job ids of ``?ids=`` (repeated, or comma-separated as a person types them), first occurrence kept, and
+    an error naming the field ("" when none): an id that is not a whole number, or more than ``MAX_OVERLAY_JOBS``."""
+    ids: list[int] = []
+    for piece in (part for raw in raw_ids for part in raw.split(",")):
+        if not piece.strip():
+            continue
+        job_id = db_int(piece)
+        if job_id is None:
+            return [], f"ids: {piece.strip()[:40]!r} is not a job id"
+        ids.append(job_id)
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > MAX_OVERLAY_JOBS:
+        return ids[:MAX_OVERLAY_JOBS], f"ids: at most {MAX_OVERLAY_JOBS} runs fit on one chart ({len(ids)} chosen)"
+    return ids, ""
+
+
 @login_required
 def job_compare(request: HttpRequest) -> HttpResponse:
-    """``?ids=1&ids=2[&metric=loss]``: the same metric of 2 or more runs on one chart."""
-    raw_ids = request.GET.getlist("ids")
-    ids: list[int] = []
-    for raw in raw_ids:
-        job_id = db_int(raw)
-        if job_id is None:
-            raise Http404("no such job")
-        ids.append(job_id)
-    ids = list(dict.fromkeys(ids))[:MAX_OVERLAY_JOBS]
+    """``?ids=1&ids=2[&metric=loss]`` (or ``?ids=1,2``): the same metric of 2 to ``MAX_OVERLAY_JOBS`` runs on one
+    chart. Fewer than two, or ids that do not parse, answer 400 with the error and a picker of the user's recent
+    runs (``pick=1`` shows the picker beside the chart); a run the user may not see is a 404 that does not say
+    which."""
+    ids, error = parse_overlay_ids(request.GET.getlist("ids"))
     jobs = {job.pk: job for job in visible_jobs(request.user).filter(pk__in=ids)}
     if len(jobs) != len(ids):
         raise Http404("no such job")  # one of them is not the user's: reveal nothing about which
     ordered = [jobs[i] for i in ids]
     metric = request.GET.get("metric") or "loss"
     known = dict(OVERLAY_METRICS)
-    error = ""
     if metric not in known:
-        error = f"metric: choose one of {', '.join(known)}"
+        error = error or f"metric: choose one of {', '.join(known)}"
         metric = "loss"
     if len(ordered) < 2:
         error = error or "ids: select at least two jobs to overlay"
@@ -146,14 +161,23 @@ def job_compare(request: HttpRequest) -> HttpResponse:
         }
         for job in ordered
     ]
+    # Fewer than two runs (or ``pick`` asked for): the page offers the user's recent runs to choose from, those
+    # already chosen ticked.
+    picking = len(ordered) < 2 or bool(request.GET.get("pick"))
+    recent = visible_jobs(request.user).select_related("owner").order_by("-pk")[:MAX_PICKER_JOBS]
+    picker = list(recent) if picking else []
     return render(
         request,
         "jobs/compare.html",
         {
             "jobs": ordered,
+            "chosen": set(ids),
+            "picker": picker,
+            "max_jobs": MAX_OVERLAY_JOBS,
             "metric": metric,
             "metric_label": known[metric],
             "metrics": [(name, label) for name, label in OVERLAY_METRICS if name in available or name == metric],
+            "all_metrics": OVERLAY_METRICS,
             "runs": runs,
             "overlay": {"metric": metric, "label": known[metric], "runs": runs},
             "error": error,

@@ -116,11 +116,40 @@ def test_the_overlay_plots_two_runs_and_refuses_what_it_cannot(alice: Any, charl
     # Someone else's run among them: nothing is shown, and nothing says which one.
     assert signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={c.pk}").status_code == 404
     assert signed_in(charlie).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}").status_code == 404
-    assert signed_in(alice).get("/jobs/compare/?ids=x").status_code == 404
-    one = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}")
-    assert one.status_code == 400 and "ids: select at least two" in one.content.decode()
+    # Ids as a person types them, comma-separated, give the same chart.
+    typed = signed_in(alice).get(f"/jobs/compare/?ids={a.pk},{b.pk}&metric=loss")
+    assert typed.status_code == 200 and json_script(typed.content.decode(), "job-overlay-data") == overlay
+    malformed = signed_in(alice).get(f"/jobs/compare/?ids={a.pk},x")
+    assert malformed.status_code == 400 and "ids: &#x27;x&#x27; is not a job id" in malformed.content.decode()
+    repeated = signed_in(alice).get("/jobs/compare/?" + "&".join([f"ids={a.pk}"] * 5 + [f"ids={b.pk}"] * 5))
+    assert repeated.status_code == 200  # repeats count once, never toward the limit
     bad = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&metric=nope")
     assert bad.status_code == 400 and "metric: choose one of" in bad.content.decode()
+    # One run, or none: the error, and a picker of the user's own runs (never another's), the chosen one ticked.
+    one = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}").content.decode()
+    assert "ids: select at least two" in one and 'data-testid="compare-picker"' in one
+    ticked = re.findall(r'name="ids" value="(\d+)"[^>]*?(checked)?>', one)
+    assert ticked == [(str(b.pk), ""), (str(a.pk), "checked")]
+    assert 'data-testid="compare-picker"' in signed_in(alice).get("/jobs/compare/").content.decode()
+    nothing = signed_in(charlie).get("/jobs/compare/").content.decode()
+    assert "run-a" not in nothing and "run-c" in nothing
+    # ``pick`` shows the picker beside the chart, both runs ticked.
+    chart = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&metric=lr").content.decode()
+    assert f'href="/jobs/compare/?ids={a.pk}&amp;ids={b.pk}&amp;metric=lr&amp;pick=1"' in chart  # "change runs"
+    both = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&pick=1")
+    assert both.status_code == 200 and "job-overlay-data" in both.content.decode()
+    assert len(re.findall(r'name="ids" value="\d+"[^>]*checked', both.content.decode())) == 2
+
+
+def test_the_overlay_names_the_limit_of_runs_on_one_chart(alice: Any) -> None:
+    from builder.jobs.views import MAX_OVERLAY_JOBS
+
+    runs = [job_with_points(alice, f"run-{i}", [3.0 - i / 10]) for i in range(MAX_OVERLAY_JOBS + 1)]
+    page = signed_in(alice).get("/jobs/compare/?ids=" + ",".join(str(r.pk) for r in runs))
+    html = page.content.decode()
+    assert page.status_code == 400 and f"ids: at most {MAX_OVERLAY_JOBS} runs fit on one chart (9 chosen)" in html
+    overlay = json_script(html, "job-overlay-data")
+    assert [r["name"] for r in overlay["runs"]] == [f"run-{i}" for i in range(MAX_OVERLAY_JOBS)]
 
 
 def test_launch_from_a_saved_configuration(alice: Any, charlie: Any, dataset: Dataset, version: ConfigVersion) -> None:
