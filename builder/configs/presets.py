@@ -1,6 +1,7 @@
 """Named templates, kept as data: one JSON file per template in ``presets/``.
 
-Each file holds ``title``, ``description``, ``task`` (``generation`` or ``classification``), the hardware it
+Each file holds ``title``, ``description`` (what it is, in a sentence or three), optionally ``why`` (the
+measurements behind its settings, shown on demand), ``task`` (``generation`` or ``classification``), the hardware it
 is sized for (``hardware`` profile key and ``num_gpus``), the built-in dataset it suits (``dataset`` slug or
 null) and a ``spec`` (partial: defaults fill the rest). The file name is the template's name. Every template
 is validated when this module is imported: a broken template stops start-up instead of reaching a user.
@@ -30,12 +31,14 @@ class Preset:
     num_gpus: int
     dataset: str | None
     spec: Spec
+    why: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "title": self.title,
             "description": self.description,
+            "why": self.why,
             "task": self.task,
             "hardware": self.hardware,
             "num_gpus": self.num_gpus,
@@ -60,6 +63,7 @@ def _load(path: Path) -> Preset:
         num_gpus=int(raw["num_gpus"]),
         dataset=raw.get("dataset"),
         spec=load_spec(raw["spec"]),
+        why=raw.get("why", ""),
     )
 
 

@@ -204,6 +204,7 @@ class TemplateSerializer(serializers.Serializer[dict[str, Any]]):
     name = serializers.CharField()
     title = serializers.CharField()
     description = serializers.CharField()
+    why = serializers.CharField(allow_blank=True, help_text="The measurements behind its settings (may be empty).")
     task = serializers.ChoiceField(choices=["generation", "classification"])
     hardware = serializers.CharField()
     num_gpus = serializers.IntegerField()

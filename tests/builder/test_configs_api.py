@@ -176,6 +176,11 @@ def test_schema_templates_and_hardware(alice: Any) -> None:
     one = client.get("/api/templates/moe-1b").json()
     assert one["spec"]["model"]["num_layers"] == 24 and one["spec"]["model"]["vocab_size"] == 50265
     assert client.get("/api/templates/nope").status_code == 404
+    # A card says what the template is in a few sentences; the measurements behind it are its "why".
+    assert all(len(t["description"]) <= 400 for t in templates), [len(t["description"]) for t in templates]
+    assert "bench.learning" in client.get("/api/templates/tiny-cpu-demo").json()["why"] and one["why"] == ""
+    page = signed_in(alice).get("/configure/").content.decode()
+    assert 'data-testid="why-tiny-cpu-demo"' in page and 'data-testid="why-moe-1b"' not in page
     hardware = {h["key"]: h for h in client.get("/api/hardware").json()}
     assert set(hardware) == {"cpu", "t4", "a10", "a100-40gb", "a100-80gb", "h100-80gb"}
     assert hardware["t4"]["peak_flops"]["bf16"] is None and hardware["cpu"]["calibration_factor"] == 1.0
