@@ -136,8 +136,8 @@ def parse_overlay_ids(raw_ids: list[str]) -> tuple[list[int], str]:
 @login_required
 def job_compare(request: HttpRequest) -> HttpResponse:
     """``?ids=1&ids=2[&metric=loss]`` (or ``?ids=1,2``): the same metric of 2 to ``MAX_OVERLAY_JOBS`` runs on one
-    chart. Fewer than two, or ids that do not parse, answer 400 with the error and a picker of the user's recent
-    runs (``pick=1`` shows the picker beside the chart); a run the user may not see is a 404 that does not say
+    chart. No ids: the picker of the user's recent runs. One, or ids that do not parse, answer 400 with the error
+    and the picker (``pick=1`` shows the picker beside the chart); a run the user may not see is a 404 that does not say
     which."""
     ids, error = parse_overlay_ids(request.GET.getlist("ids"))
     jobs = {job.pk: job for job in visible_jobs(request.user).filter(pk__in=ids)}
@@ -149,7 +149,7 @@ def job_compare(request: HttpRequest) -> HttpResponse:
     if metric not in known:
         error = error or f"metric: choose one of {', '.join(known)}"
         metric = "loss"
-    if len(ordered) < 2:
+    if 0 < len(ordered) < 2:  # none at all is a first visit: the picker, with nothing to correct yet
         error = error or "ids: select at least two jobs to overlay"
     available = set(MetricPoint.objects.filter(job__in=ordered).values_list("name", flat=True).distinct())
     runs = [

@@ -130,7 +130,9 @@ def test_the_overlay_plots_two_runs_and_refuses_what_it_cannot(alice: Any, charl
     assert "ids: select at least two" in one and 'data-testid="compare-picker"' in one
     ticked = re.findall(r'name="ids" value="(\d+)"[^>]*?(checked)?>', one)
     assert ticked == [(str(b.pk), ""), (str(a.pk), "checked")]
-    assert 'data-testid="compare-picker"' in signed_in(alice).get("/jobs/compare/").content.decode()
+    first_visit = signed_in(alice).get("/jobs/compare/")
+    assert first_visit.status_code == 200 and 'data-testid="compare-picker"' in first_visit.content.decode()
+    assert "compare-error" not in first_visit.content.decode()
     nothing = signed_in(charlie).get("/jobs/compare/").content.decode()
     assert "run-a" not in nothing and "run-c" in nothing
     # ``pick`` shows the picker beside the chart, both runs ticked.
