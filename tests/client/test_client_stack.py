@@ -171,6 +171,14 @@ def test_from_a_template_to_a_downloaded_report(web: WebServer, alice: Any, tmp_
     assert watched.returncode == 0 and json.loads(watched.stdout)["state"] == "succeeded", watched.stderr
     drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", watched.stderr)  # the live display, without terminal codes
     assert f"job {job['id']} succeeded" in drawn and "step 30/30" in drawn, drawn
+    # Launching and following a job from the queue: the last line drawn is the job as it ended.
+    spec_file = tmp_path / "five.json"
+    spec_file.write_text(json.dumps(tiny(template["spec"], max_steps=5)))
+    followed = cli(web, client.token, "jobs", "launch", "--spec", str(spec_file), "--dataset", str(dataset["id"]),
+                   "--wait", home=home)  # fmt: skip
+    assert followed.returncode == 0 and json.loads(followed.stdout)["step"] == 5, followed.stderr
+    last = followed.stderr.strip().splitlines()[-1]
+    assert "succeeded" in last and "step 5/5" in last, followed.stderr
     out = tmp_path / "from-cli.pdf"
     downloaded = cli(web, client.token, "reports", "download", "--job", str(job["id"]), "-o", str(out), home=home)
     assert downloaded.returncode == 0, downloaded.stderr

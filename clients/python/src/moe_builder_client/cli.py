@@ -380,8 +380,11 @@ def follow(client: Client, job_id: int, quiet: bool, timeout: float | None = Non
                 from moe_builder_client.errors import WaitTimeout
 
                 raise WaitTimeout(f"job {job_id} did not finish within {timeout:.0f}s")
+        # The last line shows the job as it ended (its step and state as stored), not as it was when queued.
+        final = client.jobs.get(job_id)
+        watch.job = {**watch.job, **final}
         show()
-    return client.jobs.get(job_id)
+    return final
 
 
 @jobs.command("watch")
