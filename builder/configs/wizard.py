@@ -28,7 +28,8 @@ show the result. The rules of thumb, in the order they are applied:
    budget affords every pass over the data the run wants even with MTP's extra cost (it then adds training
    signal per token; when the budget is the limit, plain next-token steps are worth more); group-limited
    routing with one group per GPU when experts are spread over several (each token reaches at most half of
-   them); the routed scaling factor stays 1 (softmax weights are not renormalised). The optimizer: Adafactor
+   them); sigmoid router scores with the aux-free bias, as DeepSeek-V3 (the export then loads in transformers),
+   and a routed scaling factor of 1 (the chosen experts' weights sum to 1). The optimizer: Adafactor
    when memory is tight (gradient checkpointing needed), Muon for quality on a GPU when the estimator says its
    Newton-Schulz iterations add at most ``MUON_MAX_EXTRA`` to the step (on a CPU they cost more than estimated,
    and AdamW won at equal time on the tiny demo: ``make bench``), else fused AdamW; the schedule:
@@ -217,7 +218,7 @@ def _moe_settings(width: int, answers: Answers) -> dict[str, Any]:
         "top_k": top_k,
         "expert_hidden_size": expert_hidden,
         "balancing": "aux_free",
-        "scoring": "softmax",
+        "scoring": "sigmoid",
         "n_group": groups,
         "topk_group": max(math.ceil(top_k / per_group), groups // 2) if groups > 1 else 1,
         "routed_scaling_factor": 1.0,
@@ -550,6 +551,10 @@ def _reasons(
         "Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias steers routing without a loss term that "
         "competes with the language loss."
     )
+    r["model.moe.scoring"] = (
+        "Sigmoid router scores, as DeepSeek-V3 pairs them with that bias: each expert is scored on its own and the "
+        "chosen ones' weights are normalised; its Hugging Face export then loads in transformers."
+    )
     r["model.moe.first_dense_layers"] = (
         "The first layer is dense: routing on raw embeddings is unstable (DeepSeek keeps 1–3 dense layers)."
         if moe.first_dense_layers
@@ -769,13 +774,12 @@ def _deepseek_reasons(answers: Answers, spec: Spec, choices: Choices, r: dict[st
         )
         r["model.moe.topk_group"] = (
             f"Each token chooses its {moe.top_k} experts within its {moe.topk_group} best groups (a group scores "
-            f"as its best expert): it reaches at most {moe.topk_group} of {moe.n_group} GPUs, which bounds the "
-            "all-to-all traffic (DeepSeek-V3: 4 of 8 nodes)."
+            f"as its two best experts' sum, as in DeepSeek-V3): it reaches at most {moe.topk_group} of "
+            f"{moe.n_group} GPUs, which bounds the all-to-all traffic (DeepSeek-V3: 4 of 8 nodes)."
         )
     r["model.moe.routed_scaling_factor"] = (
-        f"1: the softmax weights of the top-{moe.top_k} experts are used as they are (not renormalised), so the "
-        "routed output keeps its scale; DeepSeek-V3's 2.5 makes up for sigmoid weights renormalised over 8 of "
-        "256 experts."
+        f"1: the sigmoid weights of the top-{moe.top_k} experts are renormalised to sum to 1, so the routed output "
+        "is their weighted mean, on the scale of one expert's; DeepSeek-V3 scales by 2.5 for its 8 of 256 experts."
     )
     # -- optimizer and schedule ------------------------------------------------------------------------------
     o = t.optimizer

@@ -17,6 +17,7 @@ from builder.core.formatting import human_bytes
 from tests.conftest import signed_in
 from workers.engine.estimate import kv_cache_bytes_per_token, optimizer_state_elements
 from workers.engine.hardware import PROFILES, cpu_profile
+from workers.engine.hf_families import hf_family
 from workers.engine.lint import lint
 from workers.engine.spec import load_spec
 
@@ -197,7 +198,12 @@ def test_group_limited_routing_follows_the_gpus() -> None:
     assert (moe.n_group, moe.topk_group) == (4, 2)
     assert "one per GPU" in four.reasons["model.moe.n_group"]
     assert "at most 2 of 4 GPUs" in four.reasons["model.moe.topk_group"]
-    assert moe.routed_scaling_factor == 1.0 and "not renormalised" in four.reasons["model.moe.routed_scaling_factor"]
+    assert moe.routed_scaling_factor == 1.0 and "sum to 1" in four.reasons["model.moe.routed_scaling_factor"]
+    # DeepSeek-V3's router (sigmoid scores, the aux-free bias): the proposal exports to transformers.
+    assert (moe.scoring, moe.balancing) == ("sigmoid", "aux_free") and "transformers" in four.reasons[
+        "model.moe.scoring"
+    ]
+    assert hf_family(four.spec.model) == "glm4_moe" and hf_family(one.spec.model) in ("glm4_moe", "deepseek_v3")
 
 
 def test_the_optimizer_and_schedule_follow_memory_cost_and_whether_the_run_continues() -> None:

@@ -129,6 +129,26 @@ def test_information_items() -> None:
     assert "fp32_on_gpu" in codes(spec(), hardware=get_profile("a100-80gb"))
 
 
+def test_a_language_model_without_a_hugging_face_export_is_told_why_and_how_to_get_one() -> None:
+    # The schema's defaults (softmax scores, aux-free bias) select experts by softmax + bias: no stock router does.
+    default = codes(spec())["not_exportable"]
+    assert default.severity == "info" and default.path == "model.moe.balancing" and "softmax + bias" in default.message
+    assert default.patch == {"model.moe.scoring": "sigmoid"}
+    assert "not_exportable" not in codes(spec(model={"moe": {"scoring": "sigmoid"}}))  # the patch: GLM-4-MoE
+    assert "not_exportable" not in codes(spec(model={"moe": {"balancing": "aux_loss"}}))  # Qwen2-MoE
+    layernorm = codes(spec(model={"norm": "layernorm", "moe": {"scoring": "sigmoid"}}))["not_exportable"]
+    assert layernorm.path == "model.norm" and layernorm.patch == {}
+    # A classifier has no export to gain (the families are causal LMs): nothing to say.
+    assert "not_exportable" not in codes(spec(model={"task": "classification", "num_labels": 3}))
+    # Every language-model template exports but the tiny demo, whose softmax router learns more per second (its
+    # "why" gives the figures); its advice offers the patch.
+    for name, preset in PRESETS.items():
+        if preset.spec.model.task == "causal_lm":
+            exports = "not_exportable" not in {a.code for a in lint(preset.spec)}
+            assert exports is (name != "tiny-cpu-demo"), name
+    assert "GLM-4-MoE" in PRESETS["tiny-cpu-demo"].why
+
+
 def test_cross_field_mistakes_still_get_advice() -> None:
     raw = spec(model={"hidden_size": 250, "num_heads": 4})
     built = spec_ignoring_cross_field_rules(raw)

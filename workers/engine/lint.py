@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from workers.engine.estimate import parameter_breakdown
 from workers.engine.hardware import HardwareProfile
+from workers.engine.hf_families import NotExpressible, hf_family
 from workers.engine.spec import AdamWSpec, DataSpec, ModelSpec, MuonSpec, SGDSpec, Spec, TrainingSpec, migrate
 
 Severity = Literal["warning", "info"]
@@ -386,6 +387,32 @@ def rule_balancing_off(ctx: LintContext) -> Iterator[Advice]:
             "the others stop learning and the model behaves like a much smaller one.",
             "Use aux_free (DeepSeek-V3's bias update: balances without a loss term) or aux_loss.",
             {"model.moe.balancing": "aux_free"},
+        )
+
+
+@rule("not_exportable")
+def rule_not_exportable(ctx: LintContext) -> Iterator[Advice]:
+    """A language model that no transformers family expresses gets no Hugging Face export with its report. Said
+    once, at the field that prevents it; the fix is given where one field makes the difference (softmax scoring
+    with the aux-free bias: DeepSeek-V3 pairs that bias with sigmoid scores)."""
+    if ctx.model.task != "causal_lm":
+        return  # transformers' MoE families are causal LMs only: nothing for a classifier to change
+    try:
+        hf_family(ctx.model)
+    except NotExpressible as refused:
+        moe = ctx.model.moe
+        scoring_fix = refused.field == "model.moe.balancing" and moe.scoring == "softmax"
+        yield Advice(
+            "not_exportable",
+            "info",
+            refused.field,
+            f"Its report will have no Hugging Face export (no transformers family computes this model): "
+            f"{refused.message}.",
+            "Use sigmoid scoring (DeepSeek-V3's router, with the same aux-free bias): the export then loads as "
+            "GLM-4-MoE, or DeepSeek-V3 with latent attention."
+            if scoring_fix
+            else "Change the field named, if a model that transformers loads matters more.",
+            {"model.moe.scoring": "sigmoid"} if scoring_fix else {},
         )
 
 
