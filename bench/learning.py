@@ -116,14 +116,24 @@ def candidate(
     dropout: float | None = None,
     compile_models: bool = False,
     first_dense_layers: int | None = None,
+    scoring: str | None = None,
+    routed_scaling_factor: float | None = None,
+    balancing: str | None = None,
 ) -> Spec:
     """The template ``base`` with a candidate setting in place of its own, to measure it before it becomes the
-    template: ``routed_experts``, ``first_dense_layers`` (the MoE's dense bottom layers), ``batch_size``,
-    ``dropout`` (``model.dropout``), ``compile_models`` (``training.compile``). ``moe_and_dense`` then derives the
-    dense twin from it, whose active size depends on neither expert setting."""
+    template: ``routed_experts``, ``first_dense_layers`` (the MoE's dense bottom layers), ``scoring``,
+    ``routed_scaling_factor`` and ``balancing`` (the router's), ``batch_size``, ``dropout`` (``model.dropout``),
+    ``compile_models`` (``training.compile``). ``moe_and_dense`` then derives the dense twin from it, whose active
+    size depends on no expert or router setting."""
     moe = base.model.moe.model_dump()
     if routed_experts is not None:
         moe["num_routed_experts"] = routed_experts
+    if scoring is not None:
+        moe["scoring"] = scoring
+    if routed_scaling_factor is not None:
+        moe["routed_scaling_factor"] = routed_scaling_factor
+    if balancing is not None:
+        moe["balancing"] = balancing
     if first_dense_layers is not None:
         moe["first_dense_layers"] = first_dense_layers
     model: dict[str, Any] = {"moe": moe}
@@ -150,17 +160,31 @@ def learning_per_second(
     dropout: float | None = None,
     compile_models: bool = False,
     first_dense_layers: int | None = None,
+    scoring: str | None = None,
+    routed_scaling_factor: float | None = None,
+    balancing: str | None = None,
 ) -> dict[str, Any]:
     """Train the template and its dense twin for ``seconds`` of step time each; their curves and figures.
 
     ``warmup_steps`` replaces the template's (``--quick``: a budget of a few seconds is shorter than it);
-    ``routed_experts``, ``batch_size``, ``dropout``, ``compile_models`` and ``first_dense_layers`` are passed to
-    ``candidate``. With ``compile_models`` the first step of every chunk compiles (from Inductor's cache after the
-    first chunk) and is left out of the clock like every compile.
+    ``routed_experts``, ``batch_size``, ``dropout``, ``compile_models``, ``first_dense_layers``, ``scoring``,
+    ``routed_scaling_factor`` and ``balancing`` are passed to ``candidate``. With ``compile_models`` the first step
+    of every chunk compiles (from Inductor's cache after the first chunk) and is left out of the clock like every
+    compile.
     """
     from builder.configs.presets import PRESETS
 
-    base = candidate(PRESETS[TEMPLATE].spec, routed_experts, batch_size, dropout, compile_models, first_dense_layers)
+    base = candidate(
+        PRESETS[TEMPLATE].spec,
+        routed_experts,
+        batch_size,
+        dropout,
+        compile_models,
+        first_dense_layers,
+        scoring,
+        routed_scaling_factor,
+        balancing,
+    )
     schedule = base.training.schedule.model_dump()
     if warmup_steps is not None:
         schedule["warmup_steps"] = warmup_steps
@@ -217,6 +241,9 @@ def learning_per_second(
             "vocab": m.vocab_size,
             "routed_experts": m.moe.num_routed_experts,
             "first_dense_layers": m.moe.first_dense_layers,
+            "scoring": m.moe.scoring,
+            "routed_scaling_factor": m.moe.routed_scaling_factor,
+            "balancing": m.moe.balancing,
             "shared_experts": m.moe.num_shared_experts,
             "top_k": m.moe.top_k,
             "expert_hidden_size": m.moe.expert_hidden_size,
@@ -278,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the MoE's moe.first_dense_layers instead of the template's",
     )
+    parser.add_argument("--scoring", choices=["softmax", "sigmoid"], default=None, help="instead of the template's")
+    parser.add_argument(
+        "--routed-scaling-factor", type=float, default=None, help="model.moe.routed_scaling_factor instead"
+    )
+    parser.add_argument(
+        "--balancing", choices=["aux_loss", "aux_free", "none"], default=None, help="instead of the template's"
+    )
     parser.add_argument("--compile", action="store_true", help="train both models with training.compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -296,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             dropout=args.dropout,
             compile_models=args.compile,
             first_dense_layers=args.first_dense_layers,
+            scoring=args.scoring,
+            routed_scaling_factor=args.routed_scaling_factor,
+            balancing=args.balancing,
         )
     report = {
         "bench": "learning_per_second",
