@@ -101,3 +101,12 @@ def test_a_candidate_setting_changes_the_moe_and_the_dense_twin_stays_dense_at_t
     # Everything else is the template's.
     assert moe.moe.num_routed_experts == template.model.moe.num_routed_experts
     assert specs["moe"].training.optimizer == template.training.optimizer
+    # A router candidate changes the MoE's router only; the dense twin has none to change.
+    routed = learning.moe_and_dense(
+        learning.candidate(template, scoring="sigmoid", routed_scaling_factor=1.0, balancing="aux_loss")
+    )
+    router = routed["moe"].model.moe
+    assert (router.scoring, router.routed_scaling_factor, router.balancing) == ("sigmoid", 1.0, "aux_loss")
+    assert template.model.moe.scoring == "softmax" and template.model.moe.routed_scaling_factor == 4.0
+    assert routed["dense"].model.num_moe_layers == 0
+    assert routed["dense"].model.moe.resolved_dense_hidden_size == plain["dense"].model.moe.resolved_dense_hidden_size
