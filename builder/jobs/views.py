@@ -162,10 +162,10 @@ def job_compare(request: HttpRequest) -> HttpResponse:
         for job in ordered
     ]
     # Fewer than two runs (or ``pick`` asked for): the page offers the user's recent runs to choose from, those
-    # already chosen ticked.
+    # already chosen first and ticked (an older one among them stays choosable).
     picking = len(ordered) < 2 or bool(request.GET.get("pick"))
     recent = visible_jobs(request.user).select_related("owner").order_by("-pk")[:MAX_PICKER_JOBS]
-    picker = list(recent) if picking else []
+    picker = ordered + [job for job in recent if job.pk not in jobs] if picking else []
     return render(
         request,
         "jobs/compare.html",

@@ -104,7 +104,9 @@ def test_the_dashboard_says_what_the_jobs_queue_trains_on(alice: Any, settings: 
         assert f'<span class="muted small">{memory}' in html, queue
 
 
-def test_the_overlay_plots_two_runs_and_refuses_what_it_cannot(alice: Any, charlie: Any) -> None:
+def test_the_overlay_plots_two_runs_and_refuses_what_it_cannot(alice: Any, charlie: Any, monkeypatch: Any) -> None:
+    from builder.jobs import views
+
     a = job_with_points(alice, "run-a", [3.0, 2.5, 2.0])
     b = job_with_points(alice, "run-b", [3.1, 2.9])
     c = job_with_points(charlie, "run-c", [1.0])
@@ -129,7 +131,7 @@ def test_the_overlay_plots_two_runs_and_refuses_what_it_cannot(alice: Any, charl
     one = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}").content.decode()
     assert "ids: select at least two" in one and 'data-testid="compare-picker"' in one
     ticked = re.findall(r'name="ids" value="(\d+)"[^>]*?(checked)?>', one)
-    assert ticked == [(str(b.pk), ""), (str(a.pk), "checked")]
+    assert ticked == [(str(a.pk), "checked"), (str(b.pk), "")]  # the chosen first, then the newest
     first_visit = signed_in(alice).get("/jobs/compare/")
     assert first_visit.status_code == 200 and 'data-testid="compare-picker"' in first_visit.content.decode()
     assert "compare-error" not in first_visit.content.decode()
@@ -141,6 +143,10 @@ def test_the_overlay_plots_two_runs_and_refuses_what_it_cannot(alice: Any, charl
     both = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&pick=1")
     assert both.status_code == 200 and "job-overlay-data" in both.content.decode()
     assert len(re.findall(r'name="ids" value="\d+"[^>]*checked', both.content.decode())) == 2
+    # A chosen run older than the ones the picker lists stays in it, ticked.
+    monkeypatch.setattr(views, "MAX_PICKER_JOBS", 1)
+    older = signed_in(alice).get(f"/jobs/compare/?ids={a.pk}&ids={b.pk}&pick=1").content.decode()
+    assert re.findall(r'name="ids" value="(\d+)"[^>]*checked', older) == [str(a.pk), str(b.pk)]
 
 
 def test_the_overlay_names_the_limit_of_runs_on_one_chart(alice: Any) -> None:
