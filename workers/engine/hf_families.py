@@ -28,6 +28,16 @@ class NotExpressible(ValueError):
         self.message = message
 
 
+def _check_latent_norm_eps(model: ModelSpec, family: str) -> None:
+    """Refuse latent attention whose norm epsilon is not the one transformers' DeepSeek families hard-code."""
+    if model.norm_eps != DEEPSEEK_LATENT_NORM_EPS:
+        raise NotExpressible(
+            "model.norm_eps",
+            f"{model.norm_eps}: transformers' {family} normalises the attention latents with eps 1e-6 whatever "
+            "rms_norm_eps is; use 1e-6",
+        )
+
+
 def hf_family(model: ModelSpec) -> str:
     """The transformers ``model_type`` that computes exactly what ``model`` computes; ``NotExpressible`` if none."""
     moe = model.moe
@@ -49,12 +59,7 @@ def hf_family(model: ModelSpec) -> str:
                 "DeepSeek-V3's sigmoid router needs at least 2 experts per group",
             )
         if model.attention == "mla":
-            if model.norm_eps != DEEPSEEK_LATENT_NORM_EPS:
-                raise NotExpressible(
-                    "model.norm_eps",
-                    f"{model.norm_eps}: transformers' DeepSeek-V3 normalises the attention latents with eps 1e-6 "
-                    "whatever rms_norm_eps is; use 1e-6",
-                )
+            _check_latent_norm_eps(model, "DeepSeek-V3")
             return "deepseek_v3"
         return "glm4_moe"
     if moe.balancing == "aux_free":
@@ -65,12 +70,7 @@ def hf_family(model: ModelSpec) -> str:
         )
     if model.attention == "mla":
         # DeepSeek-V2: softmax, top-k kept as they are, groups scored by their best expert (as the engine does).
-        if model.norm_eps != DEEPSEEK_LATENT_NORM_EPS:
-            raise NotExpressible(
-                "model.norm_eps",
-                f"{model.norm_eps}: transformers' DeepSeek-V2 normalises the attention latents with eps 1e-6 "
-                "whatever rms_norm_eps is; use 1e-6",
-            )
+        _check_latent_norm_eps(model, "DeepSeek-V2")
         return "deepseek_v2"
     if grouped:
         raise NotExpressible(
